@@ -1,0 +1,25 @@
+"""The collection store: Zarr v3 + OME-NGFF 0.5 volumes, tilt series, derived data and parquet tables."""
+
+from milotile.store.arrays import create_array, multiscale_metadata, write_dask, write_multiscale
+from milotile.store.collection import Collection, TiltSeries, Tomogram, open_collection
+from milotile.store.ingest import collect_sources, ingest, read_angles, read_manifest
+from milotile.store.mrc import ORDERS, OrientedMRC, read_header, write_mrc
+
+__all__ = [
+    "ORDERS",
+    "Collection",
+    "OrientedMRC",
+    "TiltSeries",
+    "Tomogram",
+    "collect_sources",
+    "create_array",
+    "ingest",
+    "multiscale_metadata",
+    "open_collection",
+    "read_angles",
+    "read_header",
+    "read_manifest",
+    "write_dask",
+    "write_mrc",
+    "write_multiscale",
+]

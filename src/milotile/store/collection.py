@@ -1,0 +1,342 @@
+"""The collection store: one Zarr v3 group holding tomograms, tilt series, derived data and tables.
+
+Layout (see ``docs/architecture.md``)::
+
+    <store>/tomograms/<name>/{0,1,2}   OME-NGFF 0.5 multiscale, z,y,x in Å
+    <store>/tilts/<name>/0              aligned tilt series (n, y, x) + angles
+    <store>/derived/<stage>/<name>/     derived volumes with their parameters
+    <store>/patches/<key>/data          patch banks
+    <store>/tables/<table>.parquet      candidates, picks, embeddings index
+    <store>/runs/<run_id>/              training runs
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import fsspec
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+from milotile.errors import InputError, StoreError
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+TOMOGRAMS = "tomograms"
+TILTS = "tilts"
+DERIVED = "derived"
+TABLES = "tables"
+
+
+def _attrs(node: zarr.Group | zarr.Array) -> dict:
+    return dict(node.attrs.get("milotile", {}))
+
+
+@dataclass
+class TiltSeries:
+    """An aligned tilt series stored with its angles and tilt-axis metadata."""
+
+    name: str
+    group: zarr.Group
+
+    @property
+    def meta(self) -> dict:
+        """The ``milotile`` attributes (angles, tilt axis, pixel size, source...)."""
+        return _attrs(self.group)
+
+    @property
+    def data(self) -> da.Array:
+        """The tilt images as a dask array ``(n_tilts, y, x)`` float32."""
+        return da.from_zarr(self.group["0"])
+
+    @property
+    def angles(self) -> np.ndarray:
+        """Tilt angles in degrees, one per image."""
+        return np.asarray(self.meta["angles"], dtype=np.float64)
+
+    @property
+    def tilt_axis_angle(self) -> float:
+        """Tilt-axis direction, degrees counter-clockwise from the image y axis (0 for IMOD)."""
+        return float(self.meta.get("tilt_axis_angle", 0.0))
+
+    @property
+    def pixel_size(self) -> float:
+        """Pixel size of the tilt images in Å."""
+        return float(self.meta["pixel_size"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(n_tilts, y, x)``."""
+        return tuple(self.group["0"].shape)
+
+
+@dataclass
+class Tomogram:
+    """One tomogram of a collection (an OME-Zarr multiscale image)."""
+
+    name: str
+    group: zarr.Group
+    collection: Collection
+
+    @property
+    def meta(self) -> dict:
+        """The ``milotile`` attributes (source, fingerprint, voxel size, order...)."""
+        return _attrs(self.group)
+
+    @property
+    def voxel_size(self) -> float:
+        """Voxel size of level 0 in Å."""
+        return float(self.meta["voxel_size"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Level-0 shape ``(z, y, x)``."""
+        return tuple(self.group["0"].shape)
+
+    @property
+    def levels(self) -> list[int]:
+        """Available pyramid levels (0 = full resolution)."""
+        ds = self.group.attrs["ome"]["multiscales"][0]["datasets"]
+        return [int(d["path"]) for d in ds]
+
+    def data(self, level: int = 0) -> da.Array:
+        """Lazy dask array ``(z, y, x)`` float32 of pyramid ``level``, chunked like the store."""
+        if level not in self.levels:
+            raise InputError(f"tomogram {self.name} has no level {level}; levels are {self.levels}")
+        return da.from_zarr(self.group[str(level)])
+
+    def volume(self, level: int = 0) -> xr.DataArray:
+        """Lazy ``xarray.DataArray`` of ``level`` with ``z, y, x`` coordinates in Å.
+
+        Coordinates follow the OME scale/translation of the level, so every level overlays level 0.
+        """
+        arr = self.data(level)
+        ds = self.group.attrs["ome"]["multiscales"][0]["datasets"][self.levels.index(level)]
+        scale = [1.0, 1.0, 1.0]
+        trans = [0.0, 0.0, 0.0]
+        for t in ds["coordinateTransformations"]:
+            if t["type"] == "scale":
+                scale = t["scale"]
+            elif t["type"] == "translation":
+                trans = t["translation"]
+        coords = {
+            ax: np.arange(n) * scale[i] + trans[i] for i, (ax, n) in enumerate(zip("zyx", arr.shape, strict=True))
+        }
+        return xr.DataArray(
+            arr,
+            dims=("z", "y", "x"),
+            coords=coords,
+            name=self.name,
+            attrs={"units": "angstrom", "voxel_size": scale[-1], "level": level},
+        )
+
+    @property
+    def tilt_series(self) -> TiltSeries | None:
+        """The aligned tilt series ingested with this tomogram, if any."""
+        return self.collection.tilt_series(self.name)
+
+    def __repr__(self) -> str:
+        return f"Tomogram({self.name!r}, shape={self.shape}, voxel_size={self.voxel_size:g} Å)"
+
+
+class Collection:
+    """A collection store opened from a local path or an fsspec URL.
+
+    Use :func:`milotile.open` to open one and :func:`milotile.ingest` to fill it.
+    """
+
+    def __init__(self, url: str | os.PathLike, *, mode: str = "a", storage_options: dict | None = None):
+        self.url = str(url)
+        self.storage_options = storage_options or {}
+        self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        exists = self.fs.exists(self._join("zarr.json"))
+        if mode == "r" and not exists:
+            raise InputError(f"{self.url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
+        self.zarr_group = zarr.open_group(self.url, mode="r" if mode == "r" else "a", zarr_format=3,
+                                          storage_options=self.storage_options or None)
+        meta = _attrs(self.zarr_group)
+        if exists and meta.get("kind") != "collection":
+            raise InputError(f"{self.url} is a Zarr group but not a milotile collection store")
+        if not exists:
+            self.zarr_group.attrs["milotile"] = {"kind": "collection", "version": STORE_VERSION}
+
+    # -- paths --------------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """Root path (local path for local stores)."""
+        return self._root
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self._root.rstrip("/"), *parts])
+
+    def group(self, path: str, *, create: bool = False) -> zarr.Group | None:
+        """Sub-group at ``path`` (``"a/b/c"``); created when ``create`` is true, else ``None`` if missing."""
+        node = self.zarr_group
+        for part in [p for p in path.split("/") if p]:
+            if part in node:
+                node = node[part]
+                if not isinstance(node, zarr.Group):
+                    raise StoreError(f"{path} in {self.url} is an array, not a group")
+            elif create:
+                node = node.create_group(part)
+            else:
+                return None
+        return node
+
+    # -- tomograms ----------------------------------------------------------------------------
+    def _complete_members(self, kind: str) -> list[str]:
+        g = self.group(kind)
+        if g is None:
+            return []
+        names = []
+        for name, node in g.members():
+            if isinstance(node, zarr.Group) and _attrs(node).get("complete"):
+                names.append(name)
+        return sorted(names)
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the completely ingested tomograms, sorted."""
+        return self._complete_members(TOMOGRAMS)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> Tomogram:
+        if name not in self.names:
+            known = ", ".join(self.names[:8]) or "none"
+            raise InputError(f"no tomogram named {name!r} in {self.url} (known: {known})")
+        return Tomogram(name, self.zarr_group[TOMOGRAMS][name], self)
+
+    def __iter__(self) -> Iterator[Tomogram]:
+        for name in self.names:
+            yield self[name]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def tilt_series(self, name: str) -> TiltSeries | None:
+        """The tilt series stored for tomogram ``name``, or ``None``."""
+        if name not in self._complete_members(TILTS):
+            return None
+        return TiltSeries(name, self.zarr_group[TILTS][name])
+
+    # -- tables -------------------------------------------------------------------------------
+    def _table_path(self, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise InputError(f"invalid table name {name!r}")
+        return self._join(TABLES, f"{name}.parquet")
+
+    def has_table(self, name: str) -> bool:
+        """Whether ``tables/<name>.parquet`` exists."""
+        return self.fs.exists(self._table_path(name))
+
+    def write_table(self, name: str, df: pd.DataFrame) -> str:
+        """Write ``df`` to ``tables/<name>.parquet`` atomically (temporary file, then rename)."""
+        path = self._table_path(name)
+        self.fs.makedirs(self._join(TABLES), exist_ok=True)
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        tmp = path + ".tmp"
+        with self.fs.open(tmp, "wb") as fh:
+            fh.write(buf.getvalue())
+        self.fs.mv(tmp, path)
+        log.info("wrote table %s (%d rows)", path, len(df))
+        return path
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        """Read ``tables/<name>.parquet``."""
+        path = self._table_path(name)
+        if not self.fs.exists(path):
+            raise InputError(f"{self.url} has no table {name!r}; run the stage that makes it first")
+        with self.fs.open(path, "rb") as fh:
+            return pd.read_parquet(fh)
+
+    def tables(self) -> list[str]:
+        """Names of the tables in the store."""
+        d = self._join(TABLES)
+        if not self.fs.exists(d):
+            return []
+        return sorted(
+            os.path.basename(p)[: -len(".parquet")] for p in self.fs.ls(d, detail=False) if p.endswith(".parquet")
+        )
+
+    # -- summaries ----------------------------------------------------------------------------
+    def derived(self) -> dict[str, list[str]]:
+        """Derived outputs per stage: ``{stage: [names...]}`` (complete ones only)."""
+        out: dict[str, list[str]] = {}
+        g = self.group(DERIVED)
+        if g is None:
+            return out
+        for stage, node in g.members():
+            if isinstance(node, zarr.Group):
+                out[stage] = sorted(n for n, sub in node.members() if isinstance(sub, zarr.Group))
+        return out
+
+    def info(self) -> pd.DataFrame:
+        """One row per tomogram: shape, voxel size, tilt series, source."""
+        rows: list[dict[str, Any]] = []
+        for t in self:
+            ts = t.tilt_series
+            rows.append(
+                {
+                    "name": t.name,
+                    "shape_zyx": "x".join(map(str, t.shape)),
+                    "voxel_size_A": t.voxel_size,
+                    "levels": len(t.levels),
+                    "tilts": ts.shape[0] if ts is not None else 0,
+                    "source": t.meta.get("source", ""),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return f"Collection({self.url!r}, {len(self)} tomograms)"
+
+    # -- stage shortcuts (the workflow reads like the DESIGN example) -------------------------
+    def preprocess(self, **kwargs: Any) -> Collection:
+        """Run :func:`milotile.stages.preprocess.preprocess` on this collection; returns ``self``."""
+        from milotile.stages.preprocess import preprocess
+
+        preprocess(self, **kwargs)
+        return self
+
+    def mine(self, **kwargs: Any) -> pd.DataFrame:
+        """Run :func:`milotile.stages.mine.mine`; returns the candidate table."""
+        from milotile.stages.mine import mine
+
+        return mine(self, **kwargs)
+
+
+def open_collection(url: str | os.PathLike, mode: str = "r+", storage_options: dict | None = None) -> Collection:
+    """Open an existing collection store (``mode="r"`` read-only, ``"r+"`` read/write).
+
+    Parameters
+    ----------
+    url : str or path
+        Local path or fsspec URL (``s3://bucket/project.zarr``).
+    mode : {"r", "r+", "a"}
+        ``"a"`` also creates an empty store.
+    storage_options : dict, optional
+        Passed to fsspec for remote stores.
+
+    Returns
+    -------
+    Collection
+    """
+    if mode not in ("r", "r+", "a"):
+        raise InputError(f"mode must be 'r', 'r+' or 'a', got {mode!r}")
+    if mode != "a":
+        fs, root = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        if not fs.exists(root.rstrip("/") + "/zarr.json"):
+            raise InputError(f"{url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
+    return Collection(url, mode="r" if mode == "r" else "a", storage_options=storage_options)

@@ -1,0 +1,414 @@
+"""Ingest MRC tomograms and aligned tilt series into a collection store with bounded memory.
+
+Every input is validated before anything is written (missing files, unreadable or truncated MRC,
+tilt stacks whose x/y size differs from the tomogram, angle counts, duplicate names, empty or 2D
+volumes, unknown axis orders). The volumes are then copied zarr chunk by zarr chunk: each dask task
+reads one ``(64, 256, 256)`` region through ``mrcfile``'s memory map, writes it, and returns its
+count, sum, sum of squares and number of non-finite values. A tomogram with NaN/inf values is
+removed again, together with everything else written by the same call, so a failed ingest leaves
+the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from milotile.errors import InputError
+from milotile.store.arrays import AXES_ZYX, DEFAULT_CHUNKS, clip_chunks, create_array, write_multiscale
+from milotile.store.collection import TILTS, TOMOGRAMS, Collection, open_collection
+from milotile.store.mrc import ORDERS, OrientedMRC, check_order, fingerprint, read_header
+
+log = logging.getLogger(__name__)
+
+TOMO_SUFFIXES = (".rec", ".mrc")
+STAGING = "staging"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class Source:
+    """One tomogram to ingest, with its optional aligned tilt series."""
+
+    name: str
+    rec_path: str
+    tilt_path: str | None = None
+    angle_path: str | None = None
+    origin: str = ""  # where it was named ("manifest.txt line 3"), for error messages
+    angles: np.ndarray | None = field(default=None, repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike) -> list[Source]:
+    """Parse a MiLoPYP manifest: ``image_name rec_path [tilt_path angle_path]`` with a header line.
+
+    Tabs or any whitespace separate the columns; relative paths are relative to the manifest.
+    """
+    p = Path(path)
+    base = p.parent
+    lines = p.read_text().splitlines()
+    rows = [(i + 1, ln.split()) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")]
+    if not rows:
+        raise InputError(f"manifest {p} is empty")
+    header = [c.lower() for c in rows[0][1]]
+    if "image_name" not in header or "rec_path" not in header:
+        raise InputError(f"manifest {p} line {rows[0][0]}: the header must name image_name and rec_path")
+    col = {c: header.index(c) for c in header}
+    out = []
+    for lineno, parts in rows[1:]:
+        if len(parts) != len(header):
+            raise InputError(
+                f"manifest {p} line {lineno}: expected {len(header)} columns ({' '.join(header)}), got {len(parts)}"
+            )
+
+        def resolve(key: str, parts: list[str] = parts) -> str | None:
+            if key not in col:
+                return None
+            q = Path(parts[col[key]])
+            return str(q if q.is_absolute() else (base / q))
+
+        out.append(
+            Source(
+                name=parts[col["image_name"]],
+                rec_path=resolve("rec_path"),
+                tilt_path=resolve("tilt_path"),
+                angle_path=resolve("angle_path"),
+                origin=f"manifest {p} line {lineno}",
+            )
+        )
+    return out
+
+
+def _with_tilts(rec: Path, origin: str) -> Source:
+    """A source for ``rec``, picking up ``<stem>.tlt`` and its aligned stack by name."""
+    folder, stem = rec.parent, rec.stem
+    tlt = folder / f"{stem}.tlt"
+    tilt = None
+    if tlt.exists():
+        for cand in (folder / f"{stem}.ali", folder / f"{stem}_ali.mrc", folder / f"{stem}.mrc"):
+            if cand.exists() and cand != rec:
+                tilt = str(cand)
+                break
+    return Source(stem, str(rec), tilt, str(tlt) if tilt else None, origin=origin)
+
+
+def _from_folder(folder: Path) -> list[Source]:
+    recs = {f.stem: f for f in sorted(folder.glob("*.rec"))}
+    out: list[Source] = []
+    for f in sorted(folder.glob("*.mrc")):
+        tlt = f.with_suffix(".tlt")
+        if f.stem not in recs and not tlt.exists() and not f.stem.endswith("_ali"):
+            recs[f.stem] = f
+    for _stem, rec in sorted(recs.items()):
+        out.append(_with_tilts(rec, f"folder {folder}"))
+    if not out:
+        raise InputError(f"folder {folder} holds no .rec or .mrc tomogram")
+    return out
+
+
+def collect_sources(sources: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Source]:
+    """Turn manifests, folders and single files into :class:`Source` records."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    out: list[Source] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            out.extend(_from_folder(p))
+        elif p.suffix.lower() in TOMO_SUFFIXES:
+            if not p.exists():
+                raise InputError(f"tomogram file {p} does not exist")
+            out.append(_with_tilts(p, f"argument {p}"))
+        elif p.exists():
+            out.extend(read_manifest(p))
+        else:
+            raise InputError(f"source {p} does not exist")
+    if not out:
+        raise InputError("nothing to ingest")
+    return out
+
+
+def read_angles(path: str | os.PathLike, origin: str = "") -> np.ndarray:
+    """Read a ``.tlt`` file (one angle in degrees per line)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{origin + ': ' if origin else ''}angle file {p} does not exist")
+    vals = []
+    for i, ln in enumerate(p.read_text().splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            vals.append(float(ln.split()[0]))
+        except ValueError:
+            raise InputError(f"angle file {p} line {i}: {ln.strip()!r} is not a number") from None
+    if not vals:
+        raise InputError(f"angle file {p} is empty")
+    return np.asarray(vals, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    src: Source
+    order: str
+    shape: tuple[int, int, int]
+    voxel_size: float
+    size_bytes: int
+    mtime_ns: int
+    tilt_shape: tuple[int, int, int] | None = None
+    tilt_pixel: float | None = None
+    action: str = "write"  # write | skip | overwrite
+
+
+def _validate(sources: list[Source], order: str, voxel_size: float | None) -> list[_Plan]:
+    seen: dict[str, str] = {}
+    plans = []
+    for s in sources:
+        where = s.origin or s.rec_path
+        if not NAME_RE.match(s.name):
+            raise InputError(f"{where}: tomogram name {s.name!r} must start with a letter or digit and hold only "
+                             "letters, digits, '.', '_' and '-'")
+        if s.name in seen:
+            raise InputError(f"duplicate tomogram name {s.name!r} ({seen[s.name]} and {where})")
+        seen[s.name] = where
+        if not Path(s.rec_path).exists():
+            raise InputError(f"{where}: tomogram file {s.rec_path} does not exist")
+        hdr = read_header(s.rec_path, what=f"{where}: tomogram")
+        shape = tuple(hdr.file_shape[a] for a in ORDERS[order])
+        vs = voxel_size if voxel_size is not None else hdr.voxel_size[0]
+        if not vs or vs <= 0 or not np.isfinite(vs):
+            raise InputError(f"{where}: {s.rec_path} has no voxel size in its header; pass --voxel-size")
+        plan = _Plan(s, order, shape, float(vs), hdr.size_bytes, hdr.mtime_ns)
+        if (s.tilt_path is None) != (s.angle_path is None):
+            raise InputError(f"{where}: a tilt series needs both the tilt stack and the .tlt angle file")
+        if s.tilt_path is not None:
+            thdr = read_header(s.tilt_path, what=f"{where}: tilt stack")
+            s.angles = read_angles(s.angle_path, where)
+            n, ty, tx = thdr.file_shape
+            if len(s.angles) != n:
+                raise InputError(
+                    f"{where}: {s.angle_path} lists {len(s.angles)} angles but the tilt stack {s.tilt_path} has {n} tilts"
+                )
+            if (ty, tx) != shape[1:]:
+                raise InputError(
+                    f"{where}: tilt stack {s.tilt_path} is {tx}x{ty} pixels (x*y) but tomogram {s.rec_path} is "
+                    f"{shape[2]}x{shape[1]} in order {order}; check --order or the tilt stack"
+                )
+            plan.tilt_shape = (n, ty, tx)
+            tvs = thdr.voxel_size[0]
+            plan.tilt_pixel = float(tvs) if tvs and tvs > 0 else plan.voxel_size
+        plans.append(plan)
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def _copy_block(block: np.ndarray, target: zarr.Array, block_info: dict | None = None) -> np.ndarray:
+    """Write one block into ``target`` at its location; return [count, sum, sumsq, n_nonfinite]."""
+    loc = block_info[0]["array-location"]
+    target[tuple(slice(a, b) for a, b in loc)] = block
+    finite = np.isfinite(block)
+    good = block[finite].astype(np.float64)
+    stats = np.array([good.size, good.sum(), np.square(good).sum(), block.size - good.size], dtype=np.float64)
+    return stats.reshape(1, 1, 1, 4)
+
+
+def _copy_lazy(src: da.Array, target: zarr.Array) -> da.Array:
+    """Lazy per-chunk copy of ``src`` into ``target`` returning the summed statistics."""
+    per_block = src.map_blocks(
+        _copy_block,
+        target=target,
+        new_axis=3,
+        chunks=tuple((1,) * len(c) for c in src.chunks) + ((4,),),
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0, 0), dtype=np.float64),
+    )
+    return per_block.sum(axis=(0, 1, 2))
+
+
+def ingest(
+    sources: Iterable[str | os.PathLike] | str | os.PathLike,
+    store: str | os.PathLike | Collection,
+    *,
+    order: str | None = None,
+    voxel_size: float | None = None,
+    tilt_axis_angle: float = 0.0,
+    overwrite: bool = False,
+    chunks: Sequence[int] = DEFAULT_CHUNKS,
+) -> Collection:
+    """Ingest tomograms (and aligned tilt series) into a collection store.
+
+    Parameters
+    ----------
+    sources : path or list of paths
+        MiLoPYP manifests (``image_name rec_path [tilt_path angle_path]``), folders of
+        ``.rec``/``.mrc`` (a ``<stem>.tlt`` plus a tilt stack ``<stem>.ali``/``<stem>_ali.mrc``/
+        ``<stem>.mrc`` beside a ``<stem>.rec`` is picked up as its tilt series), or single files.
+    store : path, URL or Collection
+        The collection store; created if missing.
+    order : {"zxy", "xzy", "xyz", "yxz"}, optional
+        Which MRC axis is the depth (see :mod:`milotile.store.mrc`); default: the MRC sections.
+    voxel_size : float, optional
+        Override the header voxel size (Å).
+    tilt_axis_angle : float
+        Tilt-axis direction of the aligned stacks (degrees from the image y axis; 0 for IMOD).
+    overwrite : bool
+        Re-ingest tomograms whose source file changed since they were ingested.
+    chunks : sequence of int
+        Zarr chunk shape of the volumes.
+
+    Returns
+    -------
+    Collection
+        The opened store.
+
+    Raises
+    ------
+    InputError
+        For any bad input; nothing is written in that case.
+    """
+    order = check_order(order)
+    if voxel_size is not None and not (voxel_size > 0):
+        raise InputError(f"--voxel-size must be positive, got {voxel_size}")
+    plans = _validate(collect_sources(sources), order, voxel_size)
+    col = store if isinstance(store, Collection) else open_collection(store, mode="a")
+
+    # decide per tomogram: skip unchanged, refuse changed ones without overwrite
+    tomo_root = col.group(TOMOGRAMS, create=True)
+    for plan in plans:
+        name = plan.src.name
+        if name in tomo_root:
+            meta = dict(tomo_root[name].attrs.get("milotile", {}))
+            if not meta.get("complete"):
+                plan.action = "overwrite"  # left over from a crash: redo
+                continue
+            same_stat = meta.get("size_bytes") == plan.size_bytes and meta.get("mtime_ns") == plan.mtime_ns
+            same_opts = meta.get("order") == order and (voxel_size is None or meta.get("voxel_size") == plan.voxel_size)
+            if same_stat and same_opts:
+                plan.action = "skip"
+            elif same_opts and meta.get("fingerprint") == fingerprint(plan.src.rec_path):
+                plan.action = "skip"
+            elif overwrite:
+                plan.action = "overwrite"
+            else:
+                raise InputError(
+                    f"tomogram {name} is already in {col.url} from a different file or options "
+                    f"({plan.src.rec_path}); pass --overwrite to replace it"
+                )
+    todo = [p for p in plans if p.action != "skip"]
+    for p in plans:
+        if p.action == "skip":
+            log.info("%s unchanged, skipped", p.src.name)
+    if not todo:
+        return col
+
+    # Everything is written under staging/ first and moved into place only when complete, so a
+    # failure (NaN values, a crash, Ctrl-C) never touches tomograms already in the store.
+    stage_root = col.group(STAGING, create=True)
+    stage_tomo = stage_root.require_group(TOMOGRAMS)
+    stage_tilt = stage_root.require_group(TILTS)
+    try:
+        stats_tasks = []
+        for plan in todo:
+            name = plan.src.name
+            g = stage_tomo.create_group(name, overwrite=True)
+            src = da.from_array(OrientedMRC(plan.src.rec_path, order), chunks=clip_chunks(plan.shape, chunks),
+                                name=f"mrc-{name}-{plan.mtime_ns}")
+            target = create_array(g, "0", plan.shape, chunks=chunks, dimension_names=AXES_ZYX)
+            stats_tasks.append(_copy_lazy(src, target))
+            if plan.tilt_shape is not None:
+                tg = stage_tilt.create_group(name, overwrite=True)
+                tchunks = (1, min(plan.tilt_shape[1], 1024), min(plan.tilt_shape[2], 1024))
+                tsrc = da.from_array(OrientedMRC(plan.src.tilt_path, "zxy"), chunks=tchunks,
+                                     name=f"tilt-{name}-{plan.mtime_ns}")
+                ttarget = create_array(tg, "0", plan.tilt_shape, chunks=tchunks, dimension_names=("tilt", "y", "x"))
+                stats_tasks.append(_copy_lazy(tsrc, ttarget))
+            else:
+                stats_tasks.append(None)
+        fps = [dask.delayed(fingerprint)(p.src.rec_path) for p in todo]
+        lazy = [t for t in stats_tasks if t is not None]
+        log.info("ingesting %d tomograms into %s", len(todo), col.url)
+        computed = _compute(lazy + fps)
+        stats_iter = iter(computed[: len(lazy)])
+        fp_vals = computed[len(lazy):]
+        results = [next(stats_iter) if t is not None else None for t in stats_tasks]
+
+        for i, plan in enumerate(todo):
+            vol_stats, tilt_stats = results[2 * i], results[2 * i + 1]
+            for what, st, path in (("tomogram", vol_stats, plan.src.rec_path),
+                                   ("tilt stack", tilt_stats, plan.src.tilt_path)):
+                if st is not None and st[3] > 0:
+                    raise InputError(f"{what} {path} contains {int(st[3])} NaN or infinite values")
+                if st is not None and st[0] > 0 and st[2] / st[0] - (st[1] / st[0]) ** 2 <= 0:
+                    raise InputError(f"{what} {path} is constant (an empty volume)")
+
+        for i, plan in enumerate(todo):
+            name = plan.src.name
+            g = stage_tomo[name]
+            write_multiscale(da.from_zarr(g["0"]), g, name=name, voxel_size=plan.voxel_size, chunks=chunks,
+                             level0_written=True)
+            st = results[2 * i]
+            mean = st[1] / st[0]
+            g.attrs["milotile"] = {
+                "source": plan.src.rec_path,
+                "size_bytes": plan.size_bytes,
+                "mtime_ns": plan.mtime_ns,
+                "fingerprint": fp_vals[i],
+                "voxel_size": plan.voxel_size,
+                "order": order,
+                "shape": list(plan.shape),
+                "stats": {"mean": float(mean), "std": float(np.sqrt(max(st[2] / st[0] - mean**2, 0.0)))},
+                "complete": True,
+            }
+            if plan.tilt_shape is not None:
+                stage_tilt[name].attrs["milotile"] = {
+                    "source": plan.src.tilt_path,
+                    "angle_file": plan.src.angle_path,
+                    "angles": [float(a) for a in plan.src.angles],
+                    "tilt_axis_angle": float(tilt_axis_angle),
+                    "pixel_size": plan.tilt_pixel,
+                    "complete": True,
+                }
+        # every input was good: move the staged entries into place
+        for plan in todo:
+            name = plan.src.name
+            _replace(col, f"{STAGING}/{TOMOGRAMS}/{name}", f"{TOMOGRAMS}/{name}")
+            if plan.tilt_shape is not None:
+                _replace(col, f"{STAGING}/{TILTS}/{name}", f"{TILTS}/{name}")
+            elif name in col.group(TILTS, create=True):
+                del col.zarr_group[TILTS][name]
+            log.info("ingested %s %s (z,y,x) at %.4g Å", name, plan.shape, plan.voxel_size)
+    finally:
+        if STAGING in col.zarr_group:
+            del col.zarr_group[STAGING]
+    return col
+
+
+def _replace(col: Collection, src: str, dst: str) -> None:
+    """Move the node at ``src`` to ``dst`` (replacing it); a directory rename on local stores."""
+    fs = col.fs
+    s, d = col._join(src), col._join(dst)
+    if fs.exists(d):
+        fs.rm(d, recursive=True)
+    fs.mv(s, d, recursive=True)
+
+
+def _compute(tasks: list) -> list:
+    """Compute with a progress bar (distributed client if one is active)."""
+    from milotile.cluster import compute_with_progress
+
+    return compute_with_progress(tasks, desc="ingest")
