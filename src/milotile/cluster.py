@@ -30,12 +30,27 @@ log = logging.getLogger(__name__)
 
 
 def _cuda_devices() -> int:
-    try:
-        import torch
+    """Number of CUDA devices, without importing torch when it is not loaded yet (it costs ~300 MB)."""
+    import shutil
+    import subprocess
+    import sys
 
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # torch missing or broken CUDA: CPU only
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
         return 0
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    if visible:
+        n = min(n, len([v for v in visible.split(",") if v.strip()]))
+    return n
 
 
 def _load_config(path: str | os.PathLike) -> dict:

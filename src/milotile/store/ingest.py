@@ -401,6 +401,7 @@ def ingest(
 def _replace(col: Collection, src: str, dst: str) -> None:
     """Move the node at ``src`` to ``dst`` (replacing it); a directory rename on local stores."""
     fs = col.fs
+    col.group(dst.rsplit("/", 1)[0], create=True)  # parent group with its zarr.json
     s, d = col._join(src), col._join(dst)
     if fs.exists(d):
         fs.rm(d, recursive=True)

@@ -1,0 +1,91 @@
+"""Ingest benchmark: milotile (1 and 2 Dask workers) vs the naive way, on a >= 1 GB tomogram.
+
+The naive way is ``mrcfile.read`` of the whole file followed by one ``zarr`` write of the array.
+Each variant runs in its own process; peak RSS is the sum over that process and its children
+(the Dask workers), sampled every 50 ms.
+
+    python benchmarks/ingest.py                  # 256 x 1024 x 1024 float32 = 1 GiB
+    python benchmarks/ingest.py --size 64,512,512 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_measured, write_results  # noqa: E402
+
+NAIVE = """
+import sys, mrcfile, zarr
+src, dst = sys.argv[1], sys.argv[2]
+data = mrcfile.read(src)
+z = zarr.create_array(dst, shape=data.shape, chunks=(64, 256, 256), dtype=data.dtype, overwrite=True)
+z[:] = data
+"""
+
+MILOTILE = """
+import sys, logging
+import milotile as mt
+src, dst, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with mt.cluster(workers=workers, threads_per_worker=1, dashboard_address=None):
+    mt.ingest(src, dst)
+"""
+
+
+def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
+    """Write a float32 MRC slab by slab (the generator itself stays small in memory)."""
+    rng = np.random.default_rng(seed)
+    with mrcfile.new_mmap(path, shape=shape, mrc_mode=2, overwrite=True) as m:
+        for z0 in range(0, shape[0], 16):
+            z1 = min(shape[0], z0 + 16)
+            m.data[z0:z1] = rng.normal(size=(z1 - z0, *shape[1:])).astype(np.float32)
+        m.voxel_size = 10.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", default="256,1024,1024", help="Z,Y,X of the generated tomogram")
+    ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder)")
+    ap.add_argument("--quick", action="store_true", help="small volume, for a smoke run")
+    args = ap.parse_args()
+    shape = tuple(int(v) for v in ("64,512,512" if args.quick else args.size).split(","))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="milotile-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "big.rec"
+    make_volume(src, shape)
+    nbytes = src.stat().st_size
+    mb = nbytes / 1e6
+    print(f"volume {shape} float32: {mb:.0f} MB")
+    py = sys.executable
+    results = {}
+    for label, cmd in [
+        ("naive_mrcfile_read_then_zarr", [py, "-c", NAIVE, str(src), str(work / "naive.zarr")]),
+        ("milotile_1_worker", [py, "-c", MILOTILE, str(src), str(work / "mt1.zarr"), "1"]),
+        ("milotile_2_workers", [py, "-c", MILOTILE, str(src), str(work / "mt2.zarr"), "2"]),
+    ]:
+        wall, peak, _ = run_measured(cmd)
+        results[label] = {"seconds": wall, "MB_per_s": mb / wall, "peak_rss_MB": peak / 1e6,
+                          "peak_rss_fraction_of_volume": peak / nbytes}
+        print(f"{label:32s} {wall:7.1f} s  {mb / wall:7.1f} MB/s  peak RSS {peak / 1e6:7.0f} MB "
+              f"({100 * peak / nbytes:.1f} % of the volume)")
+    # the milotile store holds all three pyramid levels; the naive store only level 0
+    naive = results["naive_mrcfile_read_then_zarr"]
+    for k in ("milotile_1_worker", "milotile_2_workers"):
+        results[k]["speed_vs_naive"] = naive["seconds"] / results[k]["seconds"]
+        results[k]["memory_vs_naive"] = results[k]["peak_rss_MB"] / naive["peak_rss_MB"]
+    path = write_results("ingest", {"shape_zyx": shape, "volume_MB": mb, "results": results,
+                                    "note": "milotile also writes the 2x and 4x pyramid levels, the naive way only level 0"})
+    print(f"wrote {path}")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
