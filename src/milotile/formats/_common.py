@@ -1,0 +1,161 @@
+"""Shared helpers for coordinate import/export: collection look-ups, axis orders, tidy tables."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from milotile.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Columns every label table returned by :func:`milotile.formats.read_labels` has.
+LABEL_COLUMNS = ["tomogram", "x", "y", "z", "class"]
+#: Class name used when a file carries no species / object name.
+DEFAULT_CLASS = "particle"
+#: Column orders accepted for legacy coordinate files (which coordinate each column holds).
+ORDERS = ("xyz", "xzy", "zxy", "yxz")
+
+
+@dataclass(frozen=True)
+class TomoInfo:
+    """Geometry of one tomogram of a collection: ``shape`` is ``(Z, Y, X)`` at level 0."""
+
+    name: str
+    shape: tuple[int, int, int]
+    voxel_size: float
+
+
+def open_collection(col: Any) -> Any:
+    """Return a collection object for ``col`` (a collection, a store path, or ``None``)."""
+    if col is None:
+        return None
+    if isinstance(col, (str, os.PathLike)):
+        import milotile  # local import: formats must not need a store to load
+
+        opener = getattr(milotile, "open", None)
+        if opener is None:  # pragma: no cover - depends on the store package being present
+            from milotile import store
+
+            opener = store.open  # type: ignore[attr-defined]
+        return opener(col)
+    return col
+
+
+def collection_info(col: Any) -> dict[str, TomoInfo]:
+    """Map tomogram name -> :class:`TomoInfo` for a collection (empty for ``None``).
+
+    Works with any object exposing ``names`` and ``col[name].shape`` / ``.voxel_size``.
+    """
+    col = open_collection(col)
+    if col is None:
+        return {}
+    out: dict[str, TomoInfo] = {}
+    for name in col.names:
+        t = col[name]
+        shape = tuple(int(s) for s in t.shape)[-3:]
+        out[str(name)] = TomoInfo(str(name), shape, float(t.voxel_size))  # type: ignore[arg-type]
+    return out
+
+
+def check_order(order: str | None, what: str) -> str:
+    """Validate a legacy column order string such as ``"xzy"``."""
+    if order is None:
+        raise InputError(
+            f"{what} holds bare coordinate columns; pass order='xyz', 'xzy' or 'zxy' (--order) "
+            "to say which coordinate each column is."
+        )
+    order = str(order).lower()
+    if order not in ORDERS:
+        raise InputError(f"Unknown coordinate order {order!r}; expected one of {', '.join(ORDERS)}.")
+    return order
+
+
+def columns_to_xyz(cols: np.ndarray, order: str) -> np.ndarray:
+    """Reorder an ``(N, 3)`` array whose columns follow ``order`` into ``(N, 3)`` x, y, z."""
+    idx = {axis: order.index(axis) for axis in "xyz"}
+    return np.stack([cols[:, idx["x"]], cols[:, idx["y"]], cols[:, idx["z"]]], axis=1)
+
+
+def xyz_to_columns(xyz: np.ndarray, order: str) -> np.ndarray:
+    """Inverse of :func:`columns_to_xyz`: put x, y, z into the columns named by ``order``."""
+    pos = {"x": 0, "y": 1, "z": 2}
+    return np.stack([xyz[:, pos[axis]] for axis in order], axis=1)
+
+
+def make_table(
+    tomogram: Iterable[str] | str,
+    xyz: np.ndarray,
+    cls: Iterable[str] | str | None = None,
+    score: Iterable[float] | None = None,
+) -> pd.DataFrame:
+    """Build a label table with the standard columns (plus ``score`` when given)."""
+    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    n = len(xyz)
+    if isinstance(tomogram, str):
+        tomogram = [tomogram] * n
+    if cls is None:
+        cls = DEFAULT_CLASS
+    if isinstance(cls, str):
+        cls = [cls] * n
+    df = pd.DataFrame(
+        {
+            "tomogram": pd.Series(list(tomogram), dtype=object).astype(str),
+            "x": xyz[:, 0],
+            "y": xyz[:, 1],
+            "z": xyz[:, 2],
+            "class": pd.Series(list(cls), dtype=object).astype(str),
+        }
+    )
+    if score is not None:
+        df["score"] = np.asarray(list(score), dtype=np.float64)
+    return df
+
+
+def empty_table() -> pd.DataFrame:
+    """A label table with no rows."""
+    return make_table([], np.zeros((0, 3)))
+
+
+def concat_tables(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate label tables; an empty list gives an empty table."""
+    tables = [t for t in tables if len(t)]
+    if not tables:
+        return empty_table()
+    df = pd.concat(tables, ignore_index=True)
+    if "score" in df.columns and df["score"].isna().all():
+        df = df.drop(columns="score")
+    return df
+
+
+def rescale(df: pd.DataFrame, factors: dict[str, float]) -> pd.DataFrame:
+    """Multiply x, y, z of the rows of each tomogram by a per-tomogram factor (missing = 1)."""
+    if not factors or all(math.isclose(f, 1.0) for f in factors.values()):
+        return df
+    f = df["tomogram"].map(factors).fillna(1.0).to_numpy(dtype=np.float64)
+    df = df.copy()
+    for axis in "xyz":
+        df[axis] = df[axis].to_numpy(dtype=np.float64) * f
+    return df
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """A file-system friendly version of a tomogram / class name."""
+    return _SAFE.sub("-", str(name)).strip("-") or "unnamed"
+
+
+def as_path(path: str | os.PathLike) -> Path:
+    """``Path`` with ``~`` expanded."""
+    return Path(os.fspath(path)).expanduser()
