@@ -1,0 +1,108 @@
+"""``mine``: MiLoPYP candidate mining (DoG pyramid, local maxima, global threshold, NMS) into the store.
+
+Reads ``derived/preprocessed/<name>`` when it exists (else the raw level-0 tomogram, with a
+warning: the DoG and the relative threshold do not depend on an affine intensity change, but the
+contrast clip is skipped), runs :func:`milotile.ops.peaks.dog_peaks` chunk by chunk in the processed
+grid (``border`` and ``min_distance`` are in voxels of that grid, as in MiLoPYP), converts the peaks
+to full-resolution voxels and Å, and writes ``tables/<table>.parquet`` with the columns
+``tomogram, x, y, z, x_A, y_A, z_A, score, level``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from milotile.errors import InputError
+from milotile.ops.patches import Grid
+from milotile.ops.peaks import dog_peaks
+from milotile.stages.preprocess import preprocessed_volume
+
+__all__ = ["mine", "CANDIDATE_COLUMNS"]
+
+logger = logging.getLogger(__name__)
+
+CANDIDATE_COLUMNS = ["tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "level"]
+
+
+def mine(
+    col: Any,
+    dog: Sequence[float] = (3.0, 5.0),
+    threshold_std: float = 0.5,
+    min_distance: float = 7.0,
+    border: int = 30,
+    invert: bool = False,
+    *,
+    border_z: int = 10,
+    footprint: Sequence[int] = (1, 3, 3),
+    names: Sequence[str] | None = None,
+    table: str = "candidates",
+    top_k: int | None = None,
+) -> pd.DataFrame:
+    """Mine particle candidates in every tomogram and write ``tables/<table>.parquet``.
+
+    Parameters
+    ----------
+    col : milotile.store.Collection
+        The collection.
+    dog : sequence of float
+        Strictly increasing DoG sigmas (voxels of the processed grid); MiLoPYP default ``3, 5``.
+    threshold_std : float
+        Threshold ``mean + threshold_std * std`` of the positive local-maximum responses.
+    min_distance : float
+        NMS radius (voxels of the processed grid).
+    border : int
+        Exclusion band in y and x (MiLoPYP: 30).
+    invert : bool
+        Bright particles instead of dark ones.
+    border_z : int
+        Exclusion band in z (MiLoPYP: 10 slices).
+    footprint : sequence of int
+        Local-maximum window ``(z, y, x)``; MiLoPYP's in-plane ``(1, 3, 3)``.
+    names : sequence of str, optional
+        Only these tomograms.
+    table : str
+        Output table name.
+    top_k : int, optional
+        At most this many candidates per tomogram.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The candidate table (also written to the store).
+    """
+    names = list(names) if names is not None else col.names
+    if not names:
+        raise InputError(f"{col.url} holds no tomograms; run `milotile ingest` first")
+    frames = []
+    for name in names:
+        t = col[name]
+        pre = preprocessed_volume(col, name)
+        if pre is None:
+            logger.warning("mine %s: no preprocessed volume, mining the raw tomogram (run `milotile preprocess`)", name)
+            vol, grid = t.data(0), Grid()
+        else:
+            vol, grid, _ = pre
+        df = dog_peaks(
+            vol, tuple(dog), threshold_std=threshold_std, min_distance=min_distance,
+            border=(int(border_z), int(border), int(border)), invert=invert, footprint=tuple(footprint), top_k=top_k,
+        )
+        zyx = grid.to_full(df[["z", "y", "x"]].to_numpy())
+        full = np.array(t.shape, dtype=np.float64) - 1
+        zyx = np.clip(zyx, 0, full)  # a lone last compressed slice maps back to Z - 1
+        vs = t.voxel_size
+        out = pd.DataFrame({
+            "tomogram": name,
+            "x": zyx[:, 2], "y": zyx[:, 1], "z": zyx[:, 0],
+            "x_A": zyx[:, 2] * vs, "y_A": zyx[:, 1] * vs, "z_A": zyx[:, 0] * vs,
+            "score": df["score"].to_numpy(), "level": df["level"].to_numpy(),
+        })
+        logger.info("mine %s: %d candidates", name, len(out))
+        frames.append(out)
+    result = pd.concat(frames, ignore_index=True)[CANDIDATE_COLUMNS] if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
+    col.write_table(table, result)
+    return result

@@ -1,0 +1,205 @@
+"""``patches``: cut a patch bank for a coordinate table into ``patches/<key>/`` of the store.
+
+Bank layout (read by the exploration stage)::
+
+    patches/<key>/data   (N, S, C, bbox, bbox) float32, zarr chunks (chunk_n, S, C, bbox, bbox)
+                         S = 1 + number of neighbour shifts (index 0 = original);
+                         C = channels in the order of the modes (cube: bbox channels)
+    attrs["milotile"]["params"] = {modes, bbox, shifts, normalize, tilt_window, tilt_sign (per
+                         tomogram), geometry (per tomogram), source table, preprocess params, complete}
+    tables/patches-<key>.parquet   the source rows in bank order, plus patch_index, source_index, clipped
+
+Rows are grouped by tomogram and by volume chunk so that each task reads one small region; the
+table says which source row each bank row is. Volume modes are cut from the preprocessed volume
+(``derived/preprocessed``) when it exists, the tilt sum from the preprocessed tilt series.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from milotile.errors import InputError
+from milotile.ops.patches import (
+    MILOPYP_SHIFTS,
+    Grid,
+    TiltGeometry,
+    check_tilt_geometry,
+    n_channels,
+)
+from milotile.ops.patches import (
+    extract_patches as extract_ops,
+)
+from milotile.stages.preprocess import PREPROCESSED_TILTS, preprocessed_volume
+from milotile.store import write_dask
+
+__all__ = ["extract_patches", "patch_key"]
+
+logger = logging.getLogger(__name__)
+
+
+def patch_key(table: str, modes: Sequence[str], bbox: int, shifts: bool) -> str:
+    """Default bank key, e.g. ``candidates-slab-b36`` (``-shifts`` when shifted copies are stored)."""
+    return f"{table}-{'+'.join(modes)}-b{int(bbox)}" + ("-shifts" if shifts else "")
+
+
+def _table_fingerprint(df: pd.DataFrame) -> str:
+    cols = [c for c in ("tomogram", "x", "y", "z") if c in df.columns]
+    return f"{len(df)}:{int(pd.util.hash_pandas_object(df[cols], index=False).sum()) & 0xFFFFFFFFFFFF:x}"
+
+
+def _tilt_geometry(col: Any, name: str, window: tuple[float, float]) -> TiltGeometry:
+    t = col[name]
+    ts = t.tilt_series
+    if ts is None:
+        raise InputError(f"tomogram {name} has no tilt series in {col.url}; mode 'tiltsum' needs one (ingest it with its .tlt)")
+    g = col.group(f"{PREPROCESSED_TILTS}/{name}")
+    data = da.from_zarr(g["0"]) if g is not None and g.attrs.get("milotile", {}).get("complete") else ts.data
+    return TiltGeometry(
+        data=data, angles=ts.angles, full_shape=t.shape, tilt_axis_angle=ts.tilt_axis_angle,
+        pixel_ratio=t.voxel_size / ts.pixel_size, window=window,
+    )
+
+
+def _geometry_check(col: Any, name: str, geom: TiltGeometry, min_correlation: float) -> dict:
+    t = col[name]
+    level = max(t.levels)
+    f = 2**level
+    grid = Grid(scale=(float(f),) * 3, offset=((f - 1) / 2.0,) * 3)
+    ts = t.tilt_series
+    raw = TiltGeometry(ts.data, ts.angles, t.shape, ts.tilt_axis_angle, 1, geom.pixel_ratio)
+    return check_tilt_geometry(t.data(level), raw, grid=grid, name=name, min_correlation=min_correlation)
+
+
+def extract_patches(
+    col: Any,
+    table: str = "candidates",
+    bbox: int = 36,
+    modes: Sequence[str] | str = ("slab",),
+    shifts: bool | Sequence[Sequence[int]] = False,
+    *,
+    normalize: str | None = "minmax",
+    tilt_window: tuple[float, float] = (-20.0, 20.0),
+    tilt_sign: str | int = "auto",
+    min_correlation: float = 0.3,
+    out_of_bounds: str = "pad",
+    chunk_n: int = 256,
+    key: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Extract patches for the rows of ``tables/<table>.parquet`` into a bank; returns its key.
+
+    Parameters
+    ----------
+    col : milotile.store.Collection
+        The collection.
+    table : str
+        Coordinate table (columns ``tomogram, x, y, z`` in full-resolution voxels).
+    bbox : int
+        Patch side.
+    modes : sequence of {"slab", "slice", "cube", "tiltsum"} or comma-separated str
+        Channels (2d3d: ``("tiltsum", "slice")``).
+    shifts : bool or sequence of (dx, dy, dz)
+        Neighbour-shifted copies (``True``: MiLoPYP's four).
+    normalize : {"minmax", None}
+        Per-patch min-max to ``[0, 1]`` or raw values.
+    tilt_window : (low, high)
+        Tilt angles summed by ``tiltsum`` (degrees).
+    tilt_sign : {"auto", 1, -1}
+        Projection handedness; ``"auto"`` checks each tomogram against its tilt series.
+    min_correlation : float
+        Geometry check: below this for both signs the tilt series is rejected.
+    out_of_bounds : {"pad", "drop"}
+        Reflect-pad and flag, or drop rows whose patches leave the volume.
+    chunk_n : int
+        Rows per task and per zarr chunk.
+    key : str, optional
+        Bank name (default :func:`patch_key`).
+    overwrite : bool
+        Recompute even if a bank with the same parameters exists.
+
+    Returns
+    -------
+    str
+        The bank key: data at ``patches/<key>/data``, rows in ``tables/patches-<key>.parquet``.
+    """
+    ms = tuple(m.strip() for m in modes.split(",")) if isinstance(modes, str) else tuple(modes)
+    sign_opt = str(tilt_sign).lower()
+    if sign_opt not in ("auto", "1", "-1", "+1"):
+        raise InputError(f"tilt_sign must be 'auto', 1 or -1, got {tilt_sign!r}")
+    if chunk_n < 1:
+        raise InputError(f"chunk_n must be positive, got {chunk_n}")
+    df = col.read_table(table)
+    missing = [c for c in ("tomogram", "x", "y", "z") if c not in df.columns]
+    if missing:
+        raise InputError(f"table {table!r} lacks the columns {missing}")
+    if df[["x", "y", "z"]].isna().any().any():
+        raise InputError(f"table {table!r} has NaN coordinates (row {int(np.flatnonzero(df[['x', 'y', 'z']].isna().any(axis=1))[0])})")
+    unknown = sorted(set(df["tomogram"].astype(str)) - set(col.names))
+    if unknown:
+        raise InputError(f"table {table!r} names tomograms not in the store: {unknown[:5]}")
+    shift_list = [list(s) for s in (MILOPYP_SHIFTS if shifts is True else (shifts or []))]
+    key = key or patch_key(table, ms, bbox, bool(shift_list))
+    n_s = 1 + len(shift_list)
+    params: dict[str, Any] = {
+        "modes": list(ms), "bbox": int(bbox), "shifts": shift_list, "normalize": normalize,
+        "tilt_window": [float(v) for v in tilt_window], "tilt_sign_option": sign_opt, "out_of_bounds": out_of_bounds,
+        "source_table": table, "source_fingerprint": _table_fingerprint(df), "chunk_n": int(chunk_n),
+    }
+    group = col.group(f"patches/{key}", create=True)
+    old = dict(group.attrs.get("milotile", {}))
+    if not overwrite and old.get("complete") and {k: old.get("params", {}).get(k) for k in params} == params and col.has_table(f"patches-{key}"):
+        logger.info("patches %s: unchanged, reusing", key)
+        return key
+    group.attrs["milotile"] = {"params": params, "complete": False}
+
+    pieces, rows = [], []
+    signs, geometry, pre_params = {}, {}, {}
+    for name in [n for n in col.names if n in set(df["tomogram"].astype(str))]:
+        sub = df[df["tomogram"].astype(str) == name]
+        pre = preprocessed_volume(col, name)
+        if pre is None:
+            vol, grid = col[name].data(0), Grid()
+            pre_params[name] = None
+        else:
+            vol, grid, meta = pre
+            pre_params[name] = meta.get("params")
+        geom = None
+        if "tiltsum" in ms:
+            geom = _tilt_geometry(col, name, tuple(tilt_window))
+            if sign_opt == "auto":
+                info = _geometry_check(col, name, geom, min_correlation)
+                geom.sign = info["sign"]
+                geometry[name] = info
+            else:
+                geom.sign = int(sign_opt)
+            signs[name] = geom.sign
+        res = extract_ops(
+            vol, sub[["x", "y", "z"]].to_numpy(np.float64), bbox, ms, grid=grid, shifts=shift_list,
+            normalize=normalize, tilts=geom, chunk_n=chunk_n, out_of_bounds=out_of_bounds,
+        )
+        part = sub.iloc[res.order].copy()
+        part["source_index"] = sub.index.to_numpy()[res.order]
+        part["clipped"] = res.clipped
+        rows.append(part)
+        pieces.append(res.data)
+        logger.info("patches %s: %d rows (%d clipped)", name, len(part), int(res.clipped.sum()))
+    n_c = n_channels(ms, bbox)
+    if pieces:
+        data = da.concatenate(pieces, axis=0)
+        out = pd.concat(rows, ignore_index=True)
+    else:
+        data = da.zeros((0, n_s, n_c, bbox, bbox), np.float32, chunks=(1, n_s, n_c, bbox, bbox))
+        out = df.iloc[:0].assign(source_index=pd.Series(dtype=np.int64), clipped=pd.Series(dtype=bool))
+    out["patch_index"] = np.arange(len(out), dtype=np.int64)
+    write_dask(data, group, "data", chunks=(max(1, min(chunk_n, max(len(out), 1))), n_s, n_c, int(bbox), int(bbox)))
+    col.write_table(f"patches-{key}", out.reset_index(drop=True))
+    params.update({"tilt_sign": signs, "geometry": geometry, "preprocess": pre_params, "n": len(out), "complete": True})
+    group.attrs["milotile"] = {"params": params, "complete": True}
+    logger.info("patches %s: bank %s written", key, tuple(data.shape))
+    return key
