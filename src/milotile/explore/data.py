@@ -1,0 +1,337 @@
+"""Patch-bank access for exploration: resolve the bank, stream row blocks, channel statistics.
+
+The bank (written by the patch stage) is ``patches/<key>/data`` with shape ``(N, S, C, b, b)``
+float32: S = 1 + neighbour shifts (index 0 is the original patch), C = 1 (``3d`` slab mode) or
+2 (``2d3d``: channel 0 tilt-sum, channel 1 tomogram slice). Rows align with
+``tables/patches-<key>.parquet``. Nothing here holds more than a few zarr chunks in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from milotile.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MODES",
+    "PatchBank",
+    "PatchLoader",
+    "as_collection",
+    "open_bank",
+    "channel_stats",
+]
+
+#: exploration modes and the number of channels their banks carry
+MODES: dict[str, int] = {"3d": 1, "2d3d": 2}
+PATCHES = "patches"
+
+
+def as_collection(col_or_store: Any, mode: str = "r+") -> Any:
+    """Return a :class:`milotile.store.Collection` for a collection or a store path/URL."""
+    if hasattr(col_or_store, "zarr_group") and hasattr(col_or_store, "read_table"):
+        return col_or_store
+    if isinstance(col_or_store, (str, os.PathLike)):
+        from milotile.store import open_collection
+
+        return open_collection(col_or_store, mode=mode)
+    raise InputError(
+        f"expected a milotile collection or a store path, got a {type(col_or_store).__name__}."
+    )
+
+
+def _bank_keys(col: Any) -> list[str]:
+    g = col.zarr_group
+    if PATCHES not in g:
+        return []
+    return sorted(
+        name for name, node in g[PATCHES].members() if isinstance(node, zarr.Group) and "data" in node
+    )
+
+
+@dataclass
+class PatchBank:
+    """One patch bank of a collection (lazy: nothing is read until :meth:`read`).
+
+    Attributes
+    ----------
+    key : str
+        The bank key (``patches/<key>``).
+    array : zarr.Array
+        ``(N, S, C, b, b)`` float32.
+    params : dict
+        The bank's ``attrs["milotile"]["params"]`` (bbox, shifts, modes, gauss, dog, ...).
+    url : str
+        Store URL, so workers can re-open the bank.
+    """
+
+    key: str
+    array: zarr.Array
+    params: dict[str, Any]
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        """Number of patches (rows)."""
+        return int(self.array.shape[0])
+
+    @property
+    def n_shifts(self) -> int:
+        """S: 1 + the number of neighbour-shifted copies."""
+        return int(self.array.shape[1])
+
+    @property
+    def channels(self) -> int:
+        """C: 1 for ``3d`` banks, 2 for ``2d3d`` banks."""
+        return int(self.array.shape[2])
+
+    @property
+    def bbox(self) -> int:
+        """Patch side in pixels."""
+        return int(self.array.shape[-1])
+
+    @property
+    def mode(self) -> str:
+        """``"3d"`` or ``"2d3d"`` from the channel count."""
+        return "2d3d" if self.channels == 2 else "3d"
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per zarr chunk (reads are aligned to it)."""
+        return int(self.array.chunks[0])
+
+    @property
+    def table_name(self) -> str:
+        """The aligned table: ``patches-<key>``."""
+        return f"patches-{self.key}"
+
+    def read(self, start: int, stop: int, crop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` as float32 ``(n, S, C, b', b')``, centre-cropped to ``crop``."""
+        sl: tuple[slice, ...] = (slice(start, stop),)
+        if crop is not None and crop != self.bbox:
+            o = (self.bbox - crop) // 2
+            sl = sl + (slice(None), slice(None), slice(o, o + crop), slice(o, o + crop))
+        return np.asarray(self.array[sl], dtype=np.float32)
+
+
+def _open_array(url: str, path: str, storage_options: dict[str, Any] | None = None) -> zarr.Array:
+    return zarr.open_array(url, path=path, mode="r", storage_options=storage_options or None)
+
+
+def open_bank(col: Any, key: str | None = None, mode: str | None = None) -> PatchBank:
+    """Find and open the patch bank ``key`` (or the only / the mode-matching one).
+
+    Parameters
+    ----------
+    col : Collection or path
+        The store.
+    key : str, optional
+        Bank key; when omitted the store must hold exactly one bank (or exactly one with the
+        channel count of ``mode``).
+    mode : {"3d", "2d3d"}, optional
+        Checked against the bank's channel count.
+
+    Returns
+    -------
+    PatchBank
+    """
+    col = as_collection(col)
+    if mode is not None and mode not in MODES:
+        raise InputError(f"unknown exploration mode {mode!r}; use '3d' or '2d3d'.")
+    keys = _bank_keys(col)
+    if not keys:
+        raise InputError(
+            f"store {col.url} has no patch bank under patches/; run the patch extraction stage first."
+        )
+    if key is None:
+        cand = keys
+        if mode is not None and len(keys) > 1:
+            cand = [k for k in keys if col.zarr_group[PATCHES][k]["data"].shape[2] == MODES[mode]]
+        if len(cand) != 1:
+            raise InputError(
+                f"store {col.url} holds patch banks {keys}; choose one with key=/--key."
+            )
+        key = cand[0]
+    elif key not in keys:
+        raise InputError(f"store {col.url} has no patch bank {key!r}; available: {', '.join(keys)}.")
+    grp = col.zarr_group[PATCHES][key]
+    arr = grp["data"]
+    if arr.ndim != 5 or arr.shape[3] != arr.shape[4]:
+        raise InputError(
+            f"patch bank {key!r} has shape {arr.shape}; expected (N, S, C, bbox, bbox)."
+        )
+    if arr.shape[2] not in (1, 2):
+        raise InputError(f"patch bank {key!r} has {arr.shape[2]} channels; expected 1 (3d) or 2 (2d3d).")
+    meta = dict(grp.attrs.get("milotile", {}) or dict(arr.attrs.get("milotile", {})))
+    if meta.get("complete") is False:
+        raise InputError(f"patch bank {key!r} in {col.url} is incomplete (a previous run stopped); re-run it.")
+    params = dict(meta.get("params", {}))
+    bank = PatchBank(key, arr, params, str(col.url), dict(getattr(col, "storage_options", {}) or {}))
+    if mode is not None and bank.mode != mode:
+        raise InputError(
+            f"patch bank {key!r} holds {bank.channels}-channel ({bank.mode}) patches but mode {mode!r} was requested."
+        )
+    if bank.n == 0:
+        raise InputError(f"patch bank {key!r} in {col.url} is empty (0 patches).")
+    return bank
+
+
+def check_crop(bank: PatchBank, bbox: int | None) -> int:
+    """Validate a requested ``bbox`` against the bank (smaller = centre crop) and return it."""
+    if bbox is None:
+        return bank.bbox
+    bbox = int(bbox)
+    if bbox < 8:
+        raise InputError(f"bbox {bbox} is too small; use at least 8 pixels.")
+    if bbox > bank.bbox:
+        raise InputError(
+            f"bbox {bbox} is larger than the patches of bank {bank.key!r} ({bank.bbox}); re-extract patches."
+        )
+    return bbox
+
+
+def channel_stats(bank: PatchBank, crop: int | None = None, rows: int | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over the original patches (shift 0), streamed chunk by chunk.
+
+    Parameters
+    ----------
+    bank : PatchBank
+    crop : int, optional
+        Centre crop (what the model sees).
+    rows : int, optional
+        Rows per read (default: the zarr chunk rows, at least 256).
+
+    Returns
+    -------
+    mean, std : list of float
+        One value per channel.
+    """
+    step = rows or max(bank.chunk_rows, (256 // bank.chunk_rows + 1) * bank.chunk_rows)
+    c = bank.channels
+    s1 = np.zeros(c)
+    s2 = np.zeros(c)
+    cnt = 0
+    for start in range(0, bank.n, step):
+        x = bank.read(start, min(start + step, bank.n), crop)[:, 0].astype(np.float64)  # (n, C, b, b)
+        if not np.isfinite(x).all():
+            raise InputError(f"patch bank {bank.key!r} contains NaN/inf values in rows {start}..{start + len(x)}.")
+        # shifted sums keep precision for large banks
+        s1 += x.sum(axis=(0, 2, 3))
+        s2 += np.square(x).sum(axis=(0, 2, 3))
+        cnt += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s1 / cnt
+    var = np.maximum(s2 / cnt - mean**2, 0.0)
+    std = np.sqrt(var)
+    if (std <= 1e-12).any():
+        raise InputError(f"patch bank {bank.key!r} is constant in some channel (std {std.tolist()}).")
+    return mean.tolist(), std.tolist()
+
+
+class PatchLoader:
+    """Stream shuffled batches from a patch bank without loading it.
+
+    Each epoch visits the zarr chunks in a random order, fills a buffer of about ``buffer_rows``
+    rows, shuffles inside the buffer and emits batches; the next read is prefetched in a thread.
+
+    Parameters
+    ----------
+    bank : PatchBank
+    batch_size : int
+    shuffle : bool
+    drop_last : bool
+        Drop the final incomplete batch (training).
+    seed : int
+        Epoch ``e`` uses the generator seeded with ``(seed, e)``, so a resumed run replays the
+        same order.
+    crop : int, optional
+        Centre crop of every patch.
+    buffer_rows : int, optional
+        Shuffle-buffer size (default ``max(8 * batch_size, 2048)`` rows).
+    """
+
+    def __init__(
+        self,
+        bank: PatchBank,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        crop: int | None = None,
+        buffer_rows: int | None = None,
+    ) -> None:
+        self.bank = bank
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = int(seed)
+        self.crop = crop
+        self.buffer_rows = int(buffer_rows or max(8 * self.batch_size, 2048))
+        cr = bank.chunk_rows
+        self.read_rows = max(cr, (min(self.buffer_rows, 4096) // cr) * cr)
+
+    def __len__(self) -> int:
+        n = self.bank.n
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int = 0) -> Iterator[np.ndarray]:
+        """Yield batches ``(B, S, C, b, b)`` float32 for ``epoch``."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        starts = np.arange(0, self.bank.n, self.read_rows)
+        if self.shuffle:
+            starts = rng.permutation(starts)
+        pending: list[np.ndarray] = []
+        n_pending = 0
+
+        def read(s: int) -> np.ndarray:
+            return self.bank.read(int(s), min(int(s) + self.read_rows, self.bank.n), self.crop)
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            fut = pool.submit(read, starts[0]) if len(starts) else None
+            for i in range(len(starts)):
+                assert fut is not None
+                block = fut.result()
+                fut = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+                pending.append(block)
+                n_pending += len(block)
+                last = i + 1 == len(starts)
+                if n_pending < self.buffer_rows and not last:
+                    continue
+                buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                if self.shuffle:
+                    buf = buf[rng.permutation(len(buf))]
+                n_full = (len(buf) // self.batch_size) * self.batch_size
+                for b in range(0, n_full, self.batch_size):
+                    yield buf[b : b + self.batch_size]
+                rest = buf[n_full:]
+                pending, n_pending = ([rest], len(rest)) if len(rest) else ([], 0)
+        if n_pending and not self.drop_last:
+            yield np.concatenate(pending)
+
+
+def bank_preprocessing(params: dict[str, Any]) -> dict[str, Any]:
+    """Gauss sigma, DoG sigmas and compression the bank's source volumes were made with.
+
+    Reads top-level ``gauss``/``dog``/``compress`` of the bank parameters, else the per-tomogram
+    ``preprocess`` records written by the patch stage (one value when all tomograms agree).
+    """
+    out: dict[str, Any] = {}
+    per = params.get("preprocess") or {}
+    for name in ("gauss", "dog", "compress", "bin"):
+        val = params.get(name)
+        if val is None and isinstance(per, dict) and per:
+            vals = [v.get(name) for v in per.values() if isinstance(v, dict)]
+            uniq = {repr(v) for v in vals}
+            val = vals[0] if len(uniq) == 1 else vals
+        out[name] = val
+    return out

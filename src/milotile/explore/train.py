@@ -1,0 +1,309 @@
+"""SimSiam training of the exploration model on a patch bank (MiLoPYP §2.3–2.5, fixed).
+
+Fixes relative to MiLoPYP: augmentation runs in torch on whole batches (CPU or GPU) instead of
+a per-sample PIL loop; patches stream from zarr instead of Python lists; normalisation
+statistics are computed once on the training bank and stored in the checkpoint; weights start
+random (or from a local file), nothing is downloaded; ``resume`` really resumes (epoch,
+optimizer, schedule, run log, random streams).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from milotile.errors import InputError
+from milotile.explore.augment import default_config, make_views
+from milotile.explore.data import (
+    PatchLoader,
+    as_collection,
+    bank_preprocessing,
+    channel_stats,
+    check_crop,
+    open_bank,
+)
+from milotile.explore.embed import Encoder
+from milotile.explore.model import FEATURES, load_weights, output_std, simsiam_loss
+from milotile.nn import registry
+from milotile.nn.checkpoint import load_checkpoint, save_checkpoint
+from milotile.nn.device import amp_dtype, autocast, pick_device, seed_everything
+from milotile.nn.runlog import RunLog
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train", "OPTIMIZERS", "cosine_lr"]
+
+OPTIMIZERS = ("sgd", "sgd-plain", "adamw")
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int, cosine: bool = True, final_factor: float = 1e-3) -> float:
+    """Learning rate of ``epoch`` (0-based): cosine decay from ``base_lr`` to ``base_lr·final_factor``.
+
+    MiLoPYP decays to ``lr·0.1³`` with ``--cosine``; without it the rate stays constant
+    (its step schedule starts at epoch 200).
+    """
+    if not cosine or epochs <= 1:
+        return base_lr
+    eta_min = base_lr * final_factor
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / (epochs - 1))) / 2
+
+
+def _optimizer(name: str, params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "sgd-plain":  # MiLoPYP: no momentum, no weight decay
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise InputError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}.")
+
+
+def _default_run_dir(col: Any, key: str, mode: str) -> Path:
+    root = Path(col.path)
+    if not root.exists():
+        raise InputError(f"store {col.url} is not a local folder; pass out= for the run folder.")
+    return root / "runs" / f"explore-{mode}-{key}"
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def train(
+    col_or_store: Any,
+    *,
+    key: str | None = None,
+    mode: str | None = None,
+    bbox: int | None = None,
+    epochs: int = 20,
+    batch_size: int = 256,
+    lr: float = 0.05,
+    optimizer: str = "sgd",
+    weight_decay: float = 1e-4,
+    cosine: bool = True,
+    out: str | os.PathLike[str] | None = None,
+    seed: int = 317,
+    resume: bool = False,
+    save_every: int = 10,
+    device: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    dim: int = 128,
+    feature: str = "pred",
+    amp: bool = True,
+    model_config: dict[str, Any] | None = None,
+    strong_aug: dict[str, Any] | None = None,
+    weak_aug: dict[str, Any] | None = None,
+) -> Encoder:
+    """Train a SimSiam exploration model on a patch bank of the store.
+
+    Parameters
+    ----------
+    col_or_store : Collection or path
+        The store holding ``patches/<key>`` and ``tables/patches-<key>.parquet``.
+    key : str, optional
+        Patch-bank key (default: the only bank, or the only one matching ``mode``).
+    mode : {"3d", "2d3d"}, optional
+        Default: the bank's (1 channel → ``3d``, 2 channels → ``2d3d``).
+    bbox : int, optional
+        Patch side; smaller than the bank's means a centre crop. Default: the bank's.
+    epochs : int
+        Total number of epochs (a resumed run continues up to it).
+    batch_size : int
+        Patches per step (reduced to the bank size for tiny banks).
+    lr : float
+        Base learning rate.
+    optimizer : {"sgd", "sgd-plain", "adamw"}
+        ``sgd``: momentum 0.9 and ``weight_decay``; ``sgd-plain``: MiLoPYP's plain SGD.
+    weight_decay : float
+    cosine : bool
+        Cosine decay to ``lr·1e-3`` (else constant).
+    out : path, optional
+        Run folder (default ``<store>/runs/explore-<mode>-<key>``).
+    seed : int
+        Seeds initialisation, data order and augmentation (per epoch, so resume replays them).
+    resume : bool
+        Continue from ``<out>/last.pt``.
+    save_every : int
+        Also keep ``checkpoints/epoch-NNNN.pt`` every N epochs (``last.pt`` is written every epoch).
+    device : str, optional
+        ``"cpu"``, ``"cuda"``...; default CUDA when available.
+    weights : path, optional
+        Local weights file for a partial initialisation (no download ever).
+    dim : int
+        Embedding width (128 as in MiLoPYP).
+    feature : {"pred", "proj", "fc", "trunk"}
+        Which output :meth:`Encoder.embed` returns by default (stored in the contract).
+    amp : bool
+        Mixed precision on CUDA.
+    model_config : dict, optional
+        Extra builder arguments (``widths``, ``blocks``, ``pred_dim``).
+    strong_aug, weak_aug : dict, optional
+        Overrides of :class:`milotile.explore.augment.AugmentConfig` fields for the two views.
+
+    Returns
+    -------
+    Encoder
+        The trained model (eval mode) with its contract and ``checkpoint`` = ``<out>/last.pt``.
+    """
+    from dataclasses import replace
+
+    col = as_collection(col_or_store)
+    bank = open_bank(col, key, mode)
+    mode = bank.mode
+    bbox = check_crop(bank, bbox)
+    if epochs < 1:
+        raise InputError(f"epochs must be at least 1, got {epochs}.")
+    if batch_size < 2:
+        raise InputError(f"batch_size must be at least 2 (BatchNorm), got {batch_size}.")
+    if bank.n < 2:
+        raise InputError(f"patch bank {bank.key!r} has {bank.n} patch(es); training needs at least 2.")
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
+    if feature not in FEATURES:
+        raise InputError(f"unknown embedding feature {feature!r}; use one of {', '.join(FEATURES)}.")
+    if save_every < 1:
+        raise InputError(f"save_every must be at least 1, got {save_every}.")
+    if batch_size > bank.n:
+        log.warning("batch_size %d > %d patches in bank %r; using %d", batch_size, bank.n, bank.key, bank.n)
+        batch_size = bank.n
+    run_dir = Path(out) if out is not None else _default_run_dir(col, bank.key, mode)
+    last_path = run_dir / "last.pt"
+    dev = pick_device(device)
+    runlog = RunLog(run_dir)
+
+    strong = default_config(mode, "strong")
+    weak = default_config(mode, "weak")
+    try:
+        if strong_aug:
+            strong = replace(strong, **strong_aug)
+        if weak_aug:
+            weak = replace(weak, **weak_aug)
+    except TypeError as exc:
+        raise InputError(f"invalid augmentation option: {exc}.") from exc
+
+    arch = f"simsiam-{mode}"
+    config: dict[str, Any] = {"dim": int(dim), **(model_config or {})}
+    options = {
+        "store": col.url, "key": bank.key, "mode": mode, "bbox": bbox, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
+        "cosine": cosine, "seed": seed, "save_every": save_every, "device": str(dev),
+        "weights": None if weights is None else os.fspath(weights), "arch": arch, "config": config,
+        "feature": feature, "amp": amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
+    }
+
+    start_epoch = 0
+    resume_ckpt: dict[str, Any] | None = None
+    if resume:
+        if not last_path.is_file():
+            raise InputError(f"cannot resume: {str(last_path)!r} does not exist; start without --resume.")
+        resume_ckpt = load_checkpoint(last_path)
+        prev = resume_ckpt["contract"]
+        if prev.get("mode") != mode or prev.get("bank_key") != bank.key or int(prev.get("bbox", -1)) != bbox:
+            raise InputError(
+                f"cannot resume {str(last_path)!r}: it was trained on bank {prev.get('bank_key')!r} "
+                f"mode {prev.get('mode')!r} bbox {prev.get('bbox')}, not {bank.key!r} {mode!r} {bbox}."
+            )
+        arch, config = resume_ckpt["arch"], dict(resume_ckpt["config"])
+        start_epoch = int(resume_ckpt["epoch"] or 0)
+        mean, std = list(prev["mean"]), list(prev["std"])
+        runlog.truncate(start_epoch)
+        if start_epoch >= epochs:
+            log.info("run %s already finished %d of %d epochs", run_dir, start_epoch, epochs)
+    else:
+        if last_path.is_file():
+            log.warning("run folder %s already holds a run; it will be overwritten (use resume=True to continue)", run_dir)
+            for p in (runlog.jsonl_path, runlog.csv_path):
+                p.unlink(missing_ok=True)
+        t = time.perf_counter()
+        mean, std = channel_stats(bank, crop=bbox)
+        log.info("channel statistics of bank %r: mean %s std %s (%.1f s)", bank.key,
+                 np.round(mean, 4).tolist(), np.round(std, 4).tolist(), time.perf_counter() - t)
+    runlog.save_options(options)
+
+    seed_everything(seed)
+    model = registry.create(arch, **config)
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["state_dict"])
+    elif weights is not None:
+        load_weights(model, weights)
+    model.to(dev)
+    opt = _optimizer(optimizer, model.parameters(), lr, weight_decay)
+    if resume_ckpt is not None and "optimizer" in resume_ckpt:
+        opt.load_state_dict(resume_ckpt["optimizer"])
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype(dev) == torch.float16)
+
+    bp = bank.params
+    contract = {
+        "mode": mode, "bbox": bbox, "channels": bank.channels, "mean": mean, "std": std,
+        "n_shifts": bank.n_shifts, "bank_key": bank.key, "bank_bbox": bank.bbox,
+        **bank_preprocessing(bp), "patch_modes": bp.get("modes"),
+        "shifts": bp.get("shifts"), "bank_params": bp, "feature": feature, "embedding_dim": int(config["dim"]),
+        "n_train": bank.n, "store": col.url,
+    }
+
+    loader = PatchLoader(bank, batch_size, shuffle=True, drop_last=True, seed=seed, crop=bbox)
+    mean_t = torch.tensor(mean, device=dev)
+    std_t = torch.tensor(std, device=dev)
+    n_batches = len(loader)
+    log.info(
+        "training %s on %d patches of bank %r (bbox %d, %d batches of %d per epoch, device %s), epochs %d..%d",
+        arch, bank.n, bank.key, bbox, n_batches, batch_size, dev, start_epoch + 1, epochs,
+    )
+
+    def save(epoch: int) -> None:
+        extra = {"options": options}
+        save_checkpoint(last_path, arch=arch, config=config, model=model, contract=contract,
+                        optimizer=opt, epoch=epoch, extra=extra)
+        if epoch % save_every == 0 or epoch == epochs:
+            save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch:04d}.pt", arch=arch, config=config,
+                            model=model, contract=contract, optimizer=None, epoch=epoch, extra=extra)
+
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        cur_lr = cosine_lr(lr, epoch, epochs, cosine)
+        _set_lr(opt, cur_lr)
+        g = torch.Generator(device=dev)
+        g.manual_seed(int(seed) * 100003 + epoch)
+        t0 = time.perf_counter()
+        tot_loss = tot_std = 0.0
+        seen = steps = 0
+        for batch in loader.epoch(epoch):
+            xb = torch.from_numpy(batch).to(dev, non_blocking=True)
+            v1, v2 = make_views(xb, g, strong, weak, mean_t, std_t)
+            with autocast(dev, enabled=amp):
+                p1, p2, z1, z2 = model(v1, v2)
+                loss = simsiam_loss(p1, p2, z1, z2)
+            if not torch.isfinite(loss):
+                raise RuntimeError(
+                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate {lr}."
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            b = xb.shape[0]
+            tot_loss += float(loss.detach()) * b
+            tot_std += output_std(p1.detach()) * b
+            seen += b
+            steps += 1
+        dt = time.perf_counter() - t0
+        rec = {
+            "epoch": epoch + 1, "loss": tot_loss / max(seen, 1), "output_std": tot_std / max(seen, 1),
+            "lr": cur_lr, "seconds": dt, "patches_per_s": seen / max(dt, 1e-9), "steps": steps,
+        }
+        runlog.log_epoch(rec)
+        log.info("epoch %d/%d loss %.4f output_std %.4f lr %.4g %.1f s (%.0f patches/s)",
+                 epoch + 1, epochs, rec["loss"], rec["output_std"], cur_lr, dt, rec["patches_per_s"])
+        save(epoch + 1)
+    if runlog.records():
+        runlog.plot(["loss", "output_std", "lr"], run_dir / "loss.png")
+    model.eval()
+    return Encoder(model, contract, arch, config, last_path if last_path.is_file() else None, dev)
