@@ -151,6 +151,7 @@ def cluster(
                 kwargs["resources"] = {"GPU": 1}
             owned = LocalCluster(**kwargs)
         client = Client(owned)
+    quiet_dask_logs()
     link = getattr(client, "dashboard_link", None)
     nworkers = len(client.scheduler_info().get("workers", {}))
     log.info("Dask cluster ready: %d workers; dashboard at %s", nworkers, link)
@@ -160,6 +161,14 @@ def cluster(
         client.close()
         if owned is not None:
             owned.close()
+
+
+def quiet_dask_logs(level: int | None = None) -> None:
+    """Keep distributed's own INFO chatter out of milotile's log (it resets levels on import)."""
+    root = logging.getLogger("milotile").getEffectiveLevel()
+    level = level if level is not None else (logging.INFO if root <= logging.DEBUG else logging.WARNING)
+    for name in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(level)
 
 
 def active_client() -> Any | None:

@@ -86,6 +86,12 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs"
+    if runs.exists():  # training runs of an earlier demo in this folder: the demo starts them afresh
+        import shutil
+
+        log.info("[demo] removing the previous demo's training runs in %s", runs)
+        shutil.rmtree(runs)
     report = DemoReport()
 
     # 1. synthetic data ---------------------------------------------------------------------
@@ -128,7 +134,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
                                                      seed=cfg.seed))
         report.add("explore", s, epochs=cfg.explore_epochs, checkpoint=str(encoder.checkpoint))
         emb, s = _timed(lambda: encoder.embed(col, key=key3d))
-        report.add("embed", s, rows=int(emb.shape[0]), dims=int(emb.shape[1]))
+        report.add("embed", s, rows=len(emb), dims=int(emb.array.shape[1]), key=emb.key)
 
         # 6. refinement: PU picker from 30 % of one species in one tomogram ----------------------
         species = cfg.refine_species or str(truth.groupby("species")["radius"].mean().idxmax())
@@ -170,7 +176,8 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     t0 = time.perf_counter()
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson", "csv"):
         dest = out / "exports" / fmt
-        export(picks, fmt, dest, col=mt.open(store), object_name=species.replace("_", "-"))
+        opts = {"object_name": species.replace("_", "-")} if fmt == "copick" else {}
+        export(picks, fmt, dest, col=mt.open(store), **opts)
         exports[fmt] = str(dest)
     report.add("export", time.perf_counter() - t0, formats=list(exports))
 
