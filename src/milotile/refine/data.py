@@ -1,0 +1,304 @@
+"""Training crops streamed from the Zarr store.
+
+:class:`VolumeReader` reads arbitrary (also out-of-volume) boxes of a dask/zarr volume through a small
+LRU cache of decompressed storage chunks, so peak memory is ``max_chunks`` chunks whatever the
+tomogram size. :class:`CropDataset` is a ``torch`` Dataset whose items are preprocessed crops and
+their targets: one crop around every labelled particle (jittered so the particle is anywhere in the
+crop) plus a fraction of random crops, with flips, in-plane rot90 and intensity augmentation.
+Crops are read per item, so DataLoader workers can be used.
+
+Crops have an **odd** size in y and x: the output grid (every second voxel) is then symmetric, and a
+flipped crop's output grid coincides with the original's, which the flip-consistency term needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from milotile.errors import InputError
+from milotile.refine.preprocess import compress_z, gauss_halo, preprocess_block
+from milotile.refine.targets import TargetGeometry, crop_targets
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VolumeReader", "CropSpec", "CropDataset", "model_crop_shape", "raw_crop_shape"]
+
+
+class VolumeReader:
+    """Read boxes of a 3D dask array chunk by chunk, with an LRU cache of decompressed chunks.
+
+    Parameters
+    ----------
+    darr
+        ``(Z, Y, X)`` dask array (chunks = storage chunks).
+    name
+        Tomogram name (for error messages).
+    max_chunks
+        Number of decompressed chunks kept in memory.
+    """
+
+    def __init__(self, darr: da.Array, name: str = "tomogram", max_chunks: int = 8) -> None:
+        self.darr = darr
+        self.name = name
+        self.shape = tuple(int(s) for s in darr.shape)
+        self.max_chunks = max_chunks
+        self._bounds = [np.concatenate([[0], np.cumsum(c)]) for c in darr.chunks]
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()  # workers start with an empty cache
+        return state
+
+    def _chunk(self, key: tuple[int, int, int]) -> np.ndarray:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        block = self.darr.blocks[key].compute(scheduler="synchronous")
+        block = np.asarray(block, dtype=np.float32)
+        self._cache[key] = block
+        while len(self._cache) > self.max_chunks:
+            self._cache.popitem(last=False)
+        return block
+
+    def read_inside(self, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
+        """Read ``[start, stop)`` (must lie inside the volume) as float32."""
+        out = np.empty([b - a for a, b in zip(start, stop, strict=True)], dtype=np.float32)
+        ranges = []
+        for ax in range(3):
+            bnd = self._bounds[ax]
+            i0 = int(np.searchsorted(bnd, start[ax], side="right") - 1)
+            i1 = int(np.searchsorted(bnd, stop[ax], side="left"))
+            ranges.append(range(i0, i1))
+        for i in ranges[0]:
+            for j in ranges[1]:
+                for k in ranges[2]:
+                    key = (i, j, k)
+                    c0 = [self._bounds[a][key[a]] for a in range(3)]
+                    c1 = [self._bounds[a][key[a] + 1] for a in range(3)]
+                    lo = [max(start[a], c0[a]) for a in range(3)]
+                    hi = [min(stop[a], c1[a]) for a in range(3)]
+                    if any(h <= low for low, h in zip(lo, hi, strict=True)):
+                        continue
+                    blk = self._chunk(key)
+                    out[tuple(slice(lo[a] - start[a], hi[a] - start[a]) for a in range(3))] = blk[
+                        tuple(slice(lo[a] - c0[a], hi[a] - c0[a]) for a in range(3))
+                    ]
+        return out
+
+    def read(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+        """Read a box that may extend outside the volume; outside voxels mirror the volume
+        (``numpy.pad`` mode ``symmetric``, the same as scipy.ndimage ``reflect``).
+        """
+        start = [int(s) for s in start]
+        size = [int(s) for s in size]
+        lo = [min(max(start[a], 0), self.shape[a] - 1) for a in range(3)]
+        hi = [max(min(start[a] + size[a], self.shape[a]), lo[a] + 1) for a in range(3)]
+        inner = self.read_inside(lo, hi)
+        pads = [(lo[a] - start[a], start[a] + size[a] - hi[a]) for a in range(3)]
+        if any(p != (0, 0) for p in pads):
+            inner = np.pad(inner, pads, mode="symmetric")
+            inner = inner[tuple(slice(0, size[a]) for a in range(3))]
+        if not np.isfinite(inner).all():
+            bad = np.argwhere(~np.isfinite(inner))[0] + np.asarray(start)
+            raise InputError(
+                f"Tomogram {self.name!r} contains NaN or infinite voxels (first near z, y, x = {tuple(int(b) for b in bad)})."
+            )
+        return inner
+
+
+def model_crop_shape(crop: Sequence[int]) -> tuple[int, int, int]:
+    """Model-input crop (z, y, x): y and x made odd (see module notes)."""
+    d, h, w = (int(c) for c in crop)
+    return d, h | 1, w | 1
+
+
+def raw_crop_shape(crop: Sequence[int], compress: bool) -> tuple[int, int, int]:
+    """Level-0 voxels read for a model crop (z doubled when slices are compressed)."""
+    d, h, w = model_crop_shape(crop)
+    return (2 * d if compress else d), h, w
+
+
+def out_shape(model_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Model output grid for a model-input shape (stride 2 in y and x)."""
+    d, h, w = model_shape
+    return d, math.ceil(h / 2), math.ceil(w / 2)
+
+
+@dataclass
+class CropSpec:
+    """One training crop: tomogram and level-0 origin (z, y, x) of its raw box."""
+
+    tomogram: str
+    origin: tuple[int, int, int]
+
+
+class CropDataset(Dataset):
+    """Preprocessed training crops with PU targets.
+
+    Parameters
+    ----------
+    readers
+        Tomogram name -> :class:`VolumeReader`.
+    stats
+        Tomogram name -> (mean, std) of the raw volume.
+    labels
+        Table with ``tomogram, x, y, z`` (level-0 voxels) and ``cls`` (int channel index).
+    geom
+        Target geometry.
+    crop
+        Model-input crop (z, y, x); y and x are made odd.
+    n_classes, thresh, gauss, clip, compress
+        Target and preprocessing settings.
+    random_fraction
+        Random crops per epoch as a fraction of the labelled particles.
+    random_tomograms
+        Tomograms random crops are drawn from (default: those with labels).
+    augment
+        Flips, rot90 and intensity jitter.
+    seed
+        Base seed; item ``i`` of epoch ``e`` is deterministic given (seed, e, i).
+    repeats
+        Crops per labelled particle and epoch (each with its own jitter and augmentation).
+    """
+
+    def __init__(
+        self,
+        readers: dict[str, VolumeReader],
+        stats: dict[str, tuple[float, float]],
+        labels: pd.DataFrame,
+        geom: TargetGeometry,
+        crop: Sequence[int] = (8, 64, 64),
+        *,
+        n_classes: int = 1,
+        thresh: float = 0.8,
+        gauss: float = 0.0,
+        clip: tuple[float, float] = (-3.0, 3.0),
+        compress: bool = False,
+        random_fraction: float = 0.25,
+        random_tomograms: Sequence[str] | None = None,
+        augment: bool = True,
+        seed: int = 0,
+        repeats: int = 1,
+    ) -> None:
+        self.readers = readers
+        self.stats = stats
+        self.geom = geom
+        self.model_shape = model_crop_shape(crop)
+        self.raw_shape = raw_crop_shape(crop, compress)
+        self.out_shape = out_shape(self.model_shape)
+        self.n_classes = n_classes
+        self.thresh = thresh
+        self.gauss = gauss
+        self.clip = clip
+        self.compress = compress
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        self.labels = labels.reset_index(drop=True)
+        self._pts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, grp in self.labels.groupby("tomogram", sort=True):
+            self._pts[str(name)] = (
+                grp[["z", "y", "x"]].to_numpy(np.float64),
+                grp["cls"].to_numpy(np.int64),
+            )
+        self.anchors = np.tile(self.labels[["tomogram", "x", "y", "z"]].to_numpy(), (max(int(repeats), 1), 1))
+        self.random_tomograms = list(random_tomograms or sorted(self._pts))
+        self.n_random = int(round(random_fraction * len(self.anchors)))
+
+    def __len__(self) -> int:
+        return len(self.anchors) + self.n_random
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the per-epoch random draws (jitter, random crops, augmentation)."""
+        self.epoch = int(epoch)
+
+    def _rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, i])
+
+    def spec(self, i: int, rng: np.random.Generator) -> CropSpec:
+        """The crop of item ``i`` (anchor crops first, then random crops)."""
+        rz, ry, rx = self.raw_shape
+        if i < len(self.anchors):
+            name, x, y, z = self.anchors[i]
+            name = str(name)
+            # the particle lands anywhere in the central part of the crop (not at its very edge)
+            jy = rng.integers(-(ry // 2) + 8, ry // 2 - 8 + 1) if ry > 20 else 0
+            jx = rng.integers(-(rx // 2) + 8, rx // 2 - 8 + 1) if rx > 20 else 0
+            jz = rng.integers(-(rz // 4), rz // 4 + 1) if rz > 3 else 0
+            origin = (
+                int(round(z)) - rz // 2 + int(jz),
+                int(round(y)) - ry // 2 + int(jy),
+                int(round(x)) - rx // 2 + int(jx),
+            )
+        else:
+            name = self.random_tomograms[int(rng.integers(len(self.random_tomograms)))]
+            shp = self.readers[name].shape
+            origin = tuple(int(rng.integers(0, max(shp[a] - self.raw_shape[a], 0) + 1)) for a in range(3))
+        return CropSpec(name, origin)  # type: ignore[arg-type]
+
+    def load(self, spec: CropSpec, augment_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Read, preprocess and (optionally) augment a crop; returns (input, target)."""
+        h = gauss_halo(self.gauss)
+        start = [o - h for o in spec.origin]
+        size = [s + 2 * h for s in self.raw_shape]
+        raw = self.readers[spec.tomogram].read(start, size)
+        mean, std = self.stats[spec.tomogram]
+        x = preprocess_block(raw, mean=mean, std=std, gauss=self.gauss, clip=self.clip, compress=False)
+        if h:
+            x = x[h:-h, h:-h, h:-h]
+        if self.compress:
+            x = compress_z(x)
+        pts, cls = self._pts.get(spec.tomogram, (np.zeros((0, 3)), np.zeros(0, np.int64)))
+        pts = pts - np.asarray(spec.origin, np.float64)  # crop frame
+        if augment_rng is not None:
+            x, pts = self._augment(x, pts, augment_rng)
+        tgt = crop_targets(
+            pts, cls, (0.0, 0.0, 0.0), self.out_shape, self.geom,
+            n_classes=self.n_classes, thresh=self.thresh, unlabeled=True,
+        )
+        return np.ascontiguousarray(x, np.float32), tgt
+
+    def _augment(self, x: np.ndarray, pts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        _, hh, ww = x.shape
+        pts = pts.copy()
+        if hh == ww:
+            k = int(rng.integers(4))
+            for _ in range(k):  # rot90 in the (y, x) plane: (y, x) -> (W-1-x, y)
+                x = np.rot90(x, 1, axes=(1, 2))
+                y_old = pts[:, 1].copy()
+                pts[:, 1] = (ww - 1) - pts[:, 2]
+                pts[:, 2] = y_old
+        if rng.random() < 0.5:
+            x = x[:, ::-1, :]
+            pts[:, 1] = (hh - 1) - pts[:, 1]
+        if rng.random() < 0.5:
+            x = x[:, :, ::-1]
+            pts[:, 2] = (ww - 1) - pts[:, 2]
+        # intensity: contrast/brightness jitter and a little noise, kept in [0, 1]
+        scale = rng.uniform(0.8, 1.2)
+        shift = rng.uniform(-0.1, 0.1)
+        x = (x - 0.5) * scale + 0.5 + shift
+        x = x + rng.normal(0.0, 0.02, size=x.shape).astype(np.float32)
+        return np.clip(x, 0.0, 1.0).astype(np.float32), pts
+
+    def __getitem__(self, i: int) -> dict:
+        rng = self._rng(i)
+        spec = self.spec(i, rng)
+        x, tgt = self.load(spec, rng if self.augment else None)
+        return {
+            "input": torch.from_numpy(x),
+            "target": torch.from_numpy(tgt),
+            "tomogram": spec.tomogram,
+            "origin": torch.tensor(spec.origin),
+        }

@@ -1,0 +1,180 @@
+"""End-to-end picker training on a tiny synthetic collection: run folder, checkpoints, resume,
+Picker.predict_block geometry, multi-class, input errors and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import milotile as mt
+from milotile.errors import InputError
+from milotile.refine import Picker
+from milotile.refine.targets import target_geometry
+from milotile.refine.train import _contract, train
+
+train_mod = importlib.import_module("milotile.refine.train")
+
+TINY = {"start_filts": 4, "stem_ch": 4, "feat_dim": 8}
+FAST = dict(bbox=12, arch_config=TINY, crop=(4, 32, 32), batch_size=2, seed=3, device="cpu", random_fraction=0.25,
+            max_pos=32, n_unlabeled=32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from milotile.synth import synth
+
+    root = tmp_path_factory.mktemp("refine")
+    res = synth(root / "synth", seed=2, n_tomograms=2, size=(32, 96, 96), n_particles=12, filament=False)
+    col = mt.ingest(res.manifest, root / "store.zarr")
+    return root, col, res.ground_truth
+
+
+@pytest.mark.slow
+def test_train_resume_and_picker(data):
+    root, col, gt = data
+    out = root / "run"
+    lab = gt[gt.tomogram == "tomo_000"]
+    val = gt[gt.tomogram == "tomo_001"]
+    picker = train(col, lab, val_labels=val, epochs=1, out=out, debug_slices=[16], **FAST)
+    for f in ("best.pt", "last.pt", "options.json", "log.csv", "log.jsonl", "losses.png", "validation.png"):
+        assert (out / f).is_file(), f
+    assert list((out / "debug").glob("epoch001_tomo_001_z16.png"))
+    rec = mt.nn.RunLog(out).records()
+    assert [r["epoch"] for r in rec] == [1]
+    assert 0.0 <= rec[0]["val_f1"] <= 1.0 and rec[0]["val_n_true"] == len(val)
+    assert np.isfinite(rec[0]["loss"]) and rec[0]["seconds"] > 0 and rec[0]["n_batches"] >= 2
+    opts = json.loads((out / "options.json").read_text())
+    assert opts["bbox"] == 12 and opts["n_train_labels"] == len(lab)
+
+    c = picker.contract
+    for key in ("gauss", "compress", "clip", "normalization", "bbox", "crop", "down_ratio", "classes",
+                "receptive_field", "halo", "voxel_size", "out_stride", "out_offset"):
+        assert key in c, key
+    assert c["voxel_size"] == pytest.approx(col["tomo_000"].voxel_size)
+    hz, hy, hx = picker.halo
+    assert hz >= c["receptive_field"][0] // 2 and hy >= c["receptive_field"][1] // 2 and hy % c["xy_alignment"] == 0
+
+    loaded = Picker.load(out / "best.pt", device="cpu")
+    block = col["tomo_001"].data(0)[:20, :50, :45].compute()
+    stats = mt.refine.tomogram_stats(col["tomo_001"].data(0))
+    prob = loaded.predict_block(block, stats)
+    assert prob.shape == (1, 20, 25, 23) and prob.dtype == np.float32
+    assert prob.min() >= 0 and prob.max() <= 1
+    np.testing.assert_allclose(prob, picker.predict_block(block, stats), atol=1e-6)
+
+    with pytest.raises(InputError, match="already holds a checkpoint"):
+        train(col, lab, val_labels=val, epochs=2, out=out, **FAST)
+    train(col, lab, val_labels=val, epochs=2, out=out, resume=True, **FAST)
+    assert [r["epoch"] for r in mt.nn.RunLog(out).records()] == [1, 2]
+    assert mt.nn.load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def _fresh_picker(compress: bool) -> Picker:
+    torch.manual_seed(0)
+    model = mt.nn.create("unet4", **TINY).eval()
+    contract = _contract(arch="unet4", model=model, classes=["p"], bbox=12, crop=(4, 32, 32), gauss=0.7,
+                         compress=compress, clip=(-3, 3), thresh=0.8, tau=0.1, geom=target_geometry(12, 2, compress),
+                         voxel_size=10.0, train_stats={}, val_radius=3.0)
+    return Picker(model, contract, device="cpu")
+
+
+def test_predict_block_z_slabs_equal_one_forward():
+    picker = _fresh_picker(compress=False)
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(37, 30, 34)).astype(np.float32)
+    prob = picker.predict_block(raw, (0.0, 1.0))
+    x = mt.refine.preprocess_block(raw, mean=0.0, std=1.0, gauss=0.7)
+    with torch.no_grad():
+        ref = torch.sigmoid(picker.model(torch.from_numpy(x)[None])["hm"])[0].numpy()
+    assert prob.shape == ref.shape == (1, 37, 15, 17)
+    np.testing.assert_allclose(prob, ref, atol=1e-5)
+    pc = _fresh_picker(compress=True)
+    assert pc.predict_block(raw, (0.0, 1.0)).shape == (1, 19, 15, 17)
+    assert pc.halo[0] % 2 == 0
+    np.testing.assert_allclose(pc.out_to_level0(np.array([[3, 4, 5]])), [[6.5, 8, 10]])
+
+
+@pytest.mark.slow
+def test_multiclass_training_with_the_resnet_variant(data):
+    root, col, gt = data
+    lab = gt[gt.tomogram == "tomo_000"]
+    kw = {**FAST, "arch": "ressmall", "arch_config": {"widths": (4, 8), "stem_ch": 4, "feat_dim": 8}}
+    picker = train(col, lab, epochs=1, out=root / "multi", classes=True, val_fraction=0.0, contrastive=False, **kw)
+    assert picker.contract["arch"] == "ressmall"
+    species = sorted(set(lab["species"]))
+    assert picker.classes == species and picker.n_classes == len(species)
+    prob = picker.predict_block(col["tomo_000"].data(0)[:8, :32, :32].compute(), (0.0, 1.0))
+    assert prob.shape == (len(species), 8, 16, 16)
+    # whole-collection picking goes through milotile.refine.predict with the same picker
+    picks = picker.pick(col, threshold=0.0, max_picks=5)
+    assert {"tomogram", "x", "y", "z", "score", "class"} <= set(picks.columns)
+    assert set(picks["class"]) <= set(species) and len(picks) > 0
+
+
+def test_bad_labels_are_reported_before_training(data):
+    root, col, gt = data
+    lab = gt[gt.tomogram == "tomo_000"][["tomogram", "x", "y", "z"]]
+    with pytest.raises(InputError, match="nope"):
+        train(col, lab.assign(tomogram="nope"), epochs=1, out=root / "e1", **FAST)
+    with pytest.raises(InputError, match="zero positives|no points|no particles"):
+        train(col, lab.iloc[:0], epochs=1, out=root / "e2", **FAST)
+    far = lab.copy()
+    far["x"] = far["x"] + 500
+    with pytest.raises(InputError):
+        train(col, far, epochs=1, out=root / "e3", **FAST)
+    with pytest.raises(InputError, match="ghost"):
+        train(col, lab.assign(**{"class": "a"}), classes=["ghost"], epochs=1, out=root / "e4", **FAST)
+    with pytest.raises(InputError, match="architecture"):
+        train(col, lab, epochs=1, out=root / "e5", **{**FAST, "arch": "vgg"})
+    assert not (root / "e1").exists()
+
+
+def test_nan_loss_names_epoch_and_tomogram(data, monkeypatch):
+    root, col, gt = data
+    lab = gt[gt.tomogram == "tomo_000"]
+
+    def nan_loss(logits, target, tau, beta=0.0):
+        return logits.sum() * float("nan"), {"r_pos": 0.0, "r_neg": 0.0}
+
+    monkeypatch.setattr(train_mod, "pu_focal_loss", nan_loss)
+    with pytest.raises(RuntimeError, match=r"epoch 1 .*tomo_000"):
+        train(col, lab, epochs=1, out=root / "nan", val_fraction=0.0, **FAST)
+
+
+@pytest.mark.slow
+def test_cli_refine_train(data):
+    from milotile.commands import refine as cmd
+
+    root, col, gt = data
+    csv = root / "labels.csv"
+    gt[gt.tomogram == "tomo_000"][["tomogram", "x", "y", "z"]].to_csv(csv, index=False)
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["refine", "train", str(col.path), "--labels", str(csv), "--out", str(root / "cli"),
+                              "--epochs", "1", "--bbox", "12", "--crop", "4,32,32", "--batch-size", "2",
+                              "--start-filts", "4", "--val-fraction", "0", "--device", "cpu", "--no-contrastive",
+                              "--num-workers", "1"])
+    assert args.handler(args) == 0
+    assert (root / "cli" / "best.pt").is_file()
+    bad = root / "bad.csv"
+    pd.DataFrame({"tomogram": ["zzz"], "x": [1.0], "y": [1.0], "z": [1.0]}).to_csv(bad, index=False)
+    args = parser.parse_args(["refine", "train", str(col.path), "--labels", str(bad), "--out", str(root / "cli2")])
+    with pytest.raises(InputError, match="zzz"):
+        args.handler(args)
+
+
+def test_decode_peaks_subvoxel_level0_positions():
+    picker = _fresh_picker(compress=True)  # output stride (2, 2, 2), z offset 0.5
+    zz, yy, xx = np.meshgrid(np.arange(10), np.arange(20), np.arange(20), indexing="ij")
+    # a particle at level-0 (z, y, x) = (9.0, 13.0, 22.6): output coordinates ((9-0.5)/2, 6.5, 11.3)
+    k = np.array([4.25, 6.5, 11.3])
+    prob = np.exp(-((zz - k[0]) ** 2 + (yy - k[1]) ** 2 + (xx - k[2]) ** 2) / 2.0)[None].astype(np.float32)
+    pk = train_mod.decode_peaks(prob, picker, (100, 0, 0), tomogram="t", min_score=0.5)
+    assert len(pk) == 1
+    np.testing.assert_allclose(pk[["z", "y", "x"]].to_numpy()[0], [109.0, 13.0, 22.6], atol=0.6)
