@@ -85,15 +85,24 @@ def test_tiled_heatmap_equals_whole_volume_pass(col):
     t = col["t1"]
     vol = np.asarray(t.data(0))
     stats = (float(vol.mean()), float(vol.std()))
-    hm = P.predict_heatmap(col, "t1", picker, stats=stats)
-    assert hm.numblocks[1:] == (3, 3, 4)  # one task per store chunk (8, 16, 16)
+    hm = P.predict_heatmap(col, "t1", picker, stats=stats, tile=(8, 16, 16))
+    assert hm.numblocks[1:] == (3, 3, 4)  # one task per (8, 16, 16) tile
     assert hm.shape == (2, 20, math.ceil(45 / 2), math.ceil(52 / 2))
     whole = picker.predict_block(vol, stats)
     np.testing.assert_allclose(hm.compute(scheduler="threads"), whole, atol=1e-5, rtol=0)
     # a halo smaller than the receptive field does show the seams: the test can fail
     short = ConvPicker(n_classes=2, halo=(0, 0, 0))
-    bad = P.predict_heatmap(col, "t1", short, stats=stats).compute(scheduler="threads")
+    bad = P.predict_heatmap(col, "t1", short, stats=stats, tile=(8, 16, 16)).compute(scheduler="threads")
     assert np.abs(bad - whole).max() > 1e-3
+    # the same through the halo override of a correct picker
+    capped = P.predict_heatmap(col, "t1", picker, stats=stats, tile=(8, 16, 16), halo=(0, 0, 0))
+    np.testing.assert_allclose(capped.compute(scheduler="threads"), bad, atol=1e-6)
+    # default tiles: store chunks in z, 512 in y/x (one tile across this small volume's y/x)
+    default = P.predict_heatmap(col, "t1", picker, stats=stats)
+    assert default.numblocks[1:] == (3, 1, 1)
+    np.testing.assert_allclose(default.compute(scheduler="threads"), whole, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="halo must be three"):
+        P.predict_heatmap(col, "t1", picker, stats=stats, halo=(1, 2))
 
 
 def test_custom_tile_and_bad_tile(col):
@@ -114,7 +123,7 @@ def test_model_loaded_once_per_process(col, tmp_path):
     picker = ConvPicker.load(str(ckpt))
     P.clear_picker_cache()
     ConvPicker.loads = 0
-    hm = P.predict_heatmap(col, "t1", picker, stats=(0.0, 1.0))
+    hm = P.predict_heatmap(col, "t1", picker, stats=(0.0, 1.0), tile=(8, 16, 16))
     P.clear_picker_cache()  # as on a fresh worker: the tasks must load it themselves
     hm.compute(scheduler="threads", num_workers=2)
     assert hm.npartitions == 36 and ConvPicker.loads == 1
@@ -212,7 +221,7 @@ def test_real_picker_tiled_equals_whole(tmp_path):
     write_mrc(tmp_path / "big.mrc", vol, voxel_size=8.0)
     col = mt.ingest(tmp_path / "big.mrc", tmp_path / "s.zarr", chunks=(12, 128, 128))
     stats = (float(vol.mean()), float(vol.std()))
-    hm = P.predict_heatmap(col, "big", picker, stats=stats)
+    hm = P.predict_heatmap(col, "big", picker, stats=stats, tile=(12, 128, 128))
     assert hm.numblocks == (1, 1, 3, 3)
     whole = picker.predict_block(vol, stats)
     np.testing.assert_allclose(hm.compute(scheduler="threads"), whole, atol=1e-4, rtol=0)

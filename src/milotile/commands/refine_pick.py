@@ -27,7 +27,10 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
                    help="margin to the volume faces in voxels: one value or z y x (default bbox/4)")
     p.add_argument("--tomograms", nargs="+", default=None, metavar="NAME", help="only these tomograms")
     p.add_argument("--tile", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                   help="tile size in voxels (default: the store chunks)")
+                   help="tile size in voxels (default: the store chunks in z, 512 in y and x)")
+    p.add_argument("--halo", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="context read around each tile (default: the model's full receptive field, which makes "
+                   "the tiled heatmap equal a whole-volume pass; smaller is faster)")
     p.add_argument("--no-heatmaps", action="store_true", help="do not store the heatmaps")
     p.add_argument("--out", default=None, help="also write the picks here (.parquet or .csv)")
     f = p.add_argument_group("fiber mode")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     col = milotile.open(args.store)
     picks = pick(
         col, args.model, threshold=args.threshold, max_picks=args.max_picks, nms_distance=args.nms_distance,
-        border=border, tomograms=args.tomograms, tile=args.tile, write_heatmaps=not args.no_heatmaps,
+        border=border, tomograms=args.tomograms, tile=args.tile, halo=args.halo, write_heatmaps=not args.no_heatmaps,
         out=None if args.fiber else args.out,
     )
     if args.fiber:

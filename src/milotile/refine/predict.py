@@ -141,6 +141,18 @@ def _tile_chunks(darr: da.Array, tile: Sequence[int] | None, stride: Sequence[in
     return darr
 
 
+def _default_tile(darr: da.Array, stride: Sequence[int], align: int) -> tuple[int, int, int]:
+    """Store chunks along z, 512 voxels (a multiple of the alignment) in y and x.
+
+    Larger tiles than the 256-voxel store chunks read proportionally less halo; dask clips a tile
+    larger than the volume to the volume.
+    """
+    zc = int(darr.chunks[0][0])
+    zc = max(stride[0], zc - zc % stride[0])
+    xy = max(align, 512 - 512 % align)
+    return (zc, xy, xy)
+
+
 def _predict_tile(
     block: np.ndarray,
     ref: _PickerRef,
@@ -171,6 +183,7 @@ def predict_heatmap(
     *,
     tile: Sequence[int] | None = None,
     stats: tuple[float, float] | None = None,
+    halo: Sequence[int] | None = None,
 ) -> da.Array:
     """Lazy heatmap of one tomogram, predicted tile by tile.
 
@@ -183,9 +196,14 @@ def predict_heatmap(
     picker : Picker or path
         Trained picker (``predict_block``, ``halo``, ``contract``) or its checkpoint.
     tile : (z, y, x), optional
-        Tile size in level-0 voxels (multiples of the model alignment); default the Zarr chunks.
+        Tile size in level-0 voxels (multiples of the model alignment); default the Zarr chunks
+        along z and 512 voxels in y and x (fewer, larger tiles read less halo).
     stats : (mean, std), optional
         Normalisation statistics; default the tomogram's global statistics.
+    halo : (z, y, x), optional
+        Context read around each tile, in level-0 voxels. Default ``picker.halo``, the model's full
+        receptive field: the tiled heatmap then equals a whole-volume pass. A smaller halo is faster
+        and differs only near tile seams, where far-away context is cut off.
 
     Returns
     -------
@@ -195,8 +213,19 @@ def predict_heatmap(
     picker = _resolve_picker(picker)
     t = col[name]
     x = t.data(0)
-    stride, _, halo = _geometry(picker)
+    stride, _, full_halo = _geometry(picker)
+    if halo is None:
+        halo = full_halo
+    else:
+        if len(halo) != 3 or any(int(h) < 0 for h in halo):
+            raise InputError(f"halo must be three non-negative sizes (z, y, x), got {tuple(halo)!r}")
+        halo = tuple(int(math.ceil(int(h) / st) * st) for h, st in zip(halo, stride, strict=True))
+        if any(h < f for h, f in zip(halo, full_halo, strict=True)):
+            log.info("%s: halo %s is below the receptive field %s; outputs near tile seams see less context",
+                     name, halo, full_halo)
     align = int((picker.contract or {}).get("xy_alignment", stride[1])) if hasattr(picker, "contract") else stride[1]
+    if tile is None:
+        tile = _default_tile(x, stride, align)
     x = _tile_chunks(x, tile, stride, align)
     if stats is None:
         stats = _stats(t)
@@ -315,6 +344,7 @@ def pick(
     out: str | os.PathLike | None = None,
     write_heatmaps: bool = True,
     tile: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
     run: str | None = None,
     table: str | None = "picks",
 ) -> pd.DataFrame:
@@ -342,7 +372,9 @@ def pick(
         Store heatmaps under ``derived/heatmaps/<run>/<name>`` (decoding then reads them back, so
         the network runs once even for several classes).
     tile : (z, y, x), optional
-        Tile size in level-0 voxels (default the store chunks).
+        Tile size in level-0 voxels (default: store chunks in z, 512 in y and x).
+    halo : (z, y, x), optional
+        Context around each tile (default the full receptive field; see :func:`predict_heatmap`).
     run : str, optional
         Heatmap run id (default the checkpoint's run folder name).
     table : str or None
@@ -380,9 +412,10 @@ def pick(
     for name in names:
         t = col[name]
         t0 = time.perf_counter()
-        hm = predict_heatmap(col, name, picker, tile=tile)
+        hm = predict_heatmap(col, name, picker, tile=tile, halo=halo)
         if write_heatmaps:
-            params = {"picker": _ckpt_fingerprint(picker), "tile": list(tile) if tile else None}
+            params = {"picker": _ckpt_fingerprint(picker), "tile": list(tile) if tile else None,
+                      "halo": list(halo) if halo else None}
             meta = heatmap_metadata(name, t.voxel_size, stride, offset, classes)
             hm = _write_heatmap(col, name, run, hm, meta, params)
         df = decode_heatmap(
