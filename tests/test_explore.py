@@ -359,3 +359,14 @@ def test_bank_preprocessing_from_stage_params():
     p["preprocess"]["b"]["gauss"] = 1.2
     assert bank_preprocessing(p)["gauss"] == [0.8, 1.2]
     assert bank_preprocessing({"gauss": 2.0, "dog": [3, 5]})["dog"] == [3, 5]
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, bank3d):
+    """A second training into the same folder must not destroy the first run's checkpoint."""
+    col, _data, _kinds = bank3d
+    out = tmp_path / "run"
+    train(col, epochs=1, batch_size=16, device="cpu", out=out, seed=1)
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(InputError, match="already holds a checkpoint"):
+        train(col, epochs=1, batch_size=16, device="cpu", out=out, seed=2)
+    assert (out / "last.pt").read_bytes() == before

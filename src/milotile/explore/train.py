@@ -219,9 +219,10 @@ def train(
             log.info("run %s already finished %d of %d epochs", run_dir, start_epoch, epochs)
     else:
         if last_path.is_file():
-            log.warning("run folder %s already holds a run; it will be overwritten (use resume=True to continue)", run_dir)
-            for p in (runlog.jsonl_path, runlog.csv_path):
-                p.unlink(missing_ok=True)
+            raise InputError(
+                f"run folder {str(run_dir)!r} already holds a checkpoint; pass resume=True (--resume) "
+                "or choose another --out"
+            )
         t = time.perf_counter()
         mean, std = channel_stats(bank, crop=bbox)
         log.info("channel statistics of bank %r: mean %s std %s (%.1f s)", bank.key,
