@@ -1,157 +1,272 @@
 """Benchmark: gauss + DoG + mining with milotile (1 and 2 Dask workers) vs MiLoPYP's whole-volume way.
 
-Measures, in one run on the same ``milotile synth`` tomogram:
+The ``milotile synth`` tomogram is generated and ingested once (in its own process). Then every
+variant runs in its **own fresh subprocess**, and wall time and peak RSS are measured on that
+subprocess's whole process tree (driver + Dask workers, sampled every 50 ms by
+``_common.run_measured``):
 
-* wall time and peak RSS (whole process tree: driver + workers, sampled every 50 ms) of
-  preprocess (Gaussian, global normalisation, clip) + mining (DoG, maxima, threshold, NMS) for
-  milotile on a ``LocalCluster`` with 1 and 2 single-threaded workers, and for the MiLoPYP way
-  (whole volume in float64, single-process scipy, pure-Python greedy NMS with linear-index sphere
-  offsets) run in a subprocess;
-* candidates per second of patch extraction (slab, bbox 36, with MiLoPYP's 4 shifted copies);
-* recall of the ground-truth particles by the candidates, per species (a particle counts as found
-  when a candidate lies within its radius).
+* ``milopyp``: the MiLoPYP way — the whole tomogram in RAM as float64, single-process scipy
+  Gaussian (σ ``--gauss``), global z-score, 8-bit quantisation of ``[-3, 3]`` std, min-max, two
+  whole-volume Gaussians for the DoG, border zeroing, in-plane (1, 3, 3) maxima, threshold
+  mean + k·std of the positive values, greedy NMS over *all voxels* sorted by value with
+  linear-index sphere offsets (MiLoPYP §1.2–2.1);
+* ``milotile N``: ``milotile.cluster(workers=N, threads_per_worker=1)`` (what the CLI starts),
+  ``preprocess(col, gauss)`` + ``mine(col, dog, ...)`` on the store.
+
+"total" is the subprocess wall time from launch to exit (interpreter start, imports, cluster start
+and shutdown included); "compute" is the time inside the process from the first byte read to the
+last candidate (cluster start excluded). Also measured: candidates per second of patch extraction
+(slab, bbox 36, MiLoPYP's 4 shifted copies; its own subprocess, 2 workers) and the recall of the
+ground-truth particles by the candidates, per species (found = a candidate within the particle
+radius).
 
 Usage::
 
     python benchmarks/preprocess.py                 # 256 x 512 x 512 (the issue's size)
-    python benchmarks/preprocess.py --quick         # 64 x 128 x 128, seconds
+    python benchmarks/preprocess.py --quick         # 64 x 128 x 128, seconds (-> preprocess_quick.json)
+    python benchmarks/preprocess.py --repeats 3     # interleaved repeats, medians reported
 
-Writes ``benchmarks/results/preprocess.json``.
+Writes ``benchmarks/results/preprocess.json`` (``--out`` to change).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import subprocess
+import shutil
+import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_measured, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
-class PeakRSS:
-    """Sample the summed RSS of this process and all its descendants."""
-
-    def __init__(self, pid: int | None = None, interval: float = 0.05):
-        self.proc = psutil.Process(pid or os.getpid())
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _total(self) -> int:
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._total())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self._total()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.thread.join()
+# --------------------------------------------------------------------------- child processes
 
 
-# --------------------------------------------------------------------------- MiLoPYP's way (subprocess)
+def child_prepare(a: argparse.Namespace) -> dict:
+    """Generate the synthetic tomogram and ingest it (once, outside the measured runs)."""
+    import milotile as mt
+    from milotile.synth import synth
 
-MILOPYP_SCRIPT = r"""
-import sys, time, json, resource
-import numpy as np, mrcfile
-from scipy import ndimage as ndi
-path, gauss, s1, s2, k, md, bz, bxy = sys.argv[1], *map(float, sys.argv[2:])
-t0 = time.perf_counter()
-with mrcfile.open(path, permissive=True) as m:
-    vol = np.zeros(m.data.shape)                      # float64 buffer, filled slice by slice
-    for i in range(m.data.shape[0]):
-        vol[i] = m.data[i]
-vol = (vol - vol.mean()) / vol.std()
-vol = ndi.gaussian_filter(vol, gauss)
-vol = (vol - vol.mean()) / vol.std()
-q = np.clip((vol + 3) / 6 * 255, 0, 255).astype(np.uint8).astype(np.float64)
-vol = (q - q.min()) / (q.max() - q.min())
-g1 = ndi.gaussian_filter(vol, s1); g2 = ndi.gaussian_filter(vol, s2)
-d = g2 - g1
-bz, bxy = int(bz), int(bxy)
-d[:bz] = 0; d[-bz:] = 0; d[:, :bxy] = 0; d[:, -bxy:] = 0; d[:, :, :bxy] = 0; d[:, :, -bxy:] = 0
-d = np.where(d == ndi.maximum_filter(d, size=(1, 3, 3)), d, 0)
-pos = d[d > 0]
-thr = pos.mean() + k * pos.std()
-# greedy NMS over every voxel by descending value, suppressing linear-index sphere offsets
-r = int(md)
-g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1].reshape(3, -1)
-g = g[:, (g ** 2).sum(0) <= md * md]
-Z, Y, X = d.shape
-offs = g[0] * Y * X + g[1] * X + g[2]
-flat = d.ravel()
-order = np.argsort(-flat, kind="stable")
-supp = set()
-keep = []
-for i in order:
-    if flat[i] <= thr:
-        break
-    if i in supp:
-        continue
-    keep.append(i)
-    supp.update((i + offs).tolist())
-zz, yy, xx = np.unravel_index(np.array(keep, dtype=np.int64), d.shape)
-t = time.perf_counter() - t0
-print(json.dumps({"time_s": t, "n": len(keep), "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "xyz": np.stack([xx, yy, zz], 1).tolist()}))
-"""
-
-
-def run_milopyp(rec: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-c", MILOPYP_SCRIPT, str(rec), str(args.gauss), str(args.dog[0]), str(args.dog[1]),
-           str(args.threshold_std), str(args.min_distance), str(args.border_z), str(args.border)]
+    work = Path(a.workdir)
+    size = tuple(int(v) for v in a.size.split(","))
+    chunks = tuple(int(v) for v in a.chunks.split(","))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    mon = PeakRSS(proc.pid)
-    with mon:
-        out, _ = proc.communicate()
-    wall = time.perf_counter() - t0
-    res = json.loads(out)
-    res["wall_s"] = wall
-    res["peak_rss_mb"] = max(mon.peak / 2**20, res["maxrss_mb"])
-    return res
+    res = synth(work / "synth", seed=0, n_tomograms=1, size=size, snr=a.snr)
+    t1 = time.perf_counter()
+    with mt.cluster(workers=2, threads_per_worker=1, dashboard_address=None):
+        mt.ingest(res.manifest, work / "store.zarr", chunks=chunks)
+    return {"synth_s": t1 - t0, "ingest_s": time.perf_counter() - t1, "rec": str(res.rec_paths[0]),
+            "n_particles": len(res.ground_truth)}
+
+
+def child_milopyp(a: argparse.Namespace) -> dict:
+    """MiLoPYP's whole-volume float64 way (only numpy, scipy and mrcfile are imported).
+
+    The functions mirror MiLoPYP's ``load_rec``, ``preprocess`` and ``get_potential_coords_pyramid``
+    (reference/milopyp.md §1.2, §1.3, §2.1), including which arrays are alive at the same time: the
+    pre-processed volume stays referenced by the caller (MiLoPYP keeps it for patch extraction), the
+    list of smoothed copies and the list of DoG levels live until the candidates are returned. The
+    in-plane max-pool is ``scipy.ndimage.maximum_filter`` instead of torch's ``max_pool3d``.
+    """
+    import mrcfile
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    steps: dict[str, float] = {}
+    t0 = last = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        steps[name] = now - last
+        last = now
+
+    def load_rec(path: str) -> np.ndarray:
+        with mrcfile.open(path, permissive=True) as m:
+            data = m.data
+            vol = np.zeros(data.shape)  # float64 buffer, filled slice by slice
+            for i in range(data.shape[0]):
+                vol[i] = data[i]
+        return (vol - vol.mean()) / vol.std()
+
+    def preprocess(vol: np.ndarray, gauss: float) -> np.ndarray:
+        vol = ndi.gaussian_filter(vol, gauss)
+        vol = (vol - vol.mean()) / vol.std()
+        q = np.clip((vol + 3) / 6 * 255, 0, 255).astype(np.uint8).astype(np.float64)
+        return (q - q.min()) / (q.max() - q.min())
+
+    def nms3d(d: np.ndarray, thr: float, radius: float) -> list[int]:
+        r = int(radius)
+        g = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1].reshape(3, -1)
+        g = g[:, (g**2).sum(0) <= radius**2]
+        _, ny, nx = d.shape
+        offs = g[0] * ny * nx + g[1] * nx + g[2]
+        flat = d.ravel()
+        order = np.argsort(-flat, kind="stable")  # every voxel, as MiLoPYP
+        supp: set[int] = set()
+        keep = []
+        for i in order:
+            if flat[i] <= thr:
+                break
+            if i in supp:
+                continue
+            keep.append(int(i))
+            supp.update((i + offs).tolist())
+        return keep
+
+    def coords_pyramid(rec: np.ndarray, sigmas, k: float, radius: float, bz: int, bxy: int) -> np.ndarray:
+        smoothed = [ndi.gaussian_filter(rec, s) for s in sigmas]
+        dogs = [smoothed[i + 1] - smoothed[i] for i in range(len(sigmas) - 1)]
+        step("dog")
+        for d in dogs:
+            d[:bz] = 0
+            d[-bz:] = 0
+            d[:, :bxy] = 0
+            d[:, -bxy:] = 0
+            d[:, :, :bxy] = 0
+            d[:, :, -bxy:] = 0
+        dogs = [np.where(d == ndi.maximum_filter(d, size=(1, 3, 3)), d, 0) for d in dogs]
+        merged = np.max(np.stack(dogs), axis=0)
+        pos = merged[merged > 0]
+        thr = pos.mean() + k * pos.std()
+        step("maxima")
+        keep = nms3d(merged, thr, radius)
+        zz, yy, xx = np.unravel_index(np.array(keep, dtype=np.int64), merged.shape)
+        step("nms")
+        return np.stack([xx, yy, zz], 1).astype(np.float64)
+
+    rec = load_rec(a.rec)
+    step("load")
+    rec = preprocess(rec, a.gauss)
+    step("preprocess")
+    xyz = coords_pyramid(rec, a.dog, a.threshold_std, a.min_distance, a.border_z, a.border)
+    np.save(Path(a.workdir) / "cands_milopyp.npy", xyz)
+    return {"compute_s": time.perf_counter() - t0, "steps_s": steps, "n": len(xyz)}
+
+
+def child_milotile(a: argparse.Namespace) -> dict:
+    """milotile on a LocalCluster of ``--workers`` single-threaded worker processes."""
+    t_imp = time.perf_counter()
+    import numpy as np
+
+    import milotile as mt
+    from milotile.stages import mine, preprocess
+
+    t0 = time.perf_counter()
+    chunks = tuple(int(v) for v in a.mine_chunks.split(",")) if a.mine_chunks else None
+    with mt.cluster(workers=a.workers, threads_per_worker=1, dashboard_address=None) as client:
+        t1 = time.perf_counter()
+        col = mt.open(Path(a.workdir) / "store.zarr")
+        preprocess(col, gauss=a.gauss, overwrite=True, tilts=False)
+        t2 = time.perf_counter()
+        cands = mine(col, dog=a.dog, threshold_std=a.threshold_std, min_distance=a.min_distance,
+                     border=a.border, border_z=a.border_z, chunks=chunks)
+        t3 = time.perf_counter()
+
+        def probe() -> dict:
+            t = os.times()
+            return {"torch": "torch" in sys.modules, "cpu_s": t.user + t.system,
+                    **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+
+        workers = list(client.run(probe).values())
+        own = os.times()
+    t4 = time.perf_counter()
+    np.save(Path(a.workdir) / f"cands_milotile{a.workers}.npy", cands[["x", "y", "z"]].to_numpy(np.float64))
+    return {
+        "import_s": t0 - t_imp, "cluster_start_s": t1 - t0, "preprocess_s": t2 - t1, "mine_s": t3 - t2,
+        "compute_s": t3 - t1, "cluster_close_s": time.perf_counter() - t4, "n": len(cands),
+        "client_cpu_s": own.user + own.system, "workers_cpu_s": sum(w.pop("cpu_s") for w in workers),
+        "client_imported_torch": "torch" in sys.modules, "workers": workers,
+    }
+
+
+def child_patches(a: argparse.Namespace) -> dict:
+    """Patch extraction of the current candidate table (slab, MiLoPYP shifts), timed alone."""
+    import milotile as mt
+    from milotile.stages import extract_patches
+
+    with mt.cluster(workers=a.workers, threads_per_worker=1, dashboard_address=None):
+        col = mt.open(Path(a.workdir) / "store.zarr")
+        n = len(col.read_table("candidates"))
+        t0 = time.perf_counter()
+        key = extract_patches(col, bbox=a.bbox, modes=("slab",), shifts=True, overwrite=True)
+        dt = time.perf_counter() - t0
+    return {"key": key, "n": n, "patches_s": dt, "candidates_per_s": n / dt if dt > 0 else None}
+
+
+CHILDREN = {"prepare": child_prepare, "milopyp": child_milopyp, "milotile": child_milotile, "patches": child_patches}
+
+
+# --------------------------------------------------------------------------- parent
 
 
 def recall(cands, gt) -> dict:
+    """Fraction of ground-truth particles with a candidate within their radius, per species."""
+    import numpy as np
     from scipy.spatial import cKDTree
 
+    species = sorted(gt["species"].astype(str).unique())
     if len(cands) == 0:
-        return {s: 0.0 for s in gt["species"].unique()}
+        return {**{s: 0.0 for s in species}, "all": 0.0}
     d, _ = cKDTree(np.asarray(cands, float)).query(gt[["x", "y", "z"]].to_numpy())
     hit = d <= gt["radius"].to_numpy()
-    out = {str(s): float(hit[(gt["species"] == s).to_numpy()].mean()) for s in sorted(gt["species"].unique())}
+    out = {s: float(hit[(gt["species"].astype(str) == s).to_numpy()].mean()) for s in species}
     out["all"] = float(hit.mean())
     return out
 
 
-def main() -> int:
+def agreement(a, b, tol: float = 2.0) -> float:
+    """Fraction of the points ``a`` with a point of ``b`` within ``tol`` voxels."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    if len(a) == 0 or len(b) == 0:
+        return 0.0
+    d, _ = cKDTree(np.asarray(b, float)).query(np.asarray(a, float))
+    return float((d <= tol).mean())
+
+
+def child_cmd(a: argparse.Namespace, variant: str, **extra) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--workdir", str(a.workdir),
+           "--size", a.size, "--chunks", a.chunks, "--gauss", str(a.gauss), "--dog", ",".join(map(str, a.dog)),
+           "--threshold-std", str(a.threshold_std), "--min-distance", str(a.min_distance),
+           "--border", str(a.border), "--border-z", str(a.border_z), "--bbox", str(a.bbox), "--snr", str(a.snr)]
+    if a.mine_chunks:
+        cmd += ["--mine-chunks", a.mine_chunks]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+def measured(a: argparse.Namespace, variant: str, **extra) -> dict:
+    """Run one variant in a fresh subprocess: wall time, peak tree RSS and CPU time of the tree."""
+    import resource
+
+    load = os.getloadavg()[0]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, peak, out = run_measured(child_cmd(a, variant, **extra))
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and its waited-for workers
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    res = json.loads(out.strip().splitlines()[-1])
+    res.update(total_s=wall, peak_rss_mb=peak / 2**20, cpu_s=cpu, cpu_share=cpu / wall,
+               load_avg_1m_before=load, load_avg_1m_after=os.getloadavg()[0])
+    return res
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="256,512,512", help="Z,Y,X of the synthetic tomogram")
-    p.add_argument("--quick", action="store_true", help="64,128,128 and smaller mining parameters")
+    p.add_argument("--quick", action="store_true", help="64,128,128 with smaller borders (seconds)")
     p.add_argument("--workers", default="1,2", help="LocalCluster sizes to time (default 1,2)")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every variant (medians)")
     p.add_argument("--gauss", type=float, default=0.8)
     p.add_argument("--dog", default="3,5")
     p.add_argument("--threshold-std", type=float, default=0.5)
@@ -161,78 +276,118 @@ def main() -> int:
     p.add_argument("--bbox", type=int, default=36)
     p.add_argument("--snr", type=float, default=1.0)
     p.add_argument("--chunks", default="64,256,256", help="store chunks (z,y,x)")
+    p.add_argument("--mine-chunks", default="", help="mining block shape z,y,x (default: milotile's)")
+    p.add_argument("--skip-milopyp", action="store_true", help="only time milotile")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
-    p.add_argument("--out", default=str(HERE / "results" / "preprocess.json"))
-    args = p.parse_args()
-    if args.quick:
-        args.size, args.border, args.border_z, args.chunks = "64,128,128", 12, 4, "32,64,64"
-    size = tuple(int(v) for v in args.size.split(","))
-    args.dog = tuple(float(v) for v in args.dog.split(","))
-    chunks = tuple(int(v) for v in args.chunks.split(","))
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    p.add_argument("--reuse", action="store_true", help="reuse the data already in --workdir")
+    p.add_argument("--out", default="preprocess", help="results name: benchmarks/results/<out>.json")
+    p.add_argument("--variant", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--rec", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.size, a.border, a.border_z, a.chunks = "64,128,128", 12, 4, "32,64,64"
+        if a.out == "preprocess":  # never overwrite the full-size figures with a quick run
+            a.out = "preprocess_quick"
+    a.dog = tuple(float(v) for v in str(a.dog).split(","))
+    return a
 
-    import dask
-    from distributed import Client, LocalCluster
 
-    import milotile as mt
-    from milotile.stages import extract_patches, mine, preprocess
-    from milotile.synth import synth
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    if a.variant:  # inside a measured subprocess
+        a.workers = int(a.workers) if str(a.workers).isdigit() else 2
+        print(json.dumps(CHILDREN[a.variant](a)))
+        return 0
 
-    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="mt-bench-"))
-    t0 = time.perf_counter()
-    res = synth(tmp / "synth", seed=0, n_tomograms=1, size=size, snr=args.snr)
-    print(f"synth {size}: {time.perf_counter() - t0:.1f} s, {len(res.ground_truth)} particles")
-    gt = res.ground_truth
-    col = mt.ingest(res.manifest, tmp / "store.zarr", chunks=chunks)
-    out: dict = {"size_zyx": size, "chunks": chunks, "params": {k: v for k, v in vars(args).items() if k != "out"},
-                 "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    import pandas as pd
 
-    base = run_milopyp(res.rec_paths[0], args)
-    print(f"MiLoPYP whole-volume float64: {base['wall_s']:.1f} s, peak RSS {base['peak_rss_mb']:.0f} MiB, "
-          f"{base['n']} candidates")
-    out["milopyp"] = {k: v for k, v in base.items() if k != "xyz"}
-    out["milopyp"]["recall"] = recall(base["xyz"], gt)
+    load_start = os.getloadavg()
+    own_tmp = a.workdir is None
+    a.workdir = Path(a.workdir or tempfile.mkdtemp(prefix="mt-bench-pre-"))
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if a.reuse and (a.workdir / "store.zarr").exists() and (a.workdir / "prepare.json").exists():
+            prep = json.loads((a.workdir / "prepare.json").read_text())
+        else:
+            wall, _, out = run_measured(child_cmd(a, "prepare"))
+            prep = json.loads(out.strip().splitlines()[-1])
+            (a.workdir / "prepare.json").write_text(json.dumps(prep))
+            print(f"synth {a.size}: {prep['synth_s']:.1f} s, ingest {prep['ingest_s']:.1f} s, "
+                  f"{prep['n_particles']} particles")
+        gt = pd.read_parquet(a.workdir / "synth" / "ground_truth.parquet")
+        workers = [int(v) for v in str(a.workers).split(",")]
+        variants = ([] if a.skip_milopyp else ["milopyp"]) + [f"milotile{n}" for n in workers]
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for rep in range(a.repeats):
+            for v in variants:
+                r = (measured(a, "milopyp", rec=prep["rec"]) if v == "milopyp"
+                     else measured(a, "milotile", workers=int(v[len("milotile"):])))
+                runs[v].append(r)
+                print(f"[{rep + 1}/{a.repeats}] {v:10s} total {r['total_s']:6.1f} s  compute {r['compute_s']:6.1f} s  "
+                      f"peak RSS {r['peak_rss_mb']:6.0f} MiB  CPU {r['cpu_s']:5.1f} s ({r['cpu_share']:.2f} cores)  "
+                      f"{r['n']} candidates  (load {r['load_avg_1m_before']:.1f} -> {r['load_avg_1m_after']:.1f})",
+                      flush=True)
+        import numpy as np
 
-    mine_kw = dict(dog=args.dog, threshold_std=args.threshold_std, min_distance=args.min_distance,
-                   border=args.border, border_z=args.border_z)
-    out["milotile"] = {}
-    for nw in [int(v) for v in args.workers.split(",")]:
-        with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
-                Client(cl) as client:
-            client.run(lambda: __import__("milotile.stages.mine"))  # warm the workers' imports
-            mon = PeakRSS()
-            with mon:
-                t0 = time.perf_counter()
-                preprocess(col, gauss=args.gauss, overwrite=True, tilts=False)
-                t1 = time.perf_counter()
-                cands = mine(col, **mine_kw)
-                t2 = time.perf_counter()
-            kp0 = time.perf_counter()
-            key = extract_patches(col, bbox=args.bbox, modes=("slab",), shifts=True, overwrite=True)
-            kp = time.perf_counter() - kp0
-        r = {
-            "wall_s": t2 - t0, "preprocess_s": t1 - t0, "mine_s": t2 - t1,
-            "peak_rss_mb": mon.peak / 2**20, "rss_before_mb": mon.base / 2**20, "n": len(cands),
-            "patches_s": kp, "patches_per_s": len(cands) / kp if kp > 0 else None,
-            "recall": recall(cands[["x", "y", "z"]].to_numpy(), gt),
+        summary: dict[str, dict] = {}
+        for v, rs in runs.items():
+            med = {k: statistics.median(r[k] for r in rs) for k in ("total_s", "compute_s", "peak_rss_mb", "cpu_s")}
+            cands = np.load(a.workdir / f"cands_{v}.npy")
+            summary[v] = {**med, "n": rs[-1]["n"], "recall": recall(cands, gt), "runs": rs}
+        if "milopyp" in summary:
+            ref = np.load(a.workdir / "cands_milopyp.npy")
+            base = summary["milopyp"]
+            for v in variants[1:]:
+                s = summary[v]
+                s["speedup_total"] = base["total_s"] / s["total_s"]
+                s["speedup_compute"] = base["compute_s"] / s["compute_s"]
+                s["memory_fraction"] = s["peak_rss_mb"] / base["peak_rss_mb"]
+                s["cpu_fraction"] = s["cpu_s"] / base["cpu_s"]  # work done, whatever the CPU share
+                c = np.load(a.workdir / f"cands_{v}.npy")
+                s["candidates_near_milopyp"] = agreement(c, ref)
+                s["milopyp_near_candidates"] = agreement(ref, c)
+        patches = measured(a, "patches", workers=max(workers))
+        print(f"patch extraction (slab, bbox {a.bbox}, 4 shifts, {max(workers)} workers): {patches['n']} candidates "
+              f"in {patches['patches_s']:.1f} s = {patches['candidates_per_s']:.0f} candidates/s")
+
+        print(f"\n{'variant':12s} {'total s':>8s} {'compute s':>10s} {'CPU s':>6s} {'peak MiB':>9s} {'cands':>6s} "
+              f"{'speed x (total/compute)':>24s} {'memory':>7s}  recall per species")
+        for v, s in summary.items():
+            ratio = (f"{s['speedup_total']:.2f} / {s['speedup_compute']:.2f}" if "speedup_total" in s else "1")
+            mem = f"{s['memory_fraction']:.2f}" if "memory_fraction" in s else "1"
+            rec = ", ".join(f"{k} {val:.2f}" for k, val in s["recall"].items())
+            print(f"{v:12s} {s['total_s']:8.1f} {s['compute_s']:10.1f} {s['cpu_s']:6.1f} {s['peak_rss_mb']:9.0f} {s['n']:6d} "
+                  f"{ratio:>24s} {mem:>7s}  {rec}")
+        target = None
+        best = f"milotile{max(workers)}"
+        if "milopyp" in summary and 2 in workers:
+            s = summary["milotile2"]
+            target = {
+                "speedup_total_ge_2": s["speedup_total"] >= 2.0, "speedup_compute_ge_2": s["speedup_compute"] >= 2.0,
+                "memory_le_quarter": s["memory_fraction"] <= 0.25,
+            }
+            print(f"\ntarget on 2 workers (>= 2x faster, <= 1/4 of the peak memory): {target}")
+        for v in variants[1:]:
+            w = runs[v][-1]
+            print(f"{v}: import {w['import_s']:.1f} s, cluster start {w['cluster_start_s']:.1f} s, preprocess "
+                  f"{w['preprocess_s']:.1f} s, mine {w['mine_s']:.1f} s, close {w['cluster_close_s']:.1f} s; CPU client "
+                  f"{w['client_cpu_s']:.1f} s + workers {w['workers_cpu_s']:.1f} s; "
+                  f"client imported torch: {w['client_imported_torch']}; workers: {w['workers'][0]}")
+        if "milopyp" in summary:
+            print("milopyp steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in runs["milopyp"][-1]["steps_s"].items()))
+        payload = {
+            "size_zyx": [int(v) for v in a.size.split(",")], "store_chunks": [int(v) for v in a.chunks.split(",")],
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()
+                       if k not in ("workdir", "variant", "out")},
+            "prepare": prep, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+            "results": summary, "patches": patches,
+            "target": target, "best": best,
         }
-        out["milotile"][str(nw)] = r
-        print(f"milotile {nw} worker(s): {r['wall_s']:.1f} s (preprocess {r['preprocess_s']:.1f} + mine "
-              f"{r['mine_s']:.1f}), peak RSS {r['peak_rss_mb']:.0f} MiB, {r['n']} candidates; patches "
-              f"{r['patches_per_s']:.0f}/s ({key})")
-        print(f"  recall per species: {r['recall']}")
-    print(f"  MiLoPYP recall per species: {out['milopyp']['recall']}")
-    for nw, r in out["milotile"].items():
-        r["speedup_vs_milopyp"] = base["wall_s"] / r["wall_s"]
-        r["memory_fraction_vs_milopyp"] = r["peak_rss_mb"] / base["peak_rss_mb"]
-        print(f"{nw} worker(s): {r['speedup_vs_milopyp']:.2f}x faster, {r['memory_fraction_vs_milopyp']:.2f} of "
-              f"MiLoPYP's peak memory")
-    out["load_avg_end"] = os.getloadavg()
-    out["dask_version"] = dask.__version__
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+        path = write_results(a.out, payload)
+        print(f"wrote {path}")
+    finally:
+        if own_tmp:
+            shutil.rmtree(a.workdir, ignore_errors=True)
     return 0
 
 

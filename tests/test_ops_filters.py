@@ -121,3 +121,68 @@ def test_gaussian_crop_equals_cropped_filter(vol):
     np.testing.assert_allclose(got, ref, atol=1e-6)
     lv = F.dog_block(vol, (1.0, 2.0), crop=crop)
     assert lv.shape == (1, 17, 31, 25)
+
+
+def test_halo_blocks_tile_the_array(vol):
+    x = da.from_array(vol, chunks=(8, 10, 12))  # trailing chunks thinner than the halo get merged
+    depth = (3, 0, 4)
+    merged, blocks = F.halo_blocks(x, depth)
+    assert len(blocks) == np.prod(merged.numblocks)
+    seen = np.zeros(vol.shape, np.int32)
+    for blk, hb in blocks:
+        b = blk.compute()
+        lo = hb.origin
+        np.testing.assert_array_equal(b, vol[tuple(slice(o, o + s) for o, s in zip(lo, b.shape, strict=True))])
+        inner = b[tuple(slice(a, z) for a, z in hb.interior)]
+        np.testing.assert_array_equal(inner, vol[hb.location])
+        for ax, (a, z) in enumerate(hb.interior):  # the halo is full wherever the array goes on
+            assert a == min(depth[ax], hb.location[ax].start)
+            assert b.shape[ax] - z == min(depth[ax], vol.shape[ax] - hb.location[ax].stop)
+        seen[hb.location] += 1
+    assert (seen == 1).all()
+
+
+def test_regular_chunks(vol):
+    x = da.from_array(vol, chunks=(5, 7, 37))
+    assert F.regular_chunks(x, (16, -1, 64)).chunks == ((16, 7), (31,), (37,))
+    same = da.from_array(vol, chunks=(16, 31, 37))
+    assert F.regular_chunks(same, (16, 31, 37)) is same
+    with pytest.raises(InputError):
+        F.regular_chunks(x, (16, 16))
+
+
+def test_dog_max_block_equals_level_stack(vol):
+    sig = (1.0, 1.5, 2.5, 4.0)
+    crop = ((2, 20), (3, 30), (0, 37))
+    for invert in (False, True):
+        levels = F.dog_block(vol, sig, invert=invert, crop=crop)
+        score, lvl = F.dog_max_block(vol, sig, invert=invert, crop=crop)
+        np.testing.assert_array_equal(score, levels.max(0))
+        np.testing.assert_array_equal(lvl, levels.argmax(0))
+        assert set(np.unique(lvl)) == {0, 1, 2}
+    g = [ndi.gaussian_filter(vol, s, mode="nearest")[2:20, 3:30] for s in sig]
+    np.testing.assert_allclose(levels[1], -(g[2] - g[1]), atol=1e-6)
+
+
+def test_block_moments_views_and_nan(vol):
+    view = (vol + np.float32(500.0))[::2, 3:, ::3]  # non-contiguous, large offset
+    n, mean, m2 = F.block_moments(view)
+    ref = view.astype(np.float64)
+    assert n == view.size
+    assert mean == pytest.approx(ref.mean(), rel=1e-13)
+    assert m2 == pytest.approx(((ref - ref.mean()) ** 2).sum(), rel=1e-10)
+    v = vol.copy()
+    v[0, 0, :5] = np.nan
+    v[1, 1, 1] = np.inf
+    n, mean, _ = F.block_moments(v)
+    assert n == v.size - 6 and mean == pytest.approx(v[np.isfinite(v)].astype(np.float64).mean(), rel=1e-12)
+    assert F.block_moments(np.full((2, 2), np.nan, np.float32)).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("crop", [((6, 15), (9, 20), (10, 25)), ((0, 23), (0, 4), (30, 37)), ((11, 12), (0, 31), (0, 1))])
+def test_gaussian_crop_is_exact(vol, crop):
+    """Cutting the input to the window plus the kernel radius changes no bit of the window."""
+    for sigma in (0.8, (2.0, 0.0, 3.5), 5.0):
+        got = F.gaussian_crop(vol, sigma, crop)
+        ref = ndi.gaussian_filter(vol, sigma, mode="nearest")[tuple(slice(*c) for c in crop)]
+        np.testing.assert_array_equal(got, ref)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
@@ -131,3 +132,45 @@ def test_greedy_nms_and_inputs():
         find_peaks(da.zeros((4, 4, 4), chunks=2), footprint=2)
     empty = find_peaks(da.zeros((6, 6, 6), chunks=3), 2.0, threshold_std=0.5)
     assert len(empty) == 0 and list(empty.columns) == ["x", "y", "z", "score", "level"]
+
+
+@pytest.mark.parametrize("size", [(1, 3, 3), (3, 1, 5), (5, 5, 5), (1, 1, 1)])
+def test_box_max_equals_scipy(size):
+    from milotile.ops.peaks import box_max
+
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 6, size=(7, 2, 9)).astype(np.float32)  # many ties, an axis shorter than the box
+    np.testing.assert_array_equal(box_max(a, size), ndi.maximum_filter(a, size=size, mode="nearest"))
+    b = rng.normal(size=(1, 12, 13)).astype(np.float32)
+    np.testing.assert_array_equal(box_max(b, size), ndi.maximum_filter(b, size=size, mode="nearest"))
+    assert box_max(b, size) is not b
+
+
+def test_processing_blocks_do_not_change_the_peaks():
+    v = blob_volume((33, 41, 47), 60, seed=9)
+    x = da.from_array(v, chunks=(9, 11, 13))
+    ref = find_peaks(x, 4.0, threshold_std=0.5, border=(2, 3, 3))
+    for chunks in [(16, 16, 16), (-1, 20, 24), (33, 41, 47)]:
+        got = find_peaks(x, 4.0, threshold_std=0.5, border=(2, 3, 3), chunks=chunks)
+        pd.testing.assert_frame_equal(got, ref)
+    sig = (1.0, 2.0)
+    d_ref = dog_peaks(x, sig, min_distance=4, border=(2, 3, 3))
+    d_big = dog_peaks(x, sig, min_distance=4, border=(2, 3, 3), chunks=(-1, 21, -1))
+    pd.testing.assert_frame_equal(d_big, d_ref)
+    assert len(d_ref) > 5
+
+
+def test_blocks_inside_the_border_band_are_skipped_exactly():
+    """Borders wider than a chunk: whole blocks are skipped, the window of the others shrinks."""
+    rng = np.random.default_rng(21)
+    shape = (30, 44, 40)
+    v = ndi.gaussian_filter(rng.normal(size=shape), 1.5).astype(np.float32)
+    sig, border = (1.0, 2.0), (9, 12, 3)
+    got = dog_peaks(da.from_array(v, chunks=(8, 10, 12)), sig, threshold_std=0.3, min_distance=3, border=border)
+    g = [ndi.gaussian_filter(v, s, mode="nearest") for s in sig]
+    ref_xyz, ref_s = reference_peaks(g[1] - g[0], 3, threshold_std=0.3, border=border, footprint=(1, 3, 3))
+    assert len(got) > 10
+    np.testing.assert_array_equal(got[["x", "y", "z"]].to_numpy(), ref_xyz)
+    np.testing.assert_allclose(got["score"].to_numpy(), ref_s, rtol=1e-6)
+    none = dog_peaks(da.from_array(v, chunks=8), sig, border=(15, 0, 0))  # nothing outside the band
+    assert len(none) == 0

@@ -163,3 +163,39 @@ def test_cli_handlers(col):
     with pytest.raises(InputError, match="modes"):
         args = parser.parse_args(["patches", col.url, "--mode", "slab,bogus"])
         args.handler(args)
+
+
+def test_blur_with_stats_single_pass_matches_scipy(tmp_path):
+    import zarr
+
+    v = np.random.default_rng(4).normal(5.0, 2.0, size=(23, 50, 41)).astype(np.float32)
+    target = zarr.create_array(tmp_path / "t.zarr", shape=v.shape, chunks=(8, 24, 24), dtype=np.float32)
+    x = da.from_array(v, chunks=(7, 20, 33))  # misaligned with the target: rechunked first
+    mean, std = pre_mod.blur_with_stats(x, 1.2, target)
+    g = ndi.gaussian_filter(v, 1.2, mode="nearest")
+    np.testing.assert_array_equal(target[:], g)
+    assert mean == pytest.approx(g.astype(np.float64).mean(), rel=1e-10)
+    assert std == pytest.approx(g.astype(np.float64).std(), rel=1e-9)
+    mean0, std0 = pre_mod.blur_with_stats(x, 0.0, target)  # no Gaussian: a plain copy
+    np.testing.assert_array_equal(target[:], v)
+    assert std0 == pytest.approx(v.astype(np.float64).std(), rel=1e-9)
+
+
+def test_preprocess_store_layout(col):
+    name = col.names[0]
+    preprocess(col, gauss=0.8)
+    group = col.zarr_group[f"derived/preprocessed/{name}"]
+    assert sorted(group.array_keys()) == ["0"]  # the temporary array of pass 1 is gone
+    arr = group["0"]
+    assert arr.chunks == (40, 96, 96) and arr.dtype == np.float32  # (64, 256, 256) clipped
+    # reading back through preprocessed_volume gives the store chunks (what mine and patches use)
+    vol, grid, meta = pre_mod.preprocessed_volume(col, name)
+    assert vol.chunksize == arr.chunks and meta["complete"]
+
+
+def test_mine_block_shape_does_not_change_candidates(col):
+    preprocess(col, gauss=0.8)
+    ref = mine(col, **MINE)
+    for chunks in [(8, 24, 24), (-1, 40, 56)]:
+        got = mine(col, **MINE, chunks=chunks, table="cand_blocks")
+        pd.testing.assert_frame_equal(got, ref)

@@ -2,7 +2,10 @@
 
 Every filter follows the same shape: a plain numpy/scipy block function that is correct on a whole
 volume, plus a lazy dask wrapper that runs it chunk by chunk through :func:`overlap_apply` with a
-halo derived from the kernel (``ceil(sigma * truncate)`` for Gaussians).
+halo derived from the kernel (``ceil(sigma * truncate)`` for Gaussians). Computations whose result is
+not an array of the chunk's shape (peak lists, moments, writes into a store) use
+:func:`halo_blocks`, the same halo exchange with one delayed block and its :class:`HaloBlock`
+geometry per chunk.
 
 Boundary handling
 -----------------
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -41,6 +45,7 @@ __all__ = [
     "gaussian_crop",
     "dog",
     "dog_block",
+    "dog_max_block",
     "global_stats",
     "block_moments",
     "merge_moments",
@@ -50,6 +55,9 @@ __all__ = [
     "gaussian_halo",
     "overlap_apply",
     "ensure_min_chunks",
+    "HaloBlock",
+    "halo_blocks",
+    "regular_chunks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,6 +113,83 @@ def ensure_min_chunks(x: da.Array, depth: Sequence[int]) -> da.Array:
         new_chunks.append(tuple(merged))
         changed = True
     return x.rechunk(tuple(new_chunks)) if changed else x
+
+
+def regular_chunks(x: da.Array, chunks: Sequence[int]) -> da.Array:
+    """Rechunk ``x`` to the regular grid ``chunks`` (clipped to the shape; ``-1`` = whole axis).
+
+    Dask only rechunks (a cheap concatenate / split per block) where the grid differs.
+    """
+    if len(chunks) != x.ndim:
+        raise InputError(f"block shape {tuple(chunks)} must have one size per axis ({x.ndim})")
+    want = tuple(
+        int(n) if int(c) in (-1, 0) or int(c) >= n else max(1, int(c)) for c, n in zip(chunks, x.shape, strict=True)
+    )
+    if all(max(c) == w and all(v == w for v in c[:-1]) for c, w in zip(x.chunks, want, strict=True)):
+        return x
+    return x.rechunk(want)
+
+
+@dataclass(frozen=True)
+class HaloBlock:
+    """Where one chunk of an array sits inside its halo'd block (see :func:`halo_blocks`).
+
+    Attributes
+    ----------
+    index : tuple of int
+        Block index in the chunk grid.
+    origin : tuple of int
+        Global voxel index of the halo'd block's first voxel.
+    interior : tuple of (int, int)
+        The chunk itself as ``(lo, hi)`` per axis, in coordinates of the halo'd block.
+    """
+
+    index: tuple[int, ...]
+    origin: tuple[int, ...]
+    interior: tuple[tuple[int, int], ...]
+
+    @property
+    def location(self) -> tuple[slice, ...]:
+        """The chunk as global slices (where a block function writes its result)."""
+        return tuple(slice(o + lo, o + hi) for o, (lo, hi) in zip(self.origin, self.interior, strict=True))
+
+
+def halo_blocks(x: da.Array, depth: Sequence[int]) -> tuple[da.Array, list[tuple[Any, HaloBlock]]]:
+    """Every chunk of ``x`` with a halo of ``depth`` voxels, as one delayed object per chunk.
+
+    This is the plumbing shared by all block computations that do not return an array of the
+    chunk's shape (peak lists, statistics, writes into a store): neighbouring chunks exchange
+    halos (``boundary="none"``: at the outer faces of the array a block simply stops, and the
+    block function applies its own boundary mode there). Chunks thinner than ``depth`` are merged
+    first (:func:`ensure_min_chunks`).
+
+    Parameters
+    ----------
+    x : dask.array.Array
+        Input array.
+    depth : sequence of int
+        Halo per axis.
+
+    Returns
+    -------
+    (x, blocks)
+        ``x`` after :func:`ensure_min_chunks`, and ``[(delayed_block, HaloBlock), ...]`` in
+        C order of the chunk grid.
+    """
+    depth = tuple(int(d) for d in depth)
+    x = ensure_min_chunks(x, depth)
+    g = da.overlap.overlap(x, depth=dict(enumerate(depth)), boundary="none") if any(depth) else x
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in x.chunks]
+    delayed = g.to_delayed()
+    out = []
+    for idx in np.ndindex(*x.numblocks):
+        origin, interior = [], []
+        for a in range(x.ndim):
+            before = depth[a] if idx[a] > 0 else 0
+            origin.append(int(starts[a][idx[a]]) - before)
+            interior.append((before, before + int(x.chunks[a][idx[a]])))
+        out.append((delayed[idx], HaloBlock(tuple(int(i) for i in idx), tuple(origin), tuple(interior))))
+    return x, out
 
 
 def overlap_apply(
@@ -226,12 +311,23 @@ def gaussian_crop(
 ) -> np.ndarray:
     """Gaussian of a block, returning only the window ``crop`` (``(lo, hi)`` per axis).
 
-    The separable passes run axis by axis and each axis is cropped right after its own pass, so the
-    halo costs work only on the axes still to be filtered (about 30 % less work than filtering the
-    whole halo'd block). The values equal ``gaussian_filter(block)[crop]`` exactly.
+    The input is first cut to the window plus scipy's kernel radius ``int(truncate * sigma + 0.5)``
+    on every axis (voxels farther away cannot reach the window), then the separable passes run axis
+    by axis and each axis is cropped right after its own pass, so the halo costs work only on the
+    axes still to be filtered. The values equal ``gaussian_filter(block)[crop]`` exactly. With a
+    ``crop`` the result may be a (non-contiguous) view of the last pass's output (saves a copy).
     """
-    out = block.astype(np.float32, copy=False)
     sig = _sigma_tuple(sigma, block.ndim)
+    if crop is not None:
+        cut, inner = [], []
+        for ax in range(block.ndim):
+            r = int(truncate * sig[ax] + 0.5) if sig[ax] > 0 else 0
+            lo, hi = int(crop[ax][0]), int(crop[ax][1])
+            a, b = max(lo - r, 0), min(hi + r, block.shape[ax])
+            cut.append(slice(a, b))
+            inner.append((lo - a, hi - a))
+        block, crop = block[tuple(cut)], inner
+    out = block.astype(np.float32, copy=False)
     for ax in range(block.ndim):
         if sig[ax] > 0:
             out = ndi.gaussian_filter1d(out, sig[ax], axis=ax, truncate=truncate, mode=mode)
@@ -239,7 +335,7 @@ def gaussian_crop(
             sl = [slice(None)] * block.ndim
             sl[ax] = slice(*crop[ax])
             out = out[tuple(sl)]
-    return np.ascontiguousarray(out)
+    return out if crop is not None else np.ascontiguousarray(out)
 
 
 def dog_block(
@@ -256,14 +352,59 @@ def dog_block(
     positive at the centre of dark blobs; ``invert=True`` negates it for bright blobs. ``crop``
     (``(lo, hi)`` per axis) returns only that window of the block (see :func:`gaussian_crop`).
     """
-    b = block.astype(np.float32, copy=False)
-    blurred = [gaussian_crop(b, s, crop, truncate=truncate, mode=mode) for s in sigmas]
-    levels = np.empty((len(sigmas) - 1, *blurred[0].shape), dtype=np.float32)
-    for i in range(len(sigmas) - 1):
-        np.subtract(blurred[i + 1], blurred[i], out=levels[i])
-        if invert:
-            np.negative(levels[i], out=levels[i])
+    levels = None
+    for i, level in enumerate(_dog_levels(block, sigmas, invert, truncate, mode, crop)):
+        if levels is None:
+            levels = np.empty((len(sigmas) - 1, *level.shape), dtype=np.float32)
+        levels[i] = level
+    assert levels is not None
     return levels
+
+
+def _dog_levels(
+    block: np.ndarray,
+    sigmas: Sequence[float],
+    invert: bool,
+    truncate: float,
+    mode: str,
+    crop: Sequence[tuple[int, int]] | None,
+):
+    """Yield the DoG levels one by one, holding at most two blurred copies at a time."""
+    b = block.astype(np.float32, copy=False)
+    prev = gaussian_crop(b, sigmas[0], crop, truncate=truncate, mode=mode)
+    for i in range(1, len(sigmas)):
+        cur = gaussian_crop(b, sigmas[i], crop, truncate=truncate, mode=mode)
+        last = i == len(sigmas) - 1
+        level = np.subtract(cur, prev, out=cur) if last else cur - prev
+        if invert:
+            np.negative(level, out=level)
+        prev = cur
+        yield level
+
+
+def dog_max_block(
+    block: np.ndarray,
+    sigmas: Sequence[float],
+    invert: bool = False,
+    truncate: float = 4.0,
+    mode: str = "nearest",
+    crop: Sequence[tuple[int, int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum over the DoG levels of a block (window ``crop``) and the index of the winning level.
+
+    Equal to ``levels.max(0)`` and ``levels.argmax(0)`` of :func:`dog_block` (ties keep the lower
+    level), computed level by level so that no stack of all levels is ever held in memory.
+    """
+    score = lvl = None
+    for i, level in enumerate(_dog_levels(block, sigmas, invert, truncate, mode, crop)):
+        if score is None:
+            score, lvl = level, np.zeros(level.shape, dtype=np.int16)
+            continue
+        better = level > score
+        np.copyto(score, level, where=better)
+        lvl[better] = i
+    assert score is not None and lvl is not None
+    return score, lvl
 
 
 def dog(
@@ -312,13 +453,28 @@ def dog(
 
 
 def block_moments(block: np.ndarray) -> np.ndarray:
-    """``[n, mean, M2]`` of the finite values of a block, accumulated in float64."""
-    b = np.asarray(block, dtype=np.float64).ravel()
-    b = b[np.isfinite(b)]
-    if b.size == 0:
+    """``[n, mean, M2]`` of the finite values of a block, accumulated in float64.
+
+    Two passes (a float64 sum, then the squared deviations from the block mean) over slabs of
+    about 1 Mi voxels along the first axis, so no float64 copy of the whole block is made; the
+    block may be a non-contiguous view.
+    """
+    b = np.asarray(block)
+    if b.ndim == 0:
+        b = b.reshape(1)
+    if not np.isfinite(b).all():
+        b = b[np.isfinite(b)]
+    n = b.size
+    if n == 0:
         return np.zeros(3)
-    m = b.mean()
-    return np.array([b.size, m, np.square(b - m).sum()])
+    mean = float(np.add.reduce(b, axis=None, dtype=np.float64)) / n
+    step = max(1, (1 << 20) // max(1, n // b.shape[0]))
+    m2 = 0.0
+    for i in range(0, b.shape[0], step):
+        d = b[i : i + step].astype(np.float64).ravel()
+        d -= mean
+        m2 += float(np.dot(d, d))
+    return np.array([float(n), mean, m2])
 
 
 def merge_moments(parts: Sequence[np.ndarray]) -> tuple[float, float, float]:
@@ -394,11 +550,22 @@ def contrast_clip(
         raise InputError(f"standard deviation must be positive and finite, got {std}")
     scale = np.float32(1.0 / ((hi - lo) * std))
     offset = np.float32(mean + lo * std)
-    y = (x.astype(np.float32) - offset) * scale
-    y = y.clip(0.0, 1.0)
+    if isinstance(x, da.Array):
+        return x.map_blocks(_clip_block, offset, scale, quantize, dtype=np.float32, meta=np.empty((0,) * x.ndim, np.float32))
+    return _clip_block(np.asarray(x), offset, scale, quantize)
+
+
+def _clip_block(x: np.ndarray, offset: np.float32, scale: np.float32, quantize: bool) -> np.ndarray:
+    """``clip((x - offset) * scale, 0, 1)`` in float32, in one output buffer (no temporaries)."""
+    y = np.array(x, dtype=np.float32, copy=True)
+    y -= offset
+    y *= scale
+    np.clip(y, np.float32(0.0), np.float32(1.0), out=y)
     if quantize:
-        y = (y * np.float32(255.0)).round() / np.float32(255.0)
-    return y.astype(np.float32)
+        y *= np.float32(255.0)
+        np.round(y, out=y)
+        y /= np.float32(255.0)
+    return y
 
 
 # --------------------------------------------------------------------------- resampling

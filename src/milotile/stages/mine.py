@@ -19,7 +19,7 @@ import pandas as pd
 
 from milotile.errors import InputError
 from milotile.ops.patches import Grid
-from milotile.ops.peaks import dog_peaks
+from milotile.ops.peaks import DOG_BLOCK, dog_peaks
 from milotile.stages.preprocess import preprocessed_volume
 
 __all__ = ["mine", "CANDIDATE_COLUMNS"]
@@ -42,6 +42,7 @@ def mine(
     names: Sequence[str] | None = None,
     table: str = "candidates",
     top_k: int | None = None,
+    chunks: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Mine particle candidates in every tomogram and write ``tables/<table>.parquet``.
 
@@ -69,6 +70,9 @@ def mine(
         Output table name.
     top_k : int, optional
         At most this many candidates per tomogram.
+    chunks : sequence of int, optional
+        Processing block shape ``(z, y, x)`` of the DoG/peak tasks (``-1``: whole axis); default
+        :data:`milotile.ops.peaks.DOG_BLOCK`. The candidates do not depend on it.
 
     Returns
     -------
@@ -90,6 +94,7 @@ def mine(
         df = dog_peaks(
             vol, tuple(dog), threshold_std=threshold_std, min_distance=min_distance,
             border=(int(border_z), int(border), int(border)), invert=invert, footprint=tuple(footprint), top_k=top_k,
+            chunks=DOG_BLOCK if chunks is None else tuple(chunks),
         )
         zyx = grid.to_full(df[["z", "y", "x"]].to_numpy())
         full = np.array(t.shape, dtype=np.float64) - 1
