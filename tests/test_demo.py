@@ -22,6 +22,10 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
     assert report["embed"]["rows"] == report["patches"]["rows"]
+    from milotile.explore import Encoder
+
+    contract = Encoder.from_checkpoint(report["explore"]["checkpoint"]).contract
+    assert contract["dog"] == [3.0, 5.0] and contract["gauss"] == 0.8 and contract["bbox"] == 24
     assert report["fiber"]["fibers"] >= 1
     picks = pd.read_parquet(out / "picks.parquet")
     assert {"tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "class"} <= set(picks.columns)

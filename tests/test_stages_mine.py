@@ -76,6 +76,8 @@ def test_mine_recall_and_table(col, synth_dir):
     cands = mine(col, **MINE)
     assert list(cands.columns) == ["tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "level"]
     assert col.has_table("candidates") and len(col.read_table("candidates")) == len(cands)
+    params = col.table_params("candidates")  # the mining parameters travel with the table
+    assert params["dog"] == [float(s) for s in MINE["dog"]] and params["threshold_std"] == pytest.approx(0.5)
     vs = col[col.names[0]].voxel_size
     np.testing.assert_allclose(cands["x_A"], cands["x"] * vs)
     assert cands["score"].is_monotonic_decreasing and (cands["score"] > 0).all()
@@ -108,6 +110,7 @@ def test_patch_bank_layout_and_alignment(col):
     assert arr.shape == (len(cands), 5, 1, 12, 12) and arr.chunks == (16, 5, 1, 12, 12)
     attrs = col.zarr_group[f"patches/{key}"].attrs["milotile"]
     assert attrs["complete"] and attrs["params"]["complete"] and attrs["params"]["modes"] == ["slab"]
+    assert attrs["params"]["dog"] == [float(s) for s in MINE["dog"]]  # for the explorer's contract
     table = col.read_table(f"patches-{key}")
     assert table["patch_index"].tolist() == list(range(len(cands)))
     assert sorted(table["source_index"]) == list(range(len(cands)))

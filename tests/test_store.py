@@ -242,3 +242,20 @@ def test_cli_info(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "s.zarr")]) == 0
     out = capsys.readouterr().out
     assert "1 tomograms" in out and "20x40x50" in out
+
+
+def test_pyramid_written_block_by_block_equals_global_downsampling(tmp_path):
+    """Levels 1 and 2 are made in the copy pass, chunk by chunk; odd sizes and seams must not matter."""
+    v = _vol((37, 45, 70), seed=4)
+    write_mrc(tmp_path / "odd.rec", v, voxel_size=3.0)
+    col = mt.ingest(tmp_path / "odd.rec", tmp_path / "s.zarr", chunks=(16, 32, 32))
+    t = col["odd"]
+    from milotile.store.arrays import downsample_block
+
+    l1 = downsample_block(v)
+    l2 = downsample_block(l1)
+    assert t.data(1).shape == (18, 22, 35) and t.data(2).shape == (9, 11, 17)
+    np.testing.assert_allclose(t.data(1).compute(), l1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(t.data(2).compute(), l2, rtol=1e-6, atol=1e-6)
+    # each level's chunks are half the previous level's, so block writes never share a chunk
+    assert t.group["1"].chunks == (8, 16, 16) and t.group["2"].chunks == (4, 8, 8)

@@ -109,5 +109,10 @@ def mine(
         logger.info("mine %s: %d candidates", name, len(out))
         frames.append(out)
     result = pd.concat(frames, ignore_index=True)[CANDIDATE_COLUMNS] if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
-    col.write_table(table, result)
+    params = {
+        "stage": "mine", "dog": [float(v) for v in dog], "threshold_std": float(threshold_std),
+        "min_distance": float(min_distance), "border": int(border), "border_z": int(border_z),
+        "invert": bool(invert), "footprint": [int(v) for v in footprint], "top_k": top_k, "tomograms": names,
+    }
+    col.write_table(table, result, params=params)
     return result

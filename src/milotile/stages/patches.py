@@ -151,6 +151,9 @@ def extract_patches(
         "tilt_window": [float(v) for v in tilt_window], "tilt_sign_option": sign_opt, "out_of_bounds": out_of_bounds,
         "source_table": table, "source_fingerprint": _table_fingerprint(df), "chunk_n": int(chunk_n),
     }
+    mining = col.table_params(table)
+    if mining.get("dog") is not None:  # the DoG sigmas travel on into the exploration model's contract
+        params["dog"] = mining["dog"]
     group = col.group(f"patches/{key}", create=True)
     old = dict(group.attrs.get("milotile", {}))
     if not overwrite and old.get("complete") and {k: old.get("params", {}).get(k) for k in params} == params and col.has_table(f"patches-{key}"):

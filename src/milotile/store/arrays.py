@@ -148,13 +148,21 @@ def multiscale_metadata(
     }
 
 
+def downsample_block(block: np.ndarray) -> np.ndarray:
+    """Mean of 2×2×2 voxel groups of a numpy block (odd trailing voxels are dropped)."""
+    z, y, x = (s // 2 for s in block.shape)
+    trimmed = block[: 2 * z, : 2 * y, : 2 * x]
+    return trimmed.reshape(z, 2, y, 2, x, 2).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
 def downsample2(darr: da.Array) -> da.Array:
-    """Mean of 2×2×2 blocks (odd trailing voxels are dropped, as NGFF pyramids usually do)."""
+    """Mean of 2×2×2 blocks of a dask array (odd trailing voxels are dropped, as NGFF pyramids do)."""
     trimmed = darr[tuple(slice(0, (s // 2) * 2) for s in darr.shape)]
-    # make every dask chunk even so coarsen works block-wise
+    # make every dask chunk even so that each block coarsens on its own
     even = tuple(max(2, (c // 2) * 2) for c in (ch[0] for ch in trimmed.chunks))
     trimmed = trimmed.rechunk(clip_chunks(trimmed.shape, even))
-    return da.coarsen(np.mean, trimmed, {0: 2, 1: 2, 2: 2}, trim_excess=True).astype(np.float32)
+    out_chunks = tuple(tuple(c // 2 for c in ch) for ch in trimmed.chunks)
+    return trimmed.map_blocks(downsample_block, chunks=out_chunks, dtype=np.float32)
 
 
 def write_multiscale(

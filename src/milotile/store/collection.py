@@ -240,12 +240,26 @@ class Collection:
         """Whether ``tables/<name>.parquet`` exists."""
         return self.fs.exists(self._table_path(name))
 
-    def write_table(self, name: str, df: pd.DataFrame) -> str:
-        """Write ``df`` to ``tables/<name>.parquet`` atomically (temporary file, then rename)."""
+    def write_table(self, name: str, df: pd.DataFrame, params: dict | None = None) -> str:
+        """Write ``df`` to ``tables/<name>.parquet`` atomically (temporary file, then rename).
+
+        ``params`` (JSON-able: the stage parameters that made the table) are stored in the parquet
+        metadata and come back from :meth:`table_params`.
+        """
+        import json
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         path = self._table_path(name)
         self.fs.makedirs(self._join(TABLES), exist_ok=True)
         buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        if params is not None:
+            meta = dict(table.schema.metadata or {})
+            meta[b"milotile"] = json.dumps(params, default=_jsonable).encode()
+            table = table.replace_schema_metadata(meta)
+        pq.write_table(table, buf)
         tmp = path + ".tmp"
         with self.fs.open(tmp, "wb") as fh:
             fh.write(buf.getvalue())
@@ -260,6 +274,20 @@ class Collection:
             raise InputError(f"{self.url} has no table {name!r}; run the stage that makes it first")
         with self.fs.open(path, "rb") as fh:
             return pd.read_parquet(fh)
+
+    def table_params(self, name: str) -> dict:
+        """The stage parameters stored with ``tables/<name>.parquet`` (empty if none)."""
+        import json
+
+        import pyarrow.parquet as pq
+
+        path = self._table_path(name)
+        if not self.fs.exists(path):
+            raise InputError(f"{self.url} has no table {name!r}; run the stage that makes it first")
+        with self.fs.open(path, "rb") as fh:
+            meta = pq.read_schema(fh).metadata or {}
+        raw = meta.get(b"milotile")
+        return json.loads(raw) if raw else {}
 
     def tables(self) -> list[str]:
         """Names of the tables in the store."""
@@ -315,6 +343,15 @@ class Collection:
         from milotile.stages.mine import mine
 
         return mine(self, **kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays and tuples in stage parameters."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def open_collection(url: str | os.PathLike, mode: str = "r+", storage_options: dict | None = None) -> Collection:

@@ -24,7 +24,14 @@ import numpy as np
 import zarr
 
 from milotile.errors import InputError
-from milotile.store.arrays import AXES_ZYX, DEFAULT_CHUNKS, clip_chunks, create_array, write_multiscale
+from milotile.store.arrays import (
+    AXES_ZYX,
+    DEFAULT_CHUNKS,
+    clip_chunks,
+    create_array,
+    downsample_block,
+    multiscale_metadata,
+)
 from milotile.store.collection import TILTS, TOMOGRAMS, Collection, open_collection
 from milotile.store.mrc import ORDERS, OrientedMRC, check_order, fingerprint, read_header
 
@@ -217,27 +224,54 @@ def _validate(sources: list[Source], order: str, voxel_size: float | None) -> li
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-def _copy_block(block: np.ndarray, target: zarr.Array, block_info: dict | None = None) -> np.ndarray:
-    """Write one block into ``target`` at its location; return [count, sum, sumsq, n_nonfinite]."""
-    loc = block_info[0]["array-location"]
-    target[tuple(slice(a, b) for a, b in loc)] = block
+def _copy_block(block: np.ndarray, targets: list[zarr.Array], block_info: dict | None = None) -> np.ndarray:
+    """Write one block into ``targets[0]`` and its 2x, 4x, ... means into the coarser levels.
+
+    Each coarser level's zarr chunks are the level-0 chunks halved per level, so every block owns
+    exactly one chunk of every level and no two tasks write into the same chunk. Returns
+    ``[count, sum, sumsq, n_nonfinite]`` of the block's finite values.
+    """
+    loc = [a for a, _ in block_info[0]["array-location"]]
+    cur = block
+    for level, target in enumerate(targets):
+        if level:
+            cur = downsample_block(cur)
+            loc = [a // 2 for a in loc]
+        if cur.size:
+            target[tuple(slice(a, a + n) for a, n in zip(loc, cur.shape, strict=True))] = cur
     finite = np.isfinite(block)
     good = block[finite].astype(np.float64)
     stats = np.array([good.size, good.sum(), np.square(good).sum(), block.size - good.size], dtype=np.float64)
     return stats.reshape(1, 1, 1, 4)
 
 
-def _copy_lazy(src: da.Array, target: zarr.Array) -> da.Array:
-    """Lazy per-chunk copy of ``src`` into ``target`` returning the summed statistics."""
+def _copy_lazy(src: da.Array, targets: list[zarr.Array]) -> da.Array:
+    """Lazy per-chunk copy of ``src`` into ``targets`` (pyramid levels) returning summed statistics."""
     per_block = src.map_blocks(
         _copy_block,
-        target=target,
+        targets=targets,
         new_axis=3,
         chunks=tuple((1,) * len(c) for c in src.chunks) + ((4,),),
         dtype=np.float64,
         meta=np.empty((0, 0, 0, 0), dtype=np.float64),
     )
     return per_block.sum(axis=(0, 1, 2))
+
+
+def _pyramid_targets(group: zarr.Group, shape: Sequence[int], chunks: Sequence[int], n_levels: int = 3) -> list[zarr.Array]:
+    """Create the arrays ``0, 1, 2`` of a multiscale image whose chunks halve level by level."""
+    chunks = clip_chunks(shape, chunks)
+    if any(c % 2 ** (n_levels - 1) for c, s in zip(chunks, shape, strict=True) if c < s):
+        raise InputError(f"chunk shape {tuple(chunks)} must be a multiple of {2 ** (n_levels - 1)} for the pyramid")
+    targets = []
+    for level in range(n_levels):
+        f = 2**level
+        lshape = [s // f for s in shape]
+        if min(lshape) < 1:
+            break
+        lchunks = [max(1, c // f) for c in chunks]
+        targets.append(create_array(group, str(level), lshape, chunks=lchunks, dimension_names=AXES_ZYX))
+    return targets
 
 
 def ingest(
@@ -328,15 +362,14 @@ def ingest(
             g = stage_tomo.create_group(name, overwrite=True)
             src = da.from_array(OrientedMRC(plan.src.rec_path, order), chunks=clip_chunks(plan.shape, chunks),
                                 name=f"mrc-{name}-{plan.mtime_ns}")
-            target = create_array(g, "0", plan.shape, chunks=chunks, dimension_names=AXES_ZYX)
-            stats_tasks.append(_copy_lazy(src, target))
+            stats_tasks.append(_copy_lazy(src, _pyramid_targets(g, plan.shape, chunks)))
             if plan.tilt_shape is not None:
                 tg = stage_tilt.create_group(name, overwrite=True)
                 tchunks = (1, min(plan.tilt_shape[1], 1024), min(plan.tilt_shape[2], 1024))
                 tsrc = da.from_array(OrientedMRC(plan.src.tilt_path, "zxy"), chunks=tchunks,
                                      name=f"tilt-{name}-{plan.mtime_ns}")
                 ttarget = create_array(tg, "0", plan.tilt_shape, chunks=tchunks, dimension_names=("tilt", "y", "x"))
-                stats_tasks.append(_copy_lazy(tsrc, ttarget))
+                stats_tasks.append(_copy_lazy(tsrc, [ttarget]))
             else:
                 stats_tasks.append(None)
         fps = [dask.delayed(fingerprint)(p.src.rec_path) for p in todo]
@@ -359,8 +392,7 @@ def ingest(
         for i, plan in enumerate(todo):
             name = plan.src.name
             g = stage_tomo[name]
-            write_multiscale(da.from_zarr(g["0"]), g, name=name, voxel_size=plan.voxel_size, chunks=chunks,
-                             level0_written=True)
+            g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, len([k for k in g.array_keys()]))
             st = results[2 * i]
             mean = st[1] / st[0]
             g.attrs["milotile"] = {
