@@ -1,6 +1,6 @@
 """The collection store: Zarr v3 + OME-NGFF 0.5 volumes, tilt series, derived data and parquet tables."""
 
-from milotile.store.arrays import create_array, multiscale_metadata, write_dask, write_multiscale
+from milotile.store.arrays import create_array, downsample_block, multiscale_metadata, write_dask
 from milotile.store.collection import Collection, TiltSeries, Tomogram, open_collection
 from milotile.store.ingest import collect_sources, ingest, read_angles, read_manifest
 from milotile.store.mrc import ORDERS, OrientedMRC, read_header, write_mrc
@@ -13,6 +13,7 @@ __all__ = [
     "Tomogram",
     "collect_sources",
     "create_array",
+    "downsample_block",
     "ingest",
     "multiscale_metadata",
     "open_collection",
@@ -21,5 +22,4 @@ __all__ = [
     "read_manifest",
     "write_dask",
     "write_mrc",
-    "write_multiscale",
 ]
