@@ -175,7 +175,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     exports: dict[str, str] = {}
     t0 = time.perf_counter()
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson", "csv"):
-        dest = out / "exports" / fmt
+        dest = out / "exports" / ("picks.csv" if fmt == "csv" else fmt)
         opts = {"object_name": species.replace("_", "-")} if fmt == "copick" else {}
         export(picks, fmt, dest, col=mt.open(store), **opts)
         exports[fmt] = str(dest)

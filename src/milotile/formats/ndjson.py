@@ -110,6 +110,7 @@ def write_ndjson(
         The files written.
     """
     out = as_path(out)
+    out.mkdir(parents=True, exist_ok=True)  # an empty pick set still gives its (empty) export folder
     picks = picks.copy()
     if object_name is not None:
         picks["class"] = object_name
