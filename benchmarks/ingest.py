@@ -31,11 +31,16 @@ z[:] = data
 """
 
 MILOTILE = """
-import sys, logging
+import sys, time
 import milotile as mt
 src, dst, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with mt.cluster(workers=workers, threads_per_worker=1, dashboard_address=None):
-    mt.ingest(src, dst)
+if __name__ == "__main__":
+    with mt.cluster(workers=workers, threads_per_worker=1, dashboard_address=None) as client:
+        if dst == "idle":  # the same process tree doing nothing: its fixed memory
+            client.run(lambda: __import__("milotile.store.ingest"))
+            time.sleep(2)
+        else:
+            mt.ingest(src, dst)
 """
 
 
@@ -54,6 +59,7 @@ def main() -> None:
     ap.add_argument("--size", default="256,1024,1024", help="Z,Y,X of the generated tomogram")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder)")
     ap.add_argument("--quick", action="store_true", help="small volume, for a smoke run")
+    ap.add_argument("--name", default="ingest", help="results file name (benchmarks/results/NAME.json)")
     args = ap.parse_args()
     shape = tuple(int(v) for v in ("64,512,512" if args.quick else args.size).split(","))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="milotile-bench-"))
@@ -65,23 +71,38 @@ def main() -> None:
     print(f"volume {shape} float32: {mb:.0f} MB")
     py = sys.executable
     results = {}
-    for label, cmd in [
-        ("naive_mrcfile_read_then_zarr", [py, "-c", NAIVE, str(src), str(work / "naive.zarr")]),
-        ("milotile_1_worker", [py, "-c", MILOTILE, str(src), str(work / "mt1.zarr"), "1"]),
-        ("milotile_2_workers", [py, "-c", MILOTILE, str(src), str(work / "mt2.zarr"), "2"]),
+    script = work / "mt_ingest.py"
+    script.write_text(MILOTILE)
+    idle = {}
+    for workers in (1, 2):
+        _, peak, _ = run_measured([py, str(script), str(src), "idle", str(workers)])
+        idle[workers] = peak
+    for label, cmd, workers in [
+        ("naive_mrcfile_read_then_zarr", [py, "-c", NAIVE, str(src), str(work / "naive.zarr")], 0),
+        ("milotile_1_worker", [py, str(script), str(src), str(work / "mt1.zarr"), "1"], 1),
+        ("milotile_2_workers", [py, str(script), str(src), str(work / "mt2.zarr"), "2"], 2),
     ]:
         wall, peak, _ = run_measured(cmd)
         results[label] = {"seconds": wall, "MB_per_s": mb / wall, "peak_rss_MB": peak / 1e6,
                           "peak_rss_fraction_of_volume": peak / nbytes}
-        print(f"{label:32s} {wall:7.1f} s  {mb / wall:7.1f} MB/s  peak RSS {peak / 1e6:7.0f} MB "
-              f"({100 * peak / nbytes:.1f} % of the volume)")
+        line = (f"{label:30s} {wall:7.1f} s {mb / wall:7.1f} MB/s  peak RSS {peak / 1e6:6.0f} MB "
+                f"({100 * peak / nbytes:5.1f} % of the volume)")
+        if workers:
+            base = idle[workers]
+            results[label].update(idle_process_tree_MB=base / 1e6, working_set_MB=(peak - base) / 1e6,
+                                  working_set_fraction_of_volume=(peak - base) / nbytes)
+            line += f"; idle processes {base / 1e6:.0f} MB, working set {(peak - base) / 1e6:.0f} MB"
+        print(line)
     # the milotile store holds all three pyramid levels; the naive store only level 0
     naive = results["naive_mrcfile_read_then_zarr"]
     for k in ("milotile_1_worker", "milotile_2_workers"):
         results[k]["speed_vs_naive"] = naive["seconds"] / results[k]["seconds"]
         results[k]["memory_vs_naive"] = results[k]["peak_rss_MB"] / naive["peak_rss_MB"]
-    path = write_results("ingest", {"shape_zyx": shape, "volume_MB": mb, "results": results,
-                                    "note": "milotile also writes the 2x and 4x pyramid levels, the naive way only level 0"})
+    name = "ingest_quick" if args.quick else args.name
+    path = write_results(name, {"shape_zyx": shape, "volume_MB": mb, "results": results,
+                                "note": "milotile also writes the 2x and 4x pyramid levels, the per-chunk statistics "
+                                        "and a SHA-1 fingerprint; the naive way only level 0. 'idle' is the same "
+                                        "process tree (client, scheduler, nanny, workers) started without work."})
     print(f"wrote {path}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
