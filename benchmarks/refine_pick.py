@@ -1,22 +1,42 @@
-"""Benchmark: tiled heatmap prediction on Dask vs a single whole-volume forward pass (issue 6, Measure).
+"""Benchmark: tiled picking on Dask vs a single whole-volume forward pass (issue "Refinement at scale", Measure).
 
 Steps, all in one run:
 
-1. ``milotile synth`` data -> ingest -> a short picker training with :func:`milotile.refine.train`
-   (a random 30 % of one species' particles in the first tomogram labelled).
-2. Prediction speed and memory, each in its own process so peak RSS is its own:
-   * ``whole``: MiLoPYP's way, the tomogram read into RAM and passed through the network at once;
-   * ``tiled``: :func:`milotile.refine.predict.predict_heatmap` over the store chunks on a
-     ``LocalCluster`` with 1 and with 2 worker processes (1 thread each).
-   Reported: level-0 voxels per second of prediction (cluster start excluded) and the peak RSS of the
-   process tree (workers included).
-3. Accuracy: :func:`milotile.refine.predict.pick` at a low threshold, then precision / recall / F1
-   against the synthetic ground truth as a function of the threshold (Hungarian matching within
-   half the particle radius).
+1. Data: ``milotile.synth`` tomograms (default 3 x 64 x 256 x 256, SNR 0.5, 60 particles each)
+   -> ingest (store chunks 64 x 256 x 256). Reused from ``--workdir`` when it already holds them.
+2. A real picker: :func:`milotile.refine.train` on a random 30 % of one species' particles in the
+   FIRST tomogram only (the recipe of ``benchmarks/refine_train.py``: unet4, start_filts 16, tau 0.01,
+   3 crops per label and epoch). Trained once and reused by every variant (``--model`` skips it).
+3. Prediction, every variant in its **own fresh subprocess**; wall time of the prediction inside the
+   process and peak RSS of the process tree (driver + Dask workers, sampled every 50 ms):
+
+   * ``whole_1thread`` / ``whole_2threads``: MiLoPYP's way -- each tomogram read into RAM, its
+     global statistics, one :meth:`Picker.predict_block` call on the whole volume (torch 1 or 2
+     threads), then the heatmap decoded with :func:`milotile.refine.decode.decode_heatmap`;
+   * ``tiled_<tile>_1worker`` / ``_2workers``: :func:`milotile.refine.predict.pick` (tiled
+     ``predict_heatmap`` with the full receptive-field halo = exact, heatmap written to the store,
+     decoded) on a ``LocalCluster`` of 1 / 2 single-threaded worker processes. ``--tile`` (default
+     32 x 256 x 256: two z-tiles per tomogram) cuts only along z, where the halo is small; ``--xy-tile``
+     (default 64 x 128 x 128: four tiles) also cuts in y/x, where the exact halo (half the ~243-voxel
+     receptive field of unet4) makes every tile read most of the plane;
+   * ``..._halo<cap>``: the xy tiles with ``halo=--halo-cap`` (each axis at most the full halo):
+     less context read, not exact near tile seams.
+
+   "voxels/s" = level-0 voxels of all tomograms / seconds from the first byte read to the last pick
+   (statistics, network, decoding; cluster start and model import excluded, first model load
+   included). Decoding is the same function with the same parameters in every variant.
+4. Accuracy: precision / recall / F1 against the threshold (:func:`milotile.metrics.pr_curve`,
+   Hungarian matching within half the particle radius) of every variant's picks against ALL
+   particles of the species in all tomograms (the 30 % training labels included -- they are a
+   minority of one tomogram; F1 on the two unseen tomograms is reported separately), plus the max
+   abs difference of each heatmap to the whole-volume one.
 
 Example::
 
     nice .venv/bin/python benchmarks/refine_pick.py --quick
+    nice .venv/bin/python benchmarks/refine_pick.py --workdir /tmp/pick_bench
+
+Writes ``benchmarks/results/refine_pick.json`` (``--quick``: ``refine_pick_quick.json``).
 """
 
 from __future__ import annotations
@@ -24,6 +44,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,145 +56,348 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_measured, write_results  # noqa: E402
 
+DECODE = {"threshold": 0.02, "max_picks": 2000}  # low threshold: the PR curve is swept afterwards
 
-def _child(args: argparse.Namespace) -> int:
-    """Measure one prediction mode inside this process; print a JSON line."""
+
+# --------------------------------------------------------------------------- child processes
+def _decode_kw(picker, radius: float) -> dict:
+    from milotile.refine.predict import _geometry
+
+    stride, offset, _ = _geometry(picker)
+    return {"stride": stride, "offset": offset, "classes": picker.classes, "threshold": DECODE["threshold"],
+            "nms_distance": radius, "max_picks": DECODE["max_picks"], "border": int(np.floor(2 * radius / 4.0))}
+
+
+def child_whole(a: argparse.Namespace) -> dict:
+    """Each tomogram in RAM and through ``Picker.predict_block`` at once (MiLoPYP's way)."""
     import torch
+
+    torch.set_num_threads(a.threads)
+    import dask
+    import dask.array as da
+    import pandas as pd
+
+    import milotile as mt
+    from milotile.refine.decode import decode_heatmap
+    from milotile.refine.picker import Picker
+    from milotile.refine.preprocess import tomogram_stats
+
+    dask.config.set(scheduler="synchronous")  # one process, one thread reads the volume
+    col = mt.open(a.store, mode="r")
+    out = Path(a.out)
+    t0 = time.perf_counter()
+    picker = Picker.load(a.model, device=a.device)
+    nvox, picks, t_net, t_dec = 0, [], 0.0, 0.0
+    for n in col.names:
+        t = col[n]
+        src = t.data(0)
+        vol = np.asarray(src, dtype=np.float32)  # the whole tomogram in RAM
+        stats = tomogram_stats(da.from_array(vol, chunks=src.chunks), n)  # same numbers as the tiled path
+        t1 = time.perf_counter()
+        hm = picker.predict_block(vol, stats)
+        t2 = time.perf_counter()
+        picks.append(decode_heatmap(hm, tomogram=n, shape=t.shape, voxel_size=t.voxel_size,
+                                    **_decode_kw(picker, a.radius)))
+        t3 = time.perf_counter()
+        t_net += t2 - t1
+        t_dec += t3 - t2
+        nvox += vol.size
+        del vol
+        np.save(out / f"hm_{n}.npy", hm)
+    dt = time.perf_counter() - t0
+    pd.concat(picks, ignore_index=True).to_parquet(out / "picks.parquet")
+    return {"seconds": dt, "network_s": t_net, "decode_s": t_dec, "voxels": nvox,
+            "torch_threads": torch.get_num_threads()}
+
+
+def child_tiled(a: argparse.Namespace) -> dict:
+    """``milotile.refine.predict.pick`` on a LocalCluster of ``--workers`` single-threaded processes."""
+    import dask.array as da
 
     import milotile as mt
     from milotile.refine.picker import Picker
-    from milotile.refine.predict import predict_heatmap
+    from milotile.refine.predict import pick
 
-    torch.set_num_threads(args.threads)
-    col = mt.open(args.store, mode="r")
-    names = col.names
-    if args.mode == "whole":
-        picker = Picker.load(args.model, device=args.device)
+    out = Path(a.out)
+    run = f"bench_{out.name}"
+    with mt.cluster(workers=a.workers, threads_per_worker=1, dashboard_address=None) as client:
+        col = mt.open(a.store)
+        stale = Path(a.store) / "derived" / "heatmaps" / run
+        if stale.exists():  # never time a heatmap reused from an earlier run
+            shutil.rmtree(stale)
         t0 = time.perf_counter()
-        nvox = 0
-        for n in names:
-            vol = np.asarray(col[n].data(0), dtype=np.float32)  # the whole tomogram in RAM
-            stats = (float(vol.mean()), float(vol.std()))
-            picker.predict_block(vol, stats)
-            nvox += vol.size
+        picker = Picker.load(a.model, device=a.device)
+        kw = _decode_kw(picker, a.radius)
+        picks = pick(col, picker, threshold=kw["threshold"], max_picks=kw["max_picks"],
+                     nms_distance=kw["nms_distance"], border=kw["border"], tile=a.tile, halo=a.halo,
+                     run=run, table=None, write_heatmaps=True)
         dt = time.perf_counter() - t0
-    else:
-        with mt.cluster(workers=args.workers, threads_per_worker=1, dashboard_address=None):
-            picker = Picker.load(args.model, device=args.device)
-            from milotile.cluster import compute_with_progress
 
-            t0 = time.perf_counter()
-            nvox = 0
-            for n in names:
-                hm = predict_heatmap(col, n, picker, tile=args.tile)
-                compute_with_progress([hm.sum()], desc=n)
-                nvox += int(np.prod(col[n].shape))
-            dt = time.perf_counter() - t0
-    print(json.dumps({"seconds": dt, "voxels": nvox}))
-    return 0
+        def probe() -> dict:
+            import sys as _s
+
+            th = _s.modules["torch"].get_num_threads() if "torch" in _s.modules else None
+            return {"torch_threads": th, "omp": os.environ.get("OMP_NUM_THREADS")}
+
+        workers = list(client.run(probe).values())
+        nvox, ntiles = 0, 0
+        for n in col.names:
+            nvox += int(np.prod(col[n].shape))
+            hm = da.from_zarr(col.zarr_group[f"derived/heatmaps/{run}/{n}/0"])
+            np.save(out / f"hm_{n}.npy", hm.compute(scheduler="synchronous"))
+            ntiles += int(np.prod(col[n].data(0).rechunk(a.tile).numblocks)) if a.tile else 0
+    picks.to_parquet(out / "picks.parquet")
+    return {"seconds": dt, "voxels": nvox, "n_tiles": ntiles, "halo_used": list(a.halo or picker.halo),
+            "workers": workers}
+
+
+def child_train(a: argparse.Namespace) -> dict:
+    """Train the picker (its own process, so the parent stays small)."""
+    import pandas as pd
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import milotile as mt
+
+    col = mt.open(a.store)
+    labels = pd.read_parquet(a.labels)
+    run = Path(a.out)
+    if run.exists():
+        shutil.rmtree(run)
+    t0 = time.perf_counter()
+    mt.refine.train(col, labels[["tomogram", "x", "y", "z"]], bbox=2 * a.radius, epochs=a.epochs, arch="unet4",
+                    arch_config={"start_filts": a.start_filts}, batch_size=4, crop=(8, 64, 64), lr=1e-3,
+                    tau=0.01, random_fraction=0.5, repeats=3, val_fraction=0.0, out=run, seed=a.seed,
+                    device=a.device)
+    recs = mt.nn.RunLog(run).records()
+    return {"train_s": time.perf_counter() - t0, "seconds_per_epoch": float(np.median([r["seconds"] for r in recs])),
+            "final_loss": recs[-1].get("loss")}
+
+
+CHILDREN = {"whole": child_whole, "tiled": child_tiled, "train": child_train}
+
+
+# --------------------------------------------------------------------------- parent
+def child_cmd(a: argparse.Namespace, mode: str, out: Path, **extra) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--store", str(a.store),
+           "--out", str(out), "--radius", str(a.radius), "--device", a.device, "--seed", str(a.seed)]
+    if a.model:
+        cmd += ["--model", str(a.model)]
+    for k, v in extra.items():
+        if v is None:
+            continue
+        vals = [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
+        cmd += [f"--{k.replace('_', '-')}", *vals]
+    return cmd
+
+
+def measured(a: argparse.Namespace, mode: str, out: Path, **extra) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
+    wall, peak, stdout = run_measured(child_cmd(a, mode, out, **extra))
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res.update(process_wall_s=wall, peak_rss_mb=peak / 2**20, load_avg_1m_before=load,
+               load_avg_1m_after=os.getloadavg()[0])
+    return res
+
+
+def prepare(a: argparse.Namespace, work: Path):
+    """Synthetic data + store, reused when ``work`` already holds the same parameters."""
+    import pandas as pd
+
+    import milotile as mt
+    from milotile.synth import synth
+
+    params = {"seed": a.seed, "n_tomograms": a.n_tomograms, "size": list(a.size), "snr": a.snr,
+              "n_particles": a.n_particles}
+    stamp = work / "data.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == params and (work / "gt.parquet").exists():
+        return pd.read_parquet(work / "gt.parquet"), 0.0
+    for p in ("synth", "store.zarr", "run"):
+        shutil.rmtree(work / p, ignore_errors=True)
+    t0 = time.perf_counter()
+    res = synth(work / "synth", seed=a.seed, n_tomograms=a.n_tomograms, size=tuple(a.size), snr=a.snr,
+                n_particles=a.n_particles)
+    with mt.cluster(workers=2, threads_per_worker=1, dashboard_address=None):
+        mt.ingest(res.manifest, work / "store.zarr", overwrite=True)
+    res.ground_truth.to_parquet(work / "gt.parquet")
+    stamp.write_text(json.dumps(params))
+    return res.ground_truth, time.perf_counter() - t0
+
+
+def accuracy(picks, true, first: str, match_r: float) -> dict:
+    from milotile.metrics import evaluate, pr_curve
+
+    if len(picks) == 0:
+        return {"best_f1": 0.0, "curve": []}
+    curve = pr_curve(picks, true, match_r, by="tomogram", max_thresholds=200)
+    i = int(np.argmax(curve["f1"].to_numpy()))
+    best_thr = float(curve["threshold"].iloc[i])
+    table = []
+    for thr in (0.05, 0.1, 0.25, 0.5, 0.75, 0.9):
+        r = evaluate(picks, true, match_r, by="tomogram", threshold=thr).iloc[-1]
+        table.append({"threshold": thr, "n_pred": int(r["n_pred"]), "tp": int(r["tp"]),
+                      "precision": round(float(r["precision"]), 4), "recall": round(float(r["recall"]), 4),
+                      "f1": round(float(r["f1"]), 4)})
+    unseen_p, unseen_t = picks[picks["tomogram"] != first], true[true["tomogram"] != first]
+    f_unseen = evaluate(unseen_p, unseen_t, match_r, by="tomogram", threshold=0.5).iloc[-1]["f1"] if len(unseen_t) else None
+    return {"best_f1": round(float(curve["f1"].iloc[i]), 4), "best_threshold": round(best_thr, 4),
+            "best_precision": round(float(curve["precision"].iloc[i]), 4),
+            "best_recall": round(float(curve["recall"].iloc[i]), 4),
+            "f1_at_0.5_unseen_tomograms": None if f_unseen is None else round(float(f_unseen), 4),
+            "curve": table}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 x 48 x 128 x 128, 3 epochs (smoke run, ~2 min)")
+    ap.add_argument("--size", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
+    ap.add_argument("--n-tomograms", type=int, default=3)
+    ap.add_argument("--n-particles", type=int, default=60, help="particles per tomogram (all species)")
+    ap.add_argument("--snr", type=float, default=0.5)
+    ap.add_argument("--species", default="ribosome")
+    ap.add_argument("--fraction", type=float, default=0.3, help="labelled fraction of the species in tomogram 0")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--start-filts", type=int, default=16)
+    ap.add_argument("--tile", type=int, nargs=3, default=(32, 256, 256), metavar=("Z", "Y", "X"),
+                    help="tile of the tiled runs (the predictor's default, 64 x 512 x 512, would be one tile "
+                         "per tomogram here)")
+    ap.add_argument("--xy-tile", type=int, nargs=3, default=(64, 128, 128), metavar=("Z", "Y", "X"),
+                    help="tile of the xy-tiled runs (exact and halo-capped)")
+    ap.add_argument("--halo-cap", type=int, nargs=3, default=(8, 32, 32), metavar=("Z", "Y", "X"),
+                    help="halo of the capped variant in level-0 voxels (each axis at most the full halo)")
+    ap.add_argument("--variants", default="whole1,whole2,tiled1,tiled2,xy2,xy2cap",
+                    help="subset of whole1,whole2,tiled1,tiled2,xy1,xy2,xy2cap")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", default=None, help="keep (and reuse) data, picker and heatmaps here")
+    ap.add_argument("--model", default=None, help="skip training and use this picker checkpoint")
+    ap.add_argument("--json", default=None, help="output JSON name (default refine_pick[_quick])")
+    # child mode (internal)
+    ap.add_argument("--child", choices=sorted(CHILDREN), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--labels", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--radius", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--halo", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.quick and not a.child:
+        a.size, a.n_tomograms, a.n_particles, a.epochs, a.start_filts = (48, 128, 128), 2, 30, 3, 8
+        a.tile, a.xy_tile = (24, 128, 128), (48, 64, 64)
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small volumes, short training (smoke run)")
-    ap.add_argument("--size", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
-    ap.add_argument("--n-tomograms", type=int, default=2)
-    ap.add_argument("--species", default="ribosome")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--start-filts", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--model", default=None, help="skip training and use this picker checkpoint")
-    ap.add_argument("--tile", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                    help="tile size of the tiled runs (default: the store chunks, 64 x 256 x 256)")
-    # child mode (internal)
-    ap.add_argument("--child", dest="mode", choices=["whole", "tiled"], default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.mode:
-        return _child(args)
-    if args.quick:
-        args.size, args.epochs, args.start_filts = (48, 128, 128), 3, 8
+    a = parse(argv)
+    if a.child:
+        print(json.dumps(CHILDREN[a.child](a), default=float))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    import pandas as pd
 
-    import milotile as mt
-    from milotile.metrics import pr_curve
-    from milotile.refine.predict import pick
-    from milotile.synth import synth
+    t_all = time.perf_counter()
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="pick_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    gt, t_data = prepare(a, work)
+    a.store = work / "store.zarr"
+    names = sorted(gt["tomogram"].unique())
+    sp = gt[gt["species"] == a.species]
+    if sp.empty:
+        raise SystemExit(f"no {a.species} particles in the synthetic data")
+    a.radius = float(sp["radius"].iloc[0])
+    match_r = a.radius / 2.0
+    print(f"data: {a.n_tomograms} x {tuple(a.size)}, {len(sp)} {a.species} (radius {a.radius}); "
+          f"synth+ingest {t_data:.1f} s (0 = reused)", flush=True)
 
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pick_bench_"))
-    t0 = time.perf_counter()
-    res = synth(work / "synth", seed=args.seed, n_tomograms=args.n_tomograms, size=tuple(args.size))
-    col = mt.ingest(res.manifest, work / "store.zarr", overwrite=True)
-    gt = res.ground_truth
-    sp = gt[gt["species"] == args.species]
-    radius = float(sp["radius"].iloc[0])
-    print(f"data: {args.n_tomograms} x {tuple(args.size)}, {len(sp)} {args.species} (radius {radius}); "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    training = None
+    if a.model is None:
+        rng = np.random.default_rng(a.seed)
+        first = sp[sp["tomogram"] == names[0]]
+        n_lab = max(2, int(round(a.fraction * len(first))))
+        labels = first.iloc[np.sort(rng.choice(len(first), n_lab, replace=False))]
+        labels.to_parquet(work / "labels.parquet")
+        run = work / "run"
+        stamp = {"epochs": a.epochs, "start_filts": a.start_filts, "labels": labels[["x", "y", "z"]].values.tolist()}
+        if (run / "last.pt").exists() and (work / "run.json").exists() \
+                and json.loads((work / "run.json").read_text())["stamp"] == stamp:
+            training = json.loads((work / "run.json").read_text())["training"]
+            training["reused"] = True
+        else:
+            training = measured(a, "train", run, labels=work / "labels.parquet", epochs=a.epochs,
+                                start_filts=a.start_filts, threads=2)
+            training.update(n_labelled=int(n_lab), n_in_first_tomogram=int(len(first)), epochs=a.epochs,
+                            start_filts=a.start_filts)
+            (work / "run.json").write_text(json.dumps({"stamp": stamp, "training": training}))
+        a.model = str(run / "last.pt")
+        print(f"picker: {n_lab} of {len(first)} {a.species} labelled in {names[0]}; train "
+              f"{training['train_s']:.0f} s ({training['seconds_per_epoch']:.2f} s/epoch)", flush=True)
 
-    model = args.model
-    train_s = None
-    if model is None:
-        rng = np.random.default_rng(args.seed)
-        first = sp[sp["tomogram"] == res.names[0]]
-        labels = first.iloc[np.sort(rng.choice(len(first), max(2, int(0.3 * len(first))), replace=False))]
-        t0 = time.perf_counter()
-        mt.refine.train(col, labels[["tomogram", "x", "y", "z"]], bbox=2 * radius, epochs=args.epochs,
-                        arch="unet4", arch_config={"start_filts": args.start_filts}, val_fraction=0.0,
-                        out=work / "run", seed=args.seed, device=args.device)
-        train_s = time.perf_counter() - t0
-        model = str(work / "run")
-        print(f"trained {args.epochs} epochs in {train_s:.1f} s", flush=True)
+    from milotile.refine.picker import Picker
 
-    speed = {}
-    me = [sys.executable, str(Path(__file__).resolve())]
-    common = ["--store", str(work / "store.zarr"), "--model", model, "--device", args.device]
-    if args.tile:
-        common += ["--tile", *map(str, args.tile)]
-    for label, extra in (("whole_volume_1proc_1thread", ["--child", "whole", "--threads", "1"]),
-                         ("whole_volume_1proc_2threads", ["--child", "whole", "--threads", "2"]),
-                         ("tiled_1worker", ["--child", "tiled", "--workers", "1"]),
-                         ("tiled_2workers", ["--child", "tiled", "--workers", "2"])):
-        wall, rss, out = run_measured(me + extra + common)
-        r = json.loads(out.strip().splitlines()[-1])
-        speed[label] = {"voxels_per_s": round(r["voxels"] / r["seconds"]), "predict_s": round(r["seconds"], 2),
-                        "process_wall_s": round(wall, 1), "peak_rss_mb": round(rss / 2**20, 1)}
-        print(f"{label:30s} {speed[label]['voxels_per_s']:>10,d} vox/s  predict {r['seconds']:.1f} s  "
-              f"peak RSS {rss / 2**20:.0f} MB", flush=True)
-
-    # accuracy vs threshold (in-process threaded scheduler)
-    picks = pick(col, model, threshold=0.02, max_picks=2000, nms_distance=radius, border=0, run="bench")
-    picks = picks[picks["class"] == picks["class"].iloc[0]] if len(picks) else picks
-    true = sp[["tomogram", "x", "y", "z"]]
-    curve = pr_curve(picks, true, radius / 2.0, by="tomogram", max_thresholds=200) if len(picks) else None
-    table = []
-    for thr in (0.05, 0.1, 0.25, 0.5, 0.75, 0.9):
-        if curve is None:
-            break
-        rows = curve[curve["threshold"] >= thr]
-        if len(rows):
-            r = rows.iloc[-1]
-            table.append({"threshold": thr, "n_pred": int(r["n_pred"]), "precision": round(float(r["precision"]), 3),
-                          "recall": round(float(r["recall"]), 3), "f1": round(float(r["f1"]), 3)})
-    best = curve.iloc[int(np.argmax(curve["f1"].to_numpy()))] if curve is not None and len(curve) else None
-    print("threshold  n_pred  precision  recall  f1")
-    for r in table:
-        print(f"{r['threshold']:9.2f} {r['n_pred']:7d} {r['precision']:10.3f} {r['recall']:7.3f} {r['f1']:5.3f}")
-    out = {
-        "command": " ".join(["benchmarks/refine_pick.py", *(argv if argv is not None else sys.argv[1:])]),
-        "data": {"n_tomograms": args.n_tomograms, "size_zyx": list(args.size), "species": args.species,
-                 "n_true": int(len(sp)), "match_radius": radius / 2.0},
-        "tile_zyx": args.tile or "store chunks (64, 256, 256)",
-        "picker": {"checkpoint": "trained here" if args.model is None else args.model, "epochs": args.epochs,
-                   "start_filts": args.start_filts, "train_s": None if train_s is None else round(train_s, 1)},
-        "prediction": speed,
-        "pr_vs_threshold": table,
-        "best_f1": None if best is None else {"threshold": float(best["threshold"]), "f1": round(float(best["f1"]), 3)},
+    picker = Picker.load(a.model, device="cpu")
+    full_halo = list(picker.halo)
+    cap = [min(c, f) for c, f in zip(a.halo_cap, full_halo, strict=True)]
+    tz, xyz = "x".join(map(str, a.tile)), "x".join(map(str, a.xy_tile))
+    variants = {
+        "whole1": ("whole_1thread", "whole", {"threads": 1}),
+        "whole2": ("whole_2threads", "whole", {"threads": 2}),
+        "tiled1": (f"tiled_{tz}_1worker", "tiled", {"workers": 1, "tile": a.tile}),
+        "tiled2": (f"tiled_{tz}_2workers", "tiled", {"workers": 2, "tile": a.tile}),
+        "xy1": (f"tiled_{xyz}_1worker", "tiled", {"workers": 1, "tile": a.xy_tile}),
+        "xy2": (f"tiled_{xyz}_2workers", "tiled", {"workers": 2, "tile": a.xy_tile}),
+        "xy2cap": (f"tiled_{xyz}_2workers_halo{'x'.join(map(str, cap))}", "tiled",
+                   {"workers": 2, "tile": a.xy_tile, "halo": cap}),
     }
-    path = write_results("refine_pick", out)
+    speed, outs = {}, {}
+    for key in a.variants.split(","):
+        label, mode, extra = variants[key]
+        out = work / "out" / label
+        shutil.rmtree(out, ignore_errors=True)
+        r = measured(a, mode, out, **extra)
+        r["voxels_per_s"] = r["voxels"] / r["seconds"]
+        speed[label] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+        outs[label] = out
+        print(f"{label:40s} {r['voxels_per_s']:>10,.0f} vox/s  {r['seconds']:6.1f} s  "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB  (load {r['load_avg_1m_before']:.2f})", flush=True)
+
+    # accuracy and heatmap agreement
+    true = sp[["tomogram", "x", "y", "z"]]
+    acc, diff = {}, {}
+    ref = next((lb for lb in outs if lb.startswith("whole")), None)
+    for label, out in outs.items():
+        picks = pd.read_parquet(out / "picks.parquet")
+        acc[label] = accuracy(picks, true, names[0], match_r)
+        if ref is not None and label != ref:
+            d = [float(np.abs(np.load(out / f"hm_{n}.npy") - np.load(outs[ref] / f"hm_{n}.npy")).max()) for n in names]
+            diff[f"{label}_vs_{ref}"] = max(d)
+    print("\nvariant                                  best F1 (thr)      F1@0.5   P@0.5   R@0.5")
+    for label, r in acc.items():
+        c5 = next((c for c in r["curve"] if c["threshold"] == 0.5), None)
+        if c5:
+            print(f"{label:40s} {r['best_f1']:.3f} ({r['best_threshold']:.2f})    "
+                  f"{c5['f1']:.3f}   {c5['precision']:.3f}   {c5['recall']:.3f}")
+    for k, v in diff.items():
+        print(f"max |heatmap difference| {k}: {v:.2e}")
+
+    out = {
+        "command": " ".join(["python benchmarks/refine_pick.py", *(argv if argv is not None else sys.argv[1:])]),
+        "data": {"n_tomograms": a.n_tomograms, "size_zyx": list(a.size), "n_particles_per_tomogram": a.n_particles,
+                 "snr": a.snr, "species": a.species, "n_true": int(len(sp)), "radius": a.radius,
+                 "match_radius": match_r, "store_chunks": [min(64, a.size[0]), min(256, a.size[1]), min(256, a.size[2])]},
+        "picker": {"checkpoint": a.model, "training": training, "full_halo_zyx": full_halo,
+                   "receptive_field_zyx": picker.contract.get("receptive_field")},
+        "tile_zyx": list(a.tile),
+        "xy_tile_zyx": list(a.xy_tile),
+        "halo_cap_zyx": {"asked": list(a.halo_cap), "used": cap, "full": full_halo},
+        "decode": {**DECODE, "nms_distance": a.radius, "border": int(np.floor(a.radius / 2.0))},
+        "prediction": speed,
+        "accuracy": acc,
+        "max_abs_heatmap_difference": diff,
+        "total_run_s": round(time.perf_counter() - t_all, 1),
+    }
+    path = write_results(a.json or ("refine_pick_quick" if a.quick else "refine_pick"), out)
     print(f"results: {path}")
     return 0
 
