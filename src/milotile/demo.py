@@ -35,6 +35,7 @@ class DemoConfig:
     snr: float = 0.5
     explore_epochs: int = 4
     refine_epochs: int = 8
+    refine_repeats: int = 10  # crops per labelled particle and epoch (few labels: more steps per epoch)
     refine_species: str | None = None  # default: the largest species
     label_fraction: float = 0.3
     workers: int | None = None
@@ -147,8 +148,11 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         labels[["tomogram", "x", "y", "z"]].assign(**{"class": species}).to_parquet(labels_path)
         radius = float(pool["radius"].mean())
         bbox_r = int(2 * round(radius) + 2)
+        # tau 0.01 is MiLoPYP's documented recommendation; a 16-filter U-Net trains fast on a CPU
         picker, s = _timed(lambda: mt.refine.train(col, labels_path, bbox=bbox_r, epochs=cfg.refine_epochs,
-                                                   arch="unet4", out=out / "runs" / "refine", seed=cfg.seed))
+                                                   arch="unet4", arch_config={"start_filts": 16}, tau=0.01,
+                                                   repeats=cfg.refine_repeats, out=out / "runs" / "refine",
+                                                   seed=cfg.seed))
         report.add("refine", s, species=species, labelled=len(labels), of=len(pool), bbox=bbox_r)
 
         # 7. picking on every tomogram ------------------------------------------------------------
