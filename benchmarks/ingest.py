@@ -71,6 +71,8 @@ def main() -> None:
     print(f"volume {shape} float32: {mb:.0f} MB")
     py = sys.executable
     results = {}
+    for old in ("naive.zarr", "mt1.zarr", "mt2.zarr"):  # a reused --workdir must not hold earlier stores
+        shutil.rmtree(work / old, ignore_errors=True)
     script = work / "mt_ingest.py"
     script.write_text(MILOTILE)
     idle = {}

@@ -43,6 +43,9 @@ def test_round_trip_exact_for_every_order(tmp_path, order):
     assert t.shape == v.shape
     np.testing.assert_array_equal(t.data().compute(), v)
     assert t.voxel_size == pytest.approx(6.5)
+    stats = t.meta["stats"]  # global statistics gathered in the copy pass
+    assert stats["mean"] == pytest.approx(float(v.mean(dtype=np.float64)), abs=1e-9)
+    assert stats["std"] == pytest.approx(float(v.std(dtype=np.float64)), rel=1e-9)
     # and back to MRC in the same order: identical bytes of data
     back = tmp_path / "back.mrc"
     write_mrc(back, t.data().compute(), voxel_size=t.voxel_size, order=order)

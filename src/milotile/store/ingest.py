@@ -239,10 +239,24 @@ def _copy_block(block: np.ndarray, targets: list[zarr.Array], block_info: dict |
             loc = [a // 2 for a in loc]
         if cur.size:
             target[tuple(slice(a, a + n) for a, n in zip(loc, cur.shape, strict=True))] = cur
-    finite = np.isfinite(block)
-    good = block[finite].astype(np.float64)
-    stats = np.array([good.size, good.sum(), np.square(good).sum(), block.size - good.size], dtype=np.float64)
-    return stats.reshape(1, 1, 1, 4)
+    return _block_stats(block).reshape(1, 1, 1, 4)
+
+
+def _block_stats(block: np.ndarray) -> np.ndarray:
+    """``[count, sum, sumsq, n_nonfinite]`` of the finite values, one z slice at a time.
+
+    Slice-wise float64 accumulation keeps the temporaries at one slice instead of several copies of
+    the block (which dominated the ingest working set).
+    """
+    count = total = squares = 0.0
+    for plane in block:
+        finite = np.isfinite(plane)
+        n = int(np.count_nonzero(finite))
+        vals = plane if n == plane.size else plane[finite]
+        count += n
+        total += float(vals.sum(dtype=np.float64))
+        squares += float(np.square(vals, dtype=np.float64).sum())
+    return np.array([count, total, squares, block.size - count], dtype=np.float64)
 
 
 def _copy_lazy(src: da.Array, targets: list[zarr.Array]) -> da.Array:
