@@ -166,14 +166,9 @@ def _predict_tile(
 
 
 def _stats(t: Any) -> tuple[float, float]:
-    try:
-        from milotile.refine.preprocess import tomogram_stats
+    from milotile.refine.preprocess import stored_stats
 
-        return tomogram_stats(t.data(0), t.name)
-    except ImportError:  # pragma: no cover
-        from milotile.ops.filters import global_stats
-
-        return global_stats(t.data(0))
+    return stored_stats(t)
 
 
 def predict_heatmap(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -20,7 +21,7 @@ from milotile.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gauss_halo", "normalize", "compress_z", "preprocess_block", "tomogram_stats", "TRUNCATE"]
+__all__ = ["gauss_halo", "normalize", "compress_z", "preprocess_block", "tomogram_stats", "stored_stats", "TRUNCATE"]
 
 #: Gaussian truncation in sigmas (scipy's default)
 TRUNCATE = 4.0
@@ -118,24 +119,26 @@ def preprocess_block(
 def tomogram_stats(darr: da.Array, name: str = "tomogram") -> tuple[float, float]:
     """Global mean and standard deviation of a (dask) volume, computed chunk by chunk.
 
-    Uses :func:`milotile.ops.filters.global_stats` when available.
-
     Raises
     ------
     InputError
         When the statistics are not finite (NaN/inf voxels) or the volume is constant.
     """
-    try:
-        from milotile.ops.filters import global_stats  # type: ignore[attr-defined]
-    except ImportError:  # mining module not there yet
-        global_stats = None
-    if global_stats is not None:
-        mean, std = global_stats(darr)
-    else:
-        d = da.asarray(darr).astype(np.float64)
-        mean, sq = da.compute(d.mean(), (d * d).mean())
-        std = math.sqrt(max(float(sq) - float(mean) ** 2, 0.0))
-    mean, std = float(mean), float(std)
+    from milotile.ops.filters import global_stats
+
+    mean, std = global_stats(darr)
+    return _checked(float(mean), float(std), name)
+
+
+def stored_stats(tomogram: Any) -> tuple[float, float]:
+    """Global level-0 statistics of a store tomogram: the ones ingest recorded, else computed once."""
+    st = tomogram.meta.get("stats")
+    if st:
+        return _checked(float(st["mean"]), float(st["std"]), tomogram.name)
+    return tomogram_stats(tomogram.data(0), tomogram.name)
+
+
+def _checked(mean: float, std: float, name: str) -> tuple[float, float]:
     if not (np.isfinite(mean) and np.isfinite(std)):
         raise InputError(f"Tomogram {name!r} contains NaN or infinite voxels (mean {mean}, std {std}).")
     if std <= 0:

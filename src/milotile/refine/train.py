@@ -36,7 +36,7 @@ from milotile.nn.runlog import RunLog
 from milotile.refine.data import CropDataset, VolumeReader, model_crop_shape
 from milotile.refine.losses import consistency_loss, debiased_contrastive_loss, pu_focal_loss
 from milotile.refine.picker import Picker
-from milotile.refine.preprocess import gauss_halo, preprocess_block, tomogram_stats
+from milotile.refine.preprocess import gauss_halo, preprocess_block, stored_stats
 from milotile.refine.targets import target_geometry
 
 logger = logging.getLogger(__name__)
@@ -482,7 +482,7 @@ def train(
     names = sorted(set(df["tomogram"]) | set(vdf["tomogram"]))
     readers = {n: VolumeReader(col[n].data(level=0), n, max_chunks=cache_chunks) for n in names}
     t0 = time.perf_counter()
-    stats = {n: tomogram_stats(col[n].data(level=0), n) for n in names}
+    stats = {n: stored_stats(col[n]) for n in names}
     logger.info("global statistics of %d tomogram(s) in %.1f s", len(names), time.perf_counter() - t0)
     voxel_size = float(col[names[0]].voxel_size)
 
