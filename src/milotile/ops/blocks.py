@@ -24,7 +24,6 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-from dask.array.overlap import ensure_minimum_chunksize
 
 from milotile.errors import InputError
 
@@ -48,15 +47,31 @@ NUMPY_PAD = "edge"
 def ensure_min_chunks(x: da.Array, depth: Sequence[int]) -> da.Array:
     """Rechunk ``x`` so that every chunk along each axis is at least ``depth`` long.
 
-    Dask's own rule (:func:`dask.array.overlap.ensure_minimum_chunksize`, what ``map_overlap``'s
-    ``allow_rechunk`` applies); done up front so the halo geometry is known. Axes that already
-    satisfy it keep their chunks.
+    Small chunks are **merged into their neighbour**, so every chunk still starts where one started
+    before. Dask's own rule (``dask.array.overlap.ensure_minimum_chunksize``, what ``map_overlap``'s
+    ``allow_rechunk`` applies) moves voxels between chunks instead, which shifts chunk starts off the
+    zarr chunk grid; block writes into a store (the preprocessing stage) need the starts kept.
+    Axes that already satisfy the constraint keep their chunks.
     """
-    want = tuple(
-        c if d <= 0 or len(c) == 1 or min(c) >= d else ensure_minimum_chunksize(int(d), c)
-        for d, c in zip(depth, x.chunks, strict=True)
-    )
-    return x if want == x.chunks else x.rechunk(want)
+    new_chunks: list[tuple[int, ...]] = []
+    changed = False
+    for ax, d in enumerate(depth):
+        chunks = list(x.chunks[ax])
+        if d <= 0 or min(chunks) >= d or len(chunks) == 1:
+            new_chunks.append(tuple(chunks))
+            continue
+        merged: list[int] = []
+        for c in chunks:
+            if merged and merged[-1] < d:
+                merged[-1] += c
+            else:
+                merged.append(c)
+        if len(merged) > 1 and merged[-1] < d:
+            last = merged.pop()
+            merged[-1] += last
+        new_chunks.append(tuple(merged))
+        changed = True
+    return x.rechunk(tuple(new_chunks)) if changed else x
 
 
 def regular_chunks(x: da.Array, chunks: Sequence[int]) -> da.Array:
