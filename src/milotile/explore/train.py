@@ -157,12 +157,68 @@ def train(
     Encoder
         The trained model (eval mode) with its contract and ``path`` = ``<out>/last.pt``.
     """
-    from dataclasses import replace
-
     col = as_collection(col_or_store)
     bank = open_bank(col, key if key is not None else bank, mode)
     mode = bank.mode
     bbox = check_crop(bank, bbox)
+    batch_size = _check_args(bank, epochs, batch_size, optimizer, feature, save_every)
+    run_dir = Path(out) if out is not None else _default_run_dir(col, bank.key, mode)
+    last_path = run_dir / "last.pt"
+    dev = pick_device(device)
+    runlog = RunLog(run_dir)
+    strong, weak = _augment_configs(mode, strong_aug, weak_aug)
+    arch = f"simsiam-{mode}"
+    config: dict[str, Any] = {"dim": int(dim), **(model_config or {})}
+    options = {
+        "store": col.url, "key": bank.key, "mode": mode, "bbox": bbox, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
+        "cosine": cosine, "seed": seed, "save_every": save_every, "device": str(dev),
+        "weights": None if weights is None else os.fspath(weights), "arch": arch, "config": config,
+        "feature": feature, "amp": amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
+    }
+    resume_ckpt, start_epoch, mean, std = _start(run_dir, bank, mode, bbox, epochs, resume, runlog)
+    if resume_ckpt is not None:
+        arch, config = resume_ckpt["arch"], dict(resume_ckpt["config"])
+    runlog.save_options(options)
+    seed_everything(seed)
+    model, opt = _build(arch, config, resume_ckpt, weights, dev, optimizer, lr, weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype(dev) == torch.float16)
+    bp = bank.params
+    contract = {
+        "mode": mode, "bbox": bbox, "channels": bank.channels, "mean": mean, "std": std,
+        "n_shifts": bank.n_shifts, "bank_key": bank.key, "bank_bbox": bank.bbox,
+        **bank_preprocessing(bp), "patch_modes": bp.get("modes"),
+        "shifts": bp.get("shifts"), "bank_params": bp, "feature": feature, "embedding_dim": int(config["dim"]),
+        "n_train": bank.n, "store": col.url,
+    }
+    loader = PatchLoader(bank, batch_size, shuffle=True, drop_last=True, seed=seed, crop=bbox)
+    views = (strong, weak, torch.tensor(mean, device=dev), torch.tensor(std, device=dev))
+    log.info(
+        "training %s on %d patches of bank %r (bbox %d, %d batches of %d per epoch, device %s), epochs %d..%d",
+        arch, bank.n, bank.key, bbox, len(loader), batch_size, dev, start_epoch + 1, epochs,
+    )
+    for epoch in range(start_epoch, epochs):
+        cur_lr = cosine_lr(lr, epoch, epochs, cosine)
+        _set_lr(opt, cur_lr)
+        rec = _epoch(model, opt, scaler, loader, views, epoch, seed, dev, amp, lr)
+        rec.update(epoch=epoch + 1, lr=cur_lr)
+        runlog.log_epoch(rec)
+        log.info("epoch %d/%d loss %.4f output_std %.4f lr %.4g %.1f s (%.0f patches/s)",
+                 epoch + 1, epochs, rec["loss"], rec["output_std"], cur_lr, rec["seconds"], rec["patches_per_s"])
+        extra = {"options": options}
+        save_checkpoint(last_path, arch=arch, config=config, model=model, contract=contract,
+                        optimizer=opt, epoch=epoch + 1, extra=extra)
+        if (epoch + 1) % save_every == 0 or epoch + 1 == epochs:
+            save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.pt", arch=arch, config=config,
+                            model=model, contract=contract, optimizer=None, epoch=epoch + 1, extra=extra)
+    if runlog.records():
+        runlog.plot(["loss", "output_std", "lr"], run_dir / "loss.png")
+    model.eval()
+    return Encoder(model, contract, arch, config, last_path if last_path.is_file() else None, dev)
+
+
+def _check_args(bank: PatchBank, epochs: int, batch_size: int, optimizer: str, feature: str, save_every: int) -> int:
+    """Check the training options before any work; returns the batch size (at most the bank size)."""
     if epochs < 1:
         raise InputError(f"epochs must be at least 1, got {epochs}.")
     if batch_size < 2:
@@ -177,51 +233,25 @@ def train(
         raise InputError(f"save_every must be at least 1, got {save_every}.")
     if batch_size > bank.n:
         log.warning("batch_size %d > %d patches in bank %r; using %d", batch_size, bank.n, bank.key, bank.n)
-        batch_size = bank.n
-    run_dir = Path(out) if out is not None else _default_run_dir(col, bank.key, mode)
-    last_path = run_dir / "last.pt"
-    dev = pick_device(device)
-    runlog = RunLog(run_dir)
+        return bank.n
+    return batch_size
 
-    strong = default_config(mode, "strong")
-    weak = default_config(mode, "weak")
+
+def _augment_configs(mode: str, strong_aug: dict | None, weak_aug: dict | None) -> tuple[Any, Any]:
+    from dataclasses import replace
+
+    strong, weak = default_config(mode, "strong"), default_config(mode, "weak")
     try:
-        if strong_aug:
-            strong = replace(strong, **strong_aug)
-        if weak_aug:
-            weak = replace(weak, **weak_aug)
+        return (replace(strong, **strong_aug) if strong_aug else strong), (replace(weak, **weak_aug) if weak_aug else weak)
     except TypeError as exc:
         raise InputError(f"invalid augmentation option: {exc}.") from exc
 
-    arch = f"simsiam-{mode}"
-    config: dict[str, Any] = {"dim": int(dim), **(model_config or {})}
-    options = {
-        "store": col.url, "key": bank.key, "mode": mode, "bbox": bbox, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
-        "cosine": cosine, "seed": seed, "save_every": save_every, "device": str(dev),
-        "weights": None if weights is None else os.fspath(weights), "arch": arch, "config": config,
-        "feature": feature, "amp": amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
-    }
 
-    start_epoch = 0
-    resume_ckpt: dict[str, Any] | None = None
-    if resume:
-        if not last_path.is_file():
-            raise InputError(f"cannot resume: {str(last_path)!r} does not exist; start without --resume.")
-        resume_ckpt = load_checkpoint(last_path)
-        prev = resume_ckpt["contract"]
-        if prev.get("mode") != mode or prev.get("bank_key") != bank.key or int(prev.get("bbox", -1)) != bbox:
-            raise InputError(
-                f"cannot resume {str(last_path)!r}: it was trained on bank {prev.get('bank_key')!r} "
-                f"mode {prev.get('mode')!r} bbox {prev.get('bbox')}, not {bank.key!r} {mode!r} {bbox}."
-            )
-        arch, config = resume_ckpt["arch"], dict(resume_ckpt["config"])
-        start_epoch = int(resume_ckpt["epoch"] or 0)
-        mean, std = list(prev["mean"]), list(prev["std"])
-        runlog.truncate(start_epoch)
-        if start_epoch >= epochs:
-            log.info("run %s already finished %d of %d epochs", run_dir, start_epoch, epochs)
-    else:
+def _start(run_dir: Path, bank: PatchBank, mode: str, bbox: int, epochs: int, resume: bool,
+           runlog: RunLog) -> tuple[dict | None, int, list[float], list[float]]:
+    """``(checkpoint to resume or None, first epoch, channel means, channel stds)``."""
+    last_path = run_dir / "last.pt"
+    if not resume:
         if last_path.is_file():
             raise InputError(
                 f"run folder {str(run_dir)!r} already holds a checkpoint; pass resume=True (--resume) "
@@ -231,9 +261,25 @@ def train(
         mean, std = channel_stats(bank, crop=bbox)
         log.info("channel statistics of bank %r: mean %s std %s (%.1f s)", bank.key,
                  np.round(mean, 4).tolist(), np.round(std, 4).tolist(), time.perf_counter() - t)
-    runlog.save_options(options)
+        return None, 0, mean, std
+    if not last_path.is_file():
+        raise InputError(f"cannot resume: {str(last_path)!r} does not exist; start without --resume.")
+    ckpt = load_checkpoint(last_path)
+    prev = ckpt["contract"]
+    if prev.get("mode") != mode or prev.get("bank_key") != bank.key or int(prev.get("bbox", -1)) != bbox:
+        raise InputError(
+            f"cannot resume {str(last_path)!r}: it was trained on bank {prev.get('bank_key')!r} "
+            f"mode {prev.get('mode')!r} bbox {prev.get('bbox')}, not {bank.key!r} {mode!r} {bbox}."
+        )
+    start_epoch = int(ckpt["epoch"] or 0)
+    runlog.truncate(start_epoch)
+    if start_epoch >= epochs:
+        log.info("run %s already finished %d of %d epochs", run_dir, start_epoch, epochs)
+    return ckpt, start_epoch, list(prev["mean"]), list(prev["std"])
 
-    seed_everything(seed)
+
+def _build(arch: str, config: dict, resume_ckpt: dict | None, weights: Any, dev: torch.device, optimizer: str,
+           lr: float, weight_decay: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = registry.create(arch, **config)
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["state_dict"])
@@ -243,72 +289,36 @@ def train(
     opt = _optimizer(optimizer, model.parameters(), lr, weight_decay)
     if resume_ckpt is not None and "optimizer" in resume_ckpt:
         opt.load_state_dict(resume_ckpt["optimizer"])
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype(dev) == torch.float16)
+    return model, opt
 
-    bp = bank.params
-    contract = {
-        "mode": mode, "bbox": bbox, "channels": bank.channels, "mean": mean, "std": std,
-        "n_shifts": bank.n_shifts, "bank_key": bank.key, "bank_bbox": bank.bbox,
-        **bank_preprocessing(bp), "patch_modes": bp.get("modes"),
-        "shifts": bp.get("shifts"), "bank_params": bp, "feature": feature, "embedding_dim": int(config["dim"]),
-        "n_train": bank.n, "store": col.url,
-    }
 
-    loader = PatchLoader(bank, batch_size, shuffle=True, drop_last=True, seed=seed, crop=bbox)
-    mean_t = torch.tensor(mean, device=dev)
-    std_t = torch.tensor(std, device=dev)
-    n_batches = len(loader)
-    log.info(
-        "training %s on %d patches of bank %r (bbox %d, %d batches of %d per epoch, device %s), epochs %d..%d",
-        arch, bank.n, bank.key, bbox, n_batches, batch_size, dev, start_epoch + 1, epochs,
-    )
-
-    def save(epoch: int) -> None:
-        extra = {"options": options}
-        save_checkpoint(last_path, arch=arch, config=config, model=model, contract=contract,
-                        optimizer=opt, epoch=epoch, extra=extra)
-        if epoch % save_every == 0 or epoch == epochs:
-            save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch:04d}.pt", arch=arch, config=config,
-                            model=model, contract=contract, optimizer=None, epoch=epoch, extra=extra)
-
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        cur_lr = cosine_lr(lr, epoch, epochs, cosine)
-        _set_lr(opt, cur_lr)
-        g = torch.Generator(device=dev)
-        g.manual_seed(int(seed) * 100003 + epoch)
-        t0 = time.perf_counter()
-        tot_loss = tot_std = 0.0
-        seen = steps = 0
-        for batch in loader.epoch(epoch):
-            xb = torch.from_numpy(batch).to(dev, non_blocking=True)
-            v1, v2 = make_views(xb, g, strong, weak, mean_t, std_t)
-            with autocast(dev, enabled=amp):
-                p1, p2, z1, z2 = model(v1, v2)
-                loss = simsiam_loss(p1, p2, z1, z2)
-            if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate {lr}."
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            b = xb.shape[0]
-            tot_loss += float(loss.detach()) * b
-            tot_std += output_std(p1.detach()) * b
-            seen += b
-            steps += 1
-        dt = time.perf_counter() - t0
-        rec = {
-            "epoch": epoch + 1, "loss": tot_loss / max(seen, 1), "output_std": tot_std / max(seen, 1),
-            "lr": cur_lr, "seconds": dt, "patches_per_s": seen / max(dt, 1e-9), "steps": steps,
-        }
-        runlog.log_epoch(rec)
-        log.info("epoch %d/%d loss %.4f output_std %.4f lr %.4g %.1f s (%.0f patches/s)",
-                 epoch + 1, epochs, rec["loss"], rec["output_std"], cur_lr, dt, rec["patches_per_s"])
-        save(epoch + 1)
-    if runlog.records():
-        runlog.plot(["loss", "output_std", "lr"], run_dir / "loss.png")
-    model.eval()
-    return Encoder(model, contract, arch, config, last_path if last_path.is_file() else None, dev)
+def _epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, loader: PatchLoader, views: tuple,
+           epoch: int, seed: int, dev: torch.device, amp: bool, lr: float) -> dict[str, Any]:
+    """One epoch of SimSiam (two augmented views per patch); returns its record."""
+    strong, weak, mean_t, std_t = views
+    model.train()
+    g = torch.Generator(device=dev)
+    g.manual_seed(int(seed) * 100003 + epoch)
+    t0 = time.perf_counter()
+    tot_loss = tot_std = 0.0
+    seen = steps = 0
+    for batch in loader.epoch(epoch):
+        xb = torch.from_numpy(batch).to(dev, non_blocking=True)
+        v1, v2 = make_views(xb, g, strong, weak, mean_t, std_t)
+        with autocast(dev, enabled=amp):
+            p1, p2, z1, z2 = model(v1, v2)
+            loss = simsiam_loss(p1, p2, z1, z2)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate {lr}.")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        b = xb.shape[0]
+        tot_loss += float(loss.detach()) * b
+        tot_std += output_std(p1.detach()) * b
+        seen += b
+        steps += 1
+    dt = time.perf_counter() - t0
+    return {"loss": tot_loss / max(seen, 1), "output_std": tot_std / max(seen, 1), "seconds": dt,
+            "patches_per_s": seen / max(dt, 1e-9), "steps": steps}

@@ -163,9 +163,7 @@ def train(
     seed_everything(seed)
     names = sorted(set(df["tomogram"]) | set(vdf["tomogram"]))
     readers = {n: VolumeReader(col[n].data(level=0), n, max_chunks=cache_chunks) for n in names}
-    t0 = time.perf_counter()
-    stats = {n: volume_stats(col, n, gauss=gauss, compress=compress, compress_how=compress_how) for n in names}
-    logger.info("statistics of %d filtered tomogram(s) in %.1f s", len(names), time.perf_counter() - t0)
+    stats = _stats(col, names, gauss, compress, compress_how)
     geom = target_geometry(bbox, 2, compress)
     ds = CropDataset(readers, stats, df, geom, crop, n_classes=len(class_names), thresh=thresh, gauss=gauss,
                      clip=tuple(clip), compress=compress, compress_how=compress_how, random_fraction=random_fraction,
@@ -193,8 +191,8 @@ def train(
         rec = step.epoch(loader, epoch)
         improved = not regions
         if regions and (epoch % max(int(val_every), 1) == 0 or epoch == int(epochs)):
-            model.eval()
             t_val = time.perf_counter()
+            model.eval()
             res = validate(picker, col, stats, regions, vdf, val_radius,
                            debug_dir=run_dir / "debug" if debug_slices else None, debug_slices=debug_slices, epoch=epoch)
             rec.update(res, val_seconds=time.perf_counter() - t_val)
@@ -203,12 +201,24 @@ def train(
                 contract["suggested_threshold"] = res["val_threshold"]
         _checkpoint(run_dir, arch, cfg, model, contract, opt, epoch, {"best_f1": best_f1, "record": rec}, improved)
         runlog.log_epoch(rec)
-        logger.info("epoch %d/%d loss %.4f (hm %.4f cr %.4f cons %.4f) %.1f s%s", epoch, epochs, rec["loss"], rec["hm_loss"],
-                    rec["cr_loss"], rec["consis_loss"], rec["seconds"],
-                    f" val P {rec['val_precision']:.3f} R {rec['val_recall']:.3f} F1 {rec['val_f1']:.3f}" if "val_f1" in rec else "")
+        _log_epoch(rec, epochs)
     _plots(runlog, run_dir, bool(regions))
     best = run_dir / "best.pt"
     return Picker.load(best if best.exists() else run_dir / "last.pt", device=dev)
+
+
+def _stats(col: Any, names: Sequence[str], gauss: float, compress: bool, compress_how: str) -> dict:
+    """Statistics of every filtered tomogram (the picker contract's normalisation)."""
+    t0 = time.perf_counter()
+    stats = {n: volume_stats(col, n, gauss=gauss, compress=compress, compress_how=compress_how) for n in names}
+    logger.info("statistics of %d filtered tomogram(s) in %.1f s", len(names), time.perf_counter() - t0)
+    return stats
+
+
+def _log_epoch(rec: dict, epochs: int) -> None:
+    val = f" val P {rec['val_precision']:.3f} R {rec['val_recall']:.3f} F1 {rec['val_f1']:.3f}" if "val_f1" in rec else ""
+    logger.info("epoch %d/%d loss %.4f (hm %.4f cr %.4f cons %.4f) %.1f s%s", rec["epoch"], epochs, rec["loss"],
+                rec["hm_loss"], rec["cr_loss"], rec["consis_loss"], rec["seconds"], val)
 
 
 def _check_options(arch: str, epochs: int, batch_size: int, tau: float, crop: Sequence[int], bbox: float) -> None:

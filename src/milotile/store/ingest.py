@@ -356,81 +356,13 @@ def ingest(
     # Everything is written under staging/ first and moved into place only when complete, so a
     # failure (NaN values, a crash, Ctrl-C) never touches tomograms already in the store.
     stage_root = col.group(STAGING, create=True)
-    stage_tomo = stage_root.require_group(TOMOGRAMS)
-    stage_tilt = stage_root.require_group(TILTS)
     try:
-        stats_tasks = []
-        for plan in todo:
-            name = plan.src.name
-            g = stage_tomo.create_group(name, overwrite=True)
-            src = da.from_array(OrientedMRC(plan.src.rec_path, order), chunks=clip_chunks(plan.shape, chunks),
-                                name=f"mrc-{name}-{plan.mtime_ns}")
-            stats_tasks.append(_copy_lazy(src, _pyramid_targets(g, plan.shape, chunks)))
-            if plan.tilt_shape is not None:
-                tg = stage_tilt.create_group(name, overwrite=True)
-                tchunks = (1, min(plan.tilt_shape[1], 1024), min(plan.tilt_shape[2], 1024))
-                tsrc = da.from_array(OrientedMRC(plan.src.tilt_path, "zxy"), chunks=tchunks,
-                                     name=f"tilt-{name}-{plan.mtime_ns}")
-                ttarget = create_array(tg, "0", plan.tilt_shape, chunks=tchunks, dimension_names=("tilt", "y", "x"))
-                stats_tasks.append(_copy_lazy(tsrc, [ttarget]))
-            else:
-                stats_tasks.append(None)
-        fps = [dask.delayed(fingerprint)(p.src.rec_path) for p in todo]
-        with_tilt = [i for i, p in enumerate(todo) if p.tilt_shape is not None]
-        fps += [dask.delayed(fingerprint)(todo[i].src.tilt_path) for i in with_tilt]
-        lazy = [t for t in stats_tasks if t is not None]
-        log.info("ingesting %d tomograms into %s", len(todo), col.url)
-        computed = _compute(lazy + fps)
-        stats_iter = iter(computed[: len(lazy)])
-        fp_vals = computed[len(lazy):]
-        tilt_fps = dict(zip(with_tilt, fp_vals[len(todo):], strict=True))
-        results = [_merge_stats(next(stats_iter)) if t is not None else None for t in stats_tasks]
-
+        stats, fps, tilt_fps = _copy_all(col, stage_root, todo, order, chunks)
         for i, plan in enumerate(todo):
-            vol_stats, tilt_stats = results[2 * i], results[2 * i + 1]
-            for what, st, path in (("tomogram", vol_stats, plan.src.rec_path),
-                                   ("tilt stack", tilt_stats, plan.src.tilt_path)):
-                if st is not None and st[3] > 0:
-                    raise InputError(f"{what} {path} contains {int(st[3])} NaN or infinite values")
-                if st is not None and st[0] > 0 and not st[2] > 0:
-                    raise InputError(f"{what} {path} is constant (an empty volume)")
-
+            _check_stats(plan, stats[2 * i], stats[2 * i + 1])
         for i, plan in enumerate(todo):
-            name = plan.src.name
-            g = stage_tomo[name]
-            g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, len([k for k in g.array_keys()]))
-            _, mean, var, _ = results[2 * i]
-            g.attrs["milotile"] = {
-                "source": plan.src.rec_path,
-                "size_bytes": plan.size_bytes,
-                "mtime_ns": plan.mtime_ns,
-                "quick_fingerprint": plan.quick,
-                "fingerprint": fp_vals[i],
-                "token": make_token(fp_vals[i], order, plan.voxel_size),
-                "voxel_size": plan.voxel_size,
-                "order": order,
-                "shape": list(plan.shape),
-                "stats": {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))},
-                "complete": True,
-            }
-            if plan.tilt_shape is not None:
-                tfp = tilt_fps[i]
-                angles = [float(a) for a in plan.src.angles]
-                stage_tilt[name].attrs["milotile"] = {
-                    "source": plan.src.tilt_path,
-                    "angle_file": plan.src.angle_path,
-                    "size_bytes": plan.tilt_size,
-                    "mtime_ns": plan.tilt_mtime,
-                    "quick_fingerprint": plan.tilt_quick,
-                    "fingerprint": tfp,
-                    "token": make_token(tfp, angles, float(tilt_axis_angle), plan.tilt_pixel),
-                    "angles": angles,
-                    "tilt_axis_angle": float(tilt_axis_angle),
-                    "pixel_size": plan.tilt_pixel,
-                    "complete": True,
-                }
-        # every input was good: move the staged entries into place
-        for plan in todo:
+            _write_attrs(stage_root, plan, order, tilt_axis_angle, stats[2 * i], fps[i], tilt_fps.get(i))
+        for plan in todo:  # every input was good: move the staged entries into place
             name = plan.src.name
             _replace(col, f"{STAGING}/{TOMOGRAMS}/{name}", f"{TOMOGRAMS}/{name}")
             if plan.tilt_shape is not None:
@@ -443,6 +375,74 @@ def ingest(
             del col.zarr_group[STAGING]
         col.refresh()
     return col
+
+
+def _copy_all(col: Collection, stage_root: zarr.Group, todo: list[_Plan], order: str,
+              chunks: Sequence[int]) -> tuple[list, list[str], dict[int, str]]:
+    """Copy every volume and tilt stack into ``staging/`` (one distributed pass that also computes
+    the statistics and the content fingerprints). Returns per-plan ``[vol, tilt]`` statistics (flat),
+    the tomogram fingerprints and ``{plan index: tilt fingerprint}``."""
+    stage_tomo = stage_root.require_group(TOMOGRAMS)
+    stage_tilt = stage_root.require_group(TILTS)
+    stats_tasks = []
+    for plan in todo:
+        name = plan.src.name
+        g = stage_tomo.create_group(name, overwrite=True)
+        src = da.from_array(OrientedMRC(plan.src.rec_path, order), chunks=clip_chunks(plan.shape, chunks),
+                            name=f"mrc-{name}-{plan.mtime_ns}")
+        stats_tasks.append(_copy_lazy(src, _pyramid_targets(g, plan.shape, chunks)))
+        if plan.tilt_shape is not None:
+            tg = stage_tilt.create_group(name, overwrite=True)
+            tchunks = (1, min(plan.tilt_shape[1], 1024), min(plan.tilt_shape[2], 1024))
+            tsrc = da.from_array(OrientedMRC(plan.src.tilt_path, "zxy"), chunks=tchunks,
+                                 name=f"tilt-{name}-{plan.mtime_ns}")
+            ttarget = create_array(tg, "0", plan.tilt_shape, chunks=tchunks, dimension_names=("tilt", "y", "x"))
+            stats_tasks.append(_copy_lazy(tsrc, [ttarget]))
+        else:
+            stats_tasks.append(None)
+    fps = [dask.delayed(fingerprint)(p.src.rec_path) for p in todo]
+    with_tilt = [i for i, p in enumerate(todo) if p.tilt_shape is not None]
+    fps += [dask.delayed(fingerprint)(todo[i].src.tilt_path) for i in with_tilt]
+    lazy = [t for t in stats_tasks if t is not None]
+    log.info("ingesting %d tomograms into %s", len(todo), col.url)
+    computed = _compute(lazy + fps)
+    stats_iter = iter(computed[: len(lazy)])
+    fp_vals = computed[len(lazy):]
+    stats = [_merge_stats(next(stats_iter)) if t is not None else None for t in stats_tasks]
+    return stats, list(fp_vals[: len(todo)]), dict(zip(with_tilt, fp_vals[len(todo):], strict=True))
+
+
+def _check_stats(plan: _Plan, vol_stats: tuple | None, tilt_stats: tuple | None) -> None:
+    """NaN/inf values or a constant volume or tilt stack: one clear error (nothing is moved into place)."""
+    for what, st, path in (("tomogram", vol_stats, plan.src.rec_path), ("tilt stack", tilt_stats, plan.src.tilt_path)):
+        if st is not None and st[3] > 0:
+            raise InputError(f"{what} {path} contains {int(st[3])} NaN or infinite values")
+        if st is not None and st[0] > 0 and not st[2] > 0:
+            raise InputError(f"{what} {path} is constant (an empty volume)")
+
+
+def _write_attrs(stage_root: zarr.Group, plan: _Plan, order: str, tilt_axis_angle: float, vol_stats: tuple,
+                 fp: str, tilt_fp: str | None) -> None:
+    """OME metadata and the ``milotile`` attributes (source, fingerprints, token, statistics)."""
+    name = plan.src.name
+    g = stage_root[TOMOGRAMS][name]
+    g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, len(list(g.array_keys())))
+    _, mean, var, _ = vol_stats
+    g.attrs["milotile"] = {
+        "source": plan.src.rec_path, "size_bytes": plan.size_bytes, "mtime_ns": plan.mtime_ns,
+        "quick_fingerprint": plan.quick, "fingerprint": fp, "token": make_token(fp, order, plan.voxel_size),
+        "voxel_size": plan.voxel_size, "order": order, "shape": list(plan.shape),
+        "stats": {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))}, "complete": True,
+    }
+    if plan.tilt_shape is None:
+        return
+    angles = [float(a) for a in plan.src.angles]
+    stage_root[TILTS][name].attrs["milotile"] = {
+        "source": plan.src.tilt_path, "angle_file": plan.src.angle_path, "size_bytes": plan.tilt_size,
+        "mtime_ns": plan.tilt_mtime, "quick_fingerprint": plan.tilt_quick, "fingerprint": tilt_fp,
+        "token": make_token(tilt_fp, angles, float(tilt_axis_angle), plan.tilt_pixel), "angles": angles,
+        "tilt_axis_angle": float(tilt_axis_angle), "pixel_size": plan.tilt_pixel, "complete": True,
+    }
 
 
 def _same_file(meta: dict, size: int | None, mtime: int | None, quick: str | None, path: str | None) -> bool:

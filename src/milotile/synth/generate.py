@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -291,48 +292,8 @@ def synth(
     >>> res.names
     ['tomo_000']
     """
-    # ---- validate everything before any work
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    if (
-        isinstance(n_tomograms, bool)
-        or not isinstance(n_tomograms, (int, np.integer))
-        or n_tomograms < 1
-    ):
-        raise InputError(f"n_tomograms must be a positive integer, got {n_tomograms!r}")
-    shape = _check_size(size)
-    try:
-        snr_f = float(snr)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"snr must be a positive number, got {snr!r}") from exc
-    if math.isnan(snr_f) or snr_f <= 0:
-        raise InputError(f"snr must be a positive number (variance ratio), got {snr!r}")
-    try:
-        vs = float(voxel_size)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"voxel_size must be a positive number of Å, got {voxel_size!r}") from exc
-    if not math.isfinite(vs) or vs <= 0:
-        raise InputError(f"voxel_size must be a positive number of Å, got {voxel_size!r}")
-    angle_arr = tilt_angles(angles)
-    try:
-        n_species = len(resolve_species_counts(species, 0))
-    except (TypeError, ValueError) as exc:
-        raise InputError(str(exc)) from exc
-    if n_particles is None:
-        n_particles = max(2 * n_species, int(round(shape[0] * shape[1] * shape[2] / 80_000)))
-    if (
-        isinstance(n_particles, bool)
-        or not isinstance(n_particles, (int, np.integer))
-        or n_particles < 0
-    ):
-        raise InputError(f"n_particles must be a non-negative integer, got {n_particles!r}")
-    try:
-        counts = resolve_species_counts(species, int(n_particles))
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
-    if not isinstance(filament, (bool, np.bool_)):
-        raise InputError(f"filament must be True or False, got {filament!r}")
-
+    shape, snr_f, vs, angle_arr, counts = _check_args(seed, n_tomograms, size, snr, voxel_size, angles, species,
+                                                      n_particles, filament)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a folder")
@@ -386,6 +347,68 @@ def synth(
         )
         del sim
 
+    info: dict[str, object] = {
+        "seed": int(seed), "n_tomograms": int(n_tomograms), "size": list(shape),
+        "snr": snr_f if math.isfinite(snr_f) else "inf", "voxel_size": vs, "angles": [float(a) for a in angle_arr],
+        "defocus_A": round(defocus, 3), "species_counts": counts, "filament": bool(filament),
+        "geometry": {"tilt_axis_angle": 0.0, "sign": 1}, "tomograms": per_tomo,
+    }
+    res = _write_outputs(out, names, recs, tilts_p, tlts, gts, fils, dists, info, angle_arr, vs, shape)
+    logger.info("wrote %d tomograms %s with %d tilts and %d particles to %s in %.1f s", n_tomograms, shape,
+                angle_arr.size, len(res.ground_truth), out, time.perf_counter() - t_start)
+    return res
+
+
+def _check_args(seed: Any, n_tomograms: Any, size: Any, snr: Any, voxel_size: Any, angles: Any, species: Any,
+                n_particles: Any, filament: Any) -> tuple:
+    """Validate every option of :func:`synth` before any work: ``(shape, snr, voxel_size, angles, counts)``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    if (
+        isinstance(n_tomograms, bool)
+        or not isinstance(n_tomograms, (int, np.integer))
+        or n_tomograms < 1
+    ):
+        raise InputError(f"n_tomograms must be a positive integer, got {n_tomograms!r}")
+    shape = _check_size(size)
+    try:
+        snr_f = float(snr)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"snr must be a positive number, got {snr!r}") from exc
+    if math.isnan(snr_f) or snr_f <= 0:
+        raise InputError(f"snr must be a positive number (variance ratio), got {snr!r}")
+    try:
+        vs = float(voxel_size)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"voxel_size must be a positive number of Å, got {voxel_size!r}") from exc
+    if not math.isfinite(vs) or vs <= 0:
+        raise InputError(f"voxel_size must be a positive number of Å, got {voxel_size!r}")
+    angle_arr = tilt_angles(angles)
+    try:
+        n_species = len(resolve_species_counts(species, 0))
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from exc
+    if n_particles is None:
+        n_particles = max(2 * n_species, int(round(shape[0] * shape[1] * shape[2] / 80_000)))
+    if (
+        isinstance(n_particles, bool)
+        or not isinstance(n_particles, (int, np.integer))
+        or n_particles < 0
+    ):
+        raise InputError(f"n_particles must be a non-negative integer, got {n_particles!r}")
+    try:
+        counts = resolve_species_counts(species, int(n_particles))
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    if not isinstance(filament, (bool, np.bool_)):
+        raise InputError(f"filament must be True or False, got {filament!r}")
+
+    return shape, snr_f, vs, angle_arr, counts
+
+
+def _write_outputs(out: Path, names: list, recs: list, tilts_p: list, tlts: list, gts: list, fils: list, dists: list,
+                   info: dict, angle_arr: np.ndarray, vs: float, shape: tuple) -> SynthResult:
+    """Manifest, ground-truth tables and ``synth.json`` next to the volumes; the :class:`SynthResult`."""
     gt = pd.concat(gts, ignore_index=True)
     fil = pd.concat(fils, ignore_index=True)
     dist = pd.concat(dists, ignore_index=True)
@@ -397,47 +420,11 @@ def synth(
     write_table(fil, fil_pq)
     dist_pq = out / "distractors.parquet"
     write_table(dist, dist_pq)
-    info: dict[str, object] = {
-        "seed": int(seed),
-        "n_tomograms": int(n_tomograms),
-        "size": list(shape),
-        "snr": snr_f if math.isfinite(snr_f) else "inf",
-        "voxel_size": vs,
-        "angles": [float(a) for a in angle_arr],
-        "defocus_A": round(defocus, 3),
-        "species_counts": counts,
-        "filament": bool(filament),
-        "geometry": {"tilt_axis_angle": 0.0, "sign": 1},
-        "tomograms": per_tomo,
-    }
     params_path = out / "synth.json"
     params_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    logger.info(
-        "wrote %d tomograms %s with %d tilts and %d particles to %s in %.1f s",
-        n_tomograms,
-        shape,
-        angle_arr.size,
-        len(gt),
-        out,
-        time.perf_counter() - t_start,
-    )
     return SynthResult(
-        out_dir=out,
-        names=names,
-        rec_paths=recs,
-        tilt_paths=tilts_p,
-        angle_paths=tlts,
-        manifest=manifest,
-        ground_truth=gt,
-        ground_truth_path=gt_pq,
-        ground_truth_tsv=gt_tsv,
-        filaments=fil,
-        filaments_path=fil_pq,
-        distractors=dist,
-        distractors_path=dist_pq,
-        angles=angle_arr,
-        voxel_size=vs,
-        shape=shape,
-        params_path=params_path,
-        info=info,
+        out_dir=out, names=names, rec_paths=recs, tilt_paths=tilts_p, angle_paths=tlts, manifest=manifest,
+        ground_truth=gt, ground_truth_path=gt_pq, ground_truth_tsv=gt_tsv, filaments=fil, filaments_path=fil_pq,
+        distractors=dist, distractors_path=dist_pq, angles=angle_arr, voxel_size=vs, shape=shape,
+        params_path=params_path, info=info,
     )

@@ -458,35 +458,49 @@ def make_phantom(
     -------
     Phantom
     """
-    zdim, ydim, xdim = shape
     b = _Builder(shape, rng)
     dist_rows: list[dict[str, object]] = []
-    small = min(shape)
-
     if n_membranes is None:
         n_membranes = int(rng.integers(1, 3))
-    # curved sheet: roughly vertical (normal close to the x-y plane), crossing near one side
     if n_membranes >= 2:
-        phi = rng.uniform(0.0, 2 * np.pi)
-        n = np.array([np.cos(phi), np.sin(phi), rng.uniform(-0.3, 0.3)])
-        n /= np.linalg.norm(n)
-        mid = np.array([(xdim - 1) / 2.0, (ydim - 1) / 2.0, (zdim - 1) / 2.0])
-        extent = 0.5 * float(np.abs(n[:2]) @ np.array([xdim, ydim]))
-        p0 = mid + n * extent * rng.uniform(0.45, 0.7)
-        big = rng.uniform(3.0, 6.0) * max(shape)
-        b.shell(p0 - n * big, big, thickness=3.5, density=0.7, full=True)
-        p0 = np.round(p0, 2)
-        dist_rows.append({"x": p0[0], "y": p0[1], "z": p0[2], "kind": "sheet", "radius": big})
-    # filament
+        _add_sheet(b, rng, shape, dist_rows)
+    fil_rows = _add_filament(b, rng, shape, filament_along_y) if filament else []
+    part_rows = _add_particles(b, rng, shape, counts, max_tries)
+    _add_vesicle(b, rng, shape, dist_rows, max_tries)
+    _add_gold(b, rng, shape, dist_rows, max_tries)
+    _add_junk(b, rng, shape, dist_rows)
+    return _phantom(b, shape, part_rows, fil_rows, dist_rows)
+
+
+def _add_sheet(b: _Builder, rng: np.random.Generator, shape: tuple, dist_rows: list) -> None:
+    """A curved sheet: roughly vertical (normal close to the x-y plane), crossing near one side."""
+    zdim, ydim, xdim = shape
+    phi = rng.uniform(0.0, 2 * np.pi)
+    n = np.array([np.cos(phi), np.sin(phi), rng.uniform(-0.3, 0.3)])
+    n /= np.linalg.norm(n)
+    mid = np.array([(xdim - 1) / 2.0, (ydim - 1) / 2.0, (zdim - 1) / 2.0])
+    extent = 0.5 * float(np.abs(n[:2]) @ np.array([xdim, ydim]))
+    p0 = mid + n * extent * rng.uniform(0.45, 0.7)
+    big = rng.uniform(3.0, 6.0) * max(shape)
+    b.shell(p0 - n * big, big, thickness=3.5, density=0.7, full=True)
+    p0 = np.round(p0, 2)
+    dist_rows.append({"x": p0[0], "y": p0[1], "z": p0[2], "kind": "sheet", "radius": big})
+
+
+def _add_filament(b: _Builder, rng: np.random.Generator, shape: tuple, along_y: bool) -> list[np.ndarray]:
+    """One filament (a tube along a smooth random centreline); its samples every 2 voxels."""
     fil_rows: list[np.ndarray] = []
-    if filament:
-        radius = 3.5
-        line = filament_centreline(shape, rng, along_y=filament_along_y, radius=radius)
-        if len(line) > 1:
-            b.tube(line, radius=radius, density=1.0)
-            keep = line[::8]  # 0.25-voxel samples -> every 2 voxels
-            fil_rows.append(keep)
-    # particles, largest species first so that they find room
+    radius = 3.5
+    line = filament_centreline(shape, rng, along_y=along_y, radius=radius)
+    if len(line) > 1:
+        b.tube(line, radius=radius, density=1.0)
+        keep = line[::8]  # 0.25-voxel samples -> every 2 voxels
+        fil_rows.append(keep)
+    return fil_rows
+
+
+def _add_particles(b: _Builder, rng: np.random.Generator, shape: tuple, counts: dict, max_tries: int) -> list[dict]:
+    """Particles at random free positions and orientations, largest species first so they find room."""
     part_rows: list[dict[str, object]] = []
     order = sorted(counts, key=lambda k: -SPECIES[k].bound)
     for name in order:
@@ -516,7 +530,12 @@ def make_phantom(
                 name,
                 shape,
             )
-    # vesicle: its shell must not cut through anything placed so far (it may enclose particles)
+    return part_rows
+
+
+def _add_vesicle(b: _Builder, rng: np.random.Generator, shape: tuple, dist_rows: list, max_tries: int) -> None:
+    """A vesicle whose shell cuts through nothing placed so far (it may enclose particles)."""
+    small = min(shape)
     r_ves = rng.uniform(0.18, 0.3) * small
     for attempt in range(max_tries):
         if attempt and attempt % 50 == 0:
@@ -526,7 +545,11 @@ def make_phantom(
             b.shell(c, r_ves, thickness=3.5, density=0.7, full=False)
             dist_rows.append({"x": c[0], "y": c[1], "z": c[2], "kind": "vesicle", "radius": r_ves})
             break
-    # gold beads near the surfaces
+
+
+def _add_gold(b: _Builder, rng: np.random.Generator, shape: tuple, dist_rows: list, max_tries: int) -> None:
+    """Gold beads near the top and bottom surfaces."""
+    zdim = shape[0]
     n_gold = int(rng.integers(2, 6))
     for _ in range(n_gold):
         r = 2.2
@@ -540,7 +563,11 @@ def make_phantom(
                 )
                 dist_rows.append({"x": c[0], "y": c[1], "z": c[2], "kind": "gold", "radius": r})
                 break
-    # crowding junk: small random ellipsoids in the remaining space
+
+
+def _add_junk(b: _Builder, rng: np.random.Generator, shape: tuple, dist_rows: list) -> None:
+    """Crowding junk: small random ellipsoids in the remaining space."""
+    zdim, ydim, xdim = shape
     n_junk = int(round(zdim * ydim * xdim / 60_000))
     for _ in range(n_junk):
         radii = rng.uniform(1.0, 2.5, 3)
@@ -560,6 +587,9 @@ def make_phantom(
                 )
                 break
 
+
+
+def _phantom(b: _Builder, shape: tuple, part_rows: list, fil_rows: list, dist_rows: list) -> Phantom:
     particles = pd.DataFrame(part_rows, columns=["x", "y", "z", "species", "radius"])
     particles = particles.astype({"x": float, "y": float, "z": float, "radius": float})
     if fil_rows:
