@@ -51,7 +51,9 @@ def test_train_resume_and_picker(data):
     assert list((out / "debug").glob("epoch001_tomo_001_z16.png"))
     rec = mt.nn.RunLog(out).records()
     assert [r["epoch"] for r in rec] == [1]
-    assert 0.0 <= rec[0]["val_f1"] <= 1.0 and rec[0]["val_n_true"] == len(val)
+    assert rec[0]["val_n_true"] == len(val)
+    # the F1-optimal threshold of the validation becomes the checkpoint's default for pick
+    assert picker.contract["suggested_threshold"] == pytest.approx(rec[0]["val_threshold"])
     assert np.isfinite(rec[0]["loss"]) and rec[0]["seconds"] > 0 and rec[0]["n_batches"] >= 2
     opts = json.loads((out / "options.json").read_text())
     assert opts["bbox"] == 12 and opts["n_train_labels"] == len(lab)
