@@ -73,12 +73,21 @@ def cluster_from_args(args: argparse.Namespace):
         yield client
 
 
+def _check_cluster_args(args: argparse.Namespace) -> None:
+    """Refuse ``--workers 0`` / ``--threads-per-worker 0`` for every command (not only computing ones)."""
+    from milotile.cluster import _check_count
+
+    _check_count("--workers", args.workers)
+    _check_count("--threads-per-worker", args.threads_per_worker)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``milotile`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     try:
+        _check_cluster_args(args)
         if getattr(args, "needs_cluster", False):
             with cluster_from_args(args):
                 return int(args.handler(args) or 0)

@@ -32,6 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("store")
     q.set_defaults(handler=run_info, needs_cluster=False)
 
+    u = sub.add_parser("unlock", help="remove the writer lock a dead process left on a store output",
+                       description="A writer lock (STORE/.locks/) whose process died on this host is cleared "
+                       "automatically by the next writer; a lock left by a process on another host is removed "
+                       "with this command once that process is known to be gone. `milotile info` lists locks.")
+    u.add_argument("store")
+    u.add_argument("path", help="the locked output, as printed (e.g. derived/preprocessed/tomo_001)")
+    u.set_defaults(handler=run_unlock, needs_cluster=False)
+
 
 def run_ingest(args: argparse.Namespace) -> int:
     """Handler of ``milotile ingest``."""
@@ -43,20 +51,30 @@ def run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_unlock(args: argparse.Namespace) -> int:
+    """Handler of ``milotile unlock``: remove the writer lock of a dead writer."""
+    from milotile.store.lock import unlock
+
+    info = unlock(args.store, args.path)
+    print(f"removed the writer lock of {args.path} held by pid {info.get('pid', '?')} on {info.get('host', '?')}")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     """Handler of ``milotile info``: prints names, shapes, voxel sizes and derived data."""
     from milotile.store import open_collection
+    from milotile.store.collection import is_complete
 
     col = open_collection(args.store, mode="r")
     info = col.info()
     print(f"{col.url}: {len(col)} tomograms")
     if len(info):
         print(info.to_string(index=False))
-    derived = col.derived()
+    derived = col.derived_status()
     if derived:
         print("derived:")
         for stage, names in derived.items():
-            print(f"  {stage}: {', '.join(names)}")
+            print(f"  {stage}: {_marked(names)}")
     tables = col.tables()
     if tables:
         print("tables:")
@@ -64,5 +82,22 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"  {t}: {len(col.read_table(t))} rows")
     patches = col.group("patches")
     if patches is not None:
-        print("patch banks: " + ", ".join(n for n, _ in patches.members()))
+        print("patch banks: " + _marked({n: is_complete(node) for n, node in patches.members()}))
+    _print_locks(col)
     return 0
+
+
+def _marked(status: dict[str, bool]) -> str:
+    """``a, b (incomplete)``: outputs whose complete flag is false are marked, never listed as done."""
+    return ", ".join(n if ok else f"{n} (incomplete)" for n, ok in status.items())
+
+
+def _print_locks(col) -> None:  # noqa: ANN001
+    from milotile.store.lock import list_locks
+
+    locks = list_locks(col)
+    if locks:
+        print("writer locks:")
+        for lk in locks:
+            state = "stale, cleared by the next writer on this host" if lk["stale"] else "held"
+            print(f"  {lk.get('path')}: {lk.get('command', '?')} (pid {lk.get('pid', '?')} on {lk.get('host', '?')}; {state})")

@@ -22,6 +22,7 @@ Tilt series get a per-tilt 2D Gaussian and a per-tilt clip (MiLoPYP: ``[-2.5, 2]
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ from milotile.ops.filters import (
 from milotile.ops.patches import Grid
 from milotile.store import multiscale_metadata, write_dask
 from milotile.store.arrays import DEFAULT_CHUNKS, clip_chunks
+from milotile.store.lock import writer_lock
 
 __all__ = ["preprocess", "preprocessed_volume", "blur_with_stats", "PREPROCESSED", "PREPROCESSED_TILTS"]
 
@@ -153,13 +155,14 @@ def preprocess(
             "gauss": float(gauss), "compress": bool(compress), "compress_how": compress_how, "bin": binning,
             "clip": list(clip), "quantize": bool(quantize), "source": t.meta.get("fingerprint"), "version": VERSION,
         }
-        group = col.group(f"{PREPROCESSED}/{name}", create=True)
-        old = _meta(group)
-        if not overwrite and old.get("complete") and old.get("params") == params:
-            logger.info("preprocess %s: unchanged, reusing %s/%s", name, PREPROCESSED, name)
-            out[name] = old
-        else:
-            out[name] = _preprocess_volume(t, group, params, clip)
+        with writer_lock(col, f"{PREPROCESSED}/{name}"):  # one writer per output; reuse decided inside
+            group = col.group(f"{PREPROCESSED}/{name}", create=True)
+            old = _meta(group)
+            if not overwrite and old.get("complete") and old.get("params") == params:
+                logger.info("preprocess %s: unchanged, reusing %s/%s", name, PREPROCESSED, name)
+                out[name] = old
+            else:
+                out[name] = _preprocess_volume(t, group, params, clip)
         ts = t.tilt_series
         if ts is not None and tilts:
             _preprocess_tilts(col, name, ts, float(gauss), tuple(float(c) for c in tilt_clip), bool(quantize), overwrite)
@@ -215,9 +218,12 @@ def _preprocess_volume(t: Any, group: Any, params: dict, clip: tuple[float, floa
     if params["bin"] > 1:
         x = bin_volume(x, params["bin"])
     chunks = clip_chunks(x.shape, DEFAULT_CHUNKS)
+    for key in [k for k in group.array_keys() if k.startswith(TMP_ARRAY)]:
+        del group[key]  # left by a killed run (we hold the writer lock)
+    tmp_name = f"{TMP_ARRAY}_{uuid.uuid4().hex[:12]}"  # unique per run: two runs never share it
     # pass 1: Gaussian + moments, into a temporary uncompressed array (cheap to write and read back)
     tmp = group.create_array(
-        TMP_ARRAY, shape=x.shape, chunks=chunks, dtype=np.float32, compressors=None, fill_value=0, overwrite=True
+        tmp_name, shape=x.shape, chunks=chunks, dtype=np.float32, compressors=None, fill_value=0, overwrite=True
     )
     try:
         mean, std = blur_with_stats(x, params["gauss"], tmp)
@@ -227,8 +233,8 @@ def _preprocess_volume(t: Any, group: Any, params: dict, clip: tuple[float, floa
         y = contrast_clip(da.from_zarr(tmp), mean, std, clip[0], clip[1], quantize=params["quantize"])
         _store_uncompressed(y, group, "0", chunks)
     finally:
-        if TMP_ARRAY in group:
-            del group[TMP_ARRAY]
+        if tmp_name in group:
+            del group[tmp_name]
     grid = _grid(params["compress"], params["bin"], t.shape)
     vs = t.voxel_size
     ome = multiscale_metadata(t.name, vs, 1, axis_scale=grid.scale)
@@ -247,6 +253,12 @@ def _preprocess_volume(t: Any, group: Any, params: dict, clip: tuple[float, floa
 
 
 def _preprocess_tilts(col: Any, name: str, ts: Any, gauss: float, clip: tuple[float, float], quantize: bool, overwrite: bool) -> None:
+    with writer_lock(col, f"{PREPROCESSED_TILTS}/{name}"):
+        _preprocess_tilts_locked(col, name, ts, gauss, clip, quantize, overwrite)
+
+
+def _preprocess_tilts_locked(col: Any, name: str, ts: Any, gauss: float, clip: tuple[float, float], quantize: bool,
+                             overwrite: bool) -> None:
     params = {"gauss": gauss, "clip": list(clip), "quantize": quantize, "source": ts.meta.get("fingerprint"), "version": VERSION}
     group = col.group(f"{PREPROCESSED_TILTS}/{name}", create=True)
     old = _meta(group)

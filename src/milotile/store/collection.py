@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ import xarray as xr
 import zarr
 
 from milotile.errors import InputError, StoreError
+from milotile.store.identity import absolute_url, new_store_id, open_store
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +157,27 @@ class Collection:
     """
 
     def __init__(self, url: str | os.PathLike, *, mode: str = "a", storage_options: dict | None = None):
-        self.url = str(url)
         self.storage_options = storage_options or {}
+        # absolute before any zarr object exists: a Dask worker elsewhere resolves it the same way
+        self.url = absolute_url(url, self.storage_options)
         self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        exists = self.fs.exists(self._join("zarr.json"))
-        if mode == "r" and not exists:
+        root = _root_metadata(self.fs, self._join("zarr.json"), self.url)
+        if mode == "r" and root is None:
             raise InputError(f"{self.url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
-        self.zarr_group = zarr.open_group(self.url, mode="r" if mode == "r" else "a", zarr_format=3,
-                                          storage_options=self.storage_options or None)
-        meta = _attrs(self.zarr_group)
-        if exists and meta.get("kind") != "collection":
+        if root is None and self.fs.isfile(self._root):
+            raise InputError(f"{self.url} is a file, not a milotile collection store")
+        meta = dict((root or {}).get("attributes", {}).get("milotile", {}))
+        if root is not None and meta.get("kind") != "collection":
             raise InputError(f"{self.url} is a Zarr group but not a milotile collection store")
-        if not exists:
-            self.zarr_group.attrs["milotile"] = {"kind": "collection", "version": STORE_VERSION}
+        self.store_id: str | None = meta.get("store_id")
+        if self.store_id is None and mode != "r":
+            self.store_id = new_store_id()
+        store = open_store(self.url, self.storage_options, read_only=mode == "r", store_id=self.store_id)
+        self.zarr_group = zarr.open_group(store=store, mode="r" if mode == "r" else "a", zarr_format=3)
+        if mode != "r" and meta.get("store_id") != self.store_id:
+            meta.update({"kind": "collection", "store_id": self.store_id})
+            meta.setdefault("version", STORE_VERSION)
+            self.zarr_group.attrs["milotile"] = meta
 
     # -- paths --------------------------------------------------------------------------------
     @property
@@ -260,7 +270,7 @@ class Collection:
             meta[b"milotile"] = json.dumps(params, default=_jsonable).encode()
             table = table.replace_schema_metadata(meta)
         pq.write_table(table, buf)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"  # unique: two writers never share a temporary file
         with self.fs.open(tmp, "wb") as fh:
             fh.write(buf.getvalue())
         self.fs.mv(tmp, path)
@@ -301,13 +311,21 @@ class Collection:
     # -- summaries ----------------------------------------------------------------------------
     def derived(self) -> dict[str, list[str]]:
         """Derived outputs per stage: ``{stage: [names...]}`` (complete ones only)."""
-        out: dict[str, list[str]] = {}
-        g = self.group(DERIVED)
+        return {stage: [n for n, ok in st.items() if ok] for stage, st in self.derived_status().items()}
+
+    def derived_status(self, kind: str = DERIVED) -> dict[str, dict[str, bool]]:
+        """``{stage: {name: complete}}`` for every output under ``kind`` (``derived``), complete or not.
+
+        An output is complete when its ``complete`` flag is true; a group without the flag (a run
+        folder such as ``derived/heatmaps/<run>``) is complete when every output in it is.
+        """
+        out: dict[str, dict[str, bool]] = {}
+        g = self.group(kind)
         if g is None:
             return out
         for stage, node in g.members():
             if isinstance(node, zarr.Group):
-                out[stage] = sorted(n for n, sub in node.members() if isinstance(sub, zarr.Group))
+                out[stage] = {n: is_complete(sub) for n, sub in sorted(node.members()) if isinstance(sub, zarr.Group)}
         return out
 
     def info(self) -> pd.DataFrame:
@@ -343,6 +361,36 @@ class Collection:
         from milotile.stages.mine import mine
 
         return mine(self, **kwargs)
+
+
+def is_complete(node: zarr.Group | zarr.Array, depth: int = 2) -> bool:
+    """The ``complete`` flag of an output; for a plain folder group, whether all its outputs are complete."""
+    meta = _attrs(node)
+    if "complete" in meta:
+        return bool(meta["complete"])
+    if depth <= 0 or not isinstance(node, zarr.Group):
+        return False
+    subs = [is_complete(sub, depth - 1) for _, sub in node.members()]
+    return bool(subs) and all(subs)
+
+
+def _root_metadata(fs: Any, path: str, url: str) -> dict | None:
+    """The parsed root ``zarr.json`` (``None`` when there is none); refuses arrays and non-Zarr files."""
+    import json
+
+    try:
+        raw = fs.cat_file(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InputError(f"{url} is not a Zarr v3 store ({path} is not valid JSON)") from None
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3:
+        raise InputError(f"{url} is not a Zarr v3 store (its zarr.json has no zarr_format 3)")
+    if doc.get("node_type") != "group":
+        raise InputError(f"{url} is a Zarr {doc.get('node_type', 'node')}, not a milotile collection store (a group)")
+    return doc
 
 
 def _jsonable(value: Any) -> Any:

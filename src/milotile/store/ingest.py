@@ -33,6 +33,7 @@ from milotile.store.arrays import (
     multiscale_metadata,
 )
 from milotile.store.collection import TILTS, TOMOGRAMS, Collection, open_collection
+from milotile.store.lock import writer_lock
 from milotile.store.mrc import ORDERS, OrientedMRC, check_order, fingerprint, read_header
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,20 @@ class Source:
 # ---------------------------------------------------------------------------------------------
 # sources
 # ---------------------------------------------------------------------------------------------
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; a binary or non-UTF-8 file is an InputError naming the line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start}, line {line}); "
+                         "it must be a plain text file") from None
+
+
 def read_manifest(path: str | os.PathLike) -> list[Source]:
     """Parse a MiLoPYP manifest: ``image_name rec_path [tilt_path angle_path]`` with a header line.
 
@@ -64,7 +79,7 @@ def read_manifest(path: str | os.PathLike) -> list[Source]:
     """
     p = Path(path)
     base = p.parent
-    lines = p.read_text().splitlines()
+    lines = read_text_lines(p, "manifest")
     rows = [(i + 1, ln.split()) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")]
     if not rows:
         raise InputError(f"manifest {p} is empty")
@@ -152,7 +167,7 @@ def read_angles(path: str | os.PathLike, origin: str = "") -> np.ndarray:
     if not p.exists():
         raise InputError(f"{origin + ': ' if origin else ''}angle file {p} does not exist")
     vals = []
-    for i, ln in enumerate(p.read_text().splitlines(), 1):
+    for i, ln in enumerate(read_text_lines(p, "angle file"), 1):
         if not ln.strip():
             continue
         try:
@@ -334,7 +349,13 @@ def ingest(
         raise InputError(f"--voxel-size must be positive, got {voxel_size}")
     plans = _validate(collect_sources(sources), order, voxel_size)
     col = store if isinstance(store, Collection) else open_collection(store, mode="a")
+    with writer_lock(col, TOMOGRAMS):  # one ingest at a time: they share staging/
+        return _ingest_plans(col, plans, order, voxel_size, tilt_axis_angle, overwrite, chunks)
 
+
+def _ingest_plans(col: Collection, plans: list[_Plan], order: str, voxel_size: float | None,
+                  tilt_axis_angle: float, overwrite: bool, chunks: Sequence[int]) -> Collection:
+    """Skip unchanged tomograms, then stage, check and move the others into place (lock held)."""
     # decide per tomogram: skip unchanged, refuse changed ones without overwrite
     tomo_root = col.group(TOMOGRAMS, create=True)
     for plan in plans:
