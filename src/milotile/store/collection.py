@@ -402,6 +402,25 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def check_store(url: str | os.PathLike, *, must_exist: bool = True, storage_options: dict | None = None) -> None:
+    """Refuse what is not a collection store (missing, a Zarr array, another Zarr group, a file) cheaply.
+
+    Reads only the root ``zarr.json``; the CLI calls it before starting a Dask cluster so a wrong
+    store path fails in a second. ``must_exist=False`` accepts a path where a store will be created.
+    """
+    abs_url = absolute_url(url, storage_options)
+    fs, root = fsspec.core.url_to_fs(abs_url, **(storage_options or {}))
+    doc = _root_metadata(fs, root.rstrip("/") + "/zarr.json", abs_url)
+    if doc is None:
+        if must_exist:
+            raise InputError(f"{url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
+        if fs.isfile(root):
+            raise InputError(f"{abs_url} is a file, not a milotile collection store")
+        return
+    if doc.get("attributes", {}).get("milotile", {}).get("kind") != "collection":
+        raise InputError(f"{abs_url} is a Zarr group but not a milotile collection store")
+
+
 def open_collection(url: str | os.PathLike, mode: str = "r+", storage_options: dict | None = None) -> Collection:
     """Open an existing collection store (``mode="r"`` read-only, ``"r+"`` read/write).
 

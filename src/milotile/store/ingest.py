@@ -77,7 +77,7 @@ def read_manifest(path: str | os.PathLike) -> list[Source]:
 
     Tabs or any whitespace separate the columns; relative paths are relative to the manifest.
     """
-    p = Path(path)
+    p = Path(path).expanduser().absolute()  # sources travel to Dask workers that may run elsewhere
     base = p.parent
     lines = read_text_lines(p, "manifest")
     rows = [(i + 1, ln.split()) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")]
@@ -145,7 +145,7 @@ def collect_sources(sources: Iterable[str | os.PathLike] | str | os.PathLike) ->
         sources = [sources]
     out: list[Source] = []
     for s in sources:
-        p = Path(s)
+        p = Path(s).expanduser().absolute()  # a worker in another folder resolves it the same way
         if p.is_dir():
             out.extend(_from_folder(p))
         elif p.suffix.lower() in TOMO_SUFFIXES:
