@@ -28,7 +28,7 @@ def _order_hint(perm: str, order_applies: bool | None) -> str:
             return " re-read them with order='xzy' (--order xzy) if they were read as 'xyz'"
         return " re-read them with the matching order (--order)"
     if order_applies is None:
-        return " check which column holds which axis (--order applies to bare txt and IMOD files only)"
+        return f" check which column holds which axis (they fit as order '{perm}'; --order applies to bare txt and IMOD files only)"
     return " the file names its columns (--order does not apply), so check that its x, y, z columns hold x, y, z"
 
 
