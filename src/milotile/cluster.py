@@ -148,7 +148,7 @@ def cluster(
             tpw = int(threads_per_worker) if threads_per_worker is not None else max(1, ncores // n if n_gpu else 1)
             kwargs: dict[str, Any] = dict(
                 n_workers=n, threads_per_worker=tpw, processes=processes,
-                dashboard_address=dashboard_address, memory_limit=memory_limit,
+                dashboard_address=_free_dashboard(dashboard_address), memory_limit=memory_limit,
             )
             if n_gpu:
                 kwargs["resources"] = {"GPU": 1}
@@ -162,6 +162,20 @@ def cluster(
         yield client
     finally:
         _shutdown(client, owned)
+
+
+def _free_dashboard(address: str | None) -> str | None:
+    """``address``, or ``"127.0.0.1:0"`` (a free local port) when its port is taken, instead of distributed's warning."""
+    import socket
+
+    if not address or not address.startswith(":"):
+        return address
+    with socket.socket() as s:
+        try:
+            s.bind(("", int(address[1:])))
+        except (OSError, ValueError):
+            return "127.0.0.1:0"
+    return address
 
 
 def _check_count(what: str, value: Any) -> None:
@@ -233,8 +247,9 @@ def quiet_dask_logs(level: int | None = None) -> None:
     """Keep distributed's own INFO chatter out of milotile's log (it resets levels on import)."""
     root = logging.getLogger("milotile").getEffectiveLevel()
     level = level if level is not None else (logging.INFO if root <= logging.DEBUG else logging.WARNING)
-    for name in ("distributed", "bokeh", "tornado"):
-        logging.getLogger(name).setLevel(level)
+    logging.getLogger("distributed").setLevel(level)
+    for name, floor in (("bokeh", logging.ERROR), ("tornado", logging.CRITICAL)):  # distributed's own defaults
+        logging.getLogger(name).setLevel(max(level, floor) if level > logging.DEBUG else level)
 
 
 def active_client() -> Any | None:
