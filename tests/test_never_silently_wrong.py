@@ -24,6 +24,7 @@ from milotile.cli import main as cli_main
 from milotile.errors import InputError
 from milotile.store import write_mrc
 from milotile.store.lock import StoreLockedError, list_locks, writer_lock
+from test_store import _store_snapshot as _snapshot  # noqa: E402 - pytest puts tests/ on sys.path
 
 CHUNKS = (16, 32, 32)
 PY = sys.executable
@@ -53,16 +54,6 @@ def _write_sources(folder: Path, n=2, shape=(32, 64, 64)) -> Path:
 def _cli(args, cwd, timeout=240, env=None):
     return subprocess.run([PY, "-m", "milotile.cli", *args], cwd=cwd, env=env or ENV, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _snapshot(path):
-    out = {}
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            st = os.stat(p)
-            out[p] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 def _free_port() -> int:
