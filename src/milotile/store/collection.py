@@ -161,14 +161,7 @@ class Collection:
         # absolute before any zarr object exists: a Dask worker elsewhere resolves it the same way
         self.url = absolute_url(url, self.storage_options)
         self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        root = _root_metadata(self.fs, self._join("zarr.json"), self.url)
-        if mode == "r" and root is None:
-            raise InputError(f"{self.url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
-        if root is None and self.fs.isfile(self._root):
-            raise InputError(f"{self.url} is a file, not a milotile collection store")
-        meta = dict((root or {}).get("attributes", {}).get("milotile", {}))
-        if root is not None and meta.get("kind") != "collection":
-            raise InputError(f"{self.url} is a Zarr group but not a milotile collection store")
+        meta = _store_meta(self.fs, self._root, self.url, must_exist=mode == "r") or {}
         self.store_id: str | None = meta.get("store_id")
         if self.store_id is None and mode != "r":
             self.store_id = new_store_id()
@@ -402,6 +395,25 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _store_meta(fs: Any, root: str, url: str, *, must_exist: bool) -> dict | None:
+    """The root ``milotile`` attributes of the store at ``root`` (``None`` when there is no store yet).
+
+    Refuses a missing store (when ``must_exist``), a file, a Zarr array and a Zarr group that is not
+    a milotile collection, each with one sentence.
+    """
+    doc = _root_metadata(fs, root.rstrip("/") + "/zarr.json", url)
+    if doc is None:
+        if must_exist:
+            raise InputError(f"{url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
+        if fs.isfile(root):
+            raise InputError(f"{url} is a file, not a milotile collection store")
+        return None
+    meta = dict(doc.get("attributes", {}).get("milotile", {}))
+    if meta.get("kind") != "collection":
+        raise InputError(f"{url} is a Zarr group but not a milotile collection store")
+    return meta
+
+
 def check_store(url: str | os.PathLike, *, must_exist: bool = True, storage_options: dict | None = None) -> None:
     """Refuse what is not a collection store (missing, a Zarr array, another Zarr group, a file) cheaply.
 
@@ -410,15 +422,7 @@ def check_store(url: str | os.PathLike, *, must_exist: bool = True, storage_opti
     """
     abs_url = absolute_url(url, storage_options)
     fs, root = fsspec.core.url_to_fs(abs_url, **(storage_options or {}))
-    doc = _root_metadata(fs, root.rstrip("/") + "/zarr.json", abs_url)
-    if doc is None:
-        if must_exist:
-            raise InputError(f"{url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
-        if fs.isfile(root):
-            raise InputError(f"{abs_url} is a file, not a milotile collection store")
-        return
-    if doc.get("attributes", {}).get("milotile", {}).get("kind") != "collection":
-        raise InputError(f"{abs_url} is a Zarr group but not a milotile collection store")
+    _store_meta(fs, root, abs_url, must_exist=must_exist)
 
 
 def open_collection(url: str | os.PathLike, mode: str = "r+", storage_options: dict | None = None) -> Collection:
