@@ -278,7 +278,7 @@ def test_info_marks_incomplete_outputs(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "s.zarr")]) == 0
     out = capsys.readouterr().out
     assert "preprocessed: a, b (incomplete)" in out
-    assert "heatmaps: refine (incomplete)" in out
+    assert "heatmaps: refine/a (incomplete)" in out
     assert "patch banks: bank1 (incomplete)" in out
     assert col.derived()["preprocessed"] == ["a"]
     assert col.derived()["heatmaps"] == []
@@ -379,7 +379,7 @@ def test_garbage_checkpoint_cli(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "weights_only" not in r.stderr
     assert "garbage.pt" in r.stderr
-    assert mt.open(tmp_path / "s.zarr", mode="r").derived_status().get("heatmaps") in (None, {})
+    assert mt.open(tmp_path / "s.zarr", mode="r").derived(status=True).get("heatmaps") in (None, {})
 
 
 @pytest.mark.slow

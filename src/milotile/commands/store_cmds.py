@@ -63,33 +63,37 @@ def run_unlock(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     """Handler of ``milotile info``: prints names, shapes, voxel sizes and derived data."""
     from milotile.store import open_collection
-    from milotile.store.collection import is_complete
 
     col = open_collection(args.store, mode="r")
     info = col.info()
     print(f"{col.url}: {len(col)} tomograms")
     if len(info):
         print(info.to_string(index=False))
-    derived = col.derived_status()
+    derived = col.derived(status=True)
     if derived:
         print("derived:")
         for stage, names in derived.items():
-            print(f"  {stage}: {_marked(names)}")
+            print(f"  {stage}: {', '.join(_label(n, st) for n, st in names.items())}")
     tables = col.tables()
     if tables:
         print("tables:")
         for t in tables:
-            print(f"  {t}: {len(col.read_table(t))} rows")
-    patches = col.group("patches")
-    if patches is not None:
-        print("patch banks: " + _marked({n: is_complete(node) for n, node in patches.members()}))
+            print(f"  {t}: {len(col.read_table(t))} rows{_mark(col.output_status(f'tables/{t}'))}")
+    for kind, title in (("patches", "patch banks"), ("embeddings", "embeddings")):
+        g = col.group(kind)
+        if g is not None:
+            print(f"{title}: " + ", ".join(_label(n, col.output_status(f"{kind}/{n}")) for n, _ in g.members()))
     _print_locks(col)
     return 0
 
 
-def _marked(status: dict[str, bool]) -> str:
-    """``a, b (incomplete)``: outputs whose complete flag is false are marked, never listed as done."""
-    return ", ".join(n if ok else f"{n} (incomplete)" for n, ok in status.items())
+def _mark(status: str) -> str:
+    """`` (stale)`` / `` (incomplete)``: an output is never listed as done when it is not."""
+    return "" if status == "complete" else f" ({status})"
+
+
+def _label(name: str, status: str) -> str:
+    return name + _mark(status)
 
 
 def _print_locks(col) -> None:  # noqa: ANN001
