@@ -42,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"milotile.commands.{mod}")
-        except ModuleNotFoundError as exc:  # a stage not installed in this build
-            if exc.name and exc.name.startswith("milotile.commands"):
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"milotile.commands.{mod}").register(sub)
     return parser
 
 
