@@ -151,6 +151,28 @@ def _self_check(work: Path) -> None:
     shutil.rmtree(probe)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def _result(args: argparse.Namespace, rounds: list[dict], durations: dict, t_start: float, load0: tuple,
+            *, finished: bool) -> dict:
+    """The JSON record: tally (rounds, kills, mismatches), per-round detail, timing and load."""
+    return {
+        "benchmark": "fault_inject", "finished": finished, "pipeline": [s for s, _ in STEPS], "size_zyx": args.size,
+        "tomograms": 2, "seed": args.seed, "workers": 2, "clean_step_seconds": durations,
+        "rounds": len(rounds), "main_kills": sum(r["main_killed"] for r in rounds),
+        "worker_kills": sum(r["worker_killed"] for r in rounds),
+        "mismatches": sum(bool(r["problems"]) for r in rounds), "rounds_detail": rounds,
+        "wall_s": round(time.perf_counter() - t_start, 1), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+    }
+
+
+def _write(out: str, result: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=12)
@@ -160,6 +182,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_inject.json"))
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _terminate)  # `timeout` or Ctrl-C: still stop the cluster and keep the JSON
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="milotile-fault-"))
     shutil.rmtree(work, ignore_errors=True)
@@ -219,26 +242,16 @@ def main() -> int:
             rec = {"round": rnd, "step": name, "delay_s": round(delay, 2), "main_killed": main_killed,
                    "worker_killed": worker_killed, "problems": problems}
             rounds.append(rec)
+            _write(args.out, _result(args, rounds, durations, t_start, load0, finished=False))
             print(f"round {rnd:2d}: {name:10s} kill at {delay:5.1f}s main={'killed' if main_killed else 'done  '} "
                   f"worker={'killed' if worker_killed else '-'} -> {'OK' if not problems else problems}", flush=True)
     finally:
         cluster.close()
-    tally = {
-        "rounds": len(rounds),
-        "main_kills": sum(r["main_killed"] for r in rounds),
-        "worker_kills": sum(r["worker_killed"] for r in rounds),
-        "mismatches": sum(bool(r["problems"]) for r in rounds),
-    }
-    print("tally:", tally)
-    result = {
-        "benchmark": "fault_inject", "pipeline": [s for s, _ in STEPS], "size_zyx": args.size, "tomograms": 2,
-        "seed": args.seed, "workers": 2, "clean_step_seconds": durations, **tally, "rounds_detail": rounds,
-        "wall_s": round(time.perf_counter() - t_start, 1), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    result = _result(args, rounds, durations, t_start, load0, finished=True)
+    print("tally:", {k: result[k] for k in ("rounds", "main_kills", "worker_kills", "mismatches")})
+    _write(args.out, result)
     shutil.rmtree(work, ignore_errors=True)
-    return 1 if tally["mismatches"] else 0
+    return 1 if result["mismatches"] else 0
 
 
 if __name__ == "__main__":

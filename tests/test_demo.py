@@ -17,10 +17,11 @@ def test_demo_runs_every_stage(tmp_path, capsys):
                      "--size", "48,96,96", "--explore-epochs", "1", "--refine-epochs", "1"])
     assert code == 0
     report = json.loads((out / "demo_report.json").read_text())
-    assert list(report) == ["synth", "ingest", "preprocess", "mine", "patches", "patches2d3d", "explore",
+    assert list(report) == ["synth", "ingest", "preprocess", "writer_lock", "mine", "patches", "patches2d3d", "explore",
                             "embed", "refine", "pick", "fiber", "export"]
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
+    assert report["writer_lock"]["second_writer_refused"] is True
     assert report["embed"]["rows"] == report["patches"]["rows"]
     from milotile.explore import Encoder
 

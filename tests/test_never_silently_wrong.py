@@ -100,7 +100,11 @@ def test_relative_store_with_workers_started_elsewhere_equals_local_run(tmp_path
         for p in procs[::-1]:
             p.terminate()
         for p in procs:
-            p.wait(timeout=30)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a loaded machine: do not let teardown mask the result
+                p.kill()
+                p.wait()
     assert not any(elsewhere.rglob("zarr.json")), "the workers wrote into their own folder"
     remote, local = mt.open(work / "C4.zarr", mode="r"), mt.open(work / "local.zarr", mode="r")
     assert remote.names == local.names == ["t0", "t1"]

@@ -81,6 +81,21 @@ def candidate_recall(cands: pd.DataFrame, truth: pd.DataFrame) -> dict[str, floa
     return out
 
 
+def _second_writer_refused(col: Any) -> dict[str, Any]:
+    """One writer per output: while a (simulated) writer holds an output, a second one is refused."""
+    from milotile.store.lock import StoreLockedError, writer_lock
+
+    name = col.names[0]
+    with writer_lock(col, f"derived/preprocessed/{name}", command="demo: a concurrent writer"):
+        try:
+            col.preprocess(gauss=1.5, names=[name], tilts=False)
+            refused = False
+        except StoreLockedError as exc:
+            log.info("[demo] second writer refused: %s", exc)
+            refused = True
+    return {"second_writer_refused": refused, "store_id": col.store_id}
+
+
 def run_demo(cfg: DemoConfig) -> DemoReport:
     """Run every stage of milotile on generated data; returns the report (also written as JSON)."""
     from milotile.api import ingest, open_collection
@@ -117,6 +132,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         # 3. preprocess + mine -----------------------------------------------------------------
         _, s = _timed(lambda: col.preprocess(gauss=0.8))
         report.add("preprocess", s, gauss=0.8)
+        report.add("writer_lock", 0.0, **_second_writer_refused(col))
         cands, s = _timed(lambda: col.mine(dog=(3, 5), threshold_std=0.5, nms_distance=7, border=8))
         recall = candidate_recall(cands.df, truth)
         report.add("mine", s, candidates=len(cands), recall_per_species=recall,
