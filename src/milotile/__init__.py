@@ -29,6 +29,6 @@ def __getattr__(name: str):
     # heavy sub-packages (torch) load on first use: ``mt.explore``, ``mt.refine``, ``mt.synth``
     import importlib
 
-    if name in {"explore", "refine", "synth", "formats", "metrics", "stages", "ops", "nn"}:
+    if name in {"explore", "refine", "synth", "formats", "metrics", "stages", "ops", "nn", "segments"}:
         return importlib.import_module(f"milotile.{name}")
     raise AttributeError(f"module 'milotile' has no attribute {name!r}")

@@ -21,6 +21,7 @@ log = logging.getLogger("milotile")
 # stage modules under milotile.commands, in the order they appear in --help
 COMMAND_MODULES = (
     "store_cmds", "synth", "preprocess", "mine", "patches", "explore", "refine", "export", "demo",
+    "segments",
 )
 
 

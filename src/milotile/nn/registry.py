@@ -24,6 +24,7 @@ _ARCH_MODULES: tuple[str, ...] = (
     "milotile.nn.resnet",
     "milotile.explore.model",
     "milotile.refine.model",
+    "milotile.segments.models",
 )
 _loaded = False
 
