@@ -325,3 +325,51 @@ def test_cli_synth_ingest_features_cluster(tmp_path, capsys):
     assert out["clusters"] == 4 and out["scores"]["accuracy"] > 0.4
     assert (Path(store) / "plots" / "segments-volume" / "map.png").is_file()
     assert not (Path(store) / "plots" / "segments-volume" / "gallery.png").exists()  # no crops were made
+
+
+# -- learned features (tiny models; they must learn) ---------------------------------------------
+def _knn_accuracy(X: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X = (X - X.mean(0)) / (X.std(0) + 1e-9)
+    return float(cross_val_score(KNeighborsClassifier(5), X, y, cv=4).mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,epochs", [("vae", 8), ("pointae", 15), ("simsiam", 12)])
+def test_learned_features_learn_shape_classes(store, synth, tmp_path, kind, epochs):
+    from milotile.nn.runlog import RunLog
+    from milotile.segments import embed_objects, train_model
+
+    ck = train_model(store, kind, epochs=epochs, batch_size=24, out=tmp_path / kind, seed=0, local=True)
+    recs = RunLog(tmp_path / kind).records()
+    assert len(recs) == epochs
+    if kind == "simsiam":
+        assert recs[-1]["loss"] < recs[0]["loss"] - 0.2  # negative cosine similarity falls towards -1
+    else:
+        key = "recon" if kind == "vae" else "chamfer"
+        assert recs[-1][key] < 0.7 * recs[0][key]
+    emb = embed_objects(store, kind, model=ck)
+    assert np.array_equal(emb["id"].to_numpy(), synth["truth"]["id"].to_numpy().astype(np.uint64))
+    X = emb.filter(like=f"{kind}_").to_numpy()
+    acc = _knn_accuracy(X, synth["truth"]["class"].to_numpy())
+    assert acc > 0.5, acc  # chance: 0.25 (four balanced classes)
+
+
+@pytest.mark.slow
+def test_training_resumes_on_a_dask_worker(store, tmp_path):
+    from milotile.cluster import cluster
+    from milotile.nn.checkpoint import load_checkpoint
+    from milotile.nn.runlog import RunLog
+    from milotile.segments import train_model
+
+    out = tmp_path / "run"
+    train_model(store, "pointae", epochs=1, batch_size=24, out=out, local=True)
+    with pytest.raises(InputError, match="resume"):
+        train_model(store, "pointae", epochs=2, batch_size=24, out=out, local=True)
+    with cluster(workers=1, processes=False, dashboard_address=None):
+        ck = train_model(store, "pointae", epochs=2, batch_size=24, out=out, resume=True)
+    assert load_checkpoint(ck)["epoch"] == 2
+    assert [r["epoch"] for r in RunLog(out).records()] == [1, 2]
+    assert load_checkpoint(ck)["contract"]["kind"] == "pointae"
