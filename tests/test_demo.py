@@ -14,11 +14,12 @@ from milotile.cli import main as cli_main
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     code = cli_main(["-q", "--workers", "1", "demo", "--out", str(out), "--n-tomograms", "2",
-                     "--size", "48,96,96", "--explore-epochs", "1", "--refine-epochs", "1"])
+                     "--size", "48,96,96", "--explore-epochs", "1", "--refine-epochs", "1",
+                     "--segments-epochs", "1"])
     assert code == 0
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "mine", "patches", "patches2d3d", "explore",
-                            "embed", "refine", "pick", "fiber", "export"]
+                            "embed", "refine", "pick", "fiber", "export", "segments"]
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
     assert report["embed"]["rows"] == report["patches"]["rows"]
@@ -32,5 +33,6 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson"):
         assert (out / "exports" / fmt).exists(), fmt
     assert len(pd.read_csv(out / "exports" / "picks.csv")) == len(picks)
+    assert report["segments"]["objects"] > 20 and report["segments"]["accuracy"] > 0.4
     printed = capsys.readouterr().out
     assert "milotile demo finished" in printed and "f1_all" in printed

@@ -282,21 +282,22 @@ def _train_job(url: str, so: dict, name: str, kind: str, run_dir: str, epochs: i
     return str(rd / "last.pt")
 
 
-_CACHE: dict[tuple[str, int, str], torch.nn.Module] = {}
+_CACHE: dict[tuple[str, int, str], tuple[torch.nn.Module, dict[str, Any]]] = {}
 _LOCK = threading.Lock()
 
 
 def _cached_model(path: str, device: str | None) -> tuple[torch.nn.Module, dict[str, Any], torch.device]:
+    """The checkpoint's model, loaded once per process (worker) and device."""
     dev = pick_device(device)
     key = (os.path.abspath(path), os.stat(path).st_mtime_ns, str(dev))
-    ck = load_checkpoint(path)
     with _LOCK:
-        model = _CACHE.get(key)
-        if model is None:
-            model = build_model(ck).to(dev).eval()
+        hit = _CACHE.get(key)
+        if hit is None:
+            ck = load_checkpoint(path)
+            hit = (build_model(ck).to(dev).eval(), dict(ck["contract"]))
             _CACHE.clear()
-            _CACHE[key] = model
-    return model, dict(ck["contract"]), dev
+            _CACHE[key] = hit
+    return hit[0], hit[1], dev
 
 
 def _embed_rows(url: str, so: dict, name: str, kind: str, ckpt: str, device: str | None, start: int, stop: int,

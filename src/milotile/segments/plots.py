@@ -120,6 +120,8 @@ def gallery(crops: Any, rows: np.ndarray, clusters: np.ndarray, path: str | os.P
             ax.set_yticks([])
             if j < len(pick):
                 ax.imshow(np.asarray(crops[int(pick[j])]).max(axis=0), cmap="gray", vmin=0, vmax=255)
+            elif j:
+                ax.set_axis_off()
         axes[i, 0].set_ylabel("noise" if c < 0 else f"cluster {c}", fontsize=8)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
