@@ -199,7 +199,7 @@ LEARNED = ("simsiam", "vae", "pointae")
 FEATURE_SETS = {
     "size": "size",
     "shape": "sphericity,circularity,skeleton,axes,thickness",
-    "all_handcrafted": "size,surface,sphericity,circularity,skeleton,axes,thickness,scale",
+    "all_handcrafted": "size,surface,sphericity,circularity,skeleton,axes,thickness,nn",
     "simsiam": "simsiam",
     "vae": "vae",
     "pointae": "pointae",

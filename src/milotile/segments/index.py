@@ -1,8 +1,8 @@
 """The object index: per label id its bounding box, voxel count and centroid, in one pass.
 
 Every block yields a small table (one row per id present: count, per-axis min/max and coordinate
-sums) computed with ``numpy.unique`` + ``bincount`` + ``scipy.ndimage.find_objects`` on the
-block's compact ids; the tables are concatenated and reduced with a pandas group-by (min/max/sum),
+sums) computed on the block's object voxels only (``flatnonzero``, ``numpy.unique``, ``bincount``,
+``minimum/maximum.reduceat``: labels are mostly background); the tables are concatenated and reduced with a pandas group-by (min/max/sum),
 so the volume is read once and never per object (EManalysis re-read whole slices per object and
 feature). Ids stay ``uint64`` throughout (no float/uint16 casts). When a class volume is given,
 the class of an object is its majority class over its voxels (not one pixel's, as in EManalysis).
@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +46,25 @@ def block_index(
         ``id, class, n`` voxel counts, when ``classes`` is given.
     """
     flat = labels.ravel()
-    ids, inv = np.unique(flat, return_inverse=True)
-    inv = inv.reshape(labels.shape)
-    counts = np.bincount(inv.ravel(), minlength=len(ids))
-    keep = ids != 0
+    fg = np.flatnonzero(flat)  # only object voxels are sorted and counted (labels are mostly background)
+    vals = flat[fg]
+    ids, inv = np.unique(vals, return_inverse=True)
     n = len(ids)
-    # bounding boxes: find_objects on compact ids 1..n (inverse + 1)
-    slices = ndimage.find_objects((inv + 1).astype(np.int32 if n < 2**31 else np.int64, copy=False))
-    lo = np.array([[s.start for s in sl] for sl in slices], dtype=np.int64).reshape(n, 3) + np.asarray(offset)
-    hi = np.array([[s.stop for s in sl] for sl in slices], dtype=np.int64).reshape(n, 3) + np.asarray(offset)
-    sums = []
+    counts = np.bincount(inv, minlength=n)
+    coords = np.unravel_index(fg, labels.shape)
+    order = np.argsort(inv, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else np.zeros(0, np.int64)
+    lo, hi, sums = [], [], []
     for axis in range(3):
-        # sum of coordinates along ``axis`` per id (weights broadcast from the axis coordinate)
-        coord = np.arange(labels.shape[axis], dtype=np.float64) + offset[axis]
-        shape = [1, 1, 1]
-        shape[axis] = -1
-        w = np.broadcast_to(coord.reshape(shape), labels.shape)
-        sums.append(np.bincount(inv.ravel(), weights=w.ravel(), minlength=n))
+        c = coords[axis].astype(np.int64)
+        cs = c[order]
+        lo.append(np.minimum.reduceat(cs, starts) + offset[axis] if n else cs[:0])
+        hi.append(np.maximum.reduceat(cs, starts) + offset[axis] + 1 if n else cs[:0])
+        sums.append(np.bincount(inv, weights=c.astype(np.float64), minlength=n) + counts * float(offset[axis]))
     table = pd.DataFrame({
-        "id": ids[keep].astype(np.uint64), "voxels": counts[keep].astype(np.int64),
-        "z0": lo[keep, 0], "y0": lo[keep, 1], "x0": lo[keep, 2],
-        "z1": hi[keep, 0], "y1": hi[keep, 1], "x1": hi[keep, 2],
-        "sz": sums[0][keep], "sy": sums[1][keep], "sx": sums[2][keep],
+        "id": ids.astype(np.uint64), "voxels": counts.astype(np.int64),
+        "z0": lo[0], "y0": lo[1], "x0": lo[2], "z1": hi[0], "y1": hi[1], "x1": hi[2],
+        "sz": sums[0], "sy": sums[1], "sx": sums[2],
     })
     votes = None
     if classes is not None:
