@@ -68,6 +68,19 @@ def _register(image: zarr.Group, name: str) -> zarr.Group:
     return grp
 
 
+def _label_group(image: zarr.Group, name: str, scale: Sequence[float], colors: Any, properties: Any, unit: str,
+                 attributes: dict[str, Any] | None) -> zarr.Group:
+    """The (re-created) group ``<image>/labels/<name>`` with its NGFF attributes, registered in ``labels``."""
+    grp = _register(image, name)
+    if name in grp:
+        del grp[name]
+    lab = grp.create_group(name)
+    lab.attrs["ome"] = label_attrs(name, scale, colors=colors, properties=properties, unit=unit)
+    if attributes:
+        lab.attrs.update(attributes)
+    return lab
+
+
 def create_labels(
     image: zarr.Group,
     name: str,
@@ -104,13 +117,7 @@ def create_labels(
     -------
     zarr.Array
     """
-    grp = _register(image, name)
-    if name in grp:
-        del grp[name]
-    lab = grp.create_group(name)
-    lab.attrs["ome"] = label_attrs(name, scale, colors=colors, properties=properties, unit=unit)
-    if attributes:
-        lab.attrs.update(attributes)
+    lab = _label_group(image, name, scale, colors, properties, unit, attributes)
     return create_array(lab, "0", shape, chunks=chunks, dtype=dtype, dimension_names=AXES_ZYX)
 
 
@@ -133,11 +140,5 @@ def write_labels(
     """
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"label images must be integer, got {labels.dtype}")
-    grp = _register(image, name)
-    if name in grp:
-        del grp[name]
-    lab = grp.create_group(name)
-    lab.attrs["ome"] = label_attrs(name, scale, colors=colors, properties=properties, unit=unit)
-    if attributes:
-        lab.attrs.update(attributes)
+    lab = _label_group(image, name, scale, colors, properties, unit, attributes)
     return write_dask(labels, lab, "0", chunks=chunks, dimension_names=AXES_ZYX, compute=compute)
