@@ -120,7 +120,7 @@ def compute_features(
     """
     import dask
 
-    from milotile.cluster import compute_with_progress
+    from milotile.runtime import compute_with_progress
 
     vol = open_segments(store, name)
     objects = vol.objects()
@@ -155,7 +155,7 @@ def compute_features(
         feats["nn_distance"] = d[:, 1]
     else:
         feats["nn_distance"] = np.nan
-    _write_arrays(vol, res, pos, crop_size, n_points)
+    _write_arrays(vol, res, pos, crop_size, n_points, seed)
     params = {"stage": "segments-features", "crop_size": crop_size, "n_points": n_points, "seed": seed,
               "unit": vol.unit, "units": feature_units(vol.unit), "voxel_size": list(vol.voxel_size)}
     write_rows(vol.collection, FEATURES_TABLE, vol.name, feats, params=params)
@@ -164,19 +164,27 @@ def compute_features(
     return feats
 
 
-def _write_arrays(vol: SegmentVolume, res: list, pos: np.ndarray, crop_size: int, n_points: int) -> None:
+def _write_arrays(vol: SegmentVolume, res: list, pos: np.ndarray, crop_size: int, n_points: int, seed: int) -> None:
+    """``crops`` / ``points`` of the volume, each a stage output with the volume as its source."""
     from milotile.store.arrays import create_array
 
     n = len(pos)
+    col = vol.collection
+    src = {vol.path(): col.source_token(vol.path())}
     if crop_size:
         cubes = np.concatenate([r[1] for r in res])[pos]
-        arr = create_array(vol.group, "crops", (n, crop_size, crop_size, crop_size),
-                           chunks=(min(256, n), crop_size, crop_size, crop_size), dtype=np.uint8)
-        arr[:] = cubes
-        arr.attrs["milotile"] = {"crop_size": crop_size, "layout": "row i = tables/segment-features row i",
-                                 "scaling": "isotropic fit of the bbox, centred; scale in crop_scale"}
+        out = col.stage_output(vol.path("crops"), {"crop_size": crop_size}, src)
+        with out:
+            arr = out.begin(create_array(vol.group, "crops", (n, crop_size, crop_size, crop_size),
+                                         chunks=(min(256, n), crop_size, crop_size, crop_size), dtype=np.uint8))
+            arr[:] = cubes
+            out.finish(layout="row i = tables/segment-features row i",
+                       scaling="isotropic fit of the bbox, centred; scale in crop_scale")
     if n_points:
         pts = np.concatenate([r[2] for r in res])[pos]
-        arr = create_array(vol.group, "points", (n, n_points, 3), chunks=(min(1024, n), n_points, 3), dtype=np.float32)
-        arr[:] = pts
-        arr.attrs["milotile"] = {"n_points": n_points, "normalisation": "centred, divided by RMS radius (points_scale)"}
+        out = col.stage_output(vol.path("points"), {"n_points": n_points, "seed": seed}, src)
+        with out:
+            arr = out.begin(create_array(vol.group, "points", (n, n_points, 3), chunks=(min(1024, n), n_points, 3),
+                                         dtype=np.float32))
+            arr[:] = pts
+            out.finish(normalisation="centred, divided by RMS radius (points_scale)")

@@ -45,6 +45,7 @@ from milotile.store.arrays import (
     multiscale_metadata,
 )
 from milotile.store.labels import create_labels
+from milotile.store.stage_output import file_token
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _relabel_region(
 
 
 def _compute(tasks: list, desc: str) -> list:
-    from milotile.cluster import compute_with_progress
+    from milotile.runtime import compute_with_progress
 
     return compute_with_progress(tasks, desc=desc)
 
@@ -212,17 +213,37 @@ def ingest_segments(
     created = not Path(str(store)).exists() if not hasattr(store, "zarr_group") else False
     col = as_collection(store, mode="a")
     seg = col.group(SEGMENTS, create=True)
+    params = {"connected_components": connected_components, "chunks": list(chunks),
+              "voxel_size": None if vs is None else list(vs), "dataset": dataset, "labels_dataset": labels_dataset}
+    sources = {f"file:{os.path.abspath(r.path)}": file_token(r.path) for r in (em_r, lab_r, cls_r) if r is not None}
+    if classes is not None and cls_r is None:
+        sources[f"file:{os.path.abspath(classes)}"] = file_token(classes)
+    out = col.stage_output(f"{SEGMENTS}/{name}", params, sources)
+    if out.reusable and not overwrite:
+        log.info("segment volume %r is up to date (same inputs and parameters); --overwrite re-ingests it", name)
+        return open_segments(col, name)
     if name in seg and not overwrite:
-        raise InputError(f"{col.url} already holds segment volume {name!r}; pass --overwrite to replace it.")
+        raise InputError(f"{col.url} already holds segment volume {name!r} made from other inputs; pass --overwrite to replace it.")
     staging = f".staging-{name}-{uuid.uuid4().hex[:8]}"
     try:
-        return _ingest(col, seg, staging, name, em_r, lab_r, cls_r, cls_table, vs, chunks, connected_components)
+        with out:
+            grp = out.begin(seg.create_group(staging))
+            objects, meta = _ingest(col, grp, staging, name, em_r, lab_r, cls_r, cls_table, vs, chunks,
+                                    connected_components)
+            out.finish(**meta)
+            from milotile.store.ingest import _replace
+
+            _replace(col, f"{SEGMENTS}/{staging}", f"{SEGMENTS}/{name}")
     except BaseException:
         if staging in seg:
             del seg[staging]
         if created and not col.names and not open_or_none(col):
             shutil.rmtree(col.path, ignore_errors=True)
         raise
+    write_rows(col, "objects", name, objects, params={"stage": "segments-ingest", **meta})
+    log.info("ingested segment volume %r: %s voxels, %d objects%s", name, "x".join(map(str, em_r.shape)),
+             len(objects), f", voxel {vs} Å" if vs else " (voxel size unknown)")
+    return open_segments(col, name)
 
 
 def open_or_none(col: Any) -> bool:
@@ -246,14 +267,14 @@ def _voxel_size(arg: Sequence[float] | float | None, *readers: VolumeReader) -> 
     return None
 
 
-def _ingest(col: Any, seg: zarr.Group, staging: str, name: str, em_r: VolumeReader, lab_r: VolumeReader,
+def _ingest(col: Any, grp: zarr.Group, staging: str, name: str, em_r: VolumeReader, lab_r: VolumeReader,
             cls_r: VolumeReader | None, cls_table: pd.DataFrame | None, vs: tuple[float, ...] | None,
-            chunks: tuple[int, ...], cc: bool) -> SegmentVolume:
+            chunks: tuple[int, ...], cc: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Copy and index into the staging group ``grp``; returns the object table and the volume's metadata."""
     import dask
 
     scale = vs or (1.0, 1.0, 1.0)
     unit = "angstrom" if vs else "voxel"
-    grp = seg.create_group(staging)
     em_dtype = next((np.dtype(d) for d in _EM_DTYPES if np.dtype(d) == em_r.dtype), np.dtype(np.float32))
     create_array(grp, "0", em_r.shape, chunks=chunks, dtype=em_dtype, dimension_names=AXES_ZYX)
     wide = lab_r.dtype.itemsize > 4 and not cc
@@ -284,16 +305,9 @@ def _ingest(col: Any, seg: zarr.Group, staging: str, name: str, em_r: VolumeRead
         "kind": "segments", "source_em": em_r.path, "source_labels": lab_r.path,
         "source_classes": None if cls_r is None else cls_r.path, "voxel_size": list(scale),
         "voxel_size_known": vs is not None, "shape": list(em_r.shape), "chunks": list(chunks),
-        "connected_components": cc, "n_objects": len(objects), "complete": True,
+        "connected_components": cc, "n_objects": len(objects),
     }
-    grp.attrs["milotile"] = meta
-    from milotile.store.ingest import _replace
-
-    _replace(col, f"{SEGMENTS}/{staging}", f"{SEGMENTS}/{name}")
-    write_rows(col, "objects", name, objects, params={"stage": "segments-ingest", **meta})
-    log.info("ingested segment volume %r: %s voxels, %d objects%s", name, "x".join(map(str, em_r.shape)),
-             len(objects), f", voxel {scale} Å" if vs else " (voxel size unknown)")
-    return open_segments(col, name)
+    return objects, meta
 
 
 def _with_unit(ome: dict, unit: str) -> dict:

@@ -16,7 +16,6 @@ import functools
 import logging
 import math
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -182,7 +181,7 @@ def train_model(
         _train_job, col.url, dict(col.storage_options or {}), vol.name, kind, str(run_dir), epochs, batch_size, lr,
         resume, seed, device, save_every, dict(config or {}),
     )
-    from milotile.cluster import active_client, gpu_resources
+    from milotile.runtime import active_client, gpu_resources
 
     client = None if local else active_client()
     if client is None:
@@ -282,22 +281,18 @@ def _train_job(url: str, so: dict, name: str, kind: str, run_dir: str, epochs: i
     return str(rd / "last.pt")
 
 
-_CACHE: dict[tuple[str, int, str], tuple[torch.nn.Module, dict[str, Any]]] = {}
-_LOCK = threading.Lock()
+def _load_model(path: str, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    ck = load_checkpoint(path)
+    return build_model(ck).to(device).eval(), dict(ck["contract"])
 
 
 def _cached_model(path: str, device: str | None) -> tuple[torch.nn.Module, dict[str, Any], torch.device]:
-    """The checkpoint's model, loaded once per process (worker) and device."""
+    """The checkpoint's model, loaded once per process (worker) and device (:mod:`milotile.nn.cache`)."""
+    from milotile.nn.cache import cached
+
     dev = pick_device(device)
-    key = (os.path.abspath(path), os.stat(path).st_mtime_ns, str(dev))
-    with _LOCK:
-        hit = _CACHE.get(key)
-        if hit is None:
-            ck = load_checkpoint(path)
-            hit = (build_model(ck).to(dev).eval(), dict(ck["contract"]))
-            _CACHE.clear()
-            _CACHE[key] = hit
-    return hit[0], hit[1], dev
+    model, contract = cached(_load_model, path, str(dev))
+    return model, contract, dev
 
 
 def _embed_rows(url: str, so: dict, name: str, kind: str, ckpt: str, device: str | None, start: int, stop: int,
@@ -360,7 +355,7 @@ def embed_objects(
     have = arr.shape[-1] if kind != "pointae" else arr.shape[1]
     if want is not None and int(want) != int(have):
         raise InputError(f"the model was trained on inputs of size {want} but volume {vol.name!r} has {have}.")
-    from milotile.cluster import active_client, gpu_resources
+    from milotile.runtime import active_client, gpu_resources
 
     n = len(feats)
     starts = list(range(0, n, rows_per_task))

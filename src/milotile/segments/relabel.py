@@ -49,9 +49,16 @@ def write_cluster_labels(vol: SegmentVolume, ids: np.ndarray, clusters: np.ndarr
         if is_noise:
             c["rgba"] = [128, 128, 128, 255]
         props.append({"label-value": v, "cluster": -1 if is_noise else v - 1, "objects": int(np.sum(values == v))})
-    lab = vol.labels("objects")
-    out = lab.map_blocks(map_block, ids, values, dtype, dtype=dtype)
-    write_labels(vol.group, name, out, chunks=vol.chunks, scale=vol.voxel_size, colors=colors, properties=props,
-                 unit=vol.unit, attributes={"milotile": {"kind": "clusters", "n_clusters": k,
-                                                         "noise_value": k + 1 if (clusters < 0).any() else None}})
+    import dask
+
+    col = vol.collection
+    mapped = vol.labels("objects").map_blocks(map_block, ids, values, dtype, dtype=dtype)
+    sources = {p: col.source_token(p) for p in (vol.path(), "tables/segment-clusters")}
+    out = col.stage_output(vol.path("labels", name), {"label_image": name}, sources)
+    with out:
+        lazy = write_labels(vol.group, name, mapped, chunks=vol.chunks, scale=vol.voxel_size, colors=colors,
+                            properties=props, unit=vol.unit, compute=False)
+        out.begin(vol.group["labels"][name])
+        dask.compute(lazy)
+        out.finish(kind="clusters", n_clusters=k, noise_value=k + 1 if (clusters < 0).any() else None)
     log.info("wrote labels/%s of %s: %d clusters as values 1..%d (%s)", name, vol.name, k, top, dtype)

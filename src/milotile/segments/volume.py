@@ -28,6 +28,7 @@ import pandas as pd
 import zarr
 
 from milotile.errors import InputError, StoreError
+from milotile.store import as_collection
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,6 @@ __all__ = ["SEGMENTS", "SegmentVolume", "open_segments", "read_rows", "write_row
 SEGMENTS = "segments"
 #: column naming the segment volume a row of a segments table belongs to
 VOLUME_COL = "volume_name"
-
-
-def as_collection(col_or_store: Any, mode: str = "r+") -> Any:
-    """A :class:`~milotile.store.Collection` from a collection or a path/URL."""
-    from milotile.store import Collection, open_collection
-
-    if isinstance(col_or_store, Collection):
-        return col_or_store
-    return open_collection(col_or_store, mode=mode)
 
 
 @dataclass
@@ -110,7 +102,8 @@ def open_segments(col_or_store: Any, name: str | None = None) -> SegmentVolume:
     col = as_collection(col_or_store)
     grp = col.group(SEGMENTS)
     names = [] if grp is None else sorted(
-        n for n, node in grp.members() if isinstance(node, zarr.Group) and node.attrs.get("milotile", {}).get("complete")
+        n for n, node in grp.members()
+        if not n.startswith(".") and isinstance(node, zarr.Group) and node.attrs.get("milotile", {}).get("complete")
     )
     if name is None:
         if len(names) != 1:
@@ -136,8 +129,13 @@ def read_rows(col: Any, table: str, volume: str) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def write_rows(col: Any, table: str, volume: str, df: pd.DataFrame, params: dict[str, Any] | None = None) -> None:
-    """Replace the rows of ``volume`` in ``tables/<table>`` by ``df`` (other volumes' rows are kept)."""
+def write_rows(col: Any, table: str, volume: str, df: pd.DataFrame, params: dict[str, Any] | None = None,
+               sources: dict[str, str | None] | None = None) -> None:
+    """Replace the rows of ``volume`` in ``tables/<table>`` by ``df`` (other volumes' rows are kept).
+
+    ``sources`` default to the segment volume itself (its stage-output token), so a re-ingested
+    volume makes the table stale (``col.output_status("tables/<table>")``).
+    """
     df = df.copy()
     df.insert(0, VOLUME_COL, volume)
     if col.has_table(table):
@@ -146,4 +144,6 @@ def write_rows(col: Any, table: str, volume: str, df: pd.DataFrame, params: dict
             old = old[old[VOLUME_COL].astype(str) != volume]
             if len(old):
                 df = pd.concat([old, df], ignore_index=True)
-    col.write_table(table, df, params=params)
+    if sources is None:
+        sources = {f"{SEGMENTS}/{volume}": col.source_token(f"{SEGMENTS}/{volume}")}
+    col.write_table(table, df, params=params, sources=sources)
