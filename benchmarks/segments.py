@@ -273,7 +273,9 @@ def main() -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     payload["load_avg_end"] = os.getloadavg()
-    path = write_results("segments" + ("_quick" if args.quick else ""), payload)
+    parts = "".join(sorted(p for p in args.parts.split(",") if p))
+    name = "segments" + ("" if parts == "ab" else f"_{parts}") + ("_quick" if args.quick else "")
+    path = write_results(name, payload)
     print(f"wrote {path}")
 
 
