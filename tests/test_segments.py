@@ -137,6 +137,26 @@ def test_connected_components_across_seams(synth, tmp_path):
     assert np.array_equal(got > 0, ref > 0)
 
 
+def test_reingest_is_skipped_when_unchanged_and_downstream_goes_stale(synth, tmp_path):
+    from milotile.segments import compute_features, ingest_segments
+    from milotile.store import open_collection
+
+    store = tmp_path / "r.zarr"
+    ingest_segments(synth["em"], synth["labels"], store, chunks=(32, 96, 96))
+    col = open_collection(store)
+    tok = col.source_token("segments/volume")
+    mtime = (store / "segments/volume/labels/objects/0/zarr.json").stat().st_mtime_ns
+    ingest_segments(synth["em"], synth["labels"], store, chunks=(32, 96, 96))  # same inputs: reused
+    assert (store / "segments/volume/labels/objects/0/zarr.json").stat().st_mtime_ns == mtime
+    with pytest.raises(InputError, match="overwrite"):
+        ingest_segments(synth["em"], synth["labels"], store, chunks=(16, 96, 96))
+    compute_features(store, crop_size=0, n_points=0)
+    assert col.output_status("tables/segment-features") == "complete"
+    ingest_segments(synth["em"], synth["labels"], store, chunks=(16, 96, 96), overwrite=True)
+    assert col.source_token("segments/volume") != tok
+    assert col.output_status("tables/segment-features") == "stale"
+
+
 @pytest.mark.parametrize("case", ["shape", "float", "empty"])
 def test_bad_input_one_sentence_nothing_written(synth, tmp_path, case):
     import h5py
