@@ -393,3 +393,17 @@ def test_training_resumes_on_a_dask_worker(store, tmp_path):
     assert load_checkpoint(ck)["epoch"] == 2
     assert [r["epoch"] for r in RunLog(out).records()] == [1, 2]
     assert load_checkpoint(ck)["contract"]["kind"] == "pointae"
+
+
+@pytest.mark.slow
+def test_umap_map(store, tmp_path):
+    from milotile.segments import cluster_objects
+    from milotile.segments.plots import embedding_2d
+
+    cluster_objects(store, features="size,sphericity,skeleton", n_clusters=4, relabel=False)
+    from milotile.segments.cluster import feature_matrix
+    from milotile.store import open_collection
+
+    _, X, _ = feature_matrix(open_collection(store), "volume", "size,sphericity,skeleton")
+    xy, used = embedding_2d(X, "auto")
+    assert used == "umap" and xy.shape == (len(X), 2) and np.isfinite(xy).all()
