@@ -12,7 +12,7 @@ memory), ingested, then timed, each variant in its own process (peak RSS = proce
   with its id (EManalysis re-reads whole slices per object) and the same measurements are taken.
   The naive feature loop is timed on a random sample of objects and extrapolated (stated in the JSON).
 
-Part B — quality. On a smaller volume (default ~300 objects) hand-crafted and learned features
+Part B — quality. On a smaller volume (default 64 x 256 x 256, ~128 objects) hand-crafted and learned features
 (SimSiam, VAE, point-cloud AE trained briefly on CPU) are clustered with every algorithm; ARI,
 NMI and Hungarian-matched accuracy against the known classes. The hand-crafted sets are also
 clustered on the Part-A objects.
@@ -248,7 +248,7 @@ def part_b(work: Path, shape, radius, seed, epochs) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="576,1024,1024", help="Part A volume (z,y,x)")
-    ap.add_argument("--small", default="96,320,320", help="Part B volume (z,y,x)")
+    ap.add_argument("--small", default="64,256,256", help="Part B volume (z,y,x)")
     ap.add_argument("--sample", type=int, default=60, help="objects of the naive per-object feature loop")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
