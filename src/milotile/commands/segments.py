@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="split a semantic mask into 6-connected objects across chunk seams")
     i.add_argument("--chunks", type=_chunks, default=(64, 256, 256), metavar="Z,Y,X", help="zarr chunks (default 64,256,256)")
     i.add_argument("--overwrite", action="store_true", help="replace an existing volume of that name")
-    i.set_defaults(handler=run, needs_cluster=True)
+    i.set_defaults(handler=run, needs_cluster=True, creates_store=True)
 
     x = sub.add_parser("index", help="recompute tables/objects.parquet from the stored labels")
     x.add_argument("store")
