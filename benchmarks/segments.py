@@ -131,68 +131,88 @@ def generate(work: Path, shape, radius, seed, chunks=(64, 256, 256), workers=2):
     return scene, em_p, lab_p
 
 
-def part_a(work: Path, shape, radius, seed, sample, workers) -> dict:
-    from milotile.segments import ingest_segments
+STEPS = ("index_cli", "features_cli", "in_process", "naive_index", "naive_features", "quality")
 
-    t0 = time.perf_counter()
-    scene, em_p, lab_p = generate(work, shape, radius, seed, workers=workers)
-    t_gen = time.perf_counter() - t0
-    n = len(scene.objects)
+
+def part_a(work: Path, shape, radius, seed, sample, workers, steps=STEPS, prior: dict | None = None) -> dict:
+    """Part A; an existing ``work/big.zarr`` (from an earlier run with ``--work``) is reused."""
+    import pandas as pd
+
     store = work / "big.zarr"
-    t0 = time.perf_counter()
-    wall_ing, rss_ing, _ = run_measured([sys.executable, "-m", "milotile.cli", "-q", "--workers", str(workers),
-                                         "segments", "ingest", "--em", em_p, "--labels", lab_p, "--classes",
-                                         str(work / "classes.parquet"), "--store", str(store), "--voxel-size", "80"],
-                                        env={"MILOTILE_PROGRESS": "0"})
-    print(f"generated {n} objects {shape} in {t_gen:.0f} s; ingest CLI {wall_ing:.0f} s", flush=True)
-    res = {"shape": list(shape), "label_bytes": int(np.prod(shape)) * 4, "objects": n, "generate_s": t_gen,
-           "ingest_cli": {"wall_s": wall_ing, "peak_rss_gib": rss_ing / 2**30, "objects_per_s": n / wall_ing,
-                          "load_avg_1m": os.getloadavg()[0]}}
+    res: dict = dict(prior or {})
+    if (store / "tables" / "objects.parquet").is_file():
+        n = len(pd.read_parquet(store / "tables" / "objects.parquet"))
+        res.setdefault("reused_store", str(store))
+    else:
+        t0 = time.perf_counter()
+        scene, em_p, lab_p = generate(work, shape, radius, seed, workers=workers)
+        t_gen = time.perf_counter() - t0
+        n = len(scene.objects)
+        wall_ing, rss_ing, _ = run_measured([sys.executable, "-m", "milotile.cli", "-q", "--workers", str(workers),
+                                             "segments", "ingest", "--em", em_p, "--labels", lab_p, "--classes",
+                                             str(work / "classes.parquet"), "--store", str(store), "--voxel-size",
+                                             "80"], env={"MILOTILE_PROGRESS": "0"})
+        print(f"generated {n} objects {shape} in {t_gen:.0f} s; ingest CLI {wall_ing:.0f} s", flush=True)
+        res.update({"generate_s": t_gen,
+                    "ingest_cli": {"wall_s": wall_ing, "peak_rss_gib": rss_ing / 2**30, "objects_per_s": n / wall_ing,
+                                   "load_avg_1m": os.getloadavg()[0]}})
+    res.update({"shape": list(shape), "label_bytes": int(np.prod(shape)) * 4, "objects": n})
     cli = [sys.executable, "-m", "milotile.cli", "-q", "--workers", str(workers), "segments"]
     for step, args in (("index_cli", ["index", str(store)]),
                        ("features_cli", ["features", str(store), "--crop-size", "0", "--points", "0"])):
+        if step not in steps:
+            continue
         wall, rss, _ = run_measured(cli + args, env={"MILOTILE_PROGRESS": "0"})
         res[step] = {"wall_s": wall, "peak_rss_gib": rss / 2**30, "objects_per_s": n / wall,
                      "load_avg_1m": os.getloadavg()[0]}
         print(step, res[step], flush=True)
-    wall, rss, out = run_measured([sys.executable, "-c", IN_PROCESS, str(store), str(workers)],
-                                  env={"MILOTILE_PROGRESS": "0"})
-    ip = json.loads(out.strip().splitlines()[-1])
-    res["in_process"] = {**ip, "index_objects_per_s": n / ip["index_s"], "features_objects_per_s": n / ip["features_s"],
-                         "peak_rss_gib": rss / 2**30, "load_avg_1m": os.getloadavg()[0]}
-    print("in_process", res["in_process"], flush=True)
-    wall, rss, out = run_measured([sys.executable, "-c", NAIVE_INDEX, str(store)])
-    ni = json.loads(out.strip().splitlines()[-1])
-    res["naive_index"] = {**ni, "wall_s": wall, "peak_rss_gib": rss / 2**30,
-                          "emanalysis_objects_per_s": n / (ni["load_s"] + ni["per_slice_regionprops_s"]),
-                          "scipy_objects_per_s": n / (ni["load_s"] + ni["scipy_whole_volume_s"]),
-                          "load_avg_1m": os.getloadavg()[0]}
-    print("naive_index", res["naive_index"], flush=True)
-    wall, rss, out = run_measured([sys.executable, "-c", NAIVE_FEATURES, str(store), str(sample), str(seed)])
-    nf = json.loads(out.strip().splitlines()[-1])
-    per_ema = nf["emanalysis_loop_s"] / nf["sample"]
-    per_bbox = nf["bbox_loop_s"] / nf["sample"]
-    res["naive_features"] = {
-        **nf, "wall_s": wall, "peak_rss_gib": rss / 2**30, "extrapolated": True,
-        "emanalysis_objects_per_s": 1 / per_ema, "bbox_loop_objects_per_s": 1 / per_bbox,
-        "emanalysis_extrapolated_total_s": nf["load_s"] + per_ema * n,
-        "note": f"per-object loops timed on {nf['sample']} random objects, extrapolated to {n}",
-        "load_avg_1m": os.getloadavg()[0],
-    }
-    print("naive_features", res["naive_features"], flush=True)
-    ratio = {
-        "index_cli_vs_emanalysis": res["naive_index"]["load_s"] + ni["per_slice_regionprops_s"],
-        "features_cli_vs_emanalysis": res["naive_features"]["emanalysis_extrapolated_total_s"],
-    }
-    res["speedup"] = {
-        "index_cli_vs_emanalysis_per_slice": ratio["index_cli_vs_emanalysis"] / res["index_cli"]["wall_s"],
-        "index_cli_vs_scipy_whole_volume": (ni["load_s"] + ni["scipy_whole_volume_s"]) / res["index_cli"]["wall_s"],
-        "features_cli_vs_emanalysis_loop": ratio["features_cli_vs_emanalysis"] / res["features_cli"]["wall_s"],
-        "features_cli_vs_bbox_loop": (nf["load_s"] + per_bbox * n) / res["features_cli"]["wall_s"],
-    }
-    res["quality_handcrafted"] = quality(store, ["kmeans", "spectral", "agglomerative", "hdbscan", "affinity"],
-                                         {k: v for k, v in FEATURE_SETS.items() if not any(x in v for x in LEARNED)})
+    if "in_process" in steps:
+        wall, rss, out = run_measured([sys.executable, "-c", IN_PROCESS, str(store), str(workers)],
+                                      env={"MILOTILE_PROGRESS": "0"})
+        ip = json.loads(out.strip().splitlines()[-1])
+        res["in_process"] = {**ip, "index_objects_per_s": n / ip["index_s"],
+                             "features_objects_per_s": n / ip["features_s"], "peak_rss_gib": rss / 2**30,
+                             "load_avg_1m": os.getloadavg()[0]}
+        print("in_process", res["in_process"], flush=True)
+    if "naive_index" in steps:
+        wall, rss, out = run_measured([sys.executable, "-c", NAIVE_INDEX, str(store)])
+        ni = json.loads(out.strip().splitlines()[-1])
+        res["naive_index"] = {**ni, "wall_s": wall, "peak_rss_gib": rss / 2**30,
+                              "emanalysis_objects_per_s": n / (ni["load_s"] + ni["per_slice_regionprops_s"]),
+                              "scipy_objects_per_s": n / (ni["load_s"] + ni["scipy_whole_volume_s"]),
+                              "load_avg_1m": os.getloadavg()[0]}
+        print("naive_index", res["naive_index"], flush=True)
+    if "naive_features" in steps:
+        wall, rss, out = run_measured([sys.executable, "-c", NAIVE_FEATURES, str(store), str(sample), str(seed)])
+        nf = json.loads(out.strip().splitlines()[-1])
+        per_ema, per_bbox = nf["emanalysis_loop_s"] / nf["sample"], nf["bbox_loop_s"] / nf["sample"]
+        res["naive_features"] = {
+            **nf, "wall_s": wall, "peak_rss_gib": rss / 2**30, "extrapolated": True,
+            "emanalysis_objects_per_s": 1 / per_ema, "bbox_loop_objects_per_s": 1 / per_bbox,
+            "emanalysis_extrapolated_total_s": nf["load_s"] + per_ema * n,
+            "bbox_loop_extrapolated_total_s": nf["load_s"] + per_bbox * n,
+            "note": f"per-object loops timed on {nf['sample']} random objects, extrapolated to {n}",
+            "load_avg_1m": os.getloadavg()[0],
+        }
+        print("naive_features", res["naive_features"], flush=True)
+    res["speedup"] = _speedups(res)
+    if "quality" in steps:
+        res["quality_handcrafted"] = quality(store, ["kmeans", "spectral", "agglomerative", "hdbscan", "affinity"],
+                                             {k: v for k, v in FEATURE_SETS.items() if not any(x in v for x in LEARNED)})
     return res
+
+
+def _speedups(res: dict) -> dict:
+    """Ratios naive time / milotile time (whole CLI command, start-up included) where both were measured."""
+    out = {}
+    ni, nf = res.get("naive_index"), res.get("naive_features")
+    if ni and "index_cli" in res:
+        out["index_cli_vs_emanalysis_per_slice"] = (ni["load_s"] + ni["per_slice_regionprops_s"]) / res["index_cli"]["wall_s"]
+        out["index_cli_vs_scipy_whole_volume"] = (ni["load_s"] + ni["scipy_whole_volume_s"]) / res["index_cli"]["wall_s"]
+    if nf and "features_cli" in res:
+        out["features_cli_vs_emanalysis_loop"] = nf["emanalysis_extrapolated_total_s"] / res["features_cli"]["wall_s"]
+        out["features_cli_vs_bbox_loop"] = nf["bbox_loop_extrapolated_total_s"] / res["features_cli"]["wall_s"]
+    return out
 
 
 LEARNED = ("simsiam", "vae", "pointae")
@@ -254,7 +274,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", default="a,b")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed)")
+    ap.add_argument("--work", default=None, help="scratch folder (kept; an existing big.zarr in it is reused)")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"part A steps (default all: {','.join(STEPS)})")
+    ap.add_argument("--prior", default=None, help="JSON of part-A figures measured by an earlier run on the same store")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split(","))
     small = tuple(int(v) for v in args.small.split(","))
@@ -268,7 +290,9 @@ def main() -> None:
         if "b" in args.parts:
             payload["quality"] = part_b(work, small, (2.0, 3.5), args.seed, epochs)
         if "a" in args.parts:
-            payload["scale"] = part_a(work, size, (2.0, 3.5), args.seed, args.sample, args.workers)
+            prior = json.loads(Path(args.prior).read_text()) if args.prior else None
+            payload["scale"] = part_a(work, size, (2.0, 3.5), args.seed, args.sample, args.workers,
+                                      tuple(args.steps.split(",")), prior)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
