@@ -14,11 +14,12 @@ from milotile.cli import main as cli_main
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     code = cli_main(["-q", "--workers", "1", "demo", "--out", str(out), "--n-tomograms", "2",
-                     "--size", "48,96,96", "--explore-epochs", "1", "--refine-epochs", "1"])
+                     "--size", "48,96,96", "--explore-epochs", "1", "--refine-epochs", "1",
+                     "--segments-epochs", "1"])
     assert code == 0
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "writer_lock", "mine", "patches", "patches2d3d", "explore",
-                            "embed", "refine", "pick", "fiber", "export"]
+                            "embed", "refine", "pick", "fiber", "export", "segments"]
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
     assert report["writer_lock"]["second_writer_refused"] is True
@@ -33,7 +34,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson"):
         assert (out / "exports" / fmt).exists(), fmt
     assert len(pd.read_csv(out / "exports" / "picks.csv")) == len(picks)
-    assert "milotile demo finished" in capsys.readouterr().out
+    assert report["segments"]["objects"] > 20 and report["segments"]["accuracy"] > 0.4
+    printed = capsys.readouterr().out
+    assert "milotile demo finished" in printed and "f1_all" in printed
     # real outcomes, not just keys: the DoG candidates find most particles (fixed seed) ...
     assert report["mine"]["mean_recall"] >= 0.6, report["mine"]
     # ... and pick used the checkpoint's validated threshold (MiLoPYP's 0.25 when it has none), recorded with the picks

@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 #: sub-packages loaded on first use (``mt.explore``, ``mt.refine`` import torch)
-SUBPACKAGES = ("explore", "formats", "metrics", "nn", "ops", "refine", "stages", "store", "synth")
+SUBPACKAGES = ("explore", "formats", "metrics", "nn", "ops", "refine", "segments", "stages", "store", "synth")
 
 __all__ = ["Candidates", "Collection", "InputError", "StoreError", "__version__", "cluster", "ingest", "open",
            *SUBPACKAGES]

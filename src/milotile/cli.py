@@ -21,6 +21,7 @@ log = logging.getLogger("milotile")
 # stage modules under milotile.commands, in the order they appear in --help
 COMMAND_MODULES = (
     "store_cmds", "synth", "preprocess", "mine", "patches", "explore", "refine", "export", "demo",
+    "segments",
 )
 
 
@@ -81,7 +82,8 @@ def _check_store_arg(args: argparse.Namespace) -> None:
     if isinstance(store, str) and store:
         from milotile.store.collection import check_store
 
-        check_store(store, must_exist=args.command != "ingest")
+        # commands that create their store set ``creates_store`` (``segments ingest``)
+        check_store(store, must_exist=args.command != "ingest" and not getattr(args, "creates_store", False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,8 @@ __all__ = [
     "evaluate",
     "pr_curve",
     "average_precision",
+    "matched_accuracy",
+    "clustering_scores",
 ]
 
 
@@ -328,3 +330,49 @@ def average_precision(curve: pd.DataFrame) -> float:
     rec = np.concatenate([[0.0], c["recall"].to_numpy()])
     prec = c["precision"].to_numpy()
     return float(np.sum(prec * np.clip(np.diff(rec), 0, None)))
+
+
+def matched_accuracy(true: Sequence, pred: Sequence) -> float:
+    """Accuracy after the best one-to-one matching of predicted clusters to true classes (Hungarian).
+
+    Clusters left without a class (more clusters than classes) count as wrong; so do noise labels.
+    EManalysis matched clusters to classes by size rank instead, which can pair the wrong ones.
+    """
+    t = pd.factorize(pd.Series(np.asarray(true)))[0]
+    p = pd.factorize(pd.Series(np.asarray(pred)))[0]
+    if len(t) == 0:
+        return 0.0
+    if len(t) != len(p):
+        raise InputError(f"{len(t)} true labels but {len(p)} predicted labels.")
+    cont = np.zeros((t.max() + 1, p.max() + 1), dtype=np.int64)
+    np.add.at(cont, (t, p), 1)
+    rows, cols = linear_sum_assignment(-cont)
+    return float(cont[rows, cols].sum() / len(t))
+
+
+def clustering_scores(true: Sequence, pred: Sequence) -> dict[str, float]:
+    """Adjusted Rand index, normalised mutual information and Hungarian-matched accuracy.
+
+    Parameters
+    ----------
+    true : sequence
+        Reference class per object.
+    pred : sequence
+        Cluster per object (any hashable labels; DBSCAN/HDBSCAN noise ``-1`` is one more label).
+
+    Returns
+    -------
+    dict
+        ``{"ari", "nmi", "accuracy", "n"}``.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    t, p = np.asarray(true), np.asarray(pred)
+    if len(t) != len(p):
+        raise InputError(f"{len(t)} true labels but {len(p)} predicted labels.")
+    return {
+        "ari": float(adjusted_rand_score(t, p)),
+        "nmi": float(normalized_mutual_info_score(t, p)),
+        "accuracy": matched_accuracy(t, p),
+        "n": int(len(t)),
+    }

@@ -87,11 +87,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--no-filament", dest="filament", action="store_false", help="do not draw a filament"
     )
+    seg = p.add_argument_group("segments (volume-EM objects of known shape classes)")
+    seg.add_argument("--segments", action="store_true",
+                     help="write an EM-like volume with instance labels of round, elongated, branched and flat "
+                     "objects instead (em.mrc, labels.h5, objects.parquet); uses --size, --seed, --voxel-size")
+    seg.add_argument("--n-objects", type=int, default=None, help="objects (default: as many as fit)")
+    seg.add_argument("--radius", default="2.5,4.5", metavar="MIN,MAX",
+                     help="range of the object radius in voxels (default 2.5,4.5)")
+    seg.add_argument("--noise", type=float, default=25.0, help="EM noise std in grey levels (default 25)")
     p.set_defaults(handler=run, needs_cluster=False)
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler: call :func:`milotile.synth.synth` and log a summary."""
+    if args.segments:
+        return _run_segments(args)
     from milotile.synth import synth
 
     species = None
@@ -123,4 +133,16 @@ def run(args: argparse.Namespace) -> int:
         per,
         res.manifest,
     )
+    return 0
+
+
+def _run_segments(args: argparse.Namespace) -> int:
+    """``synth --segments``: the segment-clustering test volume."""
+    from milotile.synth.segments import synth_segments
+
+    radius = _numbers(args.radius, 2, float, "--radius")
+    info = synth_segments(args.out, shape=args.size, n_objects=args.n_objects, radius=radius, seed=args.seed,
+                          noise=args.noise, voxel_size=args.voxel_size)
+    logger.info("synth --segments: %d objects %s -> %s, %s, %s", info["n_objects"], info["per_class"], info["em"],
+                info["labels"], info["classes"])
     return 0
