@@ -8,7 +8,7 @@ import pandas as pd
 
 def write_embedding_store(path, n: int = 600, d: int = 32, species: int = 3, seed: int = 0,
                           key: str = "k", bank: bool = True, names=("tomo_a", "tomo_b"),
-                          spread: float = 0.35, shape=(32, 64, 64)):
+                          spread: float = 0.35, shape=(32, 64, 64), tomograms: bool = False):
     """A collection with ``embeddings/<key>`` (Gaussian blobs, one per species), its table and a bank.
 
     Returns ``(col, species_per_row)``.
@@ -16,6 +16,18 @@ def write_embedding_store(path, n: int = 600, d: int = 32, species: int = 3, see
     from milotile.store import open_collection
 
     rng = np.random.default_rng(seed)
+    if tomograms:
+        import tempfile
+        from pathlib import Path
+
+        from milotile.store import ingest, write_mrc
+
+        src = Path(tempfile.mkdtemp())
+        files = []
+        for t in names:
+            write_mrc(src / f"{t}.mrc", rng.normal(0, 1, shape).astype(np.float32), voxel_size=10.0, order="xyz")
+            files.append(src / f"{t}.mrc")
+        ingest(files, path, order="xyz")
     col = open_collection(path, mode="a")
     sp = rng.integers(0, species, n)
     centres = rng.normal(0, 1, (species, d)).astype(np.float32)
