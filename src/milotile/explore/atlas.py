@@ -227,10 +227,11 @@ def _project_all(
     path = f"{EMBEDDINGS}/{key}"
     if client is not None and todo:
         rfut = client.scatter(reducer, broadcast=True, hash=False)
-        fn = functools.partial(_block_task, col.url, so, path, reducer=rfut, with_clusters=with_clusters)
+        fn = functools.partial(_block_task, col.url, so, path)
         token = uuid.uuid4().hex[:8]
         futs = client.map(fn, [t[0] for t in todo], [t[1] for t in todo], [t[2] for t in todo], pure=False,
-                          key=[f"atlas-{key}-{token}-{t[0]}" for t in todo])
+                          key=[f"atlas-{key}-{token}-{t[0]}" for t in todo], reducer=rfut,
+                          with_clusters=with_clusters)
         from distributed import as_completed
 
         for fut in as_completed(futs):

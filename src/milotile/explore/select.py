@@ -133,6 +133,7 @@ def save_selection(atlas: Any, ids: np.ndarray, name: str, params: dict[str, Any
     tsv = selection_dir(atlas) / f"{name}.tsv"
     write_coordinate_tsv(labels, tsv)
     log.info("selection %s: %d labels -> tables/labels-%s.parquet and %s", name, len(labels), name, tsv)
+    labels.attrs["name"] = name
     return labels
 
 
