@@ -120,7 +120,8 @@
   }
 
   function showCounts(info) {
-    const rows = (obj, head) => Object.entries(obj).map(([k, v]) => `<tr><td>${head} ${k}</td><td>${v}</td></tr>`).join("");
+    const label = (head, k) => (head === "cluster" && k === "-1" ? "unassigned" : `${head} ${k}`);
+    const rows = (obj, head) => Object.entries(obj).map(([k, v]) => `<tr><td>${label(head, k)}</td><td>${v}</td></tr>`).join("");
     $("selinfo").innerHTML = `<b>${info.n}</b> points<table>${rows(info.per_cluster, "cluster")}${rows(info.per_tomogram, "")}</table>`;
   }
 
