@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, run_measured, write_results  # noqa: E402
+from _common import machine, write_results  # noqa: E402
 
 log = logging.getLogger("bench.atlas")
 PY = sys.executable
@@ -125,33 +126,60 @@ print("fit_s", time.perf_counter() - t)
 """
 
 
+def run_limited(cmd: list[str], env: dict, timeout: float) -> dict:
+    """Run ``cmd`` with a wall-clock limit; wall time, peak tree RSS, stdout (or that it timed out)."""
+    from _common import PeakRSS
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    with PeakRSS(proc.pid) as rss:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            import psutil
+
+            for c in psutil.Process(proc.pid).children(recursive=True):
+                c.kill()
+            proc.kill()
+            proc.communicate()
+            return {"timed_out_after_s": timeout, "peak_rss_gib": round(rss.peak / 2**30, 2)}
+    if proc.returncode != 0:
+        return {"error": err[-500:]}
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(rss.peak / 2**30, 2), "stdout": out}
+
+
 def scale(work: Path, a: argparse.Namespace) -> list[dict]:
     env = {"NUMBA_CACHE_DIR": str(work / "numba_cache"), "MILOTILE_PROGRESS": "0"}
     out = []
-    for n in [int(float(s)) for s in a.sizes.split(",")]:
+    sizes = [int(float(s)) for s in a.sizes.split(",")]
+    umap_sizes = [int(float(s)) for s in a.umap_sizes.split(",") if s]
+    naive = [int(float(s)) for s in a.naive.split(",") if s]
+    from milotile.store import open_collection
+
+    for n in sizes:
         store = work / f"syn_{n}.zarr"
         synthetic_store(store, n)
-        cmd = [PY, "-m", "milotile.cli", "-q", "--workers", str(a.workers), "--threads-per-worker", "1",
-               "explore", "atlas", str(store), "--fit-sample", str(a.fit_sample), "--no-plots", "--no-colormap3d",
-               "--overwrite"]
-        load0 = os.getloadavg()
-        wall, rss, _ = run_measured(cmd, env)
-        from milotile.store import open_collection
-
-        params = open_collection(store, mode="r").table_params("atlas-syn")
-        row = {"n": n, "fit_sample": a.fit_sample, "workers": a.workers, "cli_wall_s": round(wall, 1),
-               "peak_rss_gib": round(rss / 2**30, 2), "timings": params.get("timings"),
-               "load_avg_before": [round(v, 2) for v in load0]}
-        if n in [int(float(s)) for s in a.naive.split(",") if s]:
-            try:
-                nw, nrss, nout = run_measured([PY, "-c", NAIVE, str(store)], env)
-                row["naive_umap_fit_transform"] = {"wall_s": round(nw, 1), "peak_rss_gib": round(nrss / 2**30, 2),
-                                                   "fit_s": round(float(nout.split()[-1]), 1)}
-                row["atlas_vs_naive_wall"] = round(wall / nw, 3)
-            except RuntimeError as exc:
-                row["naive_umap_fit_transform"] = {"error": str(exc)[-300:]}
-        log.info("scale %d: %s", n, json.dumps(row))
-        out.append(row)
+        for method in [m for m in a.methods.split(",") if m != "umap" or n in umap_sizes]:
+            cmd = [PY, "-m", "milotile.cli", "-q", "--workers", str(a.workers), "--threads-per-worker", "1",
+                   "explore", "atlas", str(store), "--method", method, "--fit-sample", str(a.fit_sample),
+                   "--neighbors", str(a.neighbors), "--no-plots", "--no-colormap3d", "--overwrite"]
+            load0 = os.getloadavg()
+            r = run_limited(cmd, env, a.timeout)
+            r.pop("stdout", None)
+            row = {"n": n, "method": method, "fit_sample": a.fit_sample, "neighbors": a.neighbors,
+                   "workers": a.workers, "cli": r, "load_avg_before": [round(v, 2) for v in load0]}
+            if "wall_s" in r:
+                row["timings"] = open_collection(store, mode="r").table_params("atlas-syn").get("timings")
+            log.info("scale %d %s: %s", n, method, json.dumps(row))
+            out.append(row)
+        if n in naive:
+            r = run_limited([PY, "-c", NAIVE.replace("40", str(a.neighbors)), str(store)], env, a.timeout)
+            if "stdout" in r:
+                r["fit_s"] = round(float(r.pop("stdout").split()[-1]), 1)
+            row = {"n": n, "method": f"naive umap.UMAP(n_neighbors={a.neighbors}).fit_transform(all rows), 1 process",
+                   "cli": r, "load_avg_before": [round(v, 2) for v in os.getloadavg()]}
+            log.info("scale %d naive: %s", n, json.dumps(row))
+            out.append(row)
     return out
 
 
@@ -262,6 +290,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--sizes", default="1e5,1e6", help="embedding rows of the scale and browser parts")
     ap.add_argument("--naive", default="1e5", help="sizes that also run one umap fit_transform on all rows")
+    ap.add_argument("--methods", default="pca,umap", help="atlas projections timed in the scale part")
+    ap.add_argument("--umap-sizes", default="1e5,1e6", help="sizes the umap atlas runs at")
+    ap.add_argument("--neighbors", type=int, default=40)
+    ap.add_argument("--timeout", type=float, default=1800, help="wall limit of each timed command (s)")
     ap.add_argument("--fit-sample", type=int, default=20000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
@@ -271,6 +303,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.snr, a.epochs, a.sizes, a.naive, a.n_tomograms, a.fit_sample = "0.15", 5, "2e4,1e5", "2e4", 3, 5000
+        a.umap_sizes = "2e4"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("distributed", "milotile", "numba", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
