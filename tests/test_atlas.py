@@ -286,3 +286,21 @@ def test_cli_atlas_select_and_errors(tmp_path, capsys):
     assert main(["explore", "select", store, "--clusters", "42"]) == 2
     assert "no cluster 42" in capsys.readouterr().err
     assert main(["explore", "serve", store, "--key", "nope"]) == 2
+
+
+def test_knn_transform_places_new_points_with_their_group(tmp_path):
+    from scipy.spatial import cKDTree
+
+    from milotile.explore.atlas import knn_interpolate
+
+    anchors = np.eye(4, dtype=np.float32)
+    xy = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], float)
+    np.testing.assert_allclose(knn_interpolate(anchors, anchors, xy, k=3), xy, atol=1e-4)
+    col, sp = write_embedding_store(tmp_path / "s.zarr", n=1000, d=16, bank=False)
+    a = atlas(col, method="tsne", transform="knn", n_clusters=3, overcluster=30, fit_sample=400, neighbors=15)
+    t = a.table
+    assert a.params["params"]["transform"] == "knn"
+    sample = np.zeros(len(t), bool)
+    sample[np.sort(np.random.default_rng(42).choice(len(t), 400, replace=False))] = True
+    _, j = cKDTree(t.loc[sample, ["map_x", "map_y"]].to_numpy()).query(t.loc[~sample, ["map_x", "map_y"]].to_numpy())
+    assert (sp[sample][j] == sp[~sample]).mean() > 0.95

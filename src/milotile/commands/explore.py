@@ -93,6 +93,9 @@ def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     a.add_argument("--outlier-z", type=float, default=3.0,
                    help="distance z-score above which a point is unassigned; 0 disables (default 3)")
     a.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    a.add_argument("--transform", choices=["model", "knn"], default="model",
+                   help="place rows outside the sample with the projection's transform or by k-NN "
+                   "interpolation (fast for millions; default model)")
     a.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     a.add_argument("--no-colormap3d", action="store_true", help="skip the per-tomogram 3D colour map")
     a.add_argument("--slices", type=lambda s: parse_ints(s, what="--slices"), default=None,
@@ -141,7 +144,7 @@ def run_atlas(args: argparse.Namespace) -> int:
         args.store, args.key, method=args.method, n_clusters=args.n_clusters, overcluster=args.overcluster,
         cluster_method=args.cluster_method, neighbors=args.neighbors, min_dist=args.min_dist,
         fit_sample=args.fit_sample, pca=args.pca or None, outlier_z=args.outlier_z or None, seed=args.seed,
-        overwrite=args.overwrite,
+        transform=args.transform, overwrite=args.overwrite,
     )
     log.info("atlas: tables/%s.parquet (%d points, %d clusters)", a.table_name, len(a), int(a.table["cluster"].max()) + 1)
     if not args.no_plots:
