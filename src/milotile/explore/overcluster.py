@@ -139,11 +139,15 @@ def fit_overclusters(
 
 def _relabel_by_size(groups: np.ndarray, point_centroid: np.ndarray) -> np.ndarray:
     """Renumber groups 0..m-1 by decreasing number of sample points (stable, deterministic ids)."""
-    sizes = np.bincount(groups[point_centroid], minlength=int(groups.max()) + 1)
+    return _size_rank(np.bincount(groups[point_centroid], minlength=int(groups.max()) + 1))[groups]
+
+
+def _size_rank(sizes: np.ndarray) -> np.ndarray:
+    """New id of each old id: 0 for the largest group, 1 for the next (ties keep their order)."""
     order = np.argsort(-sizes, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    return rank[groups]
+    return rank
 
 
 def hdbscan_labels(
@@ -173,10 +177,6 @@ def hdbscan_labels(
         out[rest] = lab[j]
     ok = out >= 0
     if ok.any():
-        sizes = np.bincount(out[ok])
-        order = np.argsort(-sizes, kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        out[ok] = rank[out[ok]]
+        out[ok] = _size_rank(np.bincount(out[ok]))[out[ok]]
     log.info("HDBSCAN (min_cluster_size %d): %d clusters, %d unassigned", mcs, int(out.max()) + 1, int((~ok).sum()))
     return out
