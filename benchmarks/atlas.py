@@ -242,7 +242,10 @@ def browser(work: Path, a: argparse.Namespace) -> list[dict]:
         srv.shutdown()
         srv.server_close()
         if a.bokeh:
-            row["bokeh_webgl"] = bokeh_page(at, chromium, flags, work)
+            try:
+                row["bokeh_webgl"] = bokeh_page(at, chromium, flags, work)
+            except Exception as exc:  # a timeout at 10^6 points is a result too
+                row["bokeh_webgl"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         log.info("browser %d: %s", n, json.dumps(row))
         out.append(row)
     return out
@@ -251,7 +254,8 @@ def browser(work: Path, a: argparse.Namespace) -> list[dict]:
 def bokeh_page(at, chromium: str, flags: list[str], work: Path) -> dict:
     """Bokeh (the dashboard's library) WebGL scatter of the same points: load to first render in Chromium."""
     from bokeh.models import ColumnDataSource
-    from bokeh.plotting import figure, output_file, save
+    from bokeh.plotting import figure, save
+    from bokeh.resources import INLINE
     from playwright.sync_api import sync_playwright
 
     t = at.table
@@ -260,8 +264,7 @@ def bokeh_page(at, chromium: str, flags: list[str], work: Path) -> dict:
     fig = figure(output_backend="webgl", width=900, height=740, tools="pan,wheel_zoom,lasso_select,box_select")
     fig.scatter("x", "y", color="c", size=2, source=ColumnDataSource({"x": t.map_x.to_numpy(), "y": t.map_y.to_numpy(),
                                                                      "c": t.cluster_color.to_numpy()}))
-    output_file(html, title="bokeh")
-    save(fig)
+    save(fig, filename=html, resources=INLINE, title="bokeh")  # inline BokehJS: no network here
     build = time.perf_counter() - t0
     with sync_playwright() as p, tempfile.TemporaryDirectory() as prof:
         ctx = p.chromium.launch_persistent_context(prof, executable_path=chromium, headless=True, args=flags,
@@ -270,7 +273,8 @@ def bokeh_page(at, chromium: str, flags: list[str], work: Path) -> dict:
         t1 = time.perf_counter()
         page.goto(html.as_uri())
         page.wait_for_function(
-            "window.Bokeh && Bokeh.documents.length > 0 && Bokeh.index && Object.keys(Bokeh.index).length > 0",
+            "window.Bokeh && Bokeh.index && Bokeh.index.roots && Bokeh.index.roots.length > 0"
+            " && Bokeh.index.roots.every(v => v.has_finished())",
             timeout=600000)
         page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
         load = time.perf_counter() - t1
