@@ -36,6 +36,9 @@ import zarr
 from milotile.errors import InputError
 from milotile.explore.colors import UNASSIGNED_RGB, cluster_palette, colormap_2d, to_hex
 from milotile.explore.overcluster import UNASSIGNED, OverClusters, fit_overclusters, hdbscan_labels
+from milotile.runtime import active_client
+from milotile.store import as_collection
+from milotile.store.stage_output import canonical
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +168,6 @@ def _resolve_key(col: Any, key: str | None) -> str:
 
 def load_atlas(col: Any, key: str | None = None) -> Atlas:
     """Open the atlas of embeddings ``key`` stored in ``col``."""
-    from milotile.explore.data import as_collection
-
     col = as_collection(col)
     if key is None:
         names = [t[len("atlas-"):] for t in col.tables() if t.startswith("atlas-")]
@@ -275,8 +276,6 @@ def _project_all(
 def _get_client(client: Any | None) -> Any | None:
     if client is not None:
         return client
-    from milotile.cluster import active_client
-
     return active_client()
 
 
@@ -284,12 +283,21 @@ def _params(emb_attrs: dict, n: int, **opts: Any) -> dict[str, Any]:
     return {"embeddings": {k: v for k, v in emb_attrs.items()}, "n": int(n), **opts, "version": 1}
 
 
+def _sources(col: Any, key: str) -> dict[str, str | None]:
+    """The atlas's input: the embeddings (their stage-output token)."""
+    return {f"{EMBEDDINGS}/{key}": col.source_token(f"{EMBEDDINGS}/{key}")}
+
+
 def _reusable(col: Any, key: str, params: dict[str, Any]) -> Atlas | None:
     name = f"atlas-{key}"
     if not col.has_table(name):
         return None
     old = col.table_params(name)
-    if json.loads(json.dumps(old.get("params"), default=str)) != json.loads(json.dumps(params, default=str)):
+    if canonical(old.get("params")) != canonical(params):
+        return None
+    if canonical(col.table_sources(name).get("sources")) != canonical(_sources(col, key)):
+        return None
+    if col.output_status(f"tables/{name}") != "complete":
         return None
     if not col.fs.exists(col._join("runs", name, "reducer.pkl")):
         return None
@@ -356,8 +364,6 @@ def atlas(
     -------
     Atlas
     """
-    from milotile.explore.data import as_collection
-
     col = as_collection(col)
     if method not in METHODS:
         raise InputError(f"unknown atlas method {method!r}; use one of {', '.join(METHODS)}.")
@@ -452,5 +458,5 @@ def _save(col: Any, key: str, table: pd.DataFrame, params: dict, reducer: Reduce
     col.fs.mv(tmp, col._join("runs", f"atlas-{key}", "reducer.pkl"))
     with col.fs.open(col._join("runs", f"atlas-{key}", "params.json"), "w") as fh:
         fh.write(json.dumps({"params": params, "timings": timings}, indent=2, default=str))
-    col.write_table(f"atlas-{key}", table, params={"params": params, "timings": timings})
+    col.write_table(f"atlas-{key}", table, params={"params": params, "timings": timings}, sources=_sources(col, key))
 

@@ -95,7 +95,8 @@ def colour_map_3d(
         path = write_labels(col, name, f"atlas-{atlas.key}", lab, colors=colors,
                             properties=[{"label-value": v, "cluster": (v - 1 if v <= len(colors) - 1 else -1)}
                                         for v in sorted(colors)],
-                            params={"atlas": atlas.key, "radius": float(radius)})
+                            params={"atlas": atlas.key, "radius": float(radius)},
+                            sources={f"tables/{atlas.table_name}": col.source_token(f"tables/{atlas.table_name}")})
         zs = _choose_slices(sub["z"].to_numpy(), img.shape[0], slices)
         pngs = render_slices(col, name, path, zs, colors, folder)
         result[name] = {"labels": path, "slices": [str(p) for p in pngs], "spheres": int(len(sub))}

@@ -129,7 +129,8 @@ def save_selection(atlas: Any, ids: np.ndarray, name: str, params: dict[str, Any
     full = {"atlas": atlas.key, "atlas_params": atlas.params.get("params", {}), "n": int(len(labels)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **params}
     col = atlas.collection
-    col.write_table(f"labels-{name}", labels, params=full)
+    col.write_table(f"labels-{name}", labels, params=full,
+                    sources={f"tables/{atlas.table_name}": col.source_token(f"tables/{atlas.table_name}")})
     tsv = selection_dir(atlas) / f"{name}.tsv"
     write_coordinate_tsv(labels, tsv)
     log.info("selection %s: %d labels -> tables/labels-%s.parquet and %s", name, len(labels), name, tsv)

@@ -42,6 +42,7 @@ def write_labels(
     colors: Mapping[int, Sequence[int]] | None = None,
     properties: Sequence[Mapping[str, Any]] | None = None,
     params: Mapping[str, Any] | None = None,
+    sources: Mapping[str, str | None] | None = None,
 ) -> str:
     """Write an integer label volume as an NGFF labels image of tomogram ``image``.
 
@@ -61,7 +62,10 @@ def write_labels(
     properties : sequence of mapping, optional
         ``image-label`` properties (each with ``"label-value"``).
     params : mapping, optional
-        Stored in ``attrs["milotile"]["params"]``.
+        The parameters that made the labels (``attrs["milotile"]["params"]``).
+    sources : mapping, optional
+        Inputs besides the tomogram (``{store path: token}``, e.g. the atlas table), see
+        :mod:`milotile.store.stage_output`; the output is written through ``col.stage_output``.
 
     Returns
     -------
@@ -77,28 +81,29 @@ def write_labels(
         raise InputError(f"labels of shape {tuple(data.shape)} do not match tomogram {image!r} {tuple(tomo.shape)}.")
     if not np.issubdtype(data.dtype, np.integer):
         raise InputError(f"label data must be integers, got {data.dtype}.")
-    tg = col.zarr_group["tomograms"][image]
-    lg = tg.require_group(LABELS)
+    path = f"tomograms/{image}/{LABELS}/{name}"
+    srcs = {f"tomograms/{image}": col.source_token(f"tomograms/{image}"), **dict(sources or {})}
+    lg = col.zarr_group["tomograms"][image].require_group(LABELS)
     names = [n for n in dict(lg.attrs.get("ome", {})).get("labels", []) if n != name]
-    grp = lg.require_group(name)
-    grp.attrs["milotile"] = {"complete": False, "params": dict(params or {})}
     levels = tomo.levels
-    for level in levels:
-        f = 2**level
-        target = tomo.data(level)
-        sub = data[::f, ::f, ::f][: target.shape[0], : target.shape[1], : target.shape[2]]
-        write_dask(sub, grp, str(level), chunks=tuple(c[0] for c in target.chunks), dimension_names=AXES_ZYX)
-    ome = multiscale_metadata(name, tomo.voxel_size, len(levels))
-    label_meta: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
-    if colors:
-        label_meta["colors"] = [
-            {"label-value": int(v), "rgba": [int(c) for c in rgba]} for v, rgba in sorted(colors.items())
-        ]
-    if properties:
-        label_meta["properties"] = [dict(p) for p in properties]
-    ome["image-label"] = label_meta
-    grp.attrs["ome"] = ome
-    lg.attrs["ome"] = {"version": NGFF_VERSION, "labels": names + [name]}
-    grp.attrs["milotile"] = {"complete": True, "params": dict(params or {})}
+    with col.stage_output(path, dict(params or {}), srcs) as out:
+        grp = out.begin()
+        for level in levels:
+            f = 2**level
+            target = tomo.data(level)
+            sub = data[::f, ::f, ::f][: target.shape[0], : target.shape[1], : target.shape[2]]
+            write_dask(sub, grp, str(level), chunks=tuple(c[0] for c in target.chunks), dimension_names=AXES_ZYX)
+        ome = multiscale_metadata(name, tomo.voxel_size, len(levels))
+        label_meta: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
+        if colors:
+            label_meta["colors"] = [
+                {"label-value": int(v), "rgba": [int(c) for c in rgba]} for v, rgba in sorted(colors.items())
+            ]
+        if properties:
+            label_meta["properties"] = [dict(p) for p in properties]
+        ome["image-label"] = label_meta
+        grp.attrs["ome"] = ome
+        lg.attrs["ome"] = {"version": NGFF_VERSION, "labels": names + [name]}
+        out.finish(levels=len(levels))
     log.info("labels %s of %s written (%d levels)", name, image, len(levels))
-    return f"tomograms/{image}/labels/{name}"
+    return path
