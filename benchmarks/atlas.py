@@ -160,8 +160,10 @@ def scale(work: Path, a: argparse.Namespace) -> list[dict]:
         store = work / f"syn_{n}.zarr"
         synthetic_store(store, n)
         for method in [m for m in a.methods.split(",") if m != "umap" or n in umap_sizes]:
+            proj, _, tr = method.partition("-")  # "umap-knn": UMAP map, k-NN placement of the rest
             cmd = [PY, "-m", "milotile.cli", "-q", "--workers", str(a.workers), "--threads-per-worker", "1",
-                   "explore", "atlas", str(store), "--method", method, "--fit-sample", str(a.fit_sample),
+                   "explore", "atlas", str(store), "--method", proj, "--transform", tr or "model",
+                   "--fit-sample", str(a.fit_sample),
                    "--neighbors", str(a.neighbors), "--no-plots", "--no-colormap3d", "--overwrite"]
             load0 = os.getloadavg()
             r = run_limited(cmd, env, a.timeout)
@@ -294,7 +296,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--sizes", default="1e5,1e6", help="embedding rows of the scale and browser parts")
     ap.add_argument("--naive", default="1e5", help="sizes that also run one umap fit_transform on all rows")
-    ap.add_argument("--methods", default="pca,umap", help="atlas projections timed in the scale part")
+    ap.add_argument("--methods", default="pca,umap,umap-knn",
+                    help="atlas projections timed in the scale part (umap-knn: --transform knn)")
     ap.add_argument("--umap-sizes", default="1e5,1e6", help="sizes the umap atlas runs at")
     ap.add_argument("--neighbors", type=int, default=40)
     ap.add_argument("--timeout", type=float, default=1800, help="wall limit of each timed command (s)")
