@@ -81,14 +81,16 @@ class Reducer:
         return ((np.asarray(raw, np.float64) - self.lo) / (self.hi - self.lo)).astype(np.float32)
 
 
-def knn_interpolate(x: np.ndarray, anchors: np.ndarray, anchor_xy: np.ndarray, k: int = 10, block: int = 8192) -> np.ndarray:
+def knn_interpolate(x: np.ndarray, anchors: np.ndarray, anchor_xy: np.ndarray, k: int = 10,
+                    block_bytes: int = 64 * 2**20) -> np.ndarray:
     """Map positions of ``x`` as the inverse-distance-weighted mean of its ``k`` nearest anchors' positions.
 
     Exact nearest neighbours by blocked matrix products (no index, no numba): the fast alternative to
     the projection model's own ``transform`` (UMAP's optimisation / openTSNE's gradient steps start
-    from this very placement).
+    from this very placement). The distance block is kept under ``block_bytes``.
     """
     a = np.asarray(anchors, np.float32)
+    block = max(16, int(block_bytes // (4 * max(len(a), 1))))
     a2 = np.einsum("ij,ij->i", a, a)
     k = int(min(k, len(a)))
     out = np.empty((len(x), 2), np.float64)
