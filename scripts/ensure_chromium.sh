@@ -13,7 +13,7 @@ fi
 echo "[chromium] installing Debian's chromium for the browser test" >&2
 start=$(date +%s)
 if DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 \
-   && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; then
+   && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; then
   echo "[chromium] installed in $(( $(date +%s) - start )) s" >&2
 else
   echo "[chromium] apt-get install chromium failed; the browser test will skip" >&2
