@@ -19,7 +19,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert code == 0
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "writer_lock", "mine", "patches", "patches2d3d", "explore",
-                            "embed", "refine", "pick", "fiber", "export", "segments"]
+                            "embed", "atlas", "refine", "pick", "explore_pick", "fiber", "export", "segments"]
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
     assert report["writer_lock"]["second_writer_refused"] is True
@@ -29,6 +29,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     contract = Encoder.from_checkpoint(report["explore"]["checkpoint"]).contract
     assert contract["dog"] == [3.0, 5.0] and contract["gauss"] == 0.8 and contract["bbox"] == 24
     assert report["fiber"]["fibers"] >= 1
+    assert report["atlas"]["clusters"] >= 2 and 0 <= report["explore_pick"]["f1_all"] <= 1
+    assert report["explore_pick"]["labels"] > 0 and "f1_manual" in report["explore_pick"]
+    assert (out / "project.zarr" / "tables" / f"labels-explore-{report['refine']['species']}.parquet").exists()
     picks = pd.read_parquet(out / "picks.parquet")
     assert {"tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "class"} <= set(picks.columns)
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson"):

@@ -40,6 +40,9 @@ class DemoConfig:
     label_fraction: float = 0.3
     workers: int | None = None
     segments_epochs: int = 3  # point-cloud AE epochs of the segments stage (0: hand-crafted features only)
+    atlas_method: str = "pca"  # the map only; clusters come from the embeddings (UMAP costs ~40 s numba compile)
+    atlas_feature: str = "trunk"  # embedding output feeding the atlas (benchmarks/atlas.py)
+    atlas_clusters: int = 8
 
 
 @dataclass
@@ -97,6 +100,49 @@ def _second_writer_refused(col: Any) -> dict[str, Any]:
     return {"second_writer_refused": refused, "store_id": col.store_id}
 
 
+def _demo_atlas(col: Any, encoder: Any, key: str, cfg: DemoConfig) -> Any:
+    """Embed with the atlas's feature and build the atlas, its plots and 3D colour maps."""
+    from milotile.explore import atlas
+    from milotile.explore.colormap3d import colour_map_3d
+    from milotile.explore.plots import plot_all
+
+    emb = encoder.embed(col, key, feature=cfg.atlas_feature, out_key=f"{key}-{cfg.atlas_feature}")
+    n = len(emb)
+    atl = atlas(col, emb.key, method=cfg.atlas_method, n_clusters=min(cfg.atlas_clusters, max(2, n // 10)),
+                           overcluster=min(64, max(n // 4, cfg.atlas_clusters)), neighbors=15, seed=cfg.seed)
+    plot_all(atl, per_cluster=8)
+    colour_map_3d(atl, slices=1)
+    return atl
+
+
+def _explore_only_picker(col: Any, atl: Any, cand_species: Any, species: str, gt: pd.DataFrame,
+                         radius: float, bbox: int, n_manual: int, out: Path, cfg: DemoConfig) -> dict[str, Any]:
+    """MiLoPYP without manual labels: clusters enriched in ``species`` -> labels -> picker -> picks -> F1.
+
+    The cluster rule (the demo cannot click): every cluster whose candidates are mostly (>= 50 %) on
+    particles of the species, see :func:`milotile.explore.evaluate.enriched_clusters` -- what a user does
+    by choosing the gallery rows that show the target. Crops per label and epoch are scaled so the picker
+    sees about as many crops per epoch as the manual-label run.
+    """
+    from milotile.explore import select
+    from milotile.explore.evaluate import enriched_clusters
+    from milotile.metrics import evaluate
+    from milotile.refine import train as refine_train
+
+    chosen = enriched_clusters(atl.table, cand_species, species)
+    sel = select(col, atl.key, clusters=chosen, name=f"explore-{species}", interactive_info=False)
+    table_path = col._table_path(f"labels-explore-{species}")  # what `refine train --labels` is given
+    repeats = max(1, round(cfg.refine_repeats * n_manual / max(len(sel), 1)))
+    picker = refine_train(col, table_path, bbox=bbox, epochs=cfg.refine_epochs, arch="unet4",
+                             arch_config={"start_filts": 16}, tau=0.01, repeats=repeats,
+                             out=out / "runs" / "refine-explore", seed=cfg.seed)
+    picks = picker.pick(col, out=out / "picks_explore.parquet")  # the validated threshold, as the manual run
+    f1 = evaluate(picks, gt, radius=radius / 2 + 1.0, by="tomogram").set_index("group")["f1"].round(3).to_dict()
+    on_target = float(np.mean(cand_species[sel["id"].to_numpy()] == species)) if len(sel) else 0.0
+    return {"clusters": chosen, "labels": int(len(sel)), "label_precision": round(on_target, 3),
+            "repeats": repeats, "picks": int(len(picks)), "f1_per_tomogram": f1, "f1_all": float(f1["all"])}
+
+
 def run_demo(cfg: DemoConfig) -> DemoReport:
     """Run every stage of milotile on generated data; returns the report (also written as JSON)."""
     from milotile.api import ingest, open_collection
@@ -152,6 +198,12 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         report.add("explore", s, epochs=cfg.explore_epochs, checkpoint=str(encoder.path))
         emb, s = _timed(lambda: encoder.embed(col, bank3d))
         report.add("embed", s, rows=len(emb), dims=int(emb.array.shape[1]), key=emb.key)
+        atl, s = _timed(lambda: _demo_atlas(col, encoder, bank3d.key, cfg))
+        from milotile.explore.evaluate import candidate_species, cluster_scores
+
+        cand_species = candidate_species(atl.table, truth)
+        report.add("atlas", s, key=atl.key, method=cfg.atlas_method, feature=cfg.atlas_feature,
+                   clusters=int(atl.table["cluster"].max()) + 1, **cluster_scores(atl.table["cluster"], cand_species))
 
         # 6. refinement: PU picker from 30 % of one species in one tomogram ----------------------
         species = cfg.refine_species or str(truth.groupby("species")["radius"].mean().idxmax())
@@ -180,6 +232,9 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         scores = evaluate(picks, gt, radius=radius / 2 + 1.0, by="tomogram")
         f1 = scores.set_index("group")["f1"].round(3).to_dict()
         report.add("pick", s, picks=len(picks), f1_per_tomogram=f1, f1_all=float(f1["all"]))
+        facts, s = _timed(lambda: _explore_only_picker(col, atl, cand_species, species, gt, radius, bbox_r,
+                                                    len(labels), out, cfg))
+        report.add("explore_pick", s, f1_manual=float(f1["all"]), **facts)
 
         # 8. fiber mode on the synthetic filament ----------------------------------------------
         from milotile.refine.fiber import trace_fibers

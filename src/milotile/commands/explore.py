@@ -9,7 +9,7 @@ from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["register", "run", "run_train", "run_embed"]
+__all__ = ["register", "run", "run_train", "run_embed", "run_atlas", "run_serve", "run_select"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -65,6 +65,124 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     e.add_argument("--overwrite", action="store_true", help="recompute even if up to date")
     e.set_defaults(handler=run, needs_cluster=True)
+    _register_atlas(sub)
+
+
+def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``explore atlas`` / ``serve`` / ``select`` (the exploration atlas and target selection)."""
+    from milotile.commands import parse_ints
+
+    a = sub.add_parser(
+        "atlas",
+        help="2D map, over-clusters, colours, plots and 3D colour maps of the embeddings",
+        description="Fit the projection and over-clustering on a sample, apply them to every embedding in "
+        "blocks on the Dask workers, and write tables/atlas-<key>.parquet, runs/atlas-<key>/ (reducer, "
+        "plots) and a labels image per tomogram; reused when the parameters are unchanged.",
+    )
+    a.add_argument("store", help="collection store (path or URL)")
+    a.add_argument("--key", default=None, help="embeddings key (default: the only one)")
+    a.add_argument("--method", choices=["umap", "tsne", "pca"], default="umap", help="2D projection (default umap)")
+    a.add_argument("--n-clusters", type=int, default=48, help="final clusters (default 48)")
+    a.add_argument("--overcluster", type=int, default=256, help="k-means centroids before spectral clustering (default 256)")
+    a.add_argument("--cluster-method", choices=["spectral", "hdbscan"], default="spectral",
+                   help="k-means + spectral (MiLoPYP) or HDBSCAN on the map (default spectral)")
+    a.add_argument("--neighbors", type=int, default=40, help="UMAP n_neighbors / t-SNE perplexity (default 40)")
+    a.add_argument("--min-dist", type=float, default=0.3, help="UMAP min_dist (default 0.3)")
+    a.add_argument("--fit-sample", type=int, default=200_000, help="rows the map and clusters are fitted on (default 200000)")
+    a.add_argument("--pca", type=int, default=50, help="PCA dimensions before fitting; 0 keeps all (default 50)")
+    a.add_argument("--outlier-z", type=float, default=3.0,
+                   help="distance z-score above which a point is unassigned; 0 disables (default 3)")
+    a.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    a.add_argument("--transform", choices=["model", "knn"], default="model",
+                   help="place rows outside the sample with the projection's transform or by k-NN "
+                   "interpolation (fast for millions; default model)")
+    a.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    a.add_argument("--no-colormap3d", action="store_true", help="skip the per-tomogram 3D colour map")
+    a.add_argument("--slices", type=lambda s: parse_ints(s, what="--slices"), default=None,
+                   help="z slices to render in RGB, e.g. 40,60 (default: 3 through the candidates)")
+    a.add_argument("--export-thumbnails", metavar="DIR", default=None, help="also write one PNG per candidate to DIR")
+    a.add_argument("--overwrite", action="store_true", help="recompute even if up to date")
+    a.set_defaults(handler=run, needs_cluster=True)
+
+    s = sub.add_parser(
+        "serve",
+        help="the selection web app on one port",
+        description="Serve the atlas map (WebGL), thumbnails, lasso/box selection and export on one port; "
+        "from a laptop: ssh -L 7000:localhost:7000 HOST, then open http://localhost:7000/.",
+    )
+    s.add_argument("store", help="collection store (path or URL)")
+    s.add_argument("--key", default=None, help="atlas key (default: the only atlas)")
+    s.add_argument("--port", type=int, default=7000, help="port (default 7000)")
+    s.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0 for all)")
+    s.set_defaults(handler=run, needs_cluster=False)
+
+    c = sub.add_parser(
+        "select",
+        help="labels from chosen clusters, an app selection or a Phoenix/nextPYP parquet",
+        description="Write tables/labels-<name>.parquet (read by `milotile refine train --labels`), a "
+        "MiLoPYP coordinate TSV and MiLoPYP's interactive_info parquet.",
+    )
+    c.add_argument("store", help="collection store (path or URL)")
+    c.add_argument("--key", default=None, help="atlas key (default: the only atlas)")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--clusters", type=lambda v: parse_ints(v, what="--clusters"), help="cluster ids, e.g. 3,7,12")
+    g.add_argument("--selection", help="name of a selection exported from the app")
+    g.add_argument("--parquet", help="parquet exported by nextPYP/Phoenix (name, coord) or a tomogram/x/y/z table")
+    c.add_argument("--name", default=None, help="output name (default from the source)")
+    c.add_argument("--class-name", default=None, help="class column value (default: the name)")
+    c.add_argument("--tsv", default=None, metavar="FILE", help="also copy the MiLoPYP TSV to FILE")
+    c.set_defaults(handler=run, needs_cluster=False)
+
+
+def run_atlas(args: argparse.Namespace) -> int:
+    """Handler of ``explore atlas``."""
+    from milotile.explore.atlas import atlas
+    from milotile.explore.colormap3d import colour_map_3d
+    from milotile.explore.plots import export_thumbnails, plot_all
+
+    a = atlas(
+        args.store, args.key, method=args.method, n_clusters=args.n_clusters, overcluster=args.overcluster,
+        cluster_method=args.cluster_method, neighbors=args.neighbors, min_dist=args.min_dist,
+        fit_sample=args.fit_sample, pca=args.pca or None, outlier_z=args.outlier_z or None, seed=args.seed,
+        transform=args.transform, overwrite=args.overwrite,
+    )
+    log.info("atlas: tables/%s.parquet (%d points, %d clusters)", a.table_name, len(a), int(a.table["cluster"].max()) + 1)
+    if not args.no_plots:
+        for name, path in plot_all(a).items():
+            log.info("plot %s: %s", name, path)
+    if not args.no_colormap3d:
+        res = colour_map_3d(a, slices=list(args.slices) if args.slices else 3)
+        log.info("3D colour maps: %s", ", ".join(v["labels"] for v in res.values()))
+    if args.export_thumbnails:
+        export_thumbnails(a, args.export_thumbnails)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of ``explore serve``."""
+    from milotile.explore.serve import serve
+
+    serve(args.store, args.key, host=args.host, port=args.port)
+    return 0
+
+
+def run_select(args: argparse.Namespace) -> int:
+    """Handler of ``explore select``."""
+    import shutil
+
+    from milotile.explore.atlas import load_atlas
+    from milotile.explore.select import select, selection_dir
+
+    labels = select(args.store, args.key, clusters=args.clusters, selection=args.selection, parquet=args.parquet,
+                    name=args.name, class_name=args.class_name)
+    a = load_atlas(args.store, args.key)
+    name = args.name or labels.attrs.get("name") or ""
+    table = a.collection._table_path(f"labels-{name}") if name else None
+    log.info("%d labels -> %s", len(labels), table or "tables/labels-<name>.parquet")
+    if args.tsv:
+        shutil.copy(selection_dir(a) / f"{name}.tsv", args.tsv)
+        log.info("MiLoPYP TSV: %s", args.tsv)
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -99,4 +217,7 @@ def run(args: argparse.Namespace) -> int:
         return run_train(args)
     if args.explore_command == "embed":
         return run_embed(args)
-    raise InputError(f"unknown explore action {args.explore_command!r}; use train or embed.")
+    handlers = {"atlas": run_atlas, "serve": run_serve, "select": run_select}
+    if args.explore_command in handlers:
+        return handlers[args.explore_command](args)
+    raise InputError(f"unknown explore action {args.explore_command!r}; use train, embed, atlas, serve or select.")

@@ -242,3 +242,31 @@ def write_milopyp(
         written.append(path)
     log.info("wrote %d MiLoPYP coordinate files to %s", len(written), out)
     return written
+
+
+def write_coordinate_tsv(labels: pd.DataFrame, out: str | os.PathLike, *, decimals: int = 0) -> Path:
+    """Write MiLoPYP's coordinate TSV ``image_name x_coord y_coord z_coord`` (header, tab separated).
+
+    Parameters
+    ----------
+    labels : pandas.DataFrame
+        ``tomogram, x, y, z`` in full-resolution voxels.
+    out : path-like
+        The ``.tsv``/``.txt`` file to write (its folder is created).
+    decimals : int
+        Decimals of the coordinates (``0``: integers, as MiLoPYP's refinement reads them).
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    out = as_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    xyz = np.round(labels[["x", "y", "z"]].to_numpy(dtype=np.float64), decimals)
+    df = pd.DataFrame({"image_name": labels["tomogram"].astype(str).to_numpy()})
+    for i, c in enumerate(("x_coord", "y_coord", "z_coord")):
+        df[c] = xyz[:, i].astype(np.int64) if decimals == 0 else xyz[:, i]
+    df.to_csv(out, sep="\t", index=False)
+    log.info("wrote %d coordinates to %s", len(df), out)
+    return out

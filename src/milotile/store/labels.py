@@ -9,18 +9,19 @@ table (``colors``: ``label-value`` → ``rgba``), optional per-value ``propertie
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import zarr
 
-from milotile.store.arrays import AXES_ZYX, NGFF_VERSION, create_array, write_dask
+from milotile.errors import InputError
+from milotile.store.arrays import AXES_ZYX, NGFF_VERSION, create_array, multiscale_metadata, write_dask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_labels", "write_labels", "label_attrs", "label_colors", "LABELS"]
+__all__ = ["create_labels", "write_labels", "write_tomogram_labels", "label_names", "label_attrs", "label_colors", "LABELS"]
 
 LABELS = "labels"
 
@@ -142,3 +143,82 @@ def write_labels(
         raise TypeError(f"label images must be integer, got {labels.dtype}")
     lab = _label_group(image, name, scale, colors, properties, unit, attributes)
     return write_dask(labels, lab, "0", chunks=chunks, dimension_names=AXES_ZYX, compute=compute)
+
+
+def label_names(col: Any, image: str) -> list[str]:
+    """Label images listed under tomogram ``image`` of a collection."""
+    g = col.zarr_group["tomograms"][image]
+    if LABELS not in g:
+        return []
+    return list(dict(g[LABELS].attrs.get("ome", {})).get("labels", []))
+
+
+def write_tomogram_labels(
+    col: Any,
+    image: str,
+    name: str,
+    data: da.Array,
+    *,
+    colors: Mapping[int, Sequence[int]] | None = None,
+    properties: Sequence[Mapping[str, Any]] | None = None,
+    params: Mapping[str, Any] | None = None,
+    sources: Mapping[str, str | None] | None = None,
+) -> str:
+    """Write an integer volume as a multiscale labels image of tomogram ``image`` (a stage output).
+
+    The labels follow the tomogram's pyramid (nearest-neighbour subsamples per level, the image's
+    chunks), so napari overlays every level; the write goes through ``col.stage_output`` (complete
+    flag, parameters, source tokens, writer lock).
+
+    Parameters
+    ----------
+    col : Collection
+        The store.
+    image : str
+        Tomogram name; the labels must have its level-0 shape.
+    name : str
+        Label image name (``tomograms/<image>/labels/<name>``).
+    data : dask.array.Array
+        ``(z, y, x)`` unsigned integers, 0 = background.
+    colors : mapping, optional
+        ``{label value: (r, g, b, a)}`` 0-255, the ``image-label`` colour table.
+    properties : sequence of mapping, optional
+        ``image-label`` properties (each with ``"label-value"``).
+    params : mapping, optional
+        The parameters that made the labels.
+    sources : mapping, optional
+        Inputs besides the tomogram (``{store path: token}``), see :mod:`milotile.store.stage_output`.
+
+    Returns
+    -------
+    str
+        The path of the label group inside the store.
+    """
+    if image not in col.names:
+        raise InputError(f"store {col.url} has no tomogram {image!r}.")
+    if "/" in name or not name:
+        raise InputError(f"invalid label name {name!r}.")
+    tomo = col[image]
+    if tuple(data.shape) != tuple(tomo.shape):
+        raise InputError(f"labels of shape {tuple(data.shape)} do not match tomogram {image!r} {tuple(tomo.shape)}.")
+    if not np.issubdtype(data.dtype, np.integer):
+        raise InputError(f"label data must be integers, got {data.dtype}.")
+    path = f"tomograms/{image}/{LABELS}/{name}"
+    srcs = {f"tomograms/{image}": col.source_token(f"tomograms/{image}"), **dict(sources or {})}
+    levels = tomo.levels
+    with col.stage_output(path, dict(params or {}), srcs) as out:
+        grp = out.begin()
+        for level in levels:
+            f = 2**level
+            target = tomo.data(level)
+            sub = data[::f, ::f, ::f][: target.shape[0], : target.shape[1], : target.shape[2]]
+            write_dask(sub, grp, str(level), chunks=tuple(c[0] for c in target.chunks), dimension_names=AXES_ZYX)
+        ome = multiscale_metadata(name, tomo.voxel_size, len(levels))
+        table = [{"label-value": int(v), "rgba": [int(c) for c in rgba]} for v, rgba in sorted((colors or {}).items())]
+        ome["image-label"] = label_attrs(name, (1.0, 1.0, 1.0), colors=table or None,
+                                         properties=[dict(p) for p in properties or []] or None)["image-label"]
+        grp.attrs["ome"] = ome
+        _register(col.zarr_group["tomograms"][image], name)
+        out.finish(levels=len(levels))
+    log.info("labels %s of %s written (%d levels)", name, image, len(levels))
+    return path

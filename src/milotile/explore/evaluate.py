@@ -1,0 +1,69 @@
+"""Atlas quality against a ground truth (generated data): species of candidates, purity, ARI, enrichment.
+
+Used by the demo (to choose clusters by a documented rule where a user would look at the gallery)
+and by ``benchmarks/atlas.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["candidate_species", "purity", "cluster_scores", "species_enrichment", "enriched_clusters"]
+
+
+def candidate_species(cands: pd.DataFrame, truth: pd.DataFrame, radius: float | None = None) -> np.ndarray:
+    """Species of the nearest ground-truth particle within its radius (or ``radius``), else ``None``.
+
+    ``cands`` and ``truth`` have ``tomogram, x, y, z``; ``truth`` also ``species`` (and ``radius``).
+    """
+    from scipy.spatial import cKDTree
+
+    out = np.full(len(cands), None, dtype=object)
+    pos = np.arange(len(cands))
+    for tomo, g in truth.groupby("tomogram"):
+        m = (cands["tomogram"].astype(str) == str(tomo)).to_numpy()
+        if not m.any():
+            continue
+        d, j = cKDTree(g[["x", "y", "z"]].to_numpy()).query(cands.loc[m, ["x", "y", "z"]].to_numpy())
+        r = np.full(len(j), float(radius)) if radius is not None else g["radius"].to_numpy()[j]
+        hit = d <= r
+        out[pos[m][hit]] = g["species"].to_numpy()[j[hit]]
+    return out
+
+
+def purity(labels: np.ndarray, species: np.ndarray) -> float:
+    """Fraction of points whose cluster's majority species is their own (unassigned ``-1`` excluded)."""
+    df = pd.DataFrame({"c": np.asarray(labels), "s": np.asarray(species)})
+    df = df[df["c"] >= 0]
+    if not len(df):
+        return 0.0
+    return float(df.groupby("c")["s"].agg(lambda s: s.value_counts().iloc[0]).sum() / len(df))
+
+
+def cluster_scores(labels: np.ndarray, species: np.ndarray) -> dict[str, float]:
+    """Purity and adjusted Rand index of ``labels`` against ``species`` (rows with a species only)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    sp = np.asarray(species, dtype=object)
+    ok = np.array([s is not None for s in sp])
+    lab = np.asarray(labels)[ok]
+    return {"purity": round(purity(lab, sp[ok]), 4), "ari": round(float(adjusted_rand_score(sp[ok].astype(str), lab)), 4),
+            "n": int(ok.sum()), "unassigned": round(float(np.mean(lab < 0)) if len(lab) else 0.0, 4)}
+
+
+def species_enrichment(table: pd.DataFrame, species: np.ndarray, target: str) -> pd.DataFrame:
+    """Per cluster: ``size``, ``hits`` (candidates on a ``target`` particle) and ``fraction`` = hits/size."""
+    df = pd.DataFrame({"cluster": table["cluster"].to_numpy(), "hit": np.asarray(species, dtype=object) == target})
+    g = df[df["cluster"] >= 0].groupby("cluster").agg(size=("hit", "size"), hits=("hit", "sum"))
+    g["fraction"] = g["hits"] / g["size"]
+    return g.sort_values(["fraction", "hits"], ascending=False).reset_index()
+
+
+def enriched_clusters(table: pd.DataFrame, species: np.ndarray, target: str, min_fraction: float = 0.5) -> list[int]:
+    """The documented cluster choice: every cluster whose candidates are mostly (≥ ``min_fraction``) on
+    ``target`` particles — what a user does by picking the gallery rows that show the target; the
+    single most enriched cluster when none reaches the threshold."""
+    e = species_enrichment(table, species, target)
+    chosen = e[e["fraction"] >= min_fraction]["cluster"].astype(int).tolist()
+    return chosen or e["cluster"].astype(int).head(1).tolist()

@@ -1,0 +1,279 @@
+"""Target selection on the atlas: polygon / box / cluster selection and labels from a selection.
+
+Selections are computed here in numpy (the web app only sends the drawn polygon and the visible
+clusters), so the logic is testable without a browser. A selection becomes a labels table
+``tables/labels-<name>.parquet`` (``tomogram, x, y, z, class`` in milotile's coordinate
+convention, plus ``id, cluster``) that ``milotile refine train --labels`` reads directly, and is
+exported as MiLoPYP's coordinate TSV. MiLoPYP's ``interactive_info`` parquet (``name, coord,
+embeddings, label, image``) is written next to it for users of existing tools.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from milotile.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "points_in_polygon",
+    "points_in_box",
+    "selection_ids",
+    "selection_counts",
+    "labels_from_ids",
+    "save_selection",
+    "select",
+    "write_interactive_info",
+]
+
+
+def points_in_polygon(xy: np.ndarray, polygon: Sequence[Sequence[float]]) -> np.ndarray:
+    """Boolean mask of the rows of ``xy`` (n × 2) inside ``polygon`` (a closed or open ring)."""
+    from matplotlib.path import Path as MplPath
+
+    poly = np.asarray(polygon, np.float64).reshape(-1, 2)
+    if len(poly) < 3:
+        raise InputError(f"a lasso polygon needs at least 3 vertices, got {len(poly)}.")
+    return MplPath(poly).contains_points(np.asarray(xy, np.float64))
+
+
+def points_in_box(xy: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """Boolean mask of the rows of ``xy`` inside ``box = (x0, y0, x1, y1)`` (corners in any order)."""
+    if len(box) != 4:
+        raise InputError(f"a box needs 4 numbers (x0, y0, x1, y1), got {len(box)}.")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    xy = np.asarray(xy)
+    return (
+        (xy[:, 0] >= min(x0, x1)) & (xy[:, 0] <= max(x0, x1))
+        & (xy[:, 1] >= min(y0, y1)) & (xy[:, 1] <= max(y0, y1))
+    )
+
+
+def selection_ids(
+    table: pd.DataFrame,
+    *,
+    polygon: Sequence[Sequence[float]] | None = None,
+    box: Sequence[float] | None = None,
+    clusters: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Ids (``table["id"]``, sorted) of atlas points in the polygon / box and in ``clusters``.
+
+    With no polygon and no box every point of the listed clusters is selected; ``clusters=None``
+    means all clusters (``-1`` is the unassigned group).
+    """
+    mask = np.ones(len(table), bool)
+    if clusters is not None:
+        mask &= np.isin(table["cluster"].to_numpy(), np.asarray(list(clusters), np.int64))
+    if polygon is not None or box is not None:
+        xy = table[["map_x", "map_y"]].to_numpy()
+        if polygon is not None:
+            mask &= points_in_polygon(xy, polygon)
+        if box is not None:
+            mask &= points_in_box(xy, box)
+    return np.sort(table["id"].to_numpy()[mask])
+
+
+def selection_counts(table: pd.DataFrame, ids: np.ndarray) -> dict[str, Any]:
+    """``{"n", "per_tomogram", "per_cluster"}`` of a selection (JSON-able)."""
+    sub = table.iloc[np.asarray(ids, np.int64)] if len(ids) else table.iloc[:0]
+    per_t = sub["tomogram"].astype(str).value_counts().sort_index() if "tomogram" in sub else pd.Series(dtype=int)
+    per_c = sub["cluster"].value_counts().sort_index()
+    return {
+        "n": int(len(sub)),
+        "per_tomogram": {str(k): int(v) for k, v in per_t.items()},
+        "per_cluster": {str(int(k)): int(v) for k, v in per_c.items()},
+    }
+
+
+def labels_from_ids(table: pd.DataFrame, ids: np.ndarray, class_name: str = "selection") -> pd.DataFrame:
+    """Labels table ``tomogram, x, y, z, class, id, cluster`` for the atlas rows ``ids``."""
+    missing = [c for c in ("tomogram", "x", "y", "z") if c not in table.columns]
+    if missing:
+        raise InputError(f"the atlas has no candidate coordinates ({', '.join(missing)}); re-run the atlas on "
+                         "embeddings with a candidate table.")
+    sub = table.iloc[np.asarray(ids, np.int64)]
+    out = pd.DataFrame({
+        "tomogram": sub["tomogram"].astype(str).to_numpy(),
+        "x": sub["x"].to_numpy(np.float64), "y": sub["y"].to_numpy(np.float64), "z": sub["z"].to_numpy(np.float64),
+        "class": class_name, "id": sub["id"].to_numpy(np.int64), "cluster": sub["cluster"].to_numpy(np.int32),
+    })
+    return out.reset_index(drop=True)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
+def check_name(name: str) -> str:
+    """A selection name usable as a table and file name."""
+    if not _NAME.match(str(name)):
+        raise InputError(f"selection name {name!r} must be letters, digits, '_', '-' or '.' (at most 80).")
+    return str(name)
+
+
+def save_selection(atlas: Any, ids: np.ndarray, name: str, params: dict[str, Any], class_name: str | None = None) -> pd.DataFrame:
+    """Write ``tables/labels-<name>`` (with ``params``) and ``runs/atlas-<key>/selections/<name>.tsv``."""
+    from milotile.formats.milopyp import write_coordinate_tsv
+
+    name = check_name(name)
+    labels = labels_from_ids(atlas.table, ids, class_name or name)
+    full = {"atlas": atlas.key, "atlas_params": atlas.params.get("params", {}), "n": int(len(labels)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **params}
+    col = atlas.collection
+    col.write_table(f"labels-{name}", labels, params=full,
+                    sources={f"tables/{atlas.table_name}": col.source_token(f"tables/{atlas.table_name}")})
+    tsv = selection_dir(atlas) / f"{name}.tsv"
+    write_coordinate_tsv(labels, tsv)
+    log.info("selection %s: %d labels -> tables/labels-%s.parquet and %s", name, len(labels), name, tsv)
+    labels.attrs["name"] = name
+    return labels
+
+
+def selection_dir(atlas: Any) -> Path:
+    """Local folder of selection exports (``runs/atlas-<key>/selections``)."""
+    p = Path(atlas.run_dir) / "selections"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _ids_from_parquet(atlas: Any, path: str | os.PathLike, tolerance: float = 1.0) -> np.ndarray:
+    """Atlas ids of the rows of a nextPYP/Phoenix export (``name, coord``) or a milotile table.
+
+    Each row is matched to the nearest candidate of its tomogram; coordinates rounded to integers
+    (MiLoPYP writes ``coord`` as integer strings) match within ``tolerance`` voxels.
+    """
+    from scipy.spatial import cKDTree
+
+    from milotile.formats import read_labels
+
+    lab = read_labels(path, fmt="table")
+    t = atlas.table
+    ids = []
+    for tomo, g in lab.groupby("tomogram", sort=False):
+        cand = t[t["tomogram"].astype(str) == str(tomo)]
+        if not len(cand):
+            raise InputError(f"{path}: tomogram {tomo!r} has no candidates in atlas {atlas.key!r}.")
+        dist, j = cKDTree(cand[["x", "y", "z"]].to_numpy()).query(g[["x", "y", "z"]].to_numpy())
+        if (dist > tolerance).any():
+            bad = int(np.flatnonzero(dist > tolerance)[0])
+            row = g.iloc[bad]
+            raise InputError(f"{path}: point ({tomo}, {row['x']:g}, {row['y']:g}, {row['z']:g}) is not a "
+                             f"candidate of atlas {atlas.key!r} (nearest is {dist[bad]:.1f} voxels away).")
+        ids.append(cand["id"].to_numpy()[j])
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+
+
+def select(
+    col: Any,
+    key: str | None = None,
+    *,
+    clusters: Sequence[int] | None = None,
+    selection: str | None = None,
+    parquet: str | os.PathLike | None = None,
+    name: str | None = None,
+    class_name: str | None = None,
+    interactive_info: bool = True,
+) -> pd.DataFrame:
+    """Labels from chosen clusters, a saved app selection or a nextPYP/Phoenix parquet export.
+
+    Parameters
+    ----------
+    col : Collection or path
+        The store with the atlas.
+    key : str, optional
+        Atlas key (default: the only atlas).
+    clusters : sequence of int, optional
+        Cluster ids to take (MiLoPYP's ``select_sublabels.py --use_classes``).
+    selection : str, optional
+        Name of a selection exported from the app (``tables/labels-<selection>``); re-exported.
+    parquet : path, optional
+        A parquet with ``name, coord`` (Phoenix / nextPYP export) or ``tomogram, x, y, z`` columns.
+    name : str, optional
+        Output name (default ``clusters-3-7-12``, the selection name, or the parquet's stem).
+    class_name : str, optional
+        ``class`` column value (default: the name).
+    interactive_info : bool
+        Also write MiLoPYP's ``interactive_info_parquet.gzip`` for the whole atlas.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The labels (``tomogram, x, y, z, class, id, cluster``), also in ``tables/labels-<name>``.
+    """
+    from milotile.explore.atlas import load_atlas
+
+    given = sum(v is not None for v in (clusters, selection, parquet))
+    if given != 1:
+        raise InputError("give exactly one of --clusters, --selection or --parquet.")
+    a = load_atlas(col, key)
+    if clusters is not None:
+        cl = [int(c) for c in clusters]
+        known = set(a.table["cluster"].unique().tolist())
+        unknown = [c for c in cl if c not in known]
+        if unknown:
+            raise InputError(f"atlas {a.key!r} has no cluster {unknown[0]}; clusters are "
+                             f"{', '.join(str(c) for c in sorted(known))}.")
+        ids = selection_ids(a.table, clusters=cl)
+        name = name or "clusters-" + "-".join(str(c) for c in cl)
+        params: dict[str, Any] = {"source": "clusters", "clusters": cl}
+    elif selection is not None:
+        prev = a.collection.read_table(f"labels-{check_name(selection)}")
+        ids = np.sort(prev["id"].to_numpy(np.int64))
+        name = name or selection
+        params = {"source": "selection", "selection": selection,
+                  **{k: v for k, v in a.collection.table_params(f"labels-{selection}").items() if k in ("polygon", "box", "clusters")}}
+    else:
+        ids = _ids_from_parquet(a, parquet)
+        name = name or Path(parquet).name.split(".")[0]
+        params = {"source": "parquet", "parquet": os.fspath(parquet)}
+    labels = save_selection(a, ids, name, params, class_name)
+    if interactive_info:
+        write_interactive_info(a, selection_dir(a).parent / "interactive_info_parquet.gzip")
+    return labels
+
+
+def write_interactive_info(atlas: Any, path: str | os.PathLike, *, port: int = 7000, rows_per_group: int = 65536) -> Path:
+    """MiLoPYP's Phoenix parquet (``name, coord, embeddings, label, image``), written in row groups.
+
+    ``coord`` holds ``[x, y, z]`` as strings like MiLoPYP's; ``image`` points at the app's thumbnail
+    URL (``http://localhost:<port>/thumb/<id>.png``).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    col = atlas.collection
+    emb = col.zarr_group["embeddings"][atlas.key]
+    t = atlas.table
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    d = int(emb.shape[1])
+    writer = None
+    try:
+        for s in range(0, len(t), rows_per_group):
+            sub = t.iloc[s : s + rows_per_group]
+            e = np.asarray(emb[s : s + len(sub)], np.float32).reshape(-1)
+            coord = np.stack([np.round(sub[c].to_numpy()).astype(np.int64).astype(str) for c in "xyz"], axis=1)
+            batch = pa.table({
+                "name": pa.array(sub["tomogram"].astype(str).to_numpy()),
+                "coord": pa.FixedSizeListArray.from_arrays(pa.array(coord.reshape(-1)), 3),
+                "embeddings": pa.FixedSizeListArray.from_arrays(pa.array(e), d),
+                "label": pa.array(sub["cluster"].to_numpy(np.int64)),
+                "image": pa.array([f"http://localhost:{port}/thumb/{i}.png" for i in sub["id"].to_numpy()]),
+            })
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), batch.schema, compression="gzip")
+            writer.write_table(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    log.info("wrote MiLoPYP interactive_info parquet %s (%d rows)", path, len(t))
+    return path
