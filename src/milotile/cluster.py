@@ -125,6 +125,7 @@ def cluster(
     """
     from distributed import Client, LocalCluster
 
+    quiet_dask_logs()  # importing distributed resets its loggers to INFO
     owned = None
     if config is not None and scheduler is None:
         cfg = _load_config(config)
@@ -149,11 +150,17 @@ def cluster(
             )
             if n_gpu:
                 kwargs["resources"] = {"GPU": 1}
-            owned = LocalCluster(**kwargs)
+            with _quiet_port_warnings(), dask.config.set(_worker_log_config()):
+                owned = LocalCluster(**kwargs)
         client = Client(owned)
     quiet_dask_logs()
     link = getattr(client, "dashboard_link", None)
-    nworkers = len(client.scheduler_info().get("workers", {}))
+    info = client.scheduler_info()
+    nworkers = len(info.get("workers", {}))
+    local_cores = None
+    if owned is not None and scheduler is None and isinstance(owned, LocalCluster):
+        local_cores = max(1, (os.cpu_count() or 1) // max(1, nworkers))
+    client.register_plugin(worker_setup(local_cores), name="milotile-worker-setup")
     log.info("Dask cluster ready: %d workers; dashboard at %s", nworkers, link)
     try:
         yield client
@@ -163,12 +170,101 @@ def cluster(
             owned.close()
 
 
+#: below this many bytes of input the CLI runs a stage on the threaded scheduler in-process
+#: instead of starting a LocalCluster (its start-up costs ~4 s on 2 cores; see benchmarks/collection.py)
+SMALL_JOB_BYTES = int(float(os.environ.get("MILOTILE_SMALL_JOB_MB", "96")) * 2**20)
+
+
+def _verbose() -> bool:
+    return logging.getLogger("milotile").getEffectiveLevel() <= logging.DEBUG or bool(
+        os.environ.get("MILOTILE_DASK_VERBOSE")
+    )
+
+
+@contextlib.contextmanager
+def _quiet_port_warnings() -> Iterator[None]:
+    """Hide distributed's "Port 8787 is already in use" warning unless verbose (a free port is used)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if not _verbose():
+            warnings.filterwarnings("ignore", message=".*already in use.*")
+        yield
+
+
+def _worker_log_config() -> dict:
+    """dask config that keeps worker processes' distributed INFO lines off stderr unless verbose."""
+    if _verbose():
+        return {}
+    return {"logging": {"distributed": "warning", "distributed.worker": "warning",
+                        "distributed.nanny": "warning", "distributed.scheduler": "warning"}}
+
+
+def limit_threads(n: int) -> None:
+    """Use ``n`` intra-op threads for torch/OpenMP/MKL in this process (set before or after torch import)."""
+    import sys
+
+    n = max(1, int(n))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def worker_setup(cores: int | None = None) -> Any:
+    """A worker plugin: count store I/O (:mod:`milotile.store.iostats`) and size torch's thread pool.
+
+    Each worker's torch uses ``cores // nthreads`` intra-op threads (at least 1), where ``cores`` is
+    the worker's share of the machine (local clusters) or, when unknown, its thread count (a remote
+    worker started with ``--nthreads N`` on N cores), so concurrent tasks never oversubscribe.
+    """
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _Setup(WorkerPlugin):
+        def __init__(self, cores: int | None):
+            self.cores = cores
+
+        def setup(self, worker: Any) -> None:
+            from milotile.store import iostats
+
+            iostats.enable()
+            nthreads = int(getattr(worker.state, "nthreads", 1) or 1)
+            limit_threads(max(1, (self.cores or nthreads) // nthreads))
+
+    return _Setup(cores)
+
+
+@contextlib.contextmanager
+def local_scheduler(kind: str = "threads", threads: int | None = None) -> Iterator[None]:
+    """Run dask in this process without a cluster: ``threads`` (a thread pool) or ``sync``.
+
+    For small jobs, where a process cluster's start-up costs more than it saves. Torch gets
+    ``cores // threads`` intra-op threads.
+    """
+    if kind not in ("threads", "sync"):
+        raise InputError(f"unknown local scheduler {kind!r}; use threads or sync")
+    from milotile.store import iostats
+
+    iostats.enable()
+    ncores = os.cpu_count() or 1
+    nthreads = 1 if kind == "sync" else int(threads or ncores)
+    limit_threads(max(1, ncores // nthreads))
+    cfg: dict[str, Any] = {"scheduler": "synchronous" if kind == "sync" else "threads"}
+    if kind == "threads":
+        cfg["num_workers"] = nthreads
+    log.info("running in-process on dask's %s scheduler (%d thread%s); no cluster started",
+             kind, nthreads, "" if nthreads == 1 else "s")
+    with dask.config.set(cfg):
+        yield
+
+
 def quiet_dask_logs(level: int | None = None) -> None:
     """Keep distributed's own INFO chatter out of milotile's log (it resets levels on import)."""
-    root = logging.getLogger("milotile").getEffectiveLevel()
-    level = level if level is not None else (logging.INFO if root <= logging.DEBUG else logging.WARNING)
-    for name in ("distributed", "bokeh", "tornado"):
+    level = level if level is not None else (logging.INFO if _verbose() else logging.WARNING)
+    for name in ("distributed", "tornado"):
         logging.getLogger(name).setLevel(level)
+    # bokeh's "Host wildcard '*'" warning concerns the dashboard's default, not the user
+    logging.getLogger("bokeh").setLevel(level if level <= logging.INFO else logging.ERROR)
 
 
 def active_client() -> Any | None:
