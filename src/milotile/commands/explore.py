@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 
+from milotile.commands import parse_ints
 from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t.add_argument("--key", default=None, help="patch bank key (default: the only bank)")
     t.add_argument("--bbox", type=int, default=None, help="patch side in pixels; smaller than the bank = centre crop")
     t.add_argument("--epochs", type=int, default=20, help="number of epochs (default 20)")
-    t.add_argument("--batch-size", type=int, default=256, help="patches per step (default 256)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="patches per step (default: 256 on a GPU; on the CPU the largest batch <= 256 whose "
+                   "activations fit MILOTILE_TRAIN_MEMORY_MB=512, i.e. < 1 GiB RSS)")
+    t.add_argument("--widths", type=partial(parse_ints, n=3, what="--widths"), default=None, metavar="W1,W2,W3",
+                   help="trunk channels per stage (default 64,128,256 on a GPU as MiLoPYP; 32,64,128 on the CPU, "
+                   "a quarter of the FLOPs with the same embedding accuracy in benchmarks/explore.py)")
     t.add_argument("--lr", type=float, default=0.05, help="base learning rate (default 0.05)")
     t.add_argument("--optimizer", choices=["sgd", "sgd-plain", "adamw"], default="sgd",
                    help="sgd: momentum 0.9 + weight decay; sgd-plain: MiLoPYP's plain SGD (default sgd)")
@@ -76,6 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
         cosine=not args.no_cosine, out=args.out, seed=args.seed, resume=args.resume,
         save_every=args.save_every, device=args.device, weights=args.weights, feature=args.feature,
+        model_config={"widths": list(args.widths)} if args.widths else None,
     )
     log.info("model: %s", enc.checkpoint)
     return 0

@@ -72,6 +72,34 @@ def _default_run_dir(col: Any, key: str, mode: str) -> Path:
     return root / "runs" / f"explore-{mode}-{key}"
 
 
+#: trunk widths when training on the CPU: a quarter of the FLOPs of MiLoPYP's (64, 128, 256), with
+#: the same k-NN species accuracy in benchmarks/explore.py (0.98 at SNR 0.04 / 0.15)
+CPU_WIDTHS = (32, 64, 128)
+GPU_WIDTHS = (64, 128, 256)
+
+
+def _auto_batch(arch: str, config: dict[str, Any], bank: Any, bbox: int, dev: torch.device, amp: bool) -> int:
+    """256 on a GPU; on the CPU the largest batch <= 256 whose saved activations fit the memory budget."""
+    from milotile.nn.device import auto_batch_size
+
+    if dev.type != "cpu":
+        return 256
+    budget = int(float(os.environ.get("MILOTILE_TRAIN_MEMORY_MB", "512")) * 2**20)
+    probe_model = registry.create(arch, **config).train()
+    c = 1 if bank.mode == "3d" else 2
+
+    def step(n: int) -> torch.Tensor:
+        x = torch.zeros(n, c, bbox, bbox)
+        with autocast(dev, enabled=amp, cpu=True):
+            p1, p2, z1, z2 = probe_model(x, x)
+            return simsiam_loss(p1, p2, z1, z2)
+
+    bs, per_sample = auto_batch_size(step, 256, budget)
+    log.info("batch size %d (activations %.1f MiB per patch, budget %.0f MiB; MILOTILE_TRAIN_MEMORY_MB)",
+             bs, per_sample / 2**20, budget / 2**20)
+    return bs
+
+
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
@@ -84,7 +112,7 @@ def train(
     mode: str | None = None,
     bbox: int | None = None,
     epochs: int = 20,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     lr: float = 0.05,
     optimizer: str = "sgd",
     weight_decay: float = 1e-4,
@@ -116,8 +144,10 @@ def train(
         Patch side; smaller than the bank's means a centre crop. Default: the bank's.
     epochs : int
         Total number of epochs (a resumed run continues up to it).
-    batch_size : int
-        Patches per step (reduced to the bank size for tiny banks).
+    batch_size : int, optional
+        Patches per step (reduced to the bank size for tiny banks). Default: 256 on a GPU; on the CPU
+        the largest batch up to 256 whose activations fit ``MILOTILE_TRAIN_MEMORY_MB`` (512 MiB),
+        which keeps the training process under ~1 GiB RSS (see :func:`milotile.nn.device.auto_batch_size`).
     lr : float
         Base learning rate.
     optimizer : {"sgd", "sgd-plain", "adamw"}
@@ -142,9 +172,10 @@ def train(
     feature : {"pred", "proj", "fc", "trunk"}
         Which output :meth:`Encoder.embed` returns by default (stored in the contract).
     amp : bool
-        Mixed precision on CUDA.
+        Mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (AMX / AVX512-BF16).
     model_config : dict, optional
-        Extra builder arguments (``widths``, ``blocks``, ``pred_dim``).
+        Extra builder arguments (``widths``, ``blocks``, ``pred_dim``). Without ``widths`` the trunk
+        is ``(64, 128, 256)`` (MiLoPYP's) on a GPU and the narrower ``CPU_WIDTHS`` on the CPU.
     strong_aug, weak_aug : dict, optional
         Overrides of :class:`milotile.explore.augment.AugmentConfig` fields for the two views.
 
@@ -161,7 +192,7 @@ def train(
     bbox = check_crop(bank, bbox)
     if epochs < 1:
         raise InputError(f"epochs must be at least 1, got {epochs}.")
-    if batch_size < 2:
+    if batch_size is not None and batch_size < 2:
         raise InputError(f"batch_size must be at least 2 (BatchNorm), got {batch_size}.")
     if bank.n < 2:
         raise InputError(f"patch bank {bank.key!r} has {bank.n} patch(es); training needs at least 2.")
@@ -171,12 +202,19 @@ def train(
         raise InputError(f"unknown embedding feature {feature!r}; use one of {', '.join(FEATURES)}.")
     if save_every < 1:
         raise InputError(f"save_every must be at least 1, got {save_every}.")
-    if batch_size > bank.n:
-        log.warning("batch_size %d > %d patches in bank %r; using %d", batch_size, bank.n, bank.key, bank.n)
-        batch_size = bank.n
     run_dir = Path(out) if out is not None else _default_run_dir(col, bank.key, mode)
     last_path = run_dir / "last.pt"
     dev = pick_device(device)
+    model_config = dict(model_config or {})
+    if "widths" not in model_config:
+        model_config["widths"] = list(CPU_WIDTHS if dev.type == "cpu" else GPU_WIDTHS)
+    auto_batch = batch_size is None
+    if auto_batch:
+        batch_size = _auto_batch(f"simsiam-{mode}", {"dim": int(dim), **model_config}, bank, bbox, dev, amp)
+    if batch_size > bank.n:
+        if not auto_batch:
+            log.warning("batch_size %d > %d patches in bank %r; using %d", batch_size, bank.n, bank.key, bank.n)
+        batch_size = bank.n
     runlog = RunLog(run_dir)
 
     strong = default_config(mode, "strong")
@@ -190,7 +228,7 @@ def train(
         raise InputError(f"invalid augmentation option: {exc}.") from exc
 
     arch = f"simsiam-{mode}"
-    config: dict[str, Any] = {"dim": int(dim), **(model_config or {})}
+    config: dict[str, Any] = {"dim": int(dim), **model_config}
     options = {
         "store": col.url, "key": bank.key, "mode": mode, "bbox": bbox, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
@@ -279,7 +317,7 @@ def train(
         for batch in loader.epoch(epoch):
             xb = torch.from_numpy(batch).to(dev, non_blocking=True)
             v1, v2 = make_views(xb, g, strong, weak, mean_t, std_t)
-            with autocast(dev, enabled=amp):
+            with autocast(dev, enabled=amp, cpu=True):
                 p1, p2, z1, z2 = model(v1, v2)
                 loss = simsiam_loss(p1, p2, z1, z2)
             if not torch.isfinite(loss):
