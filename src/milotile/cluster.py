@@ -79,12 +79,14 @@ def _jobqueue_cluster(cfg: dict) -> Any:
     opts = dict(cfg.get("options", {}))
     if cfg.get("gpu"):
         opts.setdefault("worker_extra_args", []).extend(["--resources", "GPU=1"])
-    cluster = getattr(dask_jobqueue, classes[kind])(**opts)
+    with _quiet_port_warnings():
+        cluster = getattr(dask_jobqueue, classes[kind])(**opts)
     n = int(cfg.get("jobs", 1))
     if cfg.get("adapt"):
         cluster.adapt(minimum_jobs=int(cfg.get("minimum_jobs", 0)), maximum_jobs=n)
     else:
         cluster.scale(jobs=n)
+    log.info("%s: submitted %d batch job(s) for Dask workers", classes[kind], n)
     return cluster
 
 
@@ -127,10 +129,12 @@ def cluster(
 
     quiet_dask_logs()  # importing distributed resets its loggers to INFO
     owned = None
+    wait_s = None
     if config is not None and scheduler is None:
         cfg = _load_config(config)
         if str(cfg.get("kind", "local")).lower() != "local":
             owned = _jobqueue_cluster(cfg)
+            wait_s = float(cfg.get("wait_for_workers_s", 600))
         else:
             workers = workers or cfg.get("workers")
             threads_per_worker = threads_per_worker or cfg.get("threads_per_worker")
@@ -155,6 +159,9 @@ def cluster(
         client = Client(owned)
     quiet_dask_logs()
     link = getattr(client, "dashboard_link", None)
+    if wait_s:
+        log.info("waiting for the first worker (batch job) to start; dashboard at %s", link)
+        client.wait_for_workers(1, timeout=wait_s)
     info = client.scheduler_info()
     nworkers = len(info.get("workers", {}))
     local_cores = None
