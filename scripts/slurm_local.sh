@@ -5,12 +5,12 @@
 #                                      DIR/slurm.conf for this host, start munged, slurmctld, slurmd;
 #                                      prints SLURM_CONF=DIR/slurm.conf on success.
 #   scripts/slurm_local.sh stop DIR    stop the daemons started from DIR (by their pid files).
+#   scripts/slurm_local.sh install     only install the packages when missing (CI; ~30 s with apt).
 #
 # Everything lives under DIR (state, logs, pid files, the munge socket); nothing system-wide is
 # configured except the packages themselves. Exit status 3 means SLURM cannot be had here.
 set -euo pipefail
-action=${1:?start|stop}
-dir=$(mkdir -p "${2:?DIR}" && cd "$2" && pwd)
+action=${1:?start|stop|install}
 
 stop() {
     for name in slurmd slurmctld munged; do
@@ -23,8 +23,7 @@ stop() {
     done
 }
 
-if [[ $action == stop ]]; then stop; exit 0; fi
-
+install() {
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "installing slurm-wlm and munge (apt)" >&2
@@ -35,6 +34,12 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
         exit 3
     fi
 fi
+}
+
+if [[ $action == install ]]; then install; exit 0; fi
+dir=$(mkdir -p "${2:?DIR}" && cd "$2" && pwd)
+if [[ $action == stop ]]; then stop; exit 0; fi
+install
 
 host=$(hostname -s)
 cpus=$(nproc)

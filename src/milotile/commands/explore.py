@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t.add_argument("--weights", default=None, metavar="PATH", help="local weights file for initialisation")
     t.add_argument("--feature", choices=["pred", "proj", "fc", "trunk"], default="pred",
                    help="default embedding output stored with the model (default pred, as MiLoPYP)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel training in N processes (DDP: one per GPU, or gloo CPU processes); "
+                   "under torchrun the group is taken from its environment instead")
     t.set_defaults(handler=run, needs_cluster=False)
 
     e = sub.add_parser(
@@ -74,18 +77,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.set_defaults(handler=run, needs_cluster=True)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Handler of ``explore train``."""
+def _train_rank(kwargs: dict) -> str | None:
+    """One DDP rank of ``explore train --nproc N`` (module level so that it can be spawned)."""
     from milotile.explore import train
 
-    enc = train(
-        args.store, key=args.key, mode=args.mode, bbox=args.bbox, epochs=args.epochs,
+    kw = dict(kwargs)
+    enc = train(kw.pop("store"), **kw)
+    return None if enc.checkpoint is None else str(enc.checkpoint)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``explore train`` (``--nproc N``: N DDP processes, see :mod:`milotile.nn.ddp`)."""
+    from milotile.nn import ddp
+
+    kwargs = dict(
+        store=args.store, key=args.key, mode=args.mode, bbox=args.bbox, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
         cosine=not args.no_cosine, out=args.out, seed=args.seed, resume=args.resume,
         save_every=args.save_every, device=args.device, weights=args.weights, feature=args.feature,
         model_config={"widths": list(args.widths)} if args.widths else None,
     )
-    log.info("model: %s", enc.checkpoint)
+    ddp.init_from_env()  # under torchrun: join its process group
+    if args.nproc > 1 and not ddp.is_distributed():
+        path = ddp.launch(_train_rank, args.nproc, kwargs)[0]
+    else:
+        path = _train_rank(kwargs)
+    log.info("model: %s", path)
     return 0
 
 

@@ -31,7 +31,7 @@ from milotile.explore.data import (
 )
 from milotile.explore.embed import Encoder
 from milotile.explore.model import FEATURES, load_weights, output_std, simsiam_loss
-from milotile.nn import registry
+from milotile.nn import ddp, registry
 from milotile.nn.checkpoint import load_checkpoint, save_checkpoint
 from milotile.nn.device import amp_dtype, autocast, pick_device, seed_everything
 from milotile.nn.runlog import RunLog
@@ -204,7 +204,8 @@ def train(
         raise InputError(f"save_every must be at least 1, got {save_every}.")
     run_dir = Path(out) if out is not None else _default_run_dir(col, bank.key, mode)
     last_path = run_dir / "last.pt"
-    dev = pick_device(device)
+    dev = ddp.local_device() if ddp.is_distributed() else pick_device(device)
+    main = ddp.is_main()  # only rank 0 writes the run folder
     model_config = dict(model_config or {})
     if "widths" not in model_config:
         model_config["widths"] = list(CPU_WIDTHS if dev.type == "cpu" else GPU_WIDTHS)
@@ -252,7 +253,8 @@ def train(
         arch, config = resume_ckpt["arch"], dict(resume_ckpt["config"])
         start_epoch = int(resume_ckpt["epoch"] or 0)
         mean, std = list(prev["mean"]), list(prev["std"])
-        runlog.truncate(start_epoch)
+        if main:
+            runlog.truncate(start_epoch)
         if start_epoch >= epochs:
             log.info("run %s already finished %d of %d epochs", run_dir, start_epoch, epochs)
     else:
@@ -265,7 +267,8 @@ def train(
         mean, std = channel_stats(bank, crop=bbox)
         log.info("channel statistics of bank %r: mean %s std %s (%.1f s)", bank.key,
                  np.round(mean, 4).tolist(), np.round(std, 4).tolist(), time.perf_counter() - t)
-    runlog.save_options(options)
+    if main:
+        runlog.save_options(options)
 
     seed_everything(seed)
     model = registry.create(arch, **config)
@@ -274,6 +277,7 @@ def train(
     elif weights is not None:
         load_weights(model, weights)
     model.to(dev)
+    net = ddp.wrap(model, dev)  # DistributedDataParallel inside a process group
     opt = _optimizer(optimizer, model.parameters(), lr, weight_decay)
     if resume_ckpt is not None and "optimizer" in resume_ckpt:
         opt.load_state_dict(resume_ckpt["optimizer"])
@@ -317,8 +321,9 @@ def train(
         for batch in loader.epoch(epoch):
             xb = torch.from_numpy(batch).to(dev, non_blocking=True)
             v1, v2 = make_views(xb, g, strong, weak, mean_t, std_t)
+            v1, v2 = ddp.shard(v1), ddp.shard(v2)  # this rank's rows of the global batch
             with autocast(dev, enabled=amp, cpu=True):
-                p1, p2, z1, z2 = model(v1, v2)
+                p1, p2, z1, z2 = net(v1, v2)
                 loss = simsiam_loss(p1, p2, z1, z2)
             if not torch.isfinite(loss):
                 raise RuntimeError(
@@ -328,21 +333,25 @@ def train(
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            b = xb.shape[0]
+            b = v1.shape[0]
             tot_loss += float(loss.detach()) * b
             tot_std += output_std(p1.detach()) * b
             seen += b
             steps += 1
         dt = time.perf_counter() - t0
+        world = ddp.rank_world()[1]
         rec = {
-            "epoch": epoch + 1, "loss": tot_loss / max(seen, 1), "output_std": tot_std / max(seen, 1),
-            "lr": cur_lr, "seconds": dt, "patches_per_s": seen / max(dt, 1e-9), "steps": steps,
+            "epoch": epoch + 1, "loss": ddp.all_mean(tot_loss / max(seen, 1)),
+            "output_std": ddp.all_mean(tot_std / max(seen, 1)),
+            "lr": cur_lr, "seconds": dt, "patches_per_s": world * seen / max(dt, 1e-9), "steps": steps,
         }
+        if not main:
+            continue
         runlog.log_epoch(rec)
         log.info("epoch %d/%d loss %.4f output_std %.4f lr %.4g %.1f s (%.0f patches/s)",
                  epoch + 1, epochs, rec["loss"], rec["output_std"], cur_lr, dt, rec["patches_per_s"])
         save(epoch + 1)
-    if runlog.records():
+    if main and runlog.records():
         runlog.plot(["loss", "output_std", "lr"], run_dir / "loss.png")
     model.eval()
     return Encoder(model, contract, arch, config, last_path if last_path.is_file() else None, dev)
