@@ -144,7 +144,12 @@ def _io_snapshot(client) -> tuple[dict, int]:
 
 
 def _report(command: str, t_ready: float, t_end: float, client, startup: float) -> dict:
-    """Log one line: stage wall time = start-up + I/O + compute (and store traffic)."""
+    """Log one line: stage wall time = start-up + I/O + compute (and store traffic).
+
+    Appended as a JSON line to ``$MILOTILE_REPORT_JSON`` when that is set.
+    """
+    import os
+
     io, slots = _io_snapshot(client)
     stage = t_end - t_ready
     io_wall = min(stage, io["io_seconds"] / slots)
@@ -156,6 +161,12 @@ def _report(command: str, t_ready: float, t_end: float, client, startup: float) 
         rep["compute_s"], io["meta_reads"], io["chunk_reads"], io["bytes_read"] / 2**20, io["writes"],
         io["bytes_written"] / 2**20, io["listings"],
     )
+    dest = os.environ.get("MILOTILE_REPORT_JSON")
+    if dest:  # benchmarks collect the reports (one JSON line per stage)
+        import json
+
+        with open(dest, "a") as fh:
+            fh.write(json.dumps(rep) + "\n")
     return rep
 
 
