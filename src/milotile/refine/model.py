@@ -130,6 +130,11 @@ class _Head3D(nn.Module):
         """Heatmap logits only (prediction needs no feature head)."""
         return self.hm(self.body(x))
 
+    @property
+    def z_context(self) -> int:
+        """Slices of context the head needs on each side of an output slice."""
+        return self.rf_add(1)[0] // 2
+
     def rf_add(self, jump_xy: int) -> tuple[int, int]:
         """Receptive-field growth (z, xy) of the head at xy spacing ``jump_xy``."""
         z = 2 + 2 + (self.head_k - 1)
@@ -169,17 +174,24 @@ class _Base2p5D(nn.Module):
         y = y.reshape(b, d, c, h2, w2).permute(0, 2, 1, 3, 4).contiguous()
         return self.head(y)
 
-    def predict_volume(self, x: torch.Tensor, slices_per_batch: int = 8) -> torch.Tensor:
+    def predict_volume(self, x: torch.Tensor, slices_per_batch: int = 8, head_slices: int = 16) -> torch.Tensor:
         """Heatmap logits ``(C, D, H/2, W/2)`` of one ``(D, H, W)`` volume, equal to ``forward(x[None])["hm"][0]``.
 
-        The 2D trunk runs once per slice (``slices_per_batch`` at a time, bounding its activations)
-        and the 3D head once over the whole stack: no slice is computed twice, whatever the depth.
+        The 2D trunk runs once per slice (``slices_per_batch`` at a time, bounding its activations);
+        the 3D head runs over windows of ``head_slices`` output slices plus its own small z context,
+        so no trunk slice is computed twice and the head's activations stay bounded, whatever the depth.
         """
         d = x.shape[0]
         feats = [self.slice_features(x[i : i + slices_per_batch]) for i in range(0, d, slices_per_batch)]
         y = torch.cat(feats).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, D, H2, W2)
         del feats
-        return self.head.heatmap(y)[0]
+        m = self.head.z_context
+        out = []
+        for s in range(0, d, head_slices):
+            e = min(d, s + head_slices)
+            a, b = max(0, s - m), min(d, e + m)
+            out.append(self.head.heatmap(y[:, :, a:b])[0][:, s - a : s - a + (e - s)])
+        return torch.cat(out, dim=1)
 
     def receptive_field(self) -> tuple[int, int, int]:
         """Conservative receptive field (z, y, x) of one output voxel, in model-input voxels."""
