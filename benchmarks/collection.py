@@ -99,7 +99,7 @@ def train_models(work: Path, manifest: Path, a: argparse.Namespace) -> tuple[Pat
     labels.to_parquet(lab)
     picker = mt.refine.train(col, lab, bbox=6, epochs=1, arch="unet4", arch_config={"start_filts": 4},
                              crop=(8, 32, 32), out=work / "runs" / "refine", seed=0)
-    return Path(enc.checkpoint), Path(picker.path)
+    return Path(enc.path), Path(picker.path)
 
 
 def run_collection(work: Path, n: int, src: Path, models: tuple[Path, Path], a: argparse.Namespace) -> dict:

@@ -13,7 +13,7 @@ import zarr
 
 import milotile as mt
 from milotile import cli
-from milotile.store import iostats
+import milotile.iostats as iostats
 
 
 @pytest.fixture(scope="module")

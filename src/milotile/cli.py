@@ -126,7 +126,7 @@ def _io_snapshot(client) -> tuple[dict, int]:
     """Store I/O counters of this process plus every worker, and the number of parallel slots."""
     import os
 
-    from milotile.store import iostats
+    import milotile.iostats as iostats
 
     parts = [iostats.snapshot()]
     slots = 1
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         if getattr(args, "needs_cluster", False):
-            from milotile.store import iostats
+            import milotile.iostats as iostats
 
             iostats.enable()
             with cluster_from_args(args) as client:

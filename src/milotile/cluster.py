@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dask
 
 from milotile.errors import InputError
+from milotile.runtime import active_client, compute_with_progress, gpu_resources  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def limit_threads(n: int) -> None:
 
 
 def worker_setup(cores: int | None = None) -> Any:
-    """A worker plugin: count store I/O (:mod:`milotile.store.iostats`) and size torch's thread pool.
+    """A worker plugin: count store I/O (:mod:`milotile.iostats`) and size torch's thread pool.
 
     Each worker's torch uses ``cores // nthreads`` intra-op threads (at least 1), where ``cores`` is
     the worker's share of the machine (local clusters) or, when unknown, its thread count (a remote
@@ -232,7 +233,7 @@ def worker_setup(cores: int | None = None) -> Any:
             self.cores = cores
 
         def setup(self, worker: Any) -> None:
-            from milotile.store import iostats
+            import milotile.iostats as iostats
 
             iostats.enable()
             nthreads = int(getattr(worker.state, "nthreads", 1) or 1)
@@ -250,7 +251,7 @@ def local_scheduler(kind: str = "threads", threads: int | None = None) -> Iterat
     """
     if kind not in ("threads", "sync"):
         raise InputError(f"unknown local scheduler {kind!r}; use threads or sync")
-    from milotile.store import iostats
+    import milotile.iostats as iostats
 
     iostats.enable()
     ncores = os.cpu_count() or 1
@@ -272,48 +273,3 @@ def quiet_dask_logs(level: int | None = None) -> None:
         logging.getLogger(name).setLevel(level)
     # bokeh's "Host wildcard '*'" warning concerns the dashboard's default, not the user
     logging.getLogger("bokeh").setLevel(level if level <= logging.INFO else logging.ERROR)
-
-
-def active_client() -> Any | None:
-    """The current distributed client, or ``None`` when none is running."""
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def gpu_resources() -> dict | None:
-    """``{"GPU": 1}`` when the active cluster has workers advertising a GPU, else ``None``."""
-    client = active_client()
-    if client is None:
-        return None
-    workers = client.scheduler_info().get("workers", {})
-    if any(w.get("resources", {}).get("GPU") for w in workers.values()):
-        return {"GPU": 1}
-    return None
-
-
-def compute_with_progress(collections: Sequence[Any], *, desc: str = "compute") -> list:
-    """Compute dask collections, showing a progress bar (tqdm on distributed, dask's locally).
-
-    Returns the computed results in order.
-    """
-    client = active_client()
-    if client is None:
-        from dask.diagnostics import ProgressBar
-
-        if log.isEnabledFor(logging.INFO) and os.environ.get("MILOTILE_PROGRESS", "1") != "0":
-            with ProgressBar(minimum=2.0):
-                return list(dask.compute(*collections))
-        return list(dask.compute(*collections))
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
-    futures = client.compute(list(collections))
-    disable = os.environ.get("MILOTILE_PROGRESS", "1") == "0"
-    with tqdm(total=len(futures), desc=desc, disable=disable, leave=False) as bar:
-        for _ in as_completed(futures):
-            bar.update(1)
-    return client.gather(futures)

@@ -83,7 +83,7 @@ def _train_rank(kwargs: dict) -> str | None:
 
     kw = dict(kwargs)
     enc = train(kw.pop("store"), **kw)
-    return None if enc.checkpoint is None else str(enc.checkpoint)
+    return None if enc.path is None else str(enc.path)
 
 
 def run_train(args: argparse.Namespace) -> int:

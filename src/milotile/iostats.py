@@ -1,7 +1,7 @@
 """Process-wide counters of Zarr store traffic: reads, writes, listings, bytes and time spent.
 
 :func:`enable` wraps the methods of zarr's ``LocalStore`` and ``FsspecStore`` classes once per
-process (workers included, see :func:`milotile.cluster.worker_setup`), so every array and group opened anywhere
+process (workers included, see ``milotile.cluster.worker_setup``), so every array and group opened anywhere
 in the process is counted without passing a special store around. Counters:
 
 * ``meta_reads`` -- ``get`` of a metadata document (``zarr.json``, ``.zarray``, ``.zattrs``, ``.zgroup``)
