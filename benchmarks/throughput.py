@@ -74,9 +74,9 @@ def explore_train_rows(a, dev, peak) -> list[dict]:
     rows = []
     # the naive row uses the same batch: per-patch speed does not depend on it on the CPU, and a
     # 256-batch step of the wide trunk takes minutes here (its memory is measured in (c))
-    variants = [(f"naive: widths 64,128,256 batch {a.auto_batch} fp32", (64, 128, 256), a.auto_batch, False, False,
-                 False)]
-    for bs_name, bs in (("auto", a.auto_batch),):
+    sb = a.speed_batch or a.auto_batch
+    variants = [(f"naive: widths 64,128,256 batch {sb} fp32", (64, 128, 256), sb, False, False, False)]
+    for bs_name, bs in (("auto" if sb == a.auto_batch else "speed", sb),):
         variants += [
             (f"widths 32,64,128 batch {bs} ({bs_name}) fp32", (32, 64, 128), bs, False, False, False),
             (f"widths 32,64,128 batch {bs} ({bs_name}) bf16 [default]", (32, 64, 128), bs, True, False, False),
@@ -118,7 +118,7 @@ def explore_embed_rows(a, dev, peak) -> list[dict]:
 
     torch.manual_seed(0)
     m = SimSiam("3d", widths=(32, 64, 128)).to(dev).eval()
-    x = torch.randn(512, 1, a.bbox, a.bbox, device=dev)
+    x = torch.randn(a.embed_batch, 1, a.bbox, a.bbox, device=dev)
     flops = model_flops(lambda: m.features(x, "pred"))
     rows = []
     for name, grad_ctx, bf16 in (("no_grad fp32 (naive)", torch.no_grad, False),
@@ -250,7 +250,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--bbox", type=int, default=36, help="explore patch side (default 36, the CLI default)")
     p.add_argument("--auto-batch", type=int, default=None, help="batch of the CPU default (default: computed)")
+    p.add_argument("--speed-batch", type=int, default=None,
+                   help="batch of the timed train steps (default: the automatic batch; smaller is quicker on a busy machine)")
     p.add_argument("--slab-xy", type=int, default=256)
+    p.add_argument("--embed-batch", type=int, default=512)
     p.add_argument("--bank-n", type=int, default=512)
     p.add_argument("--io-size", default="128,256,256")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
