@@ -79,7 +79,7 @@ def explore_train_rows(a, dev, peak) -> list[dict]:
     for bs_name, bs in (("auto" if sb == a.auto_batch else "speed", sb),):
         variants += [
             (f"widths 32,64,128 batch {bs} ({bs_name}) fp32", (32, 64, 128), bs, False, False, False),
-            (f"widths 32,64,128 batch {bs} ({bs_name}) bf16 [default]", (32, 64, 128), bs, True, False, False),
+            (f"widths 32,64,128 batch {bs} ({bs_name}) bf16 ", (32, 64, 128), bs, True, False, False),
             (f"widths 32,64,128 batch {bs} ({bs_name}) bf16 channels-last", (32, 64, 128), bs, True, True, False),
         ]
         if a.compile:
@@ -121,9 +121,9 @@ def explore_embed_rows(a, dev, peak) -> list[dict]:
     x = torch.randn(a.embed_batch, 1, a.bbox, a.bbox, device=dev)
     flops = model_flops(lambda: m.features(x, "pred"))
     rows = []
-    for name, grad_ctx, bf16 in (("no_grad fp32 (naive)", torch.no_grad, False),
+    for name, grad_ctx, bf16 in (("no_grad fp32 (naive, default)", torch.no_grad, False),
                                  ("inference_mode fp32", torch.inference_mode, False),
-                                 ("no_grad bf16 [default]", torch.no_grad, True),
+                                 ("no_grad bf16 ", torch.no_grad, True),
                                  ("inference_mode bf16", torch.inference_mode, True)):
         def call(grad_ctx=grad_ctx, bf16=bf16):
             with grad_ctx(), _ctx(dev, bf16):

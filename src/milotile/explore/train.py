@@ -85,7 +85,7 @@ def _auto_batch(arch: str, config: dict[str, Any], bank: Any, bbox: int, dev: to
 
     if dev.type != "cpu":
         return 256
-    budget = int(float(os.environ.get("MILOTILE_TRAIN_MEMORY_MB", "256")) * 2**20)
+    budget = int(float(os.environ.get("MILOTILE_TRAIN_MEMORY_MB", "400")) * 2**20)
     probe_model = registry.create(arch, **config).train()
     c = 1 if bank.mode == "3d" else 2
 
@@ -150,7 +150,7 @@ def train(
         Total number of epochs (a resumed run continues up to it).
     batch_size : int, optional
         Patches per step (reduced to the bank size for tiny banks). Default: 256 on a GPU; on the CPU
-        the largest batch up to 256 whose activations fit ``MILOTILE_TRAIN_MEMORY_MB`` (256 MiB),
+        the largest batch up to 256 whose activations fit ``MILOTILE_TRAIN_MEMORY_MB`` (400 MiB),
         which keeps the training process under ~1 GiB RSS (see :func:`milotile.nn.device.auto_batch_size`).
     lr : float
         Base learning rate.
@@ -176,7 +176,7 @@ def train(
     feature : {"pred", "proj", "fc", "trunk"}
         Which output :meth:`Encoder.embed` returns by default (stored in the contract).
     amp : bool
-        Mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (AMX / AVX512-BF16).
+        Mixed precision: bf16/fp16 on CUDA; bf16 on CPUs with native bf16 when ``MILOTILE_CPU_BF16=1``.
     model_config : dict, optional
         Extra builder arguments (``widths``, ``blocks``, ``pred_dim``). Without ``widths`` the trunk
         is ``(64, 128, 256)`` (MiLoPYP's) on a GPU and the narrower ``CPU_WIDTHS`` on the CPU.

@@ -55,11 +55,10 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
 
 
 def cpu_bf16_supported() -> bool:
-    """True when this CPU multiplies bf16 natively (AMX or AVX512-BF16), where bf16 autocast pays off.
-
-    ``MILOTILE_CPU_BF16=0`` turns CPU mixed precision off everywhere.
-    """
-    if os.environ.get("MILOTILE_CPU_BF16", "1") == "0":
+    """True when CPU mixed precision is switched on (``MILOTILE_CPU_BF16=1``) and this CPU multiplies
+    bf16 natively (AMX or AVX512-BF16). Opt-in: benchmarks/throughput.py measured 1.45x for embedding,
+    but its effect on embedding quality was not measured."""
+    if os.environ.get("MILOTILE_CPU_BF16", "0") != "1":
         return False
     try:
         with open("/proc/cpuinfo") as fh:
@@ -75,8 +74,7 @@ def cpu_bf16_supported() -> bool:
 def amp_dtype(device: torch.device, cpu: bool = False) -> torch.dtype | None:
     """The autocast dtype used on ``device`` (bf16 where supported, else fp16), or None.
 
-    On the CPU mixed precision is used only when ``cpu`` is True and :func:`cpu_bf16_supported`
-    (measured 1.5-2x on AMX for the SimSiam trunk, see benchmarks/throughput.py).
+    On the CPU mixed precision is used only when ``cpu`` is True and :func:`cpu_bf16_supported`.
     """
     device = torch.device(device)
     if device.type == "cpu":
