@@ -89,7 +89,7 @@ def train_models(work: Path, manifest: Path, a: argparse.Namespace) -> tuple[Pat
     col = mt.ingest(manifest, work / "train.zarr")
     with mt.cluster(workers=1, threads_per_worker=1, dashboard_address=None, processes=False):
         col.preprocess(gauss=0.8)
-        col.mine(dog=(2, 3), threshold_std=0.5, min_distance=4, border=4, border_z=2)
+        col.mine(dog=(2, 3), threshold_std=0.5, nms_distance=4, border=4, border_z=2)
         key = extract_patches(col, table="candidates", bbox=a.bbox, modes=("slab",))
     enc = mt.explore.train(col, key=key, epochs=1, batch_size=16, out=work / "runs" / "explore",
                            model_config={"widths": [8, 16, 32], "blocks": [1, 1, 1]})
