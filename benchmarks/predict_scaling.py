@@ -145,7 +145,7 @@ def run_size(shape, picker, work: Path, a, peak) -> dict:
             results[label]["max_abs_diff_to_whole"] = float(np.abs(hm - whole).max())
         del hm
     base = results["whole"].get("voxels_per_s")
-    for k, v in results.items():
+    for v in results.values():
         if base and "voxels_per_s" in v:
             v["ratio_to_whole"] = v["voxels_per_s"] / base
     if "tiled_old" in results:

@@ -300,8 +300,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     name = "throughput.json" if dev.type == "cpu" else "throughput_gpu.json"
     (RESULTS / name).write_text(json.dumps(out, indent=1, default=str))
-    print("\nfraction of peak (fp32 peak %.0f GFLOP/s, bf16 peak %.0f GFLOP/s; %s):" % (
-        peak["fp32_flops"] / 1e9, peak["bf16_flops"] / 1e9, peak["assumptions"]))
+    print(f"\nfraction of peak (fp32 peak {peak['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 peak "
+          f"{peak['bf16_flops'] / 1e9:.0f} GFLOP/s; {peak['assumptions']}):")
     for part in ("explore_train", "explore_embed", "refine"):
         for r in out.get(part, []):
             print(f"  {r['name']:62s} {r['samples_per_s']:10.1f}/s {r['gflop_per_s']:7.1f} GFLOP/s "

@@ -12,8 +12,8 @@ import torch
 import zarr
 
 import milotile as mt
-from milotile import cli
 import milotile.iostats as iostats
+from milotile import cli
 
 
 @pytest.fixture(scope="module")
