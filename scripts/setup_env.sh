@@ -27,5 +27,5 @@ if [ -d "$links" ] && ls "$links"/torch-2.13.0*.whl >/dev/null 2>&1; then
   "$uvbin" pip install -q -p "$venv/bin/python" "${fl[@]}" "torch==2.13.0"
 fi
 echo "[setup] installing milotile and its dependencies (uv)" >&2
-"$uvbin" pip install -q -p "$venv/bin/python" "${fl[@]}" -e ".[test,dashboard,ngff,tsne]"
+"$uvbin" pip install -q -p "$venv/bin/python" "${fl[@]}" -e ".[test,dashboard,ngff,tsne,cluster]"
 echo "$want" > "$stamp"

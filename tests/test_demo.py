@@ -19,7 +19,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert code == 0
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "writer_lock", "mine", "patches", "patches2d3d", "explore",
-                            "embed", "atlas", "refine", "pick", "explore_pick", "fiber", "export", "segments"]
+                            "embed", "atlas", "refine", "pick", "explore_pick", "fiber", "store_io", "export",
+                            "segments"]
+    assert report["store_io"]["metadata_reads_per_tomogram"] > 0 and report["store_io"]["chunk_reads"] > 0
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
     assert report["writer_lock"]["second_writer_refused"] is True

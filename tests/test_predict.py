@@ -99,9 +99,9 @@ def test_tiled_heatmap_equals_whole_volume_pass(col):
     # the same through the halo override of a correct picker
     capped = P.predict_heatmap(col, "t1", picker, stats=stats, tile=(8, 16, 16), halo=(0, 0, 0))
     np.testing.assert_allclose(capped.compute(scheduler="threads"), bad, atol=1e-6)
-    # default tiles: store chunks in z, 512 in y/x (one tile across this small volume's y/x)
+    # default tiles are planned from the halo: this small volume is one tile (no halo to recompute)
     default = P.predict_heatmap(col, "t1", picker, stats=stats)
-    assert default.numblocks[1:] == (3, 1, 1)
+    assert default.numblocks[1:] == (1, 1, 1)
     np.testing.assert_allclose(default.compute(scheduler="threads"), whole, atol=1e-5, rtol=0)
     with pytest.raises(InputError, match="halo must be three"):
         P.predict_heatmap(col, "t1", picker, stats=stats, halo=(1, 2))

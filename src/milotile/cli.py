@@ -11,7 +11,9 @@ import argparse
 import contextlib
 import importlib
 import logging
+import math
 import sys
+import time
 from collections.abc import Sequence
 
 from milotile.errors import InputError, StoreError
@@ -39,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, metavar="N", help="local Dask workers (default: one per core)")
     parser.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per local worker (default 1)")
     parser.add_argument("--cluster-config", metavar="YAML", help="cluster description (see config/cluster.yaml)")
+    parser.add_argument("--local-scheduler", choices=["auto", "cluster", "threads", "sync"], default="auto",
+                        help="without --scheduler/--cluster-config: auto (default) runs inputs below "
+                        "MILOTILE_SMALL_JOB_MB (96 MiB) in-process on threads and starts a LocalCluster above; "
+                        "cluster / threads / sync force one")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -50,15 +56,58 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("distributed", "bokeh", "tornado", "numba", "asyncio", "fsspec"):
+    for noisy in ("numba", "asyncio", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    # distributed's INFO lines (and its port warnings) only with -v
+    for noisy in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 1 else logging.INFO)
+    if verbose >= 1:
+        import os
+
+        os.environ["MILOTILE_DASK_VERBOSE"] = "1"
+
+
+def _work_bytes(args: argparse.Namespace) -> int | None:
+    """Bytes of input a computing stage will read: source files (ingest) or the store's level-0 volumes."""
+    import os
+
+    sources = getattr(args, "sources", None)
+    if sources:
+        total = 0
+        for src in sources:
+            if os.path.isdir(src):
+                total += sum(e.stat().st_size for e in os.scandir(src) if e.is_file())
+            elif os.path.isfile(src):
+                total += os.path.getsize(src)
+        return total
+    store = getattr(args, "store", None)
+    if not store or not os.path.isdir(store):
+        return None  # a remote store: leave the choice to the cluster
+    from milotile.store import open_collection
+
+    try:
+        col = open_collection(store, mode="r")
+        return int(sum(4 * math.prod(t.shape) for t in col))
+    except (InputError, StoreError, OSError, KeyError):
+        return None
 
 
 @contextlib.contextmanager
 def cluster_from_args(args: argparse.Namespace):
     """Start the Dask cluster described by the global options (used by computing sub-commands)."""
-    from milotile.cluster import cluster
+    from milotile.cluster import SMALL_JOB_BYTES, cluster, local_scheduler
 
+    kind = getattr(args, "local_scheduler", "auto")
+    if args.scheduler is None and args.cluster_config is None and kind != "cluster":
+        if kind == "auto":
+            size = _work_bytes(args)
+            if size is not None and size < SMALL_JOB_BYTES:
+                log.info("input %.1f MiB < %.0f MiB: no process cluster needed", size / 2**20, SMALL_JOB_BYTES / 2**20)
+                kind = "threads"
+        if kind in ("threads", "sync"):
+            with local_scheduler(kind, threads=args.threads_per_worker or args.workers):
+                yield None
+            return
     with cluster(
         scheduler=args.scheduler,
         workers=args.workers,
@@ -66,6 +115,64 @@ def cluster_from_args(args: argparse.Namespace):
         config=args.cluster_config,
     ) as client:
         yield client
+
+
+def _io_snapshot(client) -> tuple[dict, int]:
+    """Store I/O counters of this process plus every worker, and the number of parallel slots."""
+    import os
+
+    import milotile.iostats as iostats
+
+    parts = [iostats.snapshot()]
+    slots = 1
+    if client is not None:
+        try:
+            parts += list(client.run(iostats.snapshot).values())
+            slots = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+        except Exception:  # noqa: BLE001 - a report must not fail the stage
+            pass
+    else:
+        import dask
+
+        slots = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    return iostats.merge(parts), slots
+
+
+def _report(command: str, t_ready: float, t_end: float, client, startup: float) -> dict:
+    """Log one line: stage wall time = start-up + I/O + compute (and store traffic).
+
+    Appended as a JSON line to ``$MILOTILE_REPORT_JSON`` when that is set.
+    """
+    import os
+
+    io, slots = _io_snapshot(client)
+    stage = t_end - t_ready
+    io_wall = min(stage, io["io_seconds"] / slots)
+    rep = {"command": command, "startup_s": startup, "io_s": io_wall, "compute_s": max(0.0, stage - io_wall),
+           "wall_s": startup + stage, **io}
+    log.info(
+        "%s: %.1f s = start-up %.1f s + I/O %.1f s + compute %.1f s (store: %d metadata reads, %d chunk "
+        "reads %.1f MiB, %d writes %.1f MiB, %d listings)", command, rep["wall_s"], startup, io_wall,
+        rep["compute_s"], io["meta_reads"], io["chunk_reads"], io["bytes_read"] / 2**20, io["writes"],
+        io["bytes_written"] / 2**20, io["listings"],
+    )
+    dest = os.environ.get("MILOTILE_REPORT_JSON")
+    if dest:  # benchmarks collect the reports (one JSON line per stage)
+        import json
+
+        with open(dest, "a") as fh:
+            fh.write(json.dumps(rep) + "\n")
+    return rep
+
+
+def _process_start() -> float:
+    """When this process started (epoch seconds): start-up includes interpreter, imports and cluster."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except (ImportError, OSError):
+        return time.time()
 
 
 def _check_cluster_args(args: argparse.Namespace) -> None:
@@ -94,9 +201,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_cluster_args(args)
         if getattr(args, "needs_cluster", False):
+            import milotile.iostats as iostats
+
+            iostats.enable()
             _check_store_arg(args)
-            with cluster_from_args(args):
-                return int(args.handler(args) or 0)
+            with cluster_from_args(args) as client:
+                t_ready = time.time()
+                startup = t_ready - _process_start()
+                iostats.reset()
+                if client is not None:
+                    client.run(iostats.reset)
+                rc = int(args.handler(args) or 0)
+                _report(args.command, t_ready, time.time(), client, startup)
+                return rc
         return int(args.handler(args) or 0)
     except (InputError, StoreError) as exc:
         print(f"milotile {args.command}: error: {exc}", file=sys.stderr)

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
+
 from milotile.errors import InputError
 from milotile.runtime import active_client, compute_with_progress, gpu_resources  # noqa: F401  (re-exported)
 
@@ -78,12 +80,14 @@ def _jobqueue_cluster(cfg: dict) -> Any:
     opts = dict(cfg.get("options", {}))
     if cfg.get("gpu"):
         opts.setdefault("worker_extra_args", []).extend(["--resources", "GPU=1"])
-    cluster = getattr(dask_jobqueue, classes[kind])(**opts)
+    with _quiet_port_warnings():
+        cluster = getattr(dask_jobqueue, classes[kind])(**opts)
     n = int(cfg.get("jobs", 1))
     if cfg.get("adapt"):
         cluster.adapt(minimum_jobs=int(cfg.get("minimum_jobs", 0)), maximum_jobs=n)
     else:
         cluster.scale(jobs=n)
+    log.info("%s: submitted %d batch job(s) for Dask workers", classes[kind], n)
     return cluster
 
 
@@ -128,10 +132,12 @@ def cluster(
     _check_count("--workers", workers)
     _check_count("--threads-per-worker", threads_per_worker)
     owned = None
+    wait_s = None
     if config is not None and scheduler is None:
         cfg = _load_config(config)
         if str(cfg.get("kind", "local")).lower() != "local":
             owned = _jobqueue_cluster(cfg)
+            wait_s = float(cfg.get("wait_for_workers_s", 600))
         else:
             workers = workers if workers is not None else cfg.get("workers")
             threads_per_worker = threads_per_worker if threads_per_worker is not None else cfg.get("threads_per_worker")
@@ -151,11 +157,20 @@ def cluster(
             )
             if n_gpu:
                 kwargs["resources"] = {"GPU": 1}
-            owned = LocalCluster(**kwargs)
+            with _quiet_port_warnings(), dask.config.set(_worker_log_config()):
+                owned = LocalCluster(**kwargs)
         client = Client(owned)
     quiet_dask_logs()
     link = getattr(client, "dashboard_link", None)
-    nworkers = len(client.scheduler_info().get("workers", {}))
+    if wait_s:
+        log.info("waiting for the first worker (batch job) to start; dashboard at %s", link)
+        client.wait_for_workers(1, timeout=wait_s)
+    info = client.scheduler_info()
+    nworkers = len(info.get("workers", {}))
+    local_cores = None
+    if owned is not None and scheduler is None and isinstance(owned, LocalCluster):
+        local_cores = max(1, (os.cpu_count() or 1) // max(1, nworkers))
+    client.register_plugin(worker_setup(local_cores), name="milotile-worker-setup")
     log.info("Dask cluster ready: %d workers; dashboard at %s", nworkers, link)
     try:
         yield client
@@ -242,10 +257,97 @@ def _silence_distributed(level: int) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+#: below this many bytes of input the CLI runs a stage on the threaded scheduler in-process
+#: instead of starting a LocalCluster (its start-up costs ~4 s on 2 cores; see benchmarks/collection.py)
+SMALL_JOB_BYTES = int(float(os.environ.get("MILOTILE_SMALL_JOB_MB", "96")) * 2**20)
+
+
+def _verbose() -> bool:
+    return logging.getLogger("milotile").getEffectiveLevel() <= logging.DEBUG or bool(
+        os.environ.get("MILOTILE_DASK_VERBOSE")
+    )
+
+
+@contextlib.contextmanager
+def _quiet_port_warnings() -> Iterator[None]:
+    """Hide distributed's "Port 8787 is already in use" warning unless verbose (a free port is used)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if not _verbose():
+            warnings.filterwarnings("ignore", message=".*already in use.*")
+        yield
+
+
+def _worker_log_config() -> dict:
+    """dask config that keeps worker processes' distributed INFO lines off stderr unless verbose."""
+    if _verbose():
+        return {}
+    return {"logging": {"distributed": "warning", "distributed.worker": "warning",
+                        "distributed.nanny": "warning", "distributed.scheduler": "warning"}}
+
+
+def limit_threads(n: int) -> None:
+    """Use ``n`` intra-op threads for torch/OpenMP/MKL in this process (set before or after torch import)."""
+    import sys
+
+    n = max(1, int(n))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def worker_setup(cores: int | None = None) -> Any:
+    """A worker plugin: count store I/O (:mod:`milotile.iostats`) and size torch's thread pool.
+
+    Each worker's torch uses ``cores // nthreads`` intra-op threads (at least 1), where ``cores`` is
+    the worker's share of the machine (local clusters) or, when unknown, its thread count (a remote
+    worker started with ``--nthreads N`` on N cores), so concurrent tasks never oversubscribe.
+    """
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _Setup(WorkerPlugin):
+        def __init__(self, cores: int | None):
+            self.cores = cores
+
+        def setup(self, worker: Any) -> None:
+            import milotile.iostats as iostats
+
+            iostats.enable()
+            nthreads = int(getattr(worker.state, "nthreads", 1) or 1)
+            limit_threads(max(1, (self.cores or nthreads) // nthreads))
+
+    return _Setup(cores)
+
+
+@contextlib.contextmanager
+def local_scheduler(kind: str = "threads", threads: int | None = None) -> Iterator[None]:
+    """Run dask in this process without a cluster: ``threads`` (a thread pool) or ``sync``.
+
+    For small jobs, where a process cluster's start-up costs more than it saves. Torch gets
+    ``cores // threads`` intra-op threads.
+    """
+    if kind not in ("threads", "sync"):
+        raise InputError(f"unknown local scheduler {kind!r}; use threads or sync")
+    import milotile.iostats as iostats
+
+    iostats.enable()
+    ncores = os.cpu_count() or 1
+    nthreads = 1 if kind == "sync" else int(threads or ncores)
+    limit_threads(max(1, ncores // nthreads))
+    cfg: dict[str, Any] = {"scheduler": "synchronous" if kind == "sync" else "threads"}
+    if kind == "threads":
+        cfg["num_workers"] = nthreads
+    log.info("running in-process on dask's %s scheduler (%d thread%s); no cluster started",
+             kind, nthreads, "" if nthreads == 1 else "s")
+    with dask.config.set(cfg):
+        yield
+
+
 def quiet_dask_logs(level: int | None = None) -> None:
     """Keep distributed's own INFO chatter out of milotile's log (it resets levels on import)."""
-    root = logging.getLogger("milotile").getEffectiveLevel()
-    level = level if level is not None else (logging.INFO if root <= logging.DEBUG else logging.WARNING)
+    level = level if level is not None else (logging.INFO if _verbose() else logging.WARNING)
     logging.getLogger("distributed").setLevel(level)
     for name, floor in (("bokeh", logging.ERROR), ("tornado", logging.CRITICAL)):  # distributed's own defaults
         logging.getLogger(name).setLevel(max(level, floor) if level > logging.DEBUG else level)

@@ -169,7 +169,10 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     report.add("synth", s, tomograms=len(data.names), particles=len(truth),
                species=sorted(truth["species"].unique().tolist()), folder=str(data.out_dir))
 
-    with cluster(workers=cfg.workers):
+    with cluster(workers=cfg.workers) as client:
+        import milotile.iostats as iostats
+
+        iostats.enable()  # store traffic of every stage (workers count theirs through the cluster's plugin)
         # 2. ingest ----------------------------------------------------------------------------
         store = out / "project.zarr"
         col, s = _timed(lambda: ingest(data.manifest, store))
@@ -244,6 +247,11 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
                                                 min_points=5, spacing=4))
         report.add("fiber", s, input_points=len(fil) // 2, fibers=int(fibers["fiber_id"].nunique()),
                    resampled_points=len(fibers))
+        io = iostats.merge([iostats.snapshot(), *client.run(iostats.snapshot).values()])
+        n_tomo = max(1, len(data.names))
+        report.add("store_io", io["io_seconds"], metadata_reads_per_tomogram=io["meta_reads"] / n_tomo,
+                   chunk_reads=int(io["chunk_reads"]), read_mib=io["bytes_read"] / 2**20,
+                   written_mib=io["bytes_written"] / 2**20, listings=int(io["listings"]))
 
     # 9. exports --------------------------------------------------------------------------------
     from milotile.formats import export

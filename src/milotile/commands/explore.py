@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 
+from milotile.commands import parse_ints
 from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t.add_argument("--key", default=None, help="patch bank key (default: the only bank)")
     t.add_argument("--bbox", type=int, default=None, help="patch side in pixels; smaller than the bank = centre crop")
     t.add_argument("--epochs", type=int, default=20, help="number of epochs (default 20)")
-    t.add_argument("--batch-size", type=int, default=256, help="patches per step (default 256)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="patches per step (default: 256 on a GPU; on the CPU the largest batch <= 256 whose "
+                   "activations fit MILOTILE_TRAIN_MEMORY_MB=400, i.e. < 1 GiB RSS)")
+    t.add_argument("--widths", type=partial(parse_ints, n=3, what="--widths"), default=None, metavar="W1,W2,W3",
+                   help="trunk channels per stage (default 64,128,256 on a GPU as MiLoPYP; 32,64,128 on the CPU, "
+                   "a quarter of the FLOPs with the same embedding accuracy in benchmarks/explore.py)")
     t.add_argument("--lr", type=float, default=0.05, help="base learning rate (default 0.05)")
     t.add_argument("--optimizer", choices=["sgd", "sgd-plain", "adamw"], default="sgd",
                    help="sgd: momentum 0.9 + weight decay; sgd-plain: MiLoPYP's plain SGD (default sgd)")
@@ -47,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t.add_argument("--weights", default=None, metavar="PATH", help="local weights file for initialisation")
     t.add_argument("--feature", choices=["pred", "proj", "fc", "trunk"], default="pred",
                    help="default embedding output stored with the model (default pred, as MiLoPYP)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel training in N processes (DDP: one per GPU, or gloo CPU processes); "
+                   "under torchrun the group is taken from its environment instead")
     t.set_defaults(handler=run, needs_cluster=False)
 
     e = sub.add_parser(
@@ -185,17 +195,32 @@ def run_select(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Handler of ``explore train``."""
+def _train_rank(kwargs: dict) -> str | None:
+    """One DDP rank of ``explore train --nproc N`` (module level so that it can be spawned)."""
     from milotile.explore import train
 
-    enc = train(
-        args.store, key=args.key, mode=args.mode, bbox=args.bbox, epochs=args.epochs,
+    kw = dict(kwargs)
+    enc = train(kw.pop("store"), **kw)
+    return None if enc.path is None else str(enc.path)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``explore train`` (``--nproc N``: N DDP processes, see :mod:`milotile.nn.ddp`)."""
+    from milotile.nn import ddp
+
+    kwargs = dict(
+        store=args.store, key=args.key, mode=args.mode, bbox=args.bbox, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
         cosine=not args.no_cosine, out=args.out, seed=args.seed, resume=args.resume,
         save_every=args.save_every, device=args.device, weights=args.weights, feature=args.feature,
+        model_config={"widths": list(args.widths)} if args.widths else None,
     )
-    log.info("model: %s", enc.path)
+    ddp.init_from_env()  # under torchrun: join its process group
+    if args.nproc > 1 and not ddp.is_distributed():
+        path = ddp.launch(_train_rank, args.nproc, kwargs)[0]
+    else:
+        path = _train_rank(kwargs)
+    log.info("model: %s", path)
     return 0
 
 

@@ -31,7 +31,8 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
                    help="margin to the volume faces in voxels: one value or z,y,x (default bbox/4)")
     p.add_argument("--names", default=None, help="comma-separated tomogram names (default all)")
     p.add_argument("--tile", type=partial(parse_ints, n=3, what="--tile"), default=None, metavar="Z,Y,X",
-                   help="tile size in voxels (default: the store chunks in z, 512 in y and x)")
+                   help="tile size in voxels (default: planned from the halo so that a small tomogram is one "
+                   "tile and halo overhead stays low, at most MILOTILE_TILE_MVOXELS=32 million voxels per tile)")
     p.add_argument("--halo", type=partial(parse_ints, n=3, what="--halo"), default=None, metavar="Z,Y,X",
                    help="context read around each tile (default: the model's full receptive field, which makes "
                    "the tiled heatmap equal a whole-volume pass; smaller is faster)")

@@ -116,7 +116,7 @@ class Encoder:
         out = []
         for i in range(0, x.shape[0], batch_size):
             xb = normalize(x[i : i + batch_size].to(self.device), self.contract["mean"], self.contract["std"])
-            with autocast(self.device):
+            with autocast(self.device, cpu=True):
                 f = self.model.features(xb, feature)
             out.append(f.float().cpu().numpy())
         if not out:

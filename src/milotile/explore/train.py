@@ -31,7 +31,7 @@ from milotile.explore.data import (
 )
 from milotile.explore.embed import Encoder
 from milotile.explore.model import FEATURES, load_weights, output_std, simsiam_loss
-from milotile.nn import registry
+from milotile.nn import ddp, registry
 from milotile.nn.checkpoint import load_checkpoint, save_checkpoint
 from milotile.nn.device import amp_dtype, autocast, pick_device, seed_everything
 from milotile.nn.runlog import RunLog
@@ -73,6 +73,34 @@ def _default_run_dir(col: Any, key: str, mode: str) -> Path:
     return root / "runs" / f"explore-{mode}-{key}"
 
 
+#: trunk widths when training on the CPU: a quarter of the FLOPs of MiLoPYP's (64, 128, 256), with
+#: the same k-NN species accuracy in benchmarks/explore.py (0.98 at SNR 0.04 / 0.15)
+CPU_WIDTHS = (32, 64, 128)
+GPU_WIDTHS = (64, 128, 256)
+
+
+def _auto_batch(arch: str, config: dict[str, Any], bank: Any, bbox: int, dev: torch.device, amp: bool) -> int:
+    """256 on a GPU; on the CPU the largest batch <= 256 whose saved activations fit the memory budget."""
+    from milotile.nn.device import auto_batch_size
+
+    if dev.type != "cpu":
+        return 256
+    budget = int(float(os.environ.get("MILOTILE_TRAIN_MEMORY_MB", "400")) * 2**20)
+    probe_model = registry.create(arch, **config).train()
+    c = 1 if bank.mode == "3d" else 2
+
+    def step(n: int) -> torch.Tensor:
+        x = torch.zeros(n, c, bbox, bbox)
+        with autocast(dev, enabled=amp, cpu=True):
+            p1, p2, z1, z2 = probe_model(x, x)
+            return simsiam_loss(p1, p2, z1, z2)
+
+    bs, per_sample = auto_batch_size(step, 256, budget)
+    log.info("batch size %d (activations %.1f MiB per patch, budget %.0f MiB; MILOTILE_TRAIN_MEMORY_MB)",
+             bs, per_sample / 2**20, budget / 2**20)
+    return bs
+
+
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
@@ -86,7 +114,7 @@ def train(
     mode: str | None = None,
     bbox: int | None = None,
     epochs: int = 20,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     lr: float = 0.05,
     optimizer: str = "sgd",
     weight_decay: float = 1e-4,
@@ -120,8 +148,10 @@ def train(
         Patch side; smaller than the bank's means a centre crop. Default: the bank's.
     epochs : int
         Total number of epochs (a resumed run continues up to it).
-    batch_size : int
-        Patches per step (reduced to the bank size for tiny banks).
+    batch_size : int, optional
+        Patches per step (reduced to the bank size for tiny banks). Default: 256 on a GPU; on the CPU
+        the largest batch up to 256 whose activations fit ``MILOTILE_TRAIN_MEMORY_MB`` (400 MiB),
+        which keeps the training process under ~1 GiB RSS (see :func:`milotile.nn.device.auto_batch_size`).
     lr : float
         Base learning rate.
     optimizer : {"sgd", "sgd-plain", "adamw"}
@@ -146,9 +176,10 @@ def train(
     feature : {"pred", "proj", "fc", "trunk"}
         Which output :meth:`Encoder.embed` returns by default (stored in the contract).
     amp : bool
-        Mixed precision on CUDA.
+        Mixed precision: bf16/fp16 on CUDA; bf16 on CPUs with native bf16 when ``MILOTILE_CPU_BF16=1``.
     model_config : dict, optional
-        Extra builder arguments (``widths``, ``blocks``, ``pred_dim``).
+        Extra builder arguments (``widths``, ``blocks``, ``pred_dim``). Without ``widths`` the trunk
+        is ``(64, 128, 256)`` (MiLoPYP's) on a GPU and the narrower ``CPU_WIDTHS`` on the CPU.
     strong_aug, weak_aug : dict, optional
         Overrides of :class:`milotile.explore.augment.AugmentConfig` fields for the two views.
 
@@ -161,14 +192,19 @@ def train(
     bank = open_bank(col, key if key is not None else bank, mode)
     mode = bank.mode
     bbox = check_crop(bank, bbox)
-    batch_size = _check_args(bank, epochs, batch_size, optimizer, feature, save_every)
+    _check_args(bank, epochs, batch_size, optimizer, feature, save_every)
     run_dir = Path(out) if out is not None else _default_run_dir(col, bank.key, mode)
     last_path = run_dir / "last.pt"
-    dev = pick_device(device)
+    dev = ddp.local_device() if ddp.is_distributed() else pick_device(device)
+    main = ddp.is_main()  # only rank 0 writes the run folder
+    model_config = dict(model_config or {})
+    if "widths" not in model_config:
+        model_config["widths"] = list(CPU_WIDTHS if dev.type == "cpu" else GPU_WIDTHS)
+    batch_size = _batch_size(batch_size, f"simsiam-{mode}", {"dim": int(dim), **model_config}, bank, bbox, dev, amp)
     runlog = RunLog(run_dir)
     strong, weak = _augment_configs(mode, strong_aug, weak_aug)
     arch = f"simsiam-{mode}"
-    config: dict[str, Any] = {"dim": int(dim), **(model_config or {})}
+    config: dict[str, Any] = {"dim": int(dim), **model_config}
     options = {
         "store": col.url, "key": bank.key, "mode": mode, "bbox": bbox, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
@@ -176,12 +212,13 @@ def train(
         "weights": None if weights is None else os.fspath(weights), "arch": arch, "config": config,
         "feature": feature, "amp": amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
     }
-    resume_ckpt, start_epoch, mean, std = _start(run_dir, bank, mode, bbox, epochs, resume, runlog)
+    resume_ckpt, start_epoch, mean, std = _start(run_dir, bank, mode, bbox, epochs, resume, runlog if main else None)
     if resume_ckpt is not None:
         arch, config = resume_ckpt["arch"], dict(resume_ckpt["config"])
-    runlog.save_options(options)
+    if main:
+        runlog.save_options(options)
     seed_everything(seed)
-    model, opt = _build(arch, config, resume_ckpt, weights, dev, optimizer, lr, weight_decay)
+    model, net, opt = _build(arch, config, resume_ckpt, weights, dev, optimizer, lr, weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype(dev) == torch.float16)
     bp = bank.params
     contract = {
@@ -200,8 +237,10 @@ def train(
     for epoch in range(start_epoch, epochs):
         cur_lr = cosine_lr(lr, epoch, epochs, cosine)
         _set_lr(opt, cur_lr)
-        rec = _epoch(model, opt, scaler, loader, views, epoch, seed, dev, amp, lr)
+        rec = _epoch(model, net, opt, scaler, loader, views, epoch, seed, dev, amp, lr)
         rec.update(epoch=epoch + 1, lr=cur_lr)
+        if not main:
+            continue
         runlog.log_epoch(rec)
         log.info("epoch %d/%d loss %.4f output_std %.4f lr %.4g %.1f s (%.0f patches/s)",
                  epoch + 1, epochs, rec["loss"], rec["output_std"], cur_lr, rec["seconds"], rec["patches_per_s"])
@@ -211,17 +250,18 @@ def train(
         if (epoch + 1) % save_every == 0 or epoch + 1 == epochs:
             save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.pt", arch=arch, config=config,
                             model=model, contract=contract, optimizer=None, epoch=epoch + 1, extra=extra)
-    if runlog.records():
+    if main and runlog.records():
         runlog.plot(["loss", "output_std", "lr"], run_dir / "loss.png")
     model.eval()
     return Encoder(model, contract, arch, config, last_path if last_path.is_file() else None, dev)
 
 
-def _check_args(bank: PatchBank, epochs: int, batch_size: int, optimizer: str, feature: str, save_every: int) -> int:
-    """Check the training options before any work; returns the batch size (at most the bank size)."""
+def _check_args(bank: PatchBank, epochs: int, batch_size: int | None, optimizer: str, feature: str,
+                save_every: int) -> None:
+    """Check the training options before any work."""
     if epochs < 1:
         raise InputError(f"epochs must be at least 1, got {epochs}.")
-    if batch_size < 2:
+    if batch_size is not None and batch_size < 2:
         raise InputError(f"batch_size must be at least 2 (BatchNorm), got {batch_size}.")
     if bank.n < 2:
         raise InputError(f"patch bank {bank.key!r} has {bank.n} patch(es); training needs at least 2.")
@@ -231,8 +271,17 @@ def _check_args(bank: PatchBank, epochs: int, batch_size: int, optimizer: str, f
         raise InputError(f"unknown embedding feature {feature!r}; use one of {', '.join(FEATURES)}.")
     if save_every < 1:
         raise InputError(f"save_every must be at least 1, got {save_every}.")
+
+
+def _batch_size(batch_size: int | None, arch: str, config: dict[str, Any], bank: PatchBank, bbox: int,
+                dev: torch.device, amp: bool) -> int:
+    """The batch size: the given one or the memory-bounded automatic one, at most the bank size."""
+    auto = batch_size is None
+    if auto:
+        batch_size = _auto_batch(arch, config, bank, bbox, dev, amp)
     if batch_size > bank.n:
-        log.warning("batch_size %d > %d patches in bank %r; using %d", batch_size, bank.n, bank.key, bank.n)
+        if not auto:
+            log.warning("batch_size %d > %d patches in bank %r; using %d", batch_size, bank.n, bank.key, bank.n)
         return bank.n
     return batch_size
 
@@ -248,7 +297,7 @@ def _augment_configs(mode: str, strong_aug: dict | None, weak_aug: dict | None) 
 
 
 def _start(run_dir: Path, bank: PatchBank, mode: str, bbox: int, epochs: int, resume: bool,
-           runlog: RunLog) -> tuple[dict | None, int, list[float], list[float]]:
+           runlog: RunLog | None) -> tuple[dict | None, int, list[float], list[float]]:
     """``(checkpoint to resume or None, first epoch, channel means, channel stds)``."""
     last_path = run_dir / "last.pt"
     if not resume:
@@ -272,28 +321,32 @@ def _start(run_dir: Path, bank: PatchBank, mode: str, bbox: int, epochs: int, re
             f"mode {prev.get('mode')!r} bbox {prev.get('bbox')}, not {bank.key!r} {mode!r} {bbox}."
         )
     start_epoch = int(ckpt["epoch"] or 0)
-    runlog.truncate(start_epoch)
+    if runlog is not None:  # rank 0 only
+        runlog.truncate(start_epoch)
     if start_epoch >= epochs:
         log.info("run %s already finished %d of %d epochs", run_dir, start_epoch, epochs)
     return ckpt, start_epoch, list(prev["mean"]), list(prev["std"])
 
 
 def _build(arch: str, config: dict, resume_ckpt: dict | None, weights: Any, dev: torch.device, optimizer: str,
-           lr: float, weight_decay: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+           lr: float, weight_decay: float) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """The model, the module to call (DDP-wrapped inside a process group) and the optimizer."""
     model = registry.create(arch, **config)
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["state_dict"])
     elif weights is not None:
         load_weights(model, weights)
     model.to(dev)
+    net = ddp.wrap(model, dev)  # DistributedDataParallel inside a process group
     opt = _optimizer(optimizer, model.parameters(), lr, weight_decay)
     if resume_ckpt is not None and "optimizer" in resume_ckpt:
         opt.load_state_dict(resume_ckpt["optimizer"])
-    return model, opt
+    return model, net, opt
 
 
-def _epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, loader: PatchLoader, views: tuple,
-           epoch: int, seed: int, dev: torch.device, amp: bool, lr: float) -> dict[str, Any]:
+def _epoch(model: torch.nn.Module, net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any,
+           loader: PatchLoader, views: tuple, epoch: int, seed: int, dev: torch.device, amp: bool,
+           lr: float) -> dict[str, Any]:
     """One epoch of SimSiam (two augmented views per patch); returns its record."""
     strong, weak, mean_t, std_t = views
     model.train()
@@ -305,8 +358,9 @@ def _epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, load
     for batch in loader.epoch(epoch):
         xb = torch.from_numpy(batch).to(dev, non_blocking=True)
         v1, v2 = make_views(xb, g, strong, weak, mean_t, std_t)
-        with autocast(dev, enabled=amp):
-            p1, p2, z1, z2 = model(v1, v2)
+        v1, v2 = ddp.shard(v1), ddp.shard(v2)  # this rank's rows of the global batch
+        with autocast(dev, enabled=amp, cpu=True):
+            p1, p2, z1, z2 = net(v1, v2)
             loss = simsiam_loss(p1, p2, z1, z2)
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate {lr}.")
@@ -314,11 +368,12 @@ def _epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, load
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        b = xb.shape[0]
+        b = v1.shape[0]
         tot_loss += float(loss.detach()) * b
         tot_std += output_std(p1.detach()) * b
         seen += b
         steps += 1
     dt = time.perf_counter() - t0
-    return {"loss": tot_loss / max(seen, 1), "output_std": tot_std / max(seen, 1), "seconds": dt,
-            "patches_per_s": seen / max(dt, 1e-9), "steps": steps}
+    world = ddp.rank_world()[1]
+    return {"loss": ddp.all_mean(tot_loss / max(seen, 1)), "output_std": ddp.all_mean(tot_std / max(seen, 1)),
+            "seconds": dt, "patches_per_s": world * seen / max(dt, 1e-9), "steps": steps}

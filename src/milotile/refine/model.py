@@ -126,6 +126,15 @@ class _Head3D(nn.Module):
         feat = F.normalize(self.proj(x), dim=1, eps=1e-6)
         return {"hm": hm, "feat": feat}
 
+    def heatmap(self, x: torch.Tensor) -> torch.Tensor:
+        """Heatmap logits only (prediction needs no feature head)."""
+        return self.hm(self.body(x))
+
+    @property
+    def z_context(self) -> int:
+        """Slices of context the head needs on each side of an output slice."""
+        return self.rf_add(1)[0] // 2
+
     def rf_add(self, jump_xy: int) -> tuple[int, int]:
         """Receptive-field growth (z, xy) of the head at xy spacing ``jump_xy``."""
         z = 2 + 2 + (self.head_k - 1)
@@ -146,15 +155,43 @@ class _Base2p5D(nn.Module):
         nn.init.kaiming_normal_(stem[0].weight, nonlinearity="relu")
         return stem
 
+    def slice_features(self, slices: torch.Tensor) -> torch.Tensor:
+        """Per-slice 2D stem + trunk: ``(N, H, W)`` slices -> ``(N, C, ceil(H/2), ceil(W/2))``.
+
+        Slices are independent here (the only z context is in the 3D head), so a volume's slice
+        features can be computed once, in any grouping, and the head run over the whole stack.
+        """
+        n, h, w = slices.shape
+        y = self.trunk(self.stem(slices.reshape(n, 1, h, w)))
+        return y[..., : math.ceil(h / 2), : math.ceil(w / 2)]
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.ndim != 4:
             raise ValueError(f"expected input (B, D, H, W), got shape {tuple(x.shape)}")
         b, d, h, w = x.shape
-        y = self.trunk(self.stem(x.reshape(b * d, 1, h, w)))
-        y = y[..., : math.ceil(h / 2), : math.ceil(w / 2)]
+        y = self.slice_features(x.reshape(b * d, h, w))
         c, h2, w2 = y.shape[1:]
         y = y.reshape(b, d, c, h2, w2).permute(0, 2, 1, 3, 4).contiguous()
         return self.head(y)
+
+    def predict_volume(self, x: torch.Tensor, slices_per_batch: int = 8, head_slices: int = 16) -> torch.Tensor:
+        """Heatmap logits ``(C, D, H/2, W/2)`` of one ``(D, H, W)`` volume, equal to ``forward(x[None])["hm"][0]``.
+
+        The 2D trunk runs once per slice (``slices_per_batch`` at a time, bounding its activations);
+        the 3D head runs over windows of ``head_slices`` output slices plus its own small z context,
+        so no trunk slice is computed twice and the head's activations stay bounded, whatever the depth.
+        """
+        d = x.shape[0]
+        feats = [self.slice_features(x[i : i + slices_per_batch]) for i in range(0, d, slices_per_batch)]
+        y = torch.cat(feats).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, D, H2, W2)
+        del feats
+        m = self.head.z_context
+        out = []
+        for s in range(0, d, head_slices):
+            e = min(d, s + head_slices)
+            a, b = max(0, s - m), min(d, e + m)
+            out.append(self.head.heatmap(y[:, :, a:b])[0][:, s - a : s - a + (e - s)])
+        return torch.cat(out, dim=1)
 
     def receptive_field(self) -> tuple[int, int, int]:
         """Conservative receptive field (z, y, x) of one output voxel, in model-input voxels."""

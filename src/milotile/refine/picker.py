@@ -121,7 +121,16 @@ class Picker:
 
     @torch.no_grad()
     def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities for an already preprocessed ``(D, Y, X)`` block (model-input slices)."""
+        """Probabilities for an already preprocessed ``(D, Y, X)`` block (model-input slices).
+
+        2.5D models (``predict_volume``) run their 2D trunk once per slice and the 3D head over the
+        whole block; other models run on overlapping z slabs.
+        """
+        if hasattr(self.model, "predict_volume"):
+            t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+            with autocast(self.device):
+                logits = self.model.predict_volume(t)
+            return torch.sigmoid(logits.float()).cpu().numpy()
         d = x.shape[0]
         slab, mz = self._slab_depth()
         out: np.ndarray | None = None

@@ -106,13 +106,28 @@ def _halo(picker: Any, stride: Sequence[int], halo: Sequence[int] | None, name: 
     return out  # type: ignore[return-value]
 
 
-def _tile_size(x: da.Array, tile: Sequence[int] | None, stride: Sequence[int], align: int) -> tuple[int, int, int]:
-    """The tile shape: given (checked against the model's stride and alignment) or the default,
-    the store chunks along z and 512 voxels in y and x (fewer, larger tiles read less halo)."""
+#: largest tile a task predicts, including its halo, in input voxels (``MILOTILE_TILE_MVOXELS``, millions):
+#: a per-slice-trunk picker holds ~8 float32 features per input voxel, so 32 M voxels is ~1 GiB of features
+TILE_VOXELS = int(float(os.environ.get("MILOTILE_TILE_MVOXELS", "32")) * 2**20)
+
+
+def _tile_size(shape: Sequence[int], tile: Sequence[int] | None, stride: Sequence[int], align: int,
+               halo: Sequence[int], name: str = "") -> tuple[int, int, int]:
+    """The tile shape: given (checked against the model's stride and alignment) or planned.
+
+    The default plan (:func:`milotile.ops.tiling.plan_tiles`) computes the fewest voxels with every
+    tile plus halo within :data:`TILE_VOXELS`: a small tomogram is one tile (no halo at all, since the
+    halo is clipped at the faces); a large one is cut where the halo is thinnest (z for the 2.5D
+    pickers, whose z context is a few slices). The halo overhead is logged.
+    """
     if tile is None:
-        zc = int(x.chunks[0][0])
-        xy = max(align, 512 - 512 % align)
-        return (max(stride[0], zc - zc % stride[0]), xy, xy)
+        from milotile.ops.tiling import plan_tiles
+
+        plan = plan_tiles(shape, halo, (stride[0], align, align), TILE_VOXELS)
+        log.info("%s: tiles %s (%s per axis) for %s; halo overhead %.1f %% of %.1f M computed voxels", name,
+                 plan.tile, "x".join(map(str, plan.counts)), tuple(shape), 100 * plan.halo_overhead,
+                 plan.computed_voxels / 1e6)
+        return plan.tile  # type: ignore[return-value]
     t = tuple(int(v) for v in tile)
     if len(t) != 3 or any(v < 1 for v in t):
         raise InputError(f"tile must be three positive sizes (z, y, x), got {tuple(tile)!r}")
@@ -172,8 +187,8 @@ def predict_heatmap(
     picker : Picker
         Trained picker (``predict_block``, ``halo``, ``contract``).
     tile : (z, y, x), optional
-        Tile size in level-0 voxels (multiples of the model alignment); default the Zarr chunks
-        along z and 512 voxels in y and x.
+        Tile size in level-0 voxels (multiples of the model alignment); default planned from the
+        halo and :data:`TILE_VOXELS` (a small tomogram is one tile; see :func:`_tile_size`).
     stats : (mean, std), optional
         Normalisation statistics; default :func:`picker_stats`.
     halo : (z, y, x), optional
@@ -194,13 +209,14 @@ def predict_heatmap(
     contract = getattr(picker, "contract", {}) or {}
     stride = tuple(int(s) for s in picker_grid(contract).scale)
     halo = _halo(picker, stride, halo, name)
-    tile = _tile_size(x, tile, stride, int(contract.get("xy_alignment", stride[1])))
     stats = picker_stats(col, name, picker) if stats is None else stats
     stats = (float(stats[0]), float(stats[1]))
     n_classes = int(getattr(picker, "n_classes", len(contract.get("classes") or ["particle"])))
     ref = _PickerRef(picker)
     ref_node = dask.delayed(ref, pure=False) if ref.obj is not None else ref
     lo, hi = _region(x.shape, region, stride)
+    tile = _tile_size([b - a for a, b in zip(lo, hi, strict=True)], tile, stride,
+                      int(contract.get("xy_alignment", stride[1])), halo, name)
     edges = [list(range(a, b, t)) + [b] for a, b, t in zip(lo, hi, tile, strict=True)]
     resources = gpu_resources()
     blocks = np.empty([len(e) - 1 for e in edges], dtype=object)

@@ -1,0 +1,136 @@
+"""Start-up and small jobs: in-process scheduling below a size threshold, the per-stage report, store
+I/O counters, memory-bounded batch sizes, CPU defaults of the exploration trunk."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import milotile as mt
+import milotile.iostats as iostats
+from milotile import cli
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from milotile.synth import synth
+
+    root = tmp_path_factory.mktemp("rt")
+    res = synth(root / "syn", seed=1, n_tomograms=2, size=(24, 48, 48), snr=1.0, angles=(-60, 60, 12), n_particles=4)
+    mt.ingest(res.manifest, root / "s.zarr")
+    return root / "s.zarr"
+
+
+def test_iostats_counts_metadata_chunks_and_writes(tmp_path):
+    iostats.enable()
+    iostats.reset()
+    z = zarr.create_array(tmp_path / "a.zarr", shape=(8, 8), chunks=(4, 4), dtype="float32")
+    z[:] = np.ones((8, 8), np.float32)
+    w = iostats.snapshot()
+    assert w["writes"] >= 4 and w["bytes_written"] >= 4 * 4 * 4 * 4 - 1
+    iostats.reset()
+    z2 = zarr.open_array(tmp_path / "a.zarr", mode="r")
+    np.testing.assert_array_equal(z2[:], 1)
+    r = iostats.snapshot()
+    assert r["meta_reads"] >= 1 and r["chunk_reads"] == 4 and r["bytes_read"] > 0 and r["io_seconds"] > 0
+    assert iostats.merge([r, r])["chunk_reads"] == 8
+
+
+def test_small_stage_runs_in_process_and_reports_its_time(small_store, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MILOTILE_REPORT_JSON", str(tmp_path / "rep.jsonl"))
+    monkeypatch.setenv("MILOTILE_PROGRESS", "0")
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["preprocess", str(small_store)]) == 0
+    text = caplog.text
+    assert "no process cluster needed" in text and "Dask cluster ready" not in text
+    rep = json.loads((tmp_path / "rep.jsonl").read_text().splitlines()[-1])
+    assert rep["command"] == "preprocess" and rep["startup_s"] > 0 and rep["compute_s"] >= 0
+    assert rep["chunk_reads"] > 0 and rep["writes"] > 0 and rep["meta_reads"] > 0
+    assert rep["wall_s"] == pytest.approx(rep["startup_s"] + rep["io_s"] + rep["compute_s"], rel=1e-6)
+    assert "start-up" in text and "metadata reads" in text
+
+
+def test_large_input_would_start_a_cluster(small_store, monkeypatch):
+    args = cli.build_parser().parse_args(["preprocess", str(small_store)])
+    size = cli._work_bytes(args)
+    assert size == 2 * 4 * 24 * 48 * 48  # two float32 level-0 volumes
+    seen = {}
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def fake_cluster(**kw):
+        seen.update(kw)
+        yield "client"
+
+    import importlib
+
+    cmod = importlib.import_module("milotile.cluster")  # the package attribute is the function
+    monkeypatch.setattr(cmod, "cluster", fake_cluster)
+    monkeypatch.setattr(cmod, "SMALL_JOB_BYTES", size)  # now the input is not "small"
+    with cli.cluster_from_args(args) as client:
+        assert client == "client"
+    args = cli.build_parser().parse_args(["--local-scheduler", "sync", "preprocess", str(small_store)])
+    with cli.cluster_from_args(args) as client:
+        import dask
+
+        assert client is None and dask.config.get("scheduler") == "synchronous"
+
+
+def test_auto_batch_size_fits_the_budget():
+    from milotile.nn.device import auto_batch_size
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 16 * 16, 2))
+
+    def step(n):
+        return model(torch.zeros(n, 1, 16, 16)).sum()
+
+    bs, per = auto_batch_size(step, 256, budget_bytes=10**9)
+    assert bs == 256  # fits: the requested batch
+    bs, per2 = auto_batch_size(step, 256, budget_bytes=20 * per)
+    assert per2 == per and bs == 16 and bs * per <= 20 * per  # largest power of two under the budget
+    assert per >= 8 * 16 * 16 * 4  # at least the ReLU output (float32) is saved per sample
+
+
+def test_cpu_defaults_of_explore_train(tmp_path):
+    from test_explore import write_bank
+
+    from milotile.explore import train
+    from milotile.nn.device import amp_dtype, cpu_bf16_supported
+
+    col, _, _ = write_bank(tmp_path / "s.zarr", n=32)
+    enc = train(col, epochs=1, device="cpu", out=tmp_path / "run")
+    opts = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert opts["config"]["widths"] == [32, 64, 128]  # CPU trunk
+    assert opts["batch_size"] == 32  # auto batch (<= 256), clipped to the bank
+    assert enc.transform(np.zeros((2, 1, 1, 16, 16), np.float32)).shape == (2, 128)
+    assert amp_dtype(torch.device("cpu")) is None  # CPU autocast only when asked for
+    assert amp_dtype(torch.device("cpu"), cpu=True) == (torch.bfloat16 if cpu_bf16_supported() else None)
+
+
+def test_cli_widths_flag(tmp_path):
+    args = cli.build_parser().parse_args(["explore", "train", "s.zarr", "--widths", "16,32,64"])
+    assert args.widths == (16, 32, 64) and args.batch_size is None and args.nproc == 1
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["explore", "train", "s.zarr", "--widths", "16,32"])
+
+
+def test_limit_threads_sets_torch_and_env(monkeypatch):
+    from milotile.cluster import limit_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    try:
+        limit_threads(1)
+        assert torch.get_num_threads() == 1
+        import os
+
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
