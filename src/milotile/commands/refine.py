@@ -13,6 +13,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["register", "run"]
 
 
+def _tau(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--tau must be a number in (0, 1) or 'auto', got {text!r}") from exc
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``refine`` group with ``train`` (and ``pick`` when :mod:`refine_pick` is present)."""
     grp = subparsers.add_parser(
@@ -44,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--crop", type=partial(parse_ints, n=3, what="--crop"), default=(8, 64, 64), metavar="Z,Y,X",
                    help="model-input crop (default 8,64,64; z in compressed slices with --compress)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--tau", type=float, default=0.1, help="PU class prior (default 0.1)")
+    p.add_argument("--tau", type=_tau, default="auto",
+                   help="PU class prior, or 'auto' (default): estimated from the labelled tomograms")
+    p.add_argument("--tta", type=int, default=4, help="in-plane symmetries averaged when predicting (1-8, default 4)")
     p.add_argument("--temp", type=float, default=0.07, help="InfoNCE temperature (default 0.07)")
     p.add_argument("--cr-weight", type=float, default=0.1, help="contrastive weight (default 0.1)")
     p.add_argument("--no-contrastive", action="store_true", help="train the PU focal loss only")
@@ -98,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         crop=args.crop, lr=args.lr, tau=args.tau, temp=args.temp, cr_weight=args.cr_weight,
         contrastive=not args.no_contrastive, thresh=args.thresh, classes=classes, gauss=args.gauss,
         compress=args.compress, out=args.out, resume=args.resume, seed=args.seed, device=args.device,
-        val_fraction=args.val_fraction, repeats=args.repeats, debug_slices=args.debug_slices,
+        val_fraction=args.val_fraction, repeats=args.repeats, tta=args.tta, debug_slices=args.debug_slices,
         num_workers=args.num_workers,
     )
     logger.info("trained picker %s -> %s", picker, picker.path)

@@ -102,9 +102,20 @@ class Picker:
         mz = rf_z_model // 2
         return max(int(self.contract["crop"][0]), 2 * mz + 8), mz
 
-    @torch.no_grad()
     def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities for an already preprocessed ``(D, Y, X)`` block (model-input slices)."""
+        """Probabilities for an already preprocessed ``(D, Y, X)`` block (model-input slices).
+
+        Averaged over ``contract["tta"]`` exact in-plane symmetries (:mod:`milotile.refine.tta`).
+        """
+        n_views = int(self.contract.get("tta", 1))
+        if n_views > 1:
+            from milotile.refine.tta import tta_average
+
+            return tta_average(self._predict_once, x, n_views)
+        return self._predict_once(x)
+
+    @torch.no_grad()
+    def _predict_once(self, x: np.ndarray) -> np.ndarray:
         d = x.shape[0]
         slab, mz = self._slab_depth()
         out: np.ndarray | None = None

@@ -331,7 +331,7 @@ def pick(
     col: Any,
     picker: Any,
     *,
-    threshold: float = 0.25,
+    threshold: float | None = None,
     max_picks: int | None = 900,
     nms_distance: float | None = None,
     border: float | Sequence[float] | None = None,
@@ -351,8 +351,10 @@ def pick(
         The collection (a path is opened).
     picker : Picker or path
         Trained picker or its checkpoint (``pick(picker, col)`` is accepted too).
-    threshold : float
-        Keep peaks with probability ``> threshold`` (MiLoPYP ``--out_thresh`` 0.25).
+    threshold : float, optional
+        Keep peaks with probability ``> threshold`` (MiLoPYP ``--out_thresh`` 0.25). None (default):
+        chosen per class from the peaks of the tomograms picked and the picker's training labels
+        (:func:`milotile.refine.threshold.apply_auto_threshold`).
     max_picks : int, optional
         Top-K per tomogram and class (MiLoPYP ``--K``; its docs use 900).
     nms_distance : float, optional
@@ -387,6 +389,11 @@ def pick(
 
         col = milotile.open(col)
     picker = _resolve_picker(picker)
+    auto = threshold is None
+    if auto:
+        from milotile.refine.threshold import AUTO_FLOOR
+
+        threshold = min(AUTO_FLOOR, float(getattr(picker, "contract", {}).get("auto_floor", AUTO_FLOOR)))
     if not 0.0 <= float(threshold) < 1.0:
         raise InputError(f"threshold must be in [0, 1), got {threshold}")
     names = list(col.names) if tomograms is None else [str(n) for n in tomograms]
@@ -421,6 +428,12 @@ def pick(
         tables.append(df)
     picks = pd.concat(tables, ignore_index=True) if any(len(d) for d in tables) else empty_picks()
     picks = picks[PICK_COLUMNS]
+    if auto and len(picks):
+        from milotile.refine.threshold import apply_auto_threshold
+
+        picks, info = apply_auto_threshold(picks, contract)
+        picks = picks.reset_index(drop=True)
+        picks.attrs["thresholds"] = info
     if table:
         col.write_table(table, picks)
     if out is not None:

@@ -37,7 +37,9 @@ from milotile.refine.data import CropDataset, VolumeReader, model_crop_shape
 from milotile.refine.losses import consistency_loss, debiased_contrastive_loss, pu_focal_loss
 from milotile.refine.picker import Picker
 from milotile.refine.preprocess import gauss_halo, preprocess_block, stored_stats
+from milotile.refine.prior import estimate_prior
 from milotile.refine.targets import target_geometry
+from milotile.refine.threshold import label_records
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +349,7 @@ def train(
     batch_size: int = 4,
     crop: Sequence[int] = (8, 64, 64),
     lr: float = 1e-3,
-    tau: float = 0.1,
+    tau: float | str = "auto",
     temp: float = 0.07,
     cr_weight: float = 0.1,
     unsup_weight: float = 0.1,
@@ -373,6 +375,7 @@ def train(
     n_unlabeled: int = 256,
     amp: bool = True,
     cache_chunks: int = 8,
+    tta: int = 4,
 ) -> Picker:
     """Train a PU picker from sparse labels.
 
@@ -386,7 +389,9 @@ def train(
     val_labels
         Held-out labels; their bounding regions (padded by ``bbox``) are predicted each epoch.
         Without them, ``val_fraction`` of the most-labelled tomogram's labels (the largest x) are
-        held out as a region (default 0.2 when there are at least 10 labels, else no validation).
+        held out as a region (default 0: a region of sparsely labelled particles counts its
+        unlabelled particles as false positives, so its precision and threshold are wrong; the pick
+        threshold is then chosen by :mod:`milotile.refine.threshold`).
     bbox
         Particle box (level-0 voxels); sets the target Gaussian (CenterNet radius, ``down_ratio`` 2).
     epochs
@@ -398,7 +403,8 @@ def train(
     lr
         Adam learning rate.
     tau, temp, cr_weight, unsup_weight, consistency_weight, contrastive
-        PU prior, InfoNCE temperature and loss weights; ``contrastive=False`` trains the PU focal
+        PU prior (``"auto"``: estimated from the labelled tomograms by
+        :func:`milotile.refine.prior.estimate_prior`), InfoNCE temperature and loss weights; ``contrastive=False`` trains the PU focal
         term only (single view).
     thresh
         Target value from which voxels are hard positives.
@@ -430,6 +436,8 @@ def train(
         Mixed precision on CUDA.
     cache_chunks
         Decompressed storage chunks cached per tomogram reader.
+    tta
+        In-plane symmetries averaged at prediction (:mod:`milotile.refine.tta`; 1 = none).
 
     Returns
     -------
@@ -446,7 +454,7 @@ def train(
         raise InputError(f"epochs must be at least 1, got {epochs!r}.")
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size!r}.")
-    if not 0.0 < float(tau) < 1.0:
+    if tau != "auto" and not (isinstance(tau, (int, float)) and 0.0 < float(tau) < 1.0):
         raise InputError(f"tau (class prior) must lie in (0, 1), got {tau!r}.")
     if len(crop) != 3 or min(int(c) for c in crop) < 1 or min(int(c) for c in crop[1:]) < 16:
         raise InputError(f"crop must be (z, y, x) with y and x at least 16, got {tuple(crop)!r}.")
@@ -464,7 +472,7 @@ def train(
         vdf, _ = _class_index(vdf, class_names if classes not in (None, False) else None)
         regions = _regions_from_labels(vdf, shapes, float(bbox))
     else:
-        frac = (0.2 if len(df) >= 10 else 0.0) if val_fraction is None else float(val_fraction)
+        frac = 0.0 if val_fraction is None else float(val_fraction)
         if frac > 0:
             df, vdf, regions = _split_validation(df, frac, shapes, float(bbox))
         else:
@@ -487,6 +495,10 @@ def train(
     voxel_size = float(col[names[0]].voxel_size)
 
     geom = target_geometry(bbox, 2, compress)
+    prior_info: dict = {}
+    if tau == "auto":
+        tau, prior_info = estimate_prior(col, df, float(bbox), geom, float(thresh))
+    tau = float(tau)
     n_classes = len(class_names)
     ds = CropDataset(readers, stats, df, geom, crop, n_classes=n_classes, thresh=thresh, gauss=gauss, clip=tuple(clip),
                      compress=compress, random_fraction=random_fraction, seed=seed, repeats=repeats)
@@ -495,6 +507,8 @@ def train(
     contract = _contract(arch=arch, model=model, classes=class_names, bbox=bbox, crop=crop, gauss=gauss, compress=compress,
                          clip=clip, thresh=thresh, tau=tau, geom=geom, voxel_size=voxel_size, train_stats=stats,
                          val_radius=val_radius)
+    contract.update(tta=int(tta), prior=prior_info, threshold_source="auto" if not regions else "validation",
+                    train_labels=label_records(df, class_names))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     use_amp = bool(amp) and amp_dtype(dev) is not None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype(dev) == torch.float16)
