@@ -52,9 +52,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: ``pick``; ``None`` as the pick threshold means "the picker's own choice" (the new default).
 RECIPES: dict[str, dict] = {
     "cli_defaults_v0": {"train": {"epochs": 10, "tau": 0.1, "repeats": 1, "arch_config": {"start_filts": 32},
-                                  "legacy": True}, "pick": {"threshold": 0.25}},
+                                  "contrastive": True, "legacy": True}, "pick": {"threshold": 0.25}},
     "demo_v0": {"train": {"epochs": 10, "tau": 0.01, "repeats": 10, "arch_config": {"start_filts": 16},
-                          "legacy": True}, "pick": {"threshold": 0.25}},
+                          "contrastive": True, "legacy": True}, "pick": {"threshold": 0.25}},
     "defaults": {"train": {}, "pick": {}},
 }
 

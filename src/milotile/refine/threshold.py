@@ -5,13 +5,17 @@ measure precision: the unlabelled particles inside it count as false positives, 
 small enough to be fully annotated holds one or two particles. Instead the threshold is chosen
 from the heatmap's own peaks, with the labels as a check on recall:
 
-1. **valley** — the peak scores of a trained picker are bimodal (particles near 1, background
-   near 0). The threshold is Otsu's split of the logit-scores of all peaks above ``floor``
-   (the between-class-variance maximum; robust when the two modes differ in size).
-2. **label cap** — the threshold may not exceed ``label_quantile`` (default 0.1) of the scores at
-   the labelled particles times ``label_margin`` (0.9), so that at least about 90 % of the labelled
-   particles, and by the usual PU assumption (labels picked at random) of all particles, survive.
+1. **valley** — the peak scores of a trained picker are bimodal (particles high, background
+   low). Otsu's split of the logit-scores of all peaks above ``floor`` is the lowest threshold
+   allowed.
+2. **labels** — the labelled particles score like the particles the picker finds best; the
+   threshold is ``sigmoid(logit(min label score) - margin)`` (margin 0.5 in logit units), so every
+   labelled particle survives with a margin, and so do, by the usual PU assumption (labels picked
+   at random), the particles like them. Measured on the hard benchmark (6 labels): the valley
+   alone gave F1 0.55 (precision 0.38, threshold 0.76), the label rule 0.85 (threshold 0.97, the
+   best threshold was 0.97).
 
+The threshold is the larger of the two (the valley alone without labels in the picked tomograms).
 :func:`choose_threshold` returns the threshold and how it was found.
 """
 
@@ -57,8 +61,7 @@ def choose_threshold(
     label_scores: np.ndarray | None = None,
     *,
     floor: float = 0.05,
-    label_quantile: float = 0.1,
-    label_margin: float = 0.9,
+    margin: float = 0.5,
 ) -> tuple[float, str]:
     """Threshold for the picks of one class.
 
@@ -70,21 +73,21 @@ def choose_threshold(
         Best peak score within the matching radius of each labelled particle (0 when none).
     floor : float
         Peaks below this are ignored by the valley search (and it is the lowest threshold returned).
-    label_quantile, label_margin : float
-        The label cap (see the module notes).
+    margin : float
+        Logit units below the weakest labelled particle's score.
 
     Returns
     -------
     threshold, source
-        ``source`` is ``"valley"``, ``"labels"`` (the cap was lower) or ``"floor"``.
+        ``source`` is ``"valley"``, ``"labels"`` or ``"floor"``.
     """
     s = np.asarray(peak_scores, np.float64)
     s = s[s >= floor]
     t, src = (otsu_logit(s), "valley") if len(s) >= 2 else (0.5, "floor")
     if label_scores is not None and len(label_scores):
-        ls = np.asarray(label_scores, np.float64)
-        cap = float(np.quantile(ls, label_quantile)) * label_margin
-        if cap < t:
+        lo = float(np.clip(np.min(label_scores), 1e-6, 1 - 1e-6))
+        cap = float(1.0 / (1.0 + np.exp(-(np.log(lo / (1 - lo)) - margin))))
+        if cap > t:
             t, src = cap, "labels"
     if t < floor:
         t, src = floor, "floor"

@@ -51,24 +51,28 @@ ARCH_ALIASES = {"unet_4": "unet4", "unet_5": "unet5", "ressmall_18": "ressmall"}
 _LOSS_KEYS = ("loss", "hm_loss", "cr_loss", "consis_loss", "r_pos", "r_neg")
 
 
+#: First U-Net width of the default recipe (the one measured on benchmarks/refine_hard.py, issue 15).
+DEFAULT_START_FILTS = 16
+
+
 def train(
     col: Any,
     labels: pd.DataFrame | str | os.PathLike[str],
     *,
     val_labels: pd.DataFrame | str | os.PathLike[str] | None = None,
     bbox: float = 16,
-    epochs: int = 10,
+    epochs: int = 6,
     arch: str = "unet4",
     arch_config: dict[str, Any] | None = None,
     batch_size: int = 4,
     crop: Sequence[int] = (8, 64, 64),
     lr: float = 1e-3,
-    tau: float | str = "auto",
+    tau: float | str = 0.01,
     temp: float = 0.07,
     cr_weight: float = 0.1,
     unsup_weight: float = 0.1,
     consistency_weight: float = 1.0,
-    contrastive: bool = True,
+    contrastive: bool = False,
     thresh: float = 0.8,
     classes: Sequence[str] | bool | None = None,
     gauss: float = 0.0,
@@ -85,12 +89,12 @@ def train(
     debug_slices: Sequence[int] | None = None,
     num_workers: int = 0,
     random_fraction: float = 0.25,
-    repeats: int = 1,
+    repeats: int = 5,
     max_pos: int = 256,
     n_unlabeled: int = 256,
     amp: bool = True,
     cache_chunks: int = 8,
-    tta: int = 4,
+    tta: int = 1,
 ) -> Picker:
     """Train a PU picker from sparse labels.
 
@@ -182,7 +186,8 @@ def train(
     ds = CropDataset(readers, stats, df, geom, crop, n_classes=len(class_names), thresh=thresh, gauss=gauss,
                      clip=tuple(clip), compress=compress, compress_how=compress_how, random_fraction=random_fraction,
                      seed=seed, repeats=repeats)
-    cfg = {"n_classes": len(class_names), **(arch_config or {})}
+    unet_width = {"start_filts": DEFAULT_START_FILTS} if arch.startswith("unet") else {}
+    cfg = {"n_classes": len(class_names), **unet_width, **(arch_config or {})}
     model = registry.create(arch, **cfg).to(dev)
     contract = picker_contract(arch=arch, model=model, classes=class_names, bbox=bbox, crop=crop, gauss=gauss,
                                compress=compress, compress_how=compress_how, clip=clip, thresh=thresh, tau=tau, geom=geom,
