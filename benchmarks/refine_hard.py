@@ -161,6 +161,33 @@ def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recip
     return res
 
 
+def run_multi(col, gt: pd.DataFrame, species: list[str], seed: int, run: Path) -> dict:
+    """One picker for several species (6 labels each in tomo_000, ``classes=True``): per-class F1 at the
+    automatic threshold and the confusion (picks of class A matched to particles of species B)."""
+    if run.exists():
+        shutil.rmtree(run)
+    labels = pd.concat([choose_labels(gt, sp, 6, seed).assign(**{"class": sp}) for sp in species], ignore_index=True)
+    bbox = 2 * float(gt[gt["species"].isin(species)].groupby("species")["radius"].first().mean())
+    t0 = time.perf_counter()
+    picker = mt.refine.train(col, labels, bbox=bbox, classes=True, out=run, seed=seed, device="cpu")
+    t_train = time.perf_counter() - t0
+    picks = predict.pick(col, picker, write_heatmaps=False, table=None)  # automatic threshold per class
+    out: dict = {"train_s": round(t_train, 1), "thresholds": picks.attrs.get("thresholds", {}), "confusion": {}}
+    for cls in species:
+        p = picks[picks["class"] == cls]
+        row = {}
+        for sp in species:
+            t = gt[gt["species"] == sp]
+            r = float(t["radius"].iloc[0])
+            e = evaluate(p, t[["tomogram", "x", "y", "z"]], r / 2, by="tomogram").iloc[-1]
+            row[sp] = int(e["tp"])
+        out["confusion"][cls] = {"n_picks": int(len(p)), "matched_to": row}
+        t = gt[gt["species"] == cls]
+        e = evaluate(p, t, float(t["radius"].iloc[0]) / 2, by="tomogram").iloc[-1]
+        out[f"f1_{cls}"] = round(float(e["f1"]), 4)
+    return out
+
+
 def summarise(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(records)
     keys = ["species", "n_labels", "method"]
@@ -172,18 +199,67 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     return out.reset_index()
 
 
+def rescore(runs: list[str], work: Path, out_json: str) -> int:
+    """Scores of saved runs (their ``picks_all.parquet``, labels and checkpoint) with the current
+    automatic-threshold code; the same numbers :func:`run_learned` prints, without retraining."""
+    records = []
+    for r in runs:
+        run = Path(r)
+        _, seed, species, n, name = run.name.split("_", 4)
+        gt = pd.read_parquet(work / f"hard_{seed}" / "ground_truth.parquet")
+        sp = gt[gt["species"] == species]
+        from milotile.nn.checkpoint import load_checkpoint
+
+        contract = load_checkpoint(run / ("best.pt" if (run / "best.pt").exists() else "last.pt"))["contract"]
+        allp = pd.read_parquet(run / "picks_all.parquet")
+        auto = float(apply_auto_threshold(allp, contract)[1]["particle"]["threshold"])
+        res = scores(allp, sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0]) / 2, auto)
+        res["f1_at_0.25"] = scores(allp, sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0]) / 2, 0.25)["f1_auto"]
+        recs = mt.nn.RunLog(run).records()
+        res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
+                   rescored_from=str(run))
+        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res})
+        print(records[-1], flush=True)
+    out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),
+           "wall_s": 0.0, "recipes": {}, "records": records, "summary": summarise(records).to_dict(orient="records")}
+    Path(out_json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+def merge(paths: list[str], out_json: str) -> int:
+    """Combine result files of separate runs (e.g. run in parallel) into one summary."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    records = [r for p in parts for r in p["records"]]
+    table = summarise(records)
+    print(table.to_string(index=False))
+    out = {"merged_from": [p["command"] for p in parts], "load_avg": [p["load_avg"] for p in parts],
+           "wall_s": [p["wall_s"] for p in parts], "recipes": {k: v for p in parts for k, v in p["recipes"].items()},
+           "records": records, "summary": table.to_dict(orient="records"),
+           "multi": {k: v for p in parts for k, v in p.get("multi", {}).items()}}
+    Path(out_json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--species", nargs="+", default=["big", "small"])
     ap.add_argument("--labels", type=int, nargs="+", default=[6, 18])
-    ap.add_argument("--recipes", nargs="+", default=["defaults", "demo_v0", "cli_defaults_v0"],
+    ap.add_argument("--recipes", nargs="*", default=["defaults", "demo_v0", "cli_defaults_v0"],
                     help=f"learned recipes ({', '.join(RECIPES)}) or NAME=JSON for an ablation")
     ap.add_argument("--no-dog", action="store_true")
+    ap.add_argument("--multi", default=None, metavar="A,B", help="also train one picker for these species")
+    ap.add_argument("--rescore", nargs="+", default=None, metavar="RUN",
+                    help="re-score saved runs (run_s<seed>_<species>_<n>_<recipe> folders) with the current threshold code")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge earlier result files")
     ap.add_argument("--snr", type=float, default=None, help="override the preset's SNR (0.1)")
     ap.add_argument("--workdir", default="/tmp/refine_hard")
     ap.add_argument("--json", default=str(RESULTS / "refine_hard.json"))
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
+    if args.rescore:
+        return rescore(args.rescore, Path(args.workdir), args.json)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     import torch
 
@@ -213,11 +289,17 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_learned(col, gt, species, labels, rc, work / f"run_s{seed}_{species}_{nl}_{name}", seed)
                     records.append({"seed": seed, "species": species, "n_labels": nl, "method": name, **res})
                     print(seed, species, nl, name, res, flush=True)
-    table = summarise(records)
+    multi = {}
+    if args.multi:
+        for seed in args.seeds:
+            col, gt = make_data(work, seed, args.snr)
+            multi[str(seed)] = run_multi(col, gt, args.multi.split(","), seed, work / f"run_s{seed}_multi")
+            print("multi", seed, multi[str(seed)], flush=True)
+    table = summarise(records) if records else pd.DataFrame()
     print(table.to_string(index=False))
     out = {"command": " ".join(["python benchmarks/refine_hard.py", *(argv if argv is not None else sys.argv[1:])]),
            "load_avg": os.getloadavg(), "wall_s": round(time.perf_counter() - t_start, 1),
-           "recipes": recipes, "records": records, "summary": table.to_dict(orient="records")}
+           "recipes": recipes, "records": records, "summary": table.to_dict(orient="records"), "multi": multi}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0

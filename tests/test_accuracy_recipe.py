@@ -73,31 +73,42 @@ def test_tta_views_are_exact_on_the_stride2_grid() -> None:
                            pred(x) * np.arange(10))
 
 
-def test_threshold_valley_and_label_cap() -> None:
+def test_threshold_valley_and_label_rule() -> None:
     rng = np.random.default_rng(0)
     bg = rng.beta(1, 30, 2000)  # background peaks near 0
-    fg = rng.beta(30, 3, 60)  # particles near 0.9
-    t = otsu_logit(np.r_[bg, fg][np.r_[bg, fg] > 0.05])
-    assert 0.2 < t < 0.85
-    t2, src = choose_threshold(np.r_[bg, fg], fg[:6])
-    assert src in ("valley", "labels") and t2 <= t + 1e-9
-    t3, src3 = choose_threshold(np.r_[bg, fg], np.array([0.12, 0.9, 0.95]))  # a weak label lowers it
-    assert src3 == "labels" and t3 == pytest.approx(np.quantile([0.12, 0.9, 0.95], 0.1) * 0.9)
-    # the chosen threshold separates the two populations well
-    s = np.r_[bg, fg]
-    truth = np.r_[np.zeros(len(bg)), np.ones(len(fg))].astype(bool)
-    keep = s >= t2
-    prec, rec = (keep & truth).sum() / keep.sum(), (keep & truth).sum() / truth.sum()
-    assert prec > 0.9 and rec > 0.9
+    crowd = rng.beta(20, 6, 150)  # decoys scoring around 0.77
+    fg = rng.beta(60, 1.5, 60)  # particles near 0.98
+    s = np.r_[bg, crowd, fg]
+    t_valley = otsu_logit(s[s > 0.05])
+    assert 0.2 < t_valley < 0.95
+    lab = rng.choice(fg, 6, replace=False)  # labels: six particles picked at random
+    t, src = choose_threshold(s, lab)
+    assert src == "labels" and t > t_valley
+    lo = lab.min()
+    assert t == pytest.approx(1 / (1 + np.exp(-(np.log(lo / (1 - lo)) - 0.5))))
+    truth = np.r_[np.zeros(len(bg) + len(crowd)), np.ones(len(fg))].astype(bool)
+
+    def f1(thr: float) -> float:
+        keep = s >= thr
+        tp = (keep & truth).sum()
+        return 2 * tp / (keep.sum() + truth.sum())
+
+    assert f1(t) > f1(t_valley) + 0.1  # the label rule removes the decoys the valley keeps
+    # labels scoring below the valley cannot pull the threshold under it
+    t2, src2 = choose_threshold(s, np.array([0.1, 0.2]))
+    assert src2 == "valley" and t2 == pytest.approx(t_valley)
+    assert choose_threshold(np.array([0.01, 0.02]))[1] == "floor"
 
 
 def test_apply_auto_threshold_uses_contract_labels() -> None:
-    picks = pd.DataFrame({"tomogram": ["t"] * 5, "x": [10, 30, 50, 70, 90.0], "y": 10.0, "z": 10.0,
-                          "score": [0.95, 0.9, 0.4, 0.06, 0.07], "class": "particle"})
-    contract = {"bbox": 16, "train_labels": [["t", 50.0, 10.0, 10.0, "particle"]]}
+    picks = pd.DataFrame({"tomogram": ["t"] * 6, "x": [10, 30, 50, 70, 90.0, 110.0], "y": 10.0, "z": 10.0,
+                          "score": [0.97, 0.9, 0.8, 0.06, 0.07, 0.08], "class": "particle"})
+    contract = {"bbox": 16, "train_labels": [["t", 10.0, 10.0, 10.0, "particle"]]}
     kept, info = apply_auto_threshold(picks, contract)
-    assert info["particle"]["source"] == "labels"  # the labelled particle scores 0.4: keep it
-    assert set(kept["x"]) == {10.0, 30.0, 50.0}
+    assert info["particle"]["source"] == "labels"  # 0.97 - 0.5 logit -> 0.95
+    assert set(kept["x"]) == {10.0}
+    kept2, info2 = apply_auto_threshold(picks, {"bbox": 16, "train_labels": []})
+    assert info2["particle"]["source"] == "valley" and set(kept2["x"]) == {10.0, 30.0, 50.0}
 
 
 def test_prior_is_small_and_scales_with_particles(hard) -> None:
