@@ -14,11 +14,12 @@ from milotile.cli import main as cli_main
 def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     code = cli_main(["-q", "--workers", "1", "demo", "--out", str(out), "--n-tomograms", "2",
-                     "--size", "48,96,96", "--explore-epochs", "1", "--refine-epochs", "1"])
+                     "--size", "48,96,96", "--explore-epochs", "1", "--refine-epochs", "1",
+                     "--hard-epochs", "1"])
     assert code == 0
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "mine", "patches", "patches2d3d", "explore",
-                            "embed", "refine", "pick", "fiber", "export"]
+                            "embed", "refine", "pick", "pick_hard", "fiber", "export"]
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
     assert report["embed"]["rows"] == report["patches"]["rows"]
@@ -27,6 +28,8 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     contract = Encoder.from_checkpoint(report["explore"]["checkpoint"]).contract
     assert contract["dog"] == [3.0, 5.0] and contract["gauss"] == 0.8 and contract["bbox"] == 24
     assert report["fiber"]["fibers"] >= 1
+    hard = report["pick_hard"]
+    assert 0.0 <= hard["f1_all"] <= 1.0 and 0.0 <= hard["f1_dog_told_count"] <= 1.0 and hard["labelled"] >= 3
     picks = pd.read_parquet(out / "picks.parquet")
     assert {"tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "class"} <= set(picks.columns)
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson"):
