@@ -157,7 +157,7 @@ def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recip
         auto = float(thr)
     res = scores(allp, true, r / 2, auto)
     res.update(train_s=round(t_train, 1), s_per_epoch=round(s_epoch, 2), pick_s=round(t_pick, 1),
-               n_epochs=len(recs), threshold_source=picker.contract.get("threshold_source", "fixed"))
+               n_epochs=len(recs), threshold_source="fixed" if thr is not None else "auto")
     return res
 
 
