@@ -65,7 +65,8 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     from milotile.synth import synth
 
     params = {"n_tomograms": a.n_tomograms, "size": a.size, "snr": a.snr, "n_particles": a.n_particles,
-              "data_seed": a.data_seed, "bbox": a.bbox, "border": a.border, "border_z": a.border_z}
+              "data_seed": a.data_seed, "bbox": a.bbox, "border": a.border, "border_z": a.border_z,
+              "preset": a.preset, "modes": a.modes}
     stamp = work / "data.json"
     if stamp.exists() and json.loads(stamp.read_text())["params"] == params:
         info = json.loads(stamp.read_text())["info"]
@@ -75,14 +76,15 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         shutil.rmtree(work / p, ignore_errors=True)
     size = tuple(int(s) for s in a.size.split(","))
     t0 = time.perf_counter()
+    hard = a.preset == "hard"  # issue 15: four species r 12/9/7/5, crowders, membranes, gold, gradient
     res = synth(work / "synth", n_tomograms=a.n_tomograms, size=size, seed=a.data_seed, snr=a.snr,
-                filament=False, n_particles=a.n_particles)
+                filament=hard, n_particles=None if hard else a.n_particles, preset=a.preset)
     t1 = time.perf_counter()
     with mt.cluster(workers=2, threads_per_worker=1, dashboard_address=None):
         col = mt.ingest(res.manifest, work / "store.zarr")
         preprocess(col)
         cands = mine(col, border=a.border, border_z=a.border_z)
-        key = extract_patches(col, bbox=a.bbox, modes=("slab",), shifts=True, chunk_n=128)
+        key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=True, chunk_n=128)
     res.ground_truth.to_parquet(work / "gt.parquet")
     info = {"key": key, "synth_s": t1 - t0, "pipeline_s": time.perf_counter() - t1, "n_candidates": len(cands)}
     stamp.write_text(json.dumps({"params": params, "info": info}))
@@ -129,13 +131,25 @@ def knn_cv(x: np.ndarray, y: np.ndarray, metric: str, k: int = 5, folds: int = 5
     return float(s.mean()), float(s.std())
 
 
+def cluster_purity(x: np.ndarray, y: np.ndarray, n_clusters: int, seed: int = 0) -> float:
+    """Purity of k-means clusters (standardised features): share of points in their cluster's majority species."""
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import StandardScaler
+
+    lab = KMeans(n_clusters, n_init=4, random_state=seed).fit_predict(StandardScaler().fit_transform(x))
+    hits = sum(np.unique(y[lab == c], return_counts=True)[1].max() for c in np.unique(lab))
+    return float(hits / len(y))
+
+
 def score_all(feats: dict[str, np.ndarray], y: np.ndarray, repeats: int) -> dict[str, dict]:
     out = {}
+    n_clusters = 2 * len(np.unique(y))
     for name, x in feats.items():
         out[name] = {}
         for metric in ("std", "cos"):
             m, s = knn_cv(x, y, metric, repeats=repeats)
             out[name][metric] = {"mean": round(m, 4), "std": round(s, 4)}
+        out[name]["purity"] = round(cluster_purity(x, y, n_clusters), 4)
     return out
 
 
@@ -203,6 +217,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--snr", default="0.04,0.15",
                     help="tilt-series SNR(s), comma-separated (one store each); every seed runs at every SNR")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--preset", choices=("easy", "hard"), default="easy",
+                    help="synth preset; hard = issue 15's setting (use with --snr 0.1 --size 128,256,256)")
+    ap.add_argument("--modes", default="slab", help="patch modes: slab (3d) or tiltsum,slice (2d3d)")
     ap.add_argument("--border", type=int, default=16, help="mining exclusion band in y/x (half a patch)")
     ap.add_argument("--border-z", type=int, default=8, help="mining exclusion band in z")
     ap.add_argument("--bbox", type=int, default=32)
@@ -258,7 +275,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         if nc < min(raw_all.shape):
             base_feats[f"pca_{nc}"] = PCA(nc, random_state=0).fit(raw_all).transform(raw_all[on_gt])
     baseline = score_all(base_feats, y, a.cv_repeats)
-    best_pca = max((v[m]["mean"], k, m) for k, v in baseline.items() if k.startswith("pca") for m in v)
+    best_pca = max((v[m]["mean"], k, m) for k, v in baseline.items() if k.startswith("pca") for m in ("std", "cos"))
     log.info("SNR %g baseline: best PCA %.3f (%s, %s); raw pixels %s; chance %.3f", snr, *best_pca,
              baseline["raw_pixels"], chance)
 
@@ -290,7 +307,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         })
         log.info("SNR %g seed %d: pred %.3f (std) / %.3f (cos); best %s; train %.0f s", snr, seed,
                  q["pred"]["std"]["mean"], q["pred"]["cos"]["mean"],
-                 max((v[m]["mean"], k, m) for k, v in q.items() for m in v), t_train)
+                 max((v[m]["mean"], k, m) for k, v in q.items() for m in ("std", "cos")), t_train)
     headline = [r["knn5"]["pred"]["std"]["mean"] for r in runs]
     return {
         "snr": snr,
@@ -305,9 +322,12 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             "snr": snr,
             "simsiam_pred_std_per_seed": headline,
             "simsiam_pred_std_mean": float(np.mean(headline)) if headline else None,
-            "simsiam_best_setting_per_seed": [max(v[m]["mean"] for v in r["knn5"].values() for m in v) for r in runs],
+            "simsiam_best_setting_per_seed": [max(v[m]["mean"] for v in r["knn5"].values() for m in ("std", "cos"))
+                                              for r in runs],
             "best_pca": best_pca[0],
-            "raw_pixels_best": max(v["mean"] for v in baseline["raw_pixels"].values()),
+            "simsiam_pred_purity_per_seed": [r["knn5"]["pred"]["purity"] for r in runs],
+            "best_pca_purity": max(v["purity"] for k, v in baseline.items() if k.startswith("pca")),
+            "raw_pixels_best": max(baseline["raw_pixels"][m]["mean"] for m in ("std", "cos")),
             "chance": round(chance, 4),
             "learned_beats_best_pca_every_seed": bool(headline and min(headline) > best_pca[0]),
         },

@@ -15,11 +15,11 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     code = cli_main(["-q", "--workers", "1", "demo", "--out", str(out), "--n-tomograms", "2",
                      "--size", "48,96,96", "--explore-epochs", "1", "--refine-epochs", "1",
-                     "--segments-epochs", "1"])
+                     "--segments-epochs", "1", "--hard-epochs", "1"])
     assert code == 0
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "writer_lock", "mine", "patches", "patches2d3d", "explore",
-                            "embed", "atlas", "refine", "pick", "explore_pick", "fiber", "store_io", "export",
+                            "embed", "atlas", "refine", "pick", "explore_pick", "pick_hard", "fiber", "store_io", "export",
                             "segments"]
     assert report["store_io"]["metadata_reads_per_tomogram"] > 0 and report["store_io"]["chunk_reads"] > 0
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
@@ -34,6 +34,8 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert report["atlas"]["clusters"] >= 2 and 0 <= report["explore_pick"]["f1_all"] <= 1
     assert report["explore_pick"]["labels"] > 0 and "f1_manual" in report["explore_pick"]
     assert (out / "project.zarr" / "tables" / f"labels-explore-{report['refine']['species']}.parquet").exists()
+    hard = report["pick_hard"]
+    assert 0.0 <= hard["f1_all"] <= 1.0 and 0.0 <= hard["f1_dog_told_count"] <= 1.0 and hard["labelled"] >= 3
     picks = pd.read_parquet(out / "picks.parquet")
     assert {"tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "class"} <= set(picks.columns)
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson"):

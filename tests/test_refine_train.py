@@ -26,7 +26,7 @@ train_mod = importlib.import_module("milotile.refine.train")
 
 TINY = {"start_filts": 4, "stem_ch": 4, "feat_dim": 8}
 FAST = dict(bbox=12, arch_config=TINY, crop=(4, 32, 32), batch_size=2, seed=3, device="cpu", random_fraction=0.25,
-            max_pos=32, n_unlabeled=32)
+            max_pos=32, n_unlabeled=32, repeats=1, contrastive=True)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,9 @@ def test_predict_block_z_slabs_equal_one_forward():
 def test_multiclass_training_with_the_resnet_variant(data):
     root, col, gt = data
     lab = gt[gt.tomogram == "tomo_000"]
-    kw = {**FAST, "arch": "ressmall", "arch_config": {"widths": (4, 8), "stem_ch": 4, "feat_dim": 8}}
-    picker = train(col, lab, epochs=1, out=root / "multi", classes=True, val_fraction=0.0, contrastive=False, **kw)
+    kw = {**FAST, "arch": "ressmall", "arch_config": {"widths": (4, 8), "stem_ch": 4, "feat_dim": 8},
+          "contrastive": False}
+    picker = train(col, lab, epochs=1, out=root / "multi", classes=True, val_fraction=0.0, **kw)
     assert picker.contract["arch"] == "ressmall"
     species = sorted(set(lab["species"]))
     assert picker.classes == species and picker.n_classes == len(species)
@@ -164,7 +165,7 @@ def test_cli_refine_train(data):
     cmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["refine", "train", str(col.path), "--labels", str(csv), "--out", str(root / "cli"),
                               "--epochs", "1", "--bbox", "12", "--crop", "4,32,32", "--batch-size", "2",
-                              "--start-filts", "4", "--val-fraction", "0", "--device", "cpu", "--no-contrastive",
+                              "--start-filts", "4", "--val-fraction", "0", "--device", "cpu", "--no-contrastive", "--repeats", "1",
                               "--num-workers", "1"])
     assert args.handler(args) == 0
     assert (root / "cli" / "best.pt").is_file()

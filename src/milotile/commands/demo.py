@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-epochs", type=int, default=8)
     p.add_argument("--segments-epochs", type=int, default=3,
                    help="point-cloud AE epochs of the segment-clustering stage (0: hand-crafted features only)")
+    p.add_argument("--hard-epochs", type=int, default=4, help="epochs of the picker on the hard preset (default 4)")
+    p.add_argument("--no-hard", dest="hard", action="store_false", help="skip the hard-preset picking stage")
     p.set_defaults(handler=run, needs_cluster=False)
 
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(out=args.out, seed=args.seed, n_tomograms=args.n_tomograms, size=tuple(args.size),
                      snr=args.snr, explore_epochs=args.explore_epochs, refine_epochs=args.refine_epochs,
-                     workers=args.workers, segments_epochs=args.segments_epochs)
+                     workers=args.workers, segments_epochs=args.segments_epochs, hard=args.hard,
+                     hard_epochs=args.hard_epochs)
     report = run_demo(cfg)
     print(f"milotile demo finished; outputs in {Path(args.out).resolve()}")
     for stage, facts in report.stages.items():

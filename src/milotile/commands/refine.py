@@ -13,6 +13,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["register", "run"]
 
 
+def _tau(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--tau must be a number in (0, 1) or 'auto', got {text!r}") from exc
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``refine`` group with ``train`` (and ``pick`` when :mod:`refine_pick` is present)."""
     grp = subparsers.add_parser(
@@ -36,25 +45,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--order", choices=("xyz", "xzy", "zxy", "yxz"), help="column order of bare txt coordinate files")
     p.add_argument("--out", metavar="RUN", help="run folder (default STORE/runs/refine-<time>)")
     p.add_argument("--bbox", type=float, default=16, help="particle box in level-0 voxels (default 16)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs (default 6)")
     p.add_argument("--arch", default="unet4", choices=("unet4", "unet5", "ressmall", "unet_4", "unet_5", "ressmall_18"),
                    help="architecture (default unet4)")
-    p.add_argument("--start-filts", type=int, default=None, help="U-Net width of the first level (default 32)")
+    p.add_argument("--start-filts", type=int, default=None, help="U-Net width of the first level (default 16)")
     p.add_argument("--batch-size", type=int, default=4, help="crops per step (default 4)")
     p.add_argument("--crop", type=partial(parse_ints, n=3, what="--crop"), default=(8, 64, 64), metavar="Z,Y,X",
                    help="model-input crop (default 8,64,64; z in compressed slices with --compress)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--tau", type=float, default=0.1, help="PU class prior (default 0.1)")
+    p.add_argument("--tau", type=_tau, default=0.01,
+                   help="PU class prior (default 0.01), or 'auto': estimated from the labelled tomograms")
+    p.add_argument("--tta", type=int, default=1, help="in-plane symmetries averaged when predicting (1-8, default 1 = none)")
     p.add_argument("--temp", type=float, default=0.07, help="InfoNCE temperature (default 0.07)")
     p.add_argument("--cr-weight", type=float, default=0.1, help="contrastive weight (default 0.1)")
-    p.add_argument("--no-contrastive", action="store_true", help="train the PU focal loss only")
+    p.set_defaults(no_contrastive=True)
+    p.add_argument("--contrastive", dest="no_contrastive", action="store_false",
+                   help="add MiLoPYP's voxel contrastive + flip-consistency terms (two views: twice the cost)")
+    p.add_argument("--no-contrastive", dest="no_contrastive", action="store_true",
+                   help="train the PU focal loss only (default)")
     p.add_argument("--thresh", type=float, default=0.8, help="target value of hard positives (default 0.8)")
     p.add_argument("--classes", nargs="?", const="all", default=None, metavar="A,B",
                    help="one output channel per class (all classes, or the comma-separated ones)")
     p.add_argument("--gauss", type=float, default=0.0, help="Gaussian pre-filter sigma (default 0 = off)")
     p.add_argument("--compress", action="store_true", help="max-compress slice pairs along z")
     p.add_argument("--val-fraction", type=float, default=None, help="labels held out when no --val-labels")
-    p.add_argument("--repeats", type=int, default=1, help="crops per labelled particle and epoch (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="crops per labelled particle and epoch (default 5)")
     p.add_argument("--debug-slices", type=partial(parse_ints, what="--debug-slices"), default=None, metavar="Z1,Z2",
                    help="draw these z slices of the validation regions as PNGs")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
@@ -93,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         crop=args.crop, lr=args.lr, tau=args.tau, temp=args.temp, cr_weight=args.cr_weight,
         contrastive=not args.no_contrastive, thresh=args.thresh, classes=classes, gauss=args.gauss,
         compress=args.compress, out=args.out, resume=args.resume, seed=args.seed, device=args.device,
-        val_fraction=args.val_fraction, repeats=args.repeats, debug_slices=args.debug_slices,
+        val_fraction=args.val_fraction, repeats=args.repeats, tta=args.tta, debug_slices=args.debug_slices,
         num_workers=args.num_workers,
     )
     logger.info("trained picker %s -> %s", picker, picker.path)

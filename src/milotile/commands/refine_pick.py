@@ -23,7 +23,8 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--model", required=True, metavar="CKPT", help="picker checkpoint (best.pt) or its run folder")
     p.add_argument("--threshold", type=float, default=None,
-                   help="score threshold (default: the one validation chose for the checkpoint, else 0.25)")
+                   help="score threshold (default: the one validation chose for the checkpoint; without "
+                        "validation labels, chosen per class from the peak scores and the training labels)")
     p.add_argument("--max-picks", type=int, default=900, help="top-K per tomogram and class (default 900)")
     p.add_argument("--nms-distance", type=float, default=None, metavar="D",
                    help="NMS radius in voxels (default half the model's bbox)")

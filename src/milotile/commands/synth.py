@@ -59,10 +59,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="tomogram shape in voxels (default 128,256,256)",
     )
     p.add_argument(
+        "--preset",
+        choices=("easy", "hard"),
+        default="easy",
+        help="easy (default) or hard: four species of radius 12/9/7/5 with seed-drawn shapes, "
+        "similar-sized crowders, an intensity gradient and SNR 0.1",
+    )
+    p.add_argument(
         "--snr",
         type=float,
-        default=0.5,
-        help="tilt-series signal-to-noise variance ratio, 'inf' for none (default 0.5)",
+        default=None,
+        help="tilt-series signal-to-noise variance ratio, 'inf' for none (default 0.5; hard 0.1)",
+    )
+    p.add_argument(
+        "--crowders", type=int, default=None, help="similar-sized decoys per tomogram (default 0; hard 120)"
+    )
+    p.add_argument(
+        "--gradient",
+        type=float,
+        default=None,
+        help="intensity gradient, peak-to-peak in standard deviations (default 0; hard 0.5)",
     )
     p.add_argument("--voxel-size", type=float, default=10.0, help="Å per voxel (default 10)")
     p.add_argument(
@@ -76,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--species",
         default=None,
         metavar="NAME[,NAME...]",
-        help="particle species (default: ribosome,proteasome,ring)",
+        help="particle species (default: ribosome,proteasome,ring; hard: big,medium,compact,small)",
     )
     p.add_argument(
         "--n-particles",
@@ -120,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         species=species,
         filament=args.filament,
         n_particles=args.n_particles,
+        preset=args.preset,
+        crowders=args.crowders,
+        gradient=args.gradient,
     )
     per = res.ground_truth.groupby("species").size().to_dict()
     logger.info(

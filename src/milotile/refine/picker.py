@@ -119,13 +119,22 @@ class Picker:
         mz = rf_z_model // 2
         return max(int(self.contract["crop"][0]), 2 * mz + 8), mz
 
-    @torch.no_grad()
     def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for an already preprocessed ``(D, Y, X)`` block (model-input slices).
 
         2.5D models (``predict_volume``) run their 2D trunk once per slice and the 3D head over the
-        whole block; other models run on overlapping z slabs.
+        whole block; other models run on overlapping z slabs. Averaged over ``contract["tta"]`` exact
+        in-plane symmetries (:mod:`milotile.refine.tta`).
         """
+        n_views = int(self.contract.get("tta", 1))
+        if n_views > 1:
+            from milotile.refine.tta import tta_average
+
+            return tta_average(self._predict_once, x, n_views)
+        return self._predict_once(x)
+
+    @torch.no_grad()
+    def _predict_once(self, x: np.ndarray) -> np.ndarray:
         if hasattr(self.model, "predict_volume"):
             t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
             with autocast(self.device):

@@ -45,6 +45,7 @@ from milotile.refine.decode import (
     empty_picks,
     picker_grid,
 )
+from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold
 from milotile.runtime import gpu_resources
 from milotile.stages.preprocess import tomogram_sources, volume_stats
 from milotile.store import as_collection, write_dask
@@ -322,7 +323,9 @@ def pick(
         A trained picker (:meth:`milotile.refine.Picker.load`).
     threshold : float, optional
         Keep peaks with probability ``> threshold``. Default: the threshold validation chose for the
-        checkpoint (``contract["suggested_threshold"]``), else 0.25 (MiLoPYP ``--out_thresh``).
+        checkpoint (``contract["suggested_threshold"]``, with ``val_labels``); without one, chosen
+        per class from the peaks of the tomograms picked and the picker's training labels
+        (:func:`milotile.refine.threshold.apply_auto_threshold`).
     max_picks : int, optional
         Top-K per tomogram and class (MiLoPYP ``--K``; its docs use 900).
     nms_distance : float, optional
@@ -351,11 +354,13 @@ def pick(
     col = as_collection(col)
     picker = _check_picker(picker)
     contract = getattr(picker, "contract", {}) or {}
+    auto = False
     if threshold is None:
         validated = contract.get("suggested_threshold")
-        threshold = float(validated) if validated is not None else DEFAULT_THRESHOLD
-        log.info("score threshold %.3g (%s)", threshold, "validated with the checkpoint" if validated is not None
-                 else "MiLoPYP default; the checkpoint has no validated threshold")
+        auto = validated is None
+        threshold = float(validated) if validated is not None else AUTO_FLOOR
+        log.info("score threshold %s", f"{threshold:.3g} validated with the checkpoint" if not auto
+                 else "chosen from the peak scores and the training labels")
     if not 0.0 <= float(threshold) < 1.0:
         raise InputError(f"threshold must be in [0, 1), got {threshold}")
     known = col.names
@@ -386,6 +391,11 @@ def pick(
         tables.append(df)
     picks = pd.concat(tables, ignore_index=True) if any(len(d) for d in tables) else empty_picks()
     picks = picks[PICK_COLUMNS]
+    if auto and len(picks):
+        picks, info = apply_auto_threshold(picks, contract)
+        picks = picks.reset_index(drop=True)
+        picks.attrs["thresholds"] = info
+        threshold = min((v["threshold"] for v in info.values()), default=float(threshold))
     if table:
         params = {"threshold": float(threshold), "nms_distance": nms, "border": border, "max_picks": max_picks,
                   "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run}

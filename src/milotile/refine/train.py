@@ -36,7 +36,9 @@ from milotile.refine.data import CropDataset, VolumeReader
 from milotile.refine.labels import class_index, load_label_table
 from milotile.refine.losses import consistency_loss, debiased_contrastive_loss, pu_focal_loss
 from milotile.refine.picker import Picker
+from milotile.refine.prior import estimate_prior
 from milotile.refine.targets import target_geometry
+from milotile.refine.threshold import label_records
 from milotile.refine.validation import regions_from_labels, split_validation, validate
 from milotile.stages.preprocess import volume_stats
 from milotile.store import as_collection
@@ -49,24 +51,28 @@ ARCH_ALIASES = {"unet_4": "unet4", "unet_5": "unet5", "ressmall_18": "ressmall"}
 _LOSS_KEYS = ("loss", "hm_loss", "cr_loss", "consis_loss", "r_pos", "r_neg")
 
 
+#: First U-Net width of the default recipe (the one measured on benchmarks/refine_hard.py, issue 15).
+DEFAULT_START_FILTS = 16
+
+
 def train(
     col: Any,
     labels: pd.DataFrame | str | os.PathLike[str],
     *,
     val_labels: pd.DataFrame | str | os.PathLike[str] | None = None,
     bbox: float = 16,
-    epochs: int = 10,
+    epochs: int = 6,
     arch: str = "unet4",
     arch_config: dict[str, Any] | None = None,
     batch_size: int = 4,
     crop: Sequence[int] = (8, 64, 64),
     lr: float = 1e-3,
-    tau: float = 0.1,
+    tau: float | str = 0.01,
     temp: float = 0.07,
     cr_weight: float = 0.1,
     unsup_weight: float = 0.1,
     consistency_weight: float = 1.0,
-    contrastive: bool = True,
+    contrastive: bool = False,
     thresh: float = 0.8,
     classes: Sequence[str] | bool | None = None,
     gauss: float = 0.0,
@@ -83,11 +89,12 @@ def train(
     debug_slices: Sequence[int] | None = None,
     num_workers: int = 0,
     random_fraction: float = 0.25,
-    repeats: int = 1,
+    repeats: int = 5,
     max_pos: int = 256,
     n_unlabeled: int = 256,
     amp: bool = True,
     cache_chunks: int = 8,
+    tta: int = 1,
 ) -> Picker:
     """Train a PU picker from sparse labels.
 
@@ -101,7 +108,9 @@ def train(
     val_labels
         Held-out labels; their bounding regions (padded by ``bbox``) are predicted each epoch.
         Without them, ``val_fraction`` of the most-labelled tomogram's labels (the largest x) are
-        held out as a region (default 0.2 when there are at least 10 labels, else no validation).
+        held out as a region (default 0: a region of sparsely labelled particles counts its
+        unlabelled particles as false positives, so its precision and threshold are wrong; ``pick``
+        then chooses the threshold by :mod:`milotile.refine.threshold`).
     bbox
         Particle box (level-0 voxels); sets the target Gaussian (CenterNet radius, ``down_ratio`` 2).
     epochs
@@ -113,7 +122,8 @@ def train(
     lr
         Adam learning rate.
     tau, temp, cr_weight, unsup_weight, consistency_weight, contrastive
-        PU prior, InfoNCE temperature and loss weights; ``contrastive=False`` trains the PU focal
+        PU prior (``"auto"``: estimated from the labelled tomograms by
+        :func:`milotile.refine.prior.estimate_prior`), InfoNCE temperature and loss weights; ``contrastive=False`` trains the PU focal
         term only (single view).
     thresh
         Target value from which voxels are hard positives.
@@ -147,6 +157,8 @@ def train(
         Mixed precision on CUDA.
     cache_chunks
         Decompressed storage chunks cached per tomogram reader.
+    tta
+        In-plane symmetries averaged at prediction (:mod:`milotile.refine.tta`; 1 = none).
 
     Returns
     -------
@@ -165,14 +177,20 @@ def train(
     readers = {n: VolumeReader(col[n].data(level=0), n, max_chunks=cache_chunks) for n in names}
     stats = _stats(col, names, gauss, compress, compress_how)
     geom = target_geometry(bbox, 2, compress)
+    prior_info: dict = {}
+    if tau == "auto":
+        tau, prior_info = estimate_prior(col, df, float(bbox), geom, float(thresh))
+    tau = float(tau)
     ds = CropDataset(readers, stats, df, geom, crop, n_classes=len(class_names), thresh=thresh, gauss=gauss,
                      clip=tuple(clip), compress=compress, compress_how=compress_how, random_fraction=random_fraction,
                      seed=seed, repeats=repeats)
-    cfg = {"n_classes": len(class_names), **(arch_config or {})}
+    unet_width = {"start_filts": DEFAULT_START_FILTS} if arch.startswith("unet") else {}
+    cfg = {"n_classes": len(class_names), **unet_width, **(arch_config or {})}
     model = registry.create(arch, **cfg).to(dev)
     contract = picker_contract(arch=arch, model=model, classes=class_names, bbox=bbox, crop=crop, gauss=gauss,
                                compress=compress, compress_how=compress_how, clip=clip, thresh=thresh, tau=tau, geom=geom,
                                voxel_size=float(col[names[0]].voxel_size), train_stats=stats, val_radius=val_radius)
+    contract.update(tta=int(tta), prior=prior_info, train_labels=label_records(df, class_names))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     runlog = RunLog(run_dir)
     options = {k: v for k, v in locals().items() if k in _OPTION_KEYS}
@@ -221,13 +239,13 @@ def _log_epoch(rec: dict, epochs: int) -> None:
                 rec["hm_loss"], rec["cr_loss"], rec["consis_loss"], rec["seconds"], val)
 
 
-def _check_options(arch: str, epochs: int, batch_size: int, tau: float, crop: Sequence[int], bbox: float) -> None:
+def _check_options(arch: str, epochs: int, batch_size: int, tau: float | str, crop: Sequence[int], bbox: float) -> None:
     registry.get_builder(arch)  # unknown names -> InputError before any work
     if int(epochs) < 1:
         raise InputError(f"epochs must be at least 1, got {epochs!r}.")
     if int(batch_size) < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size!r}.")
-    if not 0.0 < float(tau) < 1.0:
+    if tau != "auto" and not (isinstance(tau, (int, float)) and 0.0 < float(tau) < 1.0):
         raise InputError(f"tau (class prior) must lie in (0, 1), got {tau!r}.")
     if len(crop) != 3 or min(int(c) for c in crop) < 1 or min(int(c) for c in crop[1:]) < 16:
         raise InputError(f"crop must be (z, y, x) with y and x at least 16, got {tuple(crop)!r}.")
@@ -246,7 +264,7 @@ def _labels(col: Any, labels: Any, val_labels: Any, classes: Any, bbox: float,
         vdf, _ = class_index(load_label_table(val_labels, col, "validation labels"),
                              class_names if classes not in (None, False) else None)
         return df, vdf, regions_from_labels(vdf, shapes, float(bbox)), class_names
-    frac = (0.2 if len(df) >= 10 else 0.0) if val_fraction is None else float(val_fraction)
+    frac = 0.0 if val_fraction is None else float(val_fraction)
     if frac > 0:
         df, vdf, regions = split_validation(df, frac, shapes, float(bbox))
         return df, vdf, regions, class_names

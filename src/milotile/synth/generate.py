@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from milotile.errors import InputError
-from milotile.synth.phantom import Phantom, make_phantom, resolve_species_counts
+from milotile.synth.hard import HARD_DEFAULTS, add_gradient, crowder, hard_species
+from milotile.synth.phantom import Phantom, Species, make_phantom, resolve_species_counts
 from milotile.synth.reconstruct import wbp
 from milotile.synth.tilt import Projector, add_noise, apply_ctf, default_defocus
 from milotile.synth.writer import (
@@ -175,6 +176,9 @@ def simulate_tomogram(
     rng_noise: np.random.Generator,
     projector: Projector | None = None,
     defocus: float | None = None,
+    species_table: Mapping[str, Species] | None = None,
+    n_crowders: int = 0,
+    gradient: float = 0.0,
 ) -> SimulatedTomogram:
     """Phantom → tilt series (CTF + noise) → WBP reconstruction, all in memory.
 
@@ -198,6 +202,9 @@ def simulate_tomogram(
         Re-used between tomograms of the same shape.
     defocus : float, optional
         Underfocus in Å (:func:`~milotile.synth.tilt.default_defocus` when None).
+    species_table, n_crowders, gradient
+        Species to draw from, number of similar-sized decoys and the intensity-gradient amplitude
+        (in reconstruction standard deviations); see :mod:`milotile.synth.hard`.
 
     Returns
     -------
@@ -205,7 +212,8 @@ def simulate_tomogram(
     """
     t0 = time.perf_counter()
     phantom = make_phantom(
-        shape, rng_phantom, counts=counts, filament=filament, filament_along_y=filament_along_y
+        shape, rng_phantom, counts=counts, filament=filament, filament_along_y=filament_along_y,
+        species_table=species_table, n_crowders=n_crowders, crowder_factory=crowder,
     )
     t1 = time.perf_counter()
     if projector is None:
@@ -218,6 +226,8 @@ def simulate_tomogram(
     tilts, sigma = add_noise(clean, snr, rng_noise)
     t2 = time.perf_counter()
     rec = wbp(tilts, angles, shape, projector=projector)
+    if gradient > 0:
+        add_gradient(rec, gradient, rng_noise)
     t3 = time.perf_counter()
     logger.debug(
         "simulated %s: phantom %.2fs, tilts %.2fs, wbp %.2fs", shape, t1 - t0, t2 - t1, t3 - t2
@@ -241,12 +251,15 @@ def synth(
     seed: int = 0,
     n_tomograms: int = 3,
     size: Sequence[int] = (128, 256, 256),
-    snr: float = 0.5,
+    snr: float | None = None,
     voxel_size: float = 10.0,
     angles: Sequence[float] = (-60, 60, 3),
     species: Mapping[str, float] | Sequence[str] | None = None,
     filament: bool = True,
     n_particles: int | None = None,
+    preset: str = "easy",
+    crowders: int | None = None,
+    gradient: float | None = None,
 ) -> SynthResult:
     """Write a seeded synthetic cryo-ET collection with ground truth.
 
@@ -261,8 +274,9 @@ def synth(
         Number of tomograms ``tomo_000``, ``tomo_001``, ...
     size : sequence of int
         ``(Z, Y, X)`` of every tomogram in voxels, each at least :data:`MIN_SIZE`.
-    snr : float
-        Signal-to-noise ratio of the tilt series as a variance ratio (``inf`` for no noise).
+    snr : float, optional
+        Signal-to-noise ratio of the tilt series as a variance ratio (``inf`` for no noise);
+        default 0.5 (``easy``) or 0.1 (``hard``).
     voxel_size : float
         Å per voxel, written to the headers; it also sets the CTF (defocus about 3 µm at 10 Å).
     angles : sequence of float
@@ -275,7 +289,16 @@ def synth(
         Draw one filament per tomogram; the one in ``tomo_000`` runs mostly along y.
     n_particles : int, optional
         Particles per tomogram; default ``max(2 * n_species, Z*Y*X / 80000)`` (105 for the
-        default size). Fewer are placed (with a warning) if the volume is too crowded.
+        default size; 20 per species with ``hard``). Fewer are placed (with a warning) if the
+        volume is too crowded.
+    preset : {"easy", "hard"}
+        ``hard`` (:mod:`milotile.synth.hard`): four species of radius 12/9/7/5 (``big``,
+        ``medium``, ``compact``, ``small``) with shapes drawn from ``seed``, similar-sized
+        crowders, an intensity gradient and SNR 0.1, on top of everything ``easy`` draws.
+    crowders : int, optional
+        Similar-sized decoys per tomogram (default 0 easy, 120 hard).
+    gradient : float, optional
+        Peak-to-peak intensity gradient in reconstruction standard deviations (0 easy, 0.5 hard).
 
     Returns
     -------
@@ -292,8 +315,9 @@ def synth(
     >>> res.names
     ['tomo_000']
     """
+    preset, snr, crowders, gradient, table = _check_preset(seed, preset, snr, crowders, gradient)
     shape, snr_f, vs, angle_arr, counts = _check_args(seed, n_tomograms, size, snr, voxel_size, angles, species,
-                                                      n_particles, filament)
+                                                      n_particles, filament, table)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a folder")
@@ -321,6 +345,9 @@ def synth(
             rng_noise=np.random.default_rng(ss_noise),
             projector=projector,
             defocus=defocus,
+            species_table=table,
+            n_crowders=crowders,
+            gradient=float(gradient),
         )
         rec_p, tilt_p, tlt_p = out / f"{name}.rec", out / f"{name}.mrc", out / f"{name}.tlt"
         write_volume(rec_p, sim.rec, vs)
@@ -351,6 +378,7 @@ def synth(
         "seed": int(seed), "n_tomograms": int(n_tomograms), "size": list(shape),
         "snr": snr_f if math.isfinite(snr_f) else "inf", "voxel_size": vs, "angles": [float(a) for a in angle_arr],
         "defocus_A": round(defocus, 3), "species_counts": counts, "filament": bool(filament),
+        "preset": preset, "crowders": int(crowders), "gradient": float(gradient),
         "geometry": {"tilt_axis_angle": 0.0, "sign": 1}, "tomograms": per_tomo,
     }
     res = _write_outputs(out, names, recs, tilts_p, tlts, gts, fils, dists, info, angle_arr, vs, shape)
@@ -359,8 +387,26 @@ def synth(
     return res
 
 
+def _check_preset(seed: Any, preset: Any, snr: Any, crowders: Any, gradient: Any) -> tuple:
+    """Defaults of the ``easy`` / ``hard`` presets: ``(preset, snr, crowders, gradient, species table)``."""
+    if preset not in ("easy", "hard"):
+        raise InputError(f"preset must be 'easy' or 'hard', got {preset!r}")
+    hard = preset == "hard"
+    if snr is None:
+        snr = HARD_DEFAULTS["snr"] if hard else 0.5
+    crowders = int(HARD_DEFAULTS["crowders"] if hard else 0) if crowders is None else crowders
+    gradient = float(HARD_DEFAULTS["gradient"] if hard else 0.0) if gradient is None else gradient
+    if isinstance(crowders, bool) or not isinstance(crowders, (int, np.integer)) or crowders < 0:
+        raise InputError(f"crowders must be a non-negative integer, got {crowders!r}")
+    if not math.isfinite(float(gradient)) or float(gradient) < 0:
+        raise InputError(f"gradient must be a finite number >= 0, got {gradient!r}")
+    seed_ok = not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and seed >= 0
+    table = hard_species(np.random.default_rng([int(seed), 15])) if hard and seed_ok else None
+    return preset, snr, crowders, gradient, table
+
+
 def _check_args(seed: Any, n_tomograms: Any, size: Any, snr: Any, voxel_size: Any, angles: Any, species: Any,
-                n_particles: Any, filament: Any) -> tuple:
+                n_particles: Any, filament: Any, table: Mapping[str, Species] | None = None) -> tuple:
     """Validate every option of :func:`synth` before any work: ``(shape, snr, voxel_size, angles, counts)``."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
@@ -385,9 +431,11 @@ def _check_args(seed: Any, n_tomograms: Any, size: Any, snr: Any, voxel_size: An
         raise InputError(f"voxel_size must be a positive number of Å, got {voxel_size!r}")
     angle_arr = tilt_angles(angles)
     try:
-        n_species = len(resolve_species_counts(species, 0))
+        n_species = len(resolve_species_counts(species, 0, table))
     except (TypeError, ValueError) as exc:
         raise InputError(str(exc)) from exc
+    if n_particles is None and table is not None:
+        n_particles = int(HARD_DEFAULTS["particles_per_species"]) * n_species
     if n_particles is None:
         n_particles = max(2 * n_species, int(round(shape[0] * shape[1] * shape[2] / 80_000)))
     if (
@@ -397,7 +445,7 @@ def _check_args(seed: Any, n_tomograms: Any, size: Any, snr: Any, voxel_size: An
     ):
         raise InputError(f"n_particles must be a non-negative integer, got {n_particles!r}")
     try:
-        counts = resolve_species_counts(species, int(n_particles))
+        counts = resolve_species_counts(species, int(n_particles), table)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     if not isinstance(filament, (bool, np.bool_)):

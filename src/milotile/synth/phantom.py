@@ -126,7 +126,9 @@ SPECIES: dict[str, Species] = {
 
 
 def resolve_species_counts(
-    species: Mapping[str, float] | Sequence[str] | None, n_particles: int
+    species: Mapping[str, float] | Sequence[str] | None,
+    n_particles: int,
+    table: Mapping[str, Species] | None = None,
 ) -> dict[str, int]:
     """Split ``n_particles`` between species.
 
@@ -137,6 +139,8 @@ def resolve_species_counts(
         mapping ``name -> relative abundance``.
     n_particles : int
         Total number of particles per tomogram.
+    table : mapping, optional
+        Species to choose from (default :data:`SPECIES`).
 
     Returns
     -------
@@ -148,8 +152,9 @@ def resolve_species_counts(
     ValueError
         For an unknown species name, an empty selection or a negative abundance.
     """
+    table = SPECIES if table is None else table
     if species is None:
-        weights = {name: 1.0 for name in SPECIES}
+        weights = {name: 1.0 for name in table}
     elif isinstance(species, Mapping):
         weights = {str(k): float(v) for k, v in species.items()}
     elif isinstance(species, str):
@@ -158,11 +163,11 @@ def resolve_species_counts(
         weights = {str(k): 1.0 for k in species}
     if not weights:
         raise ValueError(
-            f"species selects no particle species; give None or names from {sorted(SPECIES)}"
+            f"species selects no particle species; give None or names from {sorted(table)}"
         )
     for name, w in weights.items():
-        if name not in SPECIES:
-            raise ValueError(f"unknown species {name!r}; choose from {sorted(SPECIES)}")
+        if name not in table:
+            raise ValueError(f"unknown species {name!r}; choose from {sorted(table)}")
         if not np.isfinite(w) or w < 0:
             raise ValueError(f"species abundance for {name!r} must be >= 0, got {w!r}")
     total = sum(weights.values())
@@ -425,6 +430,19 @@ def filament_centreline(
     return np.stack([np.interp(target, arc, pts[:, i]) for i in range(3)], axis=1)
 
 
+def _place_crowders(b: _Builder, n: int, factory: Callable, dist_rows: list[dict[str, object]],
+                    max_tries: int) -> None:
+    """Similar-sized decoys drawn by ``factory(rng) -> (bound, density, occupancy_fn)``."""
+    for _ in range(n):
+        bound, dens, fn = factory(b.rng)
+        for _ in range(max_tries // 10):
+            c = b.random_centre(bound + 1.0)
+            if b.free(c, bound + 1.0):
+                b.stamp(c, bound, fn, dens, reserve=bound + 1.0)
+                dist_rows.append({"x": c[0], "y": c[1], "z": c[2], "kind": "crowder", "radius": bound})
+                break
+
+
 def make_phantom(
     shape: tuple[int, int, int],
     rng: np.random.Generator,
@@ -434,6 +452,9 @@ def make_phantom(
     filament_along_y: bool = False,
     n_membranes: int | None = None,
     max_tries: int = 300,
+    species_table: Mapping[str, Species] | None = None,
+    n_crowders: int = 0,
+    crowder_factory: Callable | None = None,
 ) -> Phantom:
     """Build one phantom.
 
@@ -453,6 +474,12 @@ def make_phantom(
         1 (a vesicle) or 2 (a vesicle and a curved sheet); random when None.
     max_tries : int
         Random positions tried per particle before giving up on it (a warning is logged).
+    species_table : mapping, optional
+        Species to draw (default :data:`SPECIES`; the hard preset passes
+        :func:`milotile.synth.hard.hard_species`).
+    n_crowders, crowder_factory : int, callable
+        Number of similar-sized decoys (kind ``crowder``) and their generator
+        ``factory(rng) -> (bound, density, occupancy_fn)`` (e.g. :func:`milotile.synth.hard.crowder`).
 
     Returns
     -------
@@ -465,7 +492,9 @@ def make_phantom(
     if n_membranes >= 2:
         _add_sheet(b, rng, shape, dist_rows)
     fil_rows = _add_filament(b, rng, shape, filament_along_y) if filament else []
-    part_rows = _add_particles(b, rng, shape, counts, max_tries)
+    part_rows = _add_particles(b, rng, shape, counts, max_tries, SPECIES if species_table is None else species_table)
+    if n_crowders and crowder_factory is not None:
+        _place_crowders(b, int(n_crowders), crowder_factory, dist_rows, max_tries)
     _add_vesicle(b, rng, shape, dist_rows, max_tries)
     _add_gold(b, rng, shape, dist_rows, max_tries)
     _add_junk(b, rng, shape, dist_rows)
@@ -499,12 +528,13 @@ def _add_filament(b: _Builder, rng: np.random.Generator, shape: tuple, along_y: 
     return fil_rows
 
 
-def _add_particles(b: _Builder, rng: np.random.Generator, shape: tuple, counts: dict, max_tries: int) -> list[dict]:
+def _add_particles(b: _Builder, rng: np.random.Generator, shape: tuple, counts: dict, max_tries: int,
+                   table: Mapping[str, Species]) -> list[dict]:
     """Particles at random free positions and orientations, largest species first so they find room."""
     part_rows: list[dict[str, object]] = []
-    order = sorted(counts, key=lambda k: -SPECIES[k].bound)
+    order = sorted(counts, key=lambda k: -table[k].bound)
     for name in order:
-        sp = SPECIES[name]
+        sp = table[name]
         placed = 0
         for _ in range(int(counts[name])):
             for _ in range(max_tries):
