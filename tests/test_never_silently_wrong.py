@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from test_store import _store_snapshot as _snapshot  # noqa: E402 - pytest puts tests/ on sys.path
 
 import milotile as mt
 from milotile.cli import main as cli_main
 from milotile.errors import InputError
 from milotile.store import write_mrc
 from milotile.store.lock import StoreLockedError, list_locks, writer_lock
-from test_store import _store_snapshot as _snapshot  # noqa: E402 - pytest puts tests/ on sys.path
 
 CHUNKS = (16, 32, 32)
 PY = sys.executable

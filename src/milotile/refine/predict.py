@@ -38,7 +38,6 @@ from milotile.errors import InputError
 from milotile.nn import cache
 from milotile.ops.grid import Grid
 from milotile.refine.decode import (
-    DEFAULT_THRESHOLD,
     PICK_COLUMNS,
     decode_heatmap,
     decode_options,

@@ -17,7 +17,13 @@ import numpy as np
 import zarr
 
 from milotile.errors import InputError
-from milotile.store.arrays import AXES_ZYX, NGFF_VERSION, create_array, multiscale_metadata, write_dask
+from milotile.store.arrays import (
+    AXES_ZYX,
+    NGFF_VERSION,
+    create_array,
+    multiscale_metadata,
+    write_dask,
+)
 
 log = logging.getLogger(__name__)
 
