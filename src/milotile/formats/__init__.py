@@ -27,6 +27,7 @@ from milotile.formats._common import (
     as_path,
     collection_info,
     concat_tables,
+    open_collection,
     rescale,
 )
 from milotile.formats.copick import read_copick, validate_picks_json, write_copick
@@ -249,8 +250,11 @@ def export(
         * ``imod`` — ``<tomogram>.mod`` per tomogram in a folder (or one ``.mod`` path for one
           tomogram), one scattered-point object per class (``order=`` option);
         * ``star`` — RELION-5 tomography particles STAR (needs ``col``);
-        * ``copick`` — picks JSON in Å under ``ExperimentRuns/<run>/Picks/`` (``user_id=``,
-          ``session_id=``, ``object_name=``; voxel size from ``col`` or ``voxel_size=``);
+        * ``copick`` — a copick project: config, picks JSON in Å under
+          ``ExperimentRuns/<run>/Picks/`` and, with ``col``, every tomogram as NGFF 0.4 / Zarr v2
+          under ``ExperimentRuns/<run>/VoxelSpacing<s>/<tomo_type>.zarr`` (``user_id=``,
+          ``session_id=``, ``object_name=``, ``tomo_type=``, ``overlay_root=``, ``radius=`` (Å);
+          voxel size from ``col`` or ``voxel_size=``);
         * ``ndjson`` — portal point annotations in voxels, ``<out>/<tomogram>/<object>.ndjson``;
         * ``csv`` — the table as CSV.
     out : path-like
@@ -287,7 +291,7 @@ def export(
     if fmt == "star":
         return write_star(picks, out, info, voxel_sizes=voxel_sizes, **opts)
     if fmt == "copick":
-        return write_copick(picks, out, info, voxel_sizes=voxel_sizes, **opts)
+        return write_copick(picks, out, info, voxel_sizes=voxel_sizes, col=open_collection(col), **opts)
     if fmt == "ndjson":
         return write_ndjson(picks, out, **opts)
     return write_csv(picks, out)

@@ -35,6 +35,7 @@ import pandas as pd
 
 from milotile.errors import InputError
 from milotile.refine.decode import PICK_COLUMNS, decode_heatmap, default_offset, empty_picks
+from milotile.store.ngff import omero_metadata
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,8 @@ def heatmap_metadata(name: str, voxel_size: float, stride: Sequence[int], offset
                 ],
             }
         ],
-        "omero": {"channels": [{"label": str(c), "active": True} for c in classes]},
+        # napari needs a colour (and a window) per channel to open a channel axis
+        "omero": omero_metadata([str(c) for c in classes], window=(0.0, 1.0)),
     }
 
 
@@ -323,7 +325,9 @@ def _ckpt_fingerprint(picker: Any) -> dict:
     if path is None or not Path(path).exists():
         return {"checkpoint": None, "picker": repr(picker)}
     st = Path(path).stat()
-    return {"checkpoint": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    # the checkpoint's name and identity only: no local path in store attributes
+    return {"checkpoint": Path(path).name, "run": Path(path).resolve().parent.name, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns}
 
 
 # ------------------------------------------------------------------------------------ pick

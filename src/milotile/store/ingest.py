@@ -410,7 +410,7 @@ def ingest(
             st = results[2 * i]
             mean = st[1] / st[0]
             g.attrs["milotile"] = {
-                "source": plan.src.rec_path,
+                "source": col.relative_path(plan.src.rec_path),  # relative to the store folder
                 "size_bytes": plan.size_bytes,
                 "mtime_ns": plan.mtime_ns,
                 "fingerprint": fp_vals[i],
@@ -422,8 +422,8 @@ def ingest(
             }
             if plan.tilt_shape is not None:
                 stage_tilt[name].attrs["milotile"] = {
-                    "source": plan.src.tilt_path,
-                    "angle_file": plan.src.angle_path,
+                    "source": col.relative_path(plan.src.tilt_path),
+                    "angle_file": col.relative_path(plan.src.angle_path),
                     "angles": [float(a) for a in plan.src.angles],
                     "tilt_axis_angle": float(tilt_axis_angle),
                     "pixel_size": plan.tilt_pixel,
@@ -441,6 +441,7 @@ def ingest(
     finally:
         if STAGING in col.zarr_group:
             del col.zarr_group[STAGING]
+    col.consolidate()
     return col
 
 

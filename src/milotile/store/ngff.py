@@ -1,0 +1,276 @@
+"""OME-NGFF pieces the viewers and other tools need: channel colours, labels, NGFF 0.4 export.
+
+* :func:`omero_metadata` - the ``omero`` block napari needs to open a multichannel image
+  (napari-ome-zarr takes one colour map per channel from ``color``; without it napari fails).
+* :func:`write_labels` - **the one place that writes label images** (segmentations, exploration
+  colour maps): ``<image>/labels/<name>`` with ``image-label`` colours, listed in
+  ``<image>/labels`` so that napari and ome-zarr-py find them next to the image they overlay.
+* :func:`write_ngff04` - a multiscale image as OME-NGFF 0.4 in **Zarr v2** (copick 1.x, the CryoET
+  Data Portal and every zarr-2 reader), written chunk by chunk from dask arrays (bounded memory).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from milotile.store.arrays import AXES_ZYX, clip_chunks, create_array
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "NGFF04_CHUNKS",
+    "distinct_colors",
+    "label_colors",
+    "omero_metadata",
+    "write_labels",
+    "write_ngff04",
+]
+
+#: Chunk shape of copick / portal volumes (``256³``, clipped to small volumes).
+NGFF04_CHUNKS = (256, 256, 256)
+
+
+def distinct_colors(n: int, *, seed: int = 0) -> list[tuple[int, int, int]]:
+    """``n`` well separated RGB colours (golden-ratio hue steps, fixed saturation and value)."""
+    out = []
+    h = (0.13 + 0.07 * seed) % 1.0
+    for _ in range(int(n)):
+        r, g, b = colorsys.hsv_to_rgb(h, 0.75, 0.95)
+        out.append((int(r * 255), int(g * 255), int(b * 255)))
+        h = (h + 0.618033988749895) % 1.0
+    return out
+
+
+def omero_metadata(
+    labels: Sequence[str],
+    *,
+    window: tuple[float, float] = (0.0, 1.0),
+    colors: Sequence[str] | None = None,
+) -> dict:
+    """The ``omero`` block of a multichannel image: one channel per label with colour and window.
+
+    Parameters
+    ----------
+    labels : sequence of str
+        Channel names (e.g. the classes of a heatmap).
+    window : (float, float)
+        Display range ``(start, end)``; also used as ``min``/``max``.
+    colors : sequence of str, optional
+        Hex colours ``"RRGGBB"``; default distinct colours.
+
+    Returns
+    -------
+    dict
+        ``{"channels": [{"label", "color", "window", "active"}, ...], "rdefs": {...}}``.
+    """
+    if colors is None:
+        colors = ["%02X%02X%02X" % c for c in distinct_colors(len(labels))]
+    lo, hi = float(window[0]), float(window[1])
+    return {
+        "channels": [
+            {
+                "label": str(lab),
+                "color": str(col),
+                "window": {"start": lo, "end": hi, "min": lo, "max": hi},
+                "active": True,
+            }
+            for lab, col in zip(labels, colors, strict=True)
+        ],
+        "rdefs": {"model": "color"},
+    }
+
+
+def label_colors(values: Sequence[int], *, seed: int = 0) -> list[dict]:
+    """``image-label`` colour table: ``[{"label-value": v, "rgba": [r, g, b, 255]}, ...]``."""
+    rgb = distinct_colors(len(values), seed=seed)
+    return [{"label-value": int(v), "rgba": [*c, 255]} for v, c in zip(values, rgb, strict=True)]
+
+
+def _level_transforms(scale: Sequence[float], translation: Sequence[float] | None) -> list[dict]:
+    t: list[dict] = [{"type": "scale", "scale": [float(s) for s in scale]}]
+    if translation is not None and any(float(v) for v in translation):
+        t.append({"type": "translation", "translation": [float(v) for v in translation]})
+    return t
+
+
+def _store_aligned(darr: da.Array, target: Any) -> Any:
+    """Lazy store of ``darr`` into ``target`` with dask chunks equal to the target's chunks."""
+    aligned = darr.astype(target.dtype).rechunk(tuple(target.chunks))
+    return da.store(aligned, target, lock=False, compute=False, return_stored=False)
+
+
+def write_labels(
+    image: zarr.Group,
+    name: str,
+    levels: Sequence[da.Array | np.ndarray],
+    *,
+    scales: Sequence[Sequence[float]],
+    translations: Sequence[Sequence[float] | None] | None = None,
+    colors: dict[int, Sequence[int]] | None = None,
+    names: dict[int, str] | None = None,
+    attributes: dict | None = None,
+    chunks: Sequence[int] = (64, 256, 256),
+    compute: bool = True,
+) -> zarr.Group | list:
+    """Write an integer label image ``<image>/labels/<name>`` (OME-NGFF 0.5 ``image-label``).
+
+    napari (napari-ome-zarr) and ome-zarr-py open it as a Labels layer overlaid on ``image``;
+    0 is background. Use this for every label volume milotile writes (exploration colour maps,
+    segmentations) so that they all carry the same metadata.
+
+    Parameters
+    ----------
+    image : zarr.Group
+        The multiscale image the labels belong to (e.g. ``tomograms/<name>``).
+    name : str
+        Label image name (a path component).
+    levels : sequence of dask or numpy arrays
+        Integer ``(z, y, x)`` arrays, finest first.
+    scales, translations : sequence
+        Per level ``(z, y, x)`` scale and optional translation in Å (the same physical frame as
+        the image, so that the layers overlay).
+    colors : dict, optional
+        ``{label value: (r, g, b[, a])}``; default distinct colours for the values present in
+        ``names`` or for ``1..max`` of the finest level when small.
+    names : dict, optional
+        ``{label value: description}`` stored as ``properties``.
+    attributes : dict, optional
+        Stored under ``attributes["milotile"]`` of the label group.
+    chunks : (z, y, x)
+        Zarr chunk shape of level 0 (halved per coarser level, never below 1).
+    compute : bool
+        Write now (default) or return the lazy store tasks.
+
+    Returns
+    -------
+    zarr.Group or list
+        The label group, or the lazy tasks when ``compute=False``.
+    """
+    if not levels:
+        raise ValueError("write_labels needs at least one level")
+    if len(scales) != len(levels):
+        raise ValueError(f"{len(scales)} scales for {len(levels)} levels")
+    translations = list(translations) if translations is not None else [None] * len(levels)
+    parent = image.require_group("labels")
+    existing = list(dict(parent.attrs.get("ome", {})).get("labels", []))
+    grp = parent.create_group(name, overwrite=True)
+    tasks = []
+    datasets = []
+    dtype = np.dtype(levels[0].dtype)
+    if dtype.kind not in "iu":
+        raise ValueError(f"label images must be integers, got {dtype}")
+    for i, lvl in enumerate(levels):
+        lchunks = [max(1, int(c) // 2**i) for c in chunks]
+        arr = create_array(grp, str(i), lvl.shape, chunks=clip_chunks(lvl.shape, lchunks), dtype=dtype,
+                           dimension_names=AXES_ZYX)
+        darr = lvl if isinstance(lvl, da.Array) else da.from_array(np.asarray(lvl), chunks=arr.chunks)
+        tasks.append(_store_aligned(darr, arr))
+        datasets.append({"path": str(i), "coordinateTransformations": _level_transforms(scales[i], translations[i])})
+    if colors is None:
+        values = sorted(names) if names else None
+        if values is None:
+            lvl = levels[-1]
+            top = int(lvl.max().compute() if isinstance(lvl, da.Array) else np.max(lvl))
+            values = list(range(1, min(top, 255) + 1))
+        table = label_colors(values)
+    else:
+        table = [{"label-value": int(v), "rgba": [int(c) for c in (*rgb, 255)[:4]]} for v, rgb in colors.items()]
+    image_label: dict[str, Any] = {"colors": table, "source": {"image": "../../"}}
+    if names:
+        image_label["properties"] = [{"label-value": int(v), "name": str(n)} for v, n in names.items()]
+    grp.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"name": name, "axes": [{"name": a, "type": "space", "unit": "angstrom"} for a in AXES_ZYX],
+                         "datasets": datasets}],
+        "image-label": image_label,
+    }
+    if attributes:
+        grp.attrs["milotile"] = attributes
+    if name not in existing:
+        existing.append(name)
+    parent.attrs["ome"] = {"version": "0.5", "labels": existing}
+    if not compute:
+        return tasks
+    dask.compute(*tasks)
+    log.info("wrote labels %s/labels/%s (%d levels)", image.path, name, len(levels))
+    return grp
+
+
+def write_ngff04(
+    levels: Sequence[da.Array],
+    dest: str | os.PathLike,
+    *,
+    voxel_size: float,
+    name: str = "image",
+    factor: int = 2,
+    chunks: Sequence[int] = NGFF04_CHUNKS,
+    attributes: dict | None = None,
+    dtype: Any = np.float32,
+) -> zarr.Group:
+    """Write a multiscale volume as OME-NGFF 0.4 in Zarr v2 (Blosc-LZ4, numeric level paths).
+
+    Level ``i`` gets scale ``voxel_size * factor**i`` Å and the translation that keeps its voxel
+    centres on level 0 (as in the collection store). Every dask task writes whole zarr chunks, so
+    the memory used is a few chunks whatever the volume size.
+
+    Parameters
+    ----------
+    levels : sequence of dask arrays
+        ``(z, y, x)`` volumes, finest first (e.g. the store's pyramid ``0, 1, 2``).
+    dest : path
+        Output ``.zarr`` folder (replaced when it exists).
+    voxel_size : float
+        Level-0 voxel size in Å.
+    name : str
+        Multiscale name.
+    factor : int
+        Down-sampling factor between levels.
+    chunks : (z, y, x)
+        Zarr chunk shape (clipped to each level's shape).
+    attributes : dict, optional
+        Extra root attributes (e.g. ``{"milotile": {...}}``).
+    dtype : dtype
+        Stored dtype.
+
+    Returns
+    -------
+    zarr.Group
+        The written (Zarr v2) root group.
+    """
+    import numcodecs
+
+    root = zarr.open_group(str(dest), mode="w", zarr_format=2)
+    tasks = []
+    datasets = []
+    for i, lvl in enumerate(levels):
+        f = factor**i
+        arr = root.create_array(
+            str(i), shape=lvl.shape, chunks=clip_chunks(lvl.shape, chunks), dtype=dtype,
+            compressors=numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+            fill_value=0,
+        )
+        tasks.append(_store_aligned(lvl, arr))
+        trans = [0.5 * voxel_size * (f - 1)] * 3 if f > 1 else None
+        datasets.append({"path": str(i), "coordinateTransformations": _level_transforms([voxel_size * f] * 3, trans)})
+    root.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "name": name,
+            "axes": [{"name": a, "type": "space", "unit": "angstrom"} for a in AXES_ZYX],
+            "datasets": datasets,
+        }
+    ]
+    if attributes:
+        root.attrs.update(attributes)
+    dask.compute(*tasks)
+    log.info("wrote NGFF 0.4 (zarr v2) %s: %d levels", dest, len(levels))
+    return root
