@@ -42,6 +42,7 @@ def main(config: str) -> int:
                                    "mean": float(np.mean(data, dtype=np.float64)), "dtype": str(arr.dtype)})
                 full = tomo.numpy(zarr_group="0")
                 tomos[tomo.tomo_type] = {"levels": levels, "numpy_shape": list(full.shape),
+                                         "numpy_mean": float(np.mean(full, dtype=np.float64)),
                                          "version": ms.get("version")}
             r["voxel_spacings"][f"{vs.voxel_size:.3f}"] = tomos
         for picks in run.picks:

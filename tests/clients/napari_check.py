@@ -22,6 +22,9 @@ def _layer(layer) -> dict:
         "name": str(layer.name),
         "scale": [float(v) for v in layer.scale],
         "translate": [float(v) for v in layer.translate],
+        # napari-ome-zarr 0.10 passes the OME transforms as an affine (plus scale)
+        "affine_translate": [float(v) for v in layer.affine.translate],
+        "world_origin": [float(v) for v in layer.data_to_world((0,) * layer.ndim)],
         "shape": [int(v) for v in first.shape],
         "dtype": str(first.dtype),
         "multiscale": multiscale,

@@ -35,6 +35,7 @@ import pandas as pd
 
 from milotile.errors import InputError
 from milotile.formats._common import TomoInfo, as_path, concat_tables, make_table
+from milotile.store.copick_tree import config_roots, is_copick_config, read_config
 
 log = logging.getLogger(__name__)
 
@@ -78,60 +79,6 @@ def validate_picks_json(doc: dict[str, Any], source: str = "picks JSON") -> None
         arr = np.asarray(t, dtype=np.float64)
         if arr.shape != (4, 4) or not np.allclose(arr[3], [0, 0, 0, 1]):
             raise InputError(f"{source} point {i} has a transformation_ that is not a 4x4 affine matrix.")
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON of a copick config file (:class:`InputError` when unreadable or not a copick config)."""
-    path = as_path(path)
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"copick config {path} could not be read ({exc}).") from exc
-    if not isinstance(cfg, dict) or "pickable_objects" not in cfg:
-        raise InputError(f"{path} is not a copick config (no 'pickable_objects').")
-    return cfg
-
-
-def is_copick_config(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a JSON file that looks like a copick config."""
-    p = Path(path)
-    if p.suffix.lower() != ".json" or not p.is_file():
-        return False
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and "pickable_objects" in doc
-
-
-def config_roots(path: str | os.PathLike) -> list[Path]:
-    """Local overlay and static roots of a copick config; relative roots resolve against its folder.
-
-    Raises
-    ------
-    InputError
-        For a config whose roots are not local (``s3://``, the data portal...).
-    """
-    path = as_path(path)
-    cfg = read_config(path)
-    roots = []
-    for key in ("overlay_root", "static_root"):
-        root = cfg.get(key)
-        if not root:
-            continue
-        root = str(root)
-        for prefix in ("local://", "file://"):
-            if root.startswith(prefix):
-                root = root[len(prefix) :]
-                break
-        else:
-            if "://" in root:
-                raise InputError(f"copick config {path}: {key} {root!r} is not a local folder; milotile reads local projects.")
-        p = Path(root)
-        roots.append(p if p.is_absolute() else (path.parent / p).resolve())
-    if cfg.get("config_type", "filesystem") != "filesystem":
-        raise InputError(f"copick config {path} has config_type {cfg.get('config_type')!r}; only 'filesystem' is read.")
-    return roots or [path.parent]
 
 
 def _config_root(path: Path) -> Path:
@@ -403,3 +350,56 @@ def _write_config(out: Path, objects: list[str], radii: dict[str, float], spacin
         config["voxel_spacings"] = sorted(set(config.get("voxel_spacings", [])) | spacings)
     cfg_path.write_text(json.dumps(config, indent=2))
     return cfg_path
+
+
+#: Store table that receives the picks of an ingested copick project.
+COPICK_PICKS_TABLE = "copick-picks"
+
+
+def ingest_copick(
+    config: str | os.PathLike,
+    store: Any,
+    *,
+    tomo_type: str | None = None,
+    table: str = COPICK_PICKS_TABLE,
+    **ingest_options: Any,
+) -> Any:
+    """Ingest a copick project: its tomograms into the store and its picks into a table.
+
+    The copick tree is only read (tomograms through zarr in read-only mode, picks as JSON), so it is
+    byte-identical afterwards.
+
+    Parameters
+    ----------
+    config : path
+        ``copick_config.json`` of a local (filesystem) project.
+    store : path or Collection
+        The collection store (created if missing).
+    tomo_type : str, optional
+        copick tomogram type to ingest (default the only or first type).
+    table : str
+        Store table for the picks (``tables/copick-picks.parquet``); skipped when the project has none.
+    **ingest_options
+        Passed to :func:`milotile.store.ingest` (``chunks``, ``overwrite``...).
+
+    Returns
+    -------
+    Collection
+    """
+    from milotile.formats._common import collection_info
+    from milotile.store import ingest
+
+    col = ingest(config, store, copick_tomo_type=tomo_type, **ingest_options)
+    picks = copick_picks(config, collection_info(col))
+    if picks is not None:
+        col.write_table(table, picks)
+        log.info("copick picks: %d points into table %s", len(picks), table)
+    return col
+
+
+def copick_picks(config: str | os.PathLike, info: dict[str, TomoInfo] | None = None) -> pd.DataFrame | None:
+    """All picks of a local copick project as a label table, or ``None`` when it has none."""
+    roots = [r for r in config_roots(config) if r.is_dir()]
+    if not any(any(r.glob("ExperimentRuns/*/Picks/*.json")) for r in roots):
+        return None
+    return read_copick(config, info)

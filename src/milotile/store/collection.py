@@ -238,14 +238,44 @@ class Collection:
             return rel
         return os.path.normpath(os.path.join(self._root, rel))
 
+    def image_paths(self) -> dict[str, list[str]]:
+        """Every OME-NGFF image of the store by kind, as paths relative to the store root.
+
+        Kinds: ``tomograms``, ``labels`` (``<image>/labels/<name>``), ``preprocessed``, ``heatmaps``
+        and other ``derived/<stage>`` outputs. Each path opens in napari
+        (``napari --plugin napari-ome-zarr <store>/<path>``) and in ome-zarr-py.
+        """
+        out: dict[str, list[str]] = {}
+        for path, node in self.zarr_group.members(max_depth=None):
+            if not isinstance(node, zarr.Group):
+                continue
+            ome = dict(node.attrs.get("ome", {}))
+            if "multiscales" not in ome:
+                continue
+            parts = path.split("/")
+            if "labels" in parts[:-1]:
+                kind = "labels"
+            elif parts[0] == DERIVED and len(parts) > 2:
+                kind = parts[1]
+            else:
+                kind = parts[0]
+            out.setdefault(kind, []).append(path)
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
     def consolidate(self) -> None:
         """Write consolidated metadata (``zarr.json`` of the root) for remote readers.
 
         Called at the end of every stage; readers that open the store with
         ``zarr.open_group(..., use_consolidated=True)`` then need one request for the whole tree.
+        The root attributes also list the images (:meth:`image_paths`) under
+        ``milotile.images`` so that a reader sees what to open without walking the tree.
         """
         import warnings
 
+        meta = _attrs(self.zarr_group)
+        meta["images"] = self.image_paths()
+        meta["layout"] = "docs/architecture.md#collection-store"
+        self.zarr_group.attrs["milotile"] = meta
         with warnings.catch_warnings():
             # zarr-python notes that consolidated metadata is not (yet) in the v3 spec
             warnings.simplefilter("ignore")
@@ -339,6 +369,8 @@ class Collection:
             fh.write(buf.getvalue())
         self.fs.mv(tmp, path)
         log.info("wrote table %s (%d rows)", path, len(df))
+        # a stage's table is its last output: refresh the consolidated metadata for remote readers
+        self.consolidate()
         return path
 
     def read_table(self, name: str) -> pd.DataFrame:

@@ -33,6 +33,7 @@ from milotile.store.arrays import (
     multiscale_metadata,
 )
 from milotile.store.collection import TILTS, TOMOGRAMS, Collection, open_collection
+from milotile.store.copick_tree import copick_tomograms, is_copick_config, zarr_fingerprint, zarr_image
 from milotile.store.mrc import ORDERS, OrientedMRC, check_order, fingerprint, read_header
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Source:
     angle_path: str | None = None
     origin: str = ""  # where it was named ("manifest.txt line 3"), for error messages
     angles: np.ndarray | None = field(default=None, repr=False)
+    kind: str = "mrc"  # "mrc" or "zarr" (an OME-NGFF multiscale image, e.g. from a copick project)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,15 +126,28 @@ def _from_folder(folder: Path) -> list[Source]:
     return out
 
 
-def collect_sources(sources: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Source]:
-    """Turn manifests, folders and single files into :class:`Source` records."""
+def collect_sources(
+    sources: Iterable[str | os.PathLike] | str | os.PathLike, copick_tomo_type: str | None = None
+) -> list[Source]:
+    """Turn manifests, folders, single files, OME-Zarr images and copick configs into :class:`Source` records.
+
+    A copick config contributes one source per run (the finest voxel spacing of
+    ``copick_tomo_type``, see :func:`milotile.store.copick_tree.copick_tomograms`); an OME-NGFF
+    image folder (Zarr v2 or v3) is one source named after the folder.
+    """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     out: list[Source] = []
     for s in sources:
         p = Path(s)
-        if p.is_dir():
+        if p.is_dir() and ((p / "zarr.json").exists() or (p / ".zattrs").exists()):
+            out.append(Source(p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name, str(p),
+                              origin=f"argument {p}", kind="zarr"))
+        elif p.is_dir():
             out.extend(_from_folder(p))
+        elif is_copick_config(p):
+            out.extend(Source(run, str(z), origin=f"copick project {p}", kind="zarr")
+                       for run, z in copick_tomograms(p, copick_tomo_type))
         elif p.suffix.lower() in TOMO_SUFFIXES:
             if not p.exists():
                 raise InputError(f"tomogram file {p} does not exist")
@@ -193,6 +208,11 @@ def _validate(sources: list[Source], order: str, voxel_size: float | None) -> li
         seen[s.name] = where
         if not Path(s.rec_path).exists():
             raise InputError(f"{where}: tomogram file {s.rec_path} does not exist")
+        if s.kind == "zarr":
+            img = zarr_image(s.rec_path)
+            vs = voxel_size if voxel_size is not None else img.voxel_size
+            plans.append(_Plan(s, order, img.shape, float(vs), img.size_bytes, img.mtime_ns))
+            continue
         hdr = read_header(s.rec_path, what=f"{where}: tomogram")
         shape = tuple(hdr.file_shape[a] for a in ORDERS[order])
         vs = voxel_size if voxel_size is not None else hdr.voxel_size[0]
@@ -297,6 +317,7 @@ def ingest(
     tilt_axis_angle: float = 0.0,
     overwrite: bool = False,
     chunks: Sequence[int] = DEFAULT_CHUNKS,
+    copick_tomo_type: str | None = None,
 ) -> Collection:
     """Ingest tomograms (and aligned tilt series) into a collection store.
 
@@ -305,7 +326,9 @@ def ingest(
     sources : path or list of paths
         MiLoPYP manifests (``image_name rec_path [tilt_path angle_path]``), folders of
         ``.rec``/``.mrc`` (a ``<stem>.tlt`` plus a tilt stack ``<stem>.ali``/``<stem>_ali.mrc``/
-        ``<stem>.mrc`` beside a ``<stem>.rec`` is picked up as its tilt series), or single files.
+        ``<stem>.mrc`` beside a ``<stem>.rec`` is picked up as its tilt series), single files,
+        OME-NGFF image folders (Zarr v2/v3) or copick configs (one tomogram per run; the copick
+        tree is only read, never written).
     store : path, URL or Collection
         The collection store; created if missing.
     order : {"zxy", "xzy", "xyz", "yxz"}, optional
@@ -318,6 +341,8 @@ def ingest(
         Re-ingest tomograms whose source file changed since they were ingested.
     chunks : sequence of int
         Zarr chunk shape of the volumes.
+    copick_tomo_type : str, optional
+        Tomogram type taken from copick projects (default: the only or first type).
 
     Returns
     -------
@@ -332,7 +357,7 @@ def ingest(
     order = check_order(order)
     if voxel_size is not None and not (voxel_size > 0):
         raise InputError(f"--voxel-size must be positive, got {voxel_size}")
-    plans = _validate(collect_sources(sources), order, voxel_size)
+    plans = _validate(collect_sources(sources, copick_tomo_type), order, voxel_size)
     col = store if isinstance(store, Collection) else open_collection(store, mode="a")
 
     # decide per tomogram: skip unchanged, refuse changed ones without overwrite
@@ -348,7 +373,7 @@ def ingest(
             same_opts = meta.get("order") == order and (voxel_size is None or meta.get("voxel_size") == plan.voxel_size)
             if same_stat and same_opts:
                 plan.action = "skip"
-            elif same_opts and meta.get("fingerprint") == fingerprint(plan.src.rec_path):
+            elif same_opts and meta.get("fingerprint") == _fingerprint(plan.src):
                 plan.action = "skip"
             elif overwrite:
                 plan.action = "overwrite"
@@ -374,8 +399,7 @@ def ingest(
         for plan in todo:
             name = plan.src.name
             g = stage_tomo.create_group(name, overwrite=True)
-            src = da.from_array(OrientedMRC(plan.src.rec_path, order), chunks=clip_chunks(plan.shape, chunks),
-                                name=f"mrc-{name}-{plan.mtime_ns}")
+            src = _source_array(plan, chunks)
             stats_tasks.append(_copy_lazy(src, _pyramid_targets(g, plan.shape, chunks)))
             if plan.tilt_shape is not None:
                 tg = stage_tilt.create_group(name, overwrite=True)
@@ -386,7 +410,7 @@ def ingest(
                 stats_tasks.append(_copy_lazy(tsrc, [ttarget]))
             else:
                 stats_tasks.append(None)
-        fps = [dask.delayed(fingerprint)(p.src.rec_path) for p in todo]
+        fps = [dask.delayed(_fingerprint)(p.src) for p in todo]
         lazy = [t for t in stats_tasks if t is not None]
         log.info("ingesting %d tomograms into %s", len(todo), col.url)
         computed = _compute(lazy + fps)
@@ -443,6 +467,24 @@ def ingest(
             del col.zarr_group[STAGING]
     col.consolidate()
     return col
+
+
+def _fingerprint(src: Source) -> str:
+    """Content fingerprint of a source (the MRC file, or every file of the zarr level-0 array)."""
+    if src.kind == "zarr":
+        img = zarr_image(src.rec_path)
+        return zarr_fingerprint(Path(img.path) / img.array)
+    return fingerprint(src.rec_path)
+
+
+def _source_array(plan: _Plan, chunks: Sequence[int]) -> da.Array:
+    """The source volume as a dask array with the store's chunks (read-only, lazily)."""
+    zchunks = clip_chunks(plan.shape, chunks)
+    if plan.src.kind == "zarr":
+        arr = zarr_image(plan.src.rec_path).open()
+        return da.from_zarr(arr, name=f"zarr-{plan.src.name}-{plan.mtime_ns}").astype(np.float32).rechunk(zchunks)
+    return da.from_array(OrientedMRC(plan.src.rec_path, plan.order), chunks=zchunks,
+                         name=f"mrc-{plan.src.name}-{plan.mtime_ns}")
 
 
 def _replace(col: Collection, src: str, dst: str) -> None:

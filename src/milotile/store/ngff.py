@@ -257,6 +257,9 @@ def write_ngff04(
             str(i), shape=lvl.shape, chunks=clip_chunks(lvl.shape, chunks), dtype=dtype,
             compressors=numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
             fill_value=0,
+            # "/"-separated chunk keys (0/0/0) like ome-zarr's writer: copick 1.x opens volumes through a
+            # zarr-2 FSStore whose key separator is "/", and reads "."-separated chunks as empty
+            chunk_key_encoding={"name": "v2", "separator": "/"},
         )
         tasks.append(_store_aligned(lvl, arr))
         trans = [0.5 * voxel_size * (f - 1)] * 3 if f > 1 else None
