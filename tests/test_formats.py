@@ -342,3 +342,25 @@ def test_validate_detects_axis_mixup(col):
 def test_validate_empty(col):
     with pytest.raises(InputError, match="no points"):
         validate_labels(pd.DataFrame({"tomogram": [], "x": [], "y": [], "z": []}), col)
+
+
+def test_star_tomograms_star_round_trip_without_collection(tmp_path, col, picks):
+    """RELION-5: particles + tomograms.star read back (with starfile) to the same voxels, no store needed."""
+    import starfile
+
+    path, tomos = export(picks, "star", tmp_path / "relion" / "particles.star", col=col, voltage=200.0)
+    glob = starfile.read(tomos)
+    assert list(glob["rlnTomoName"]) == ["tomo_a", "tomo_b"]
+    row = glob.set_index("rlnTomoName").loc["tomo_b"]
+    assert (row["rlnTomoSizeX"], row["rlnTomoSizeY"], row["rlnTomoSizeZ"]) == (50, 50, 30)
+    assert row["rlnTomoTiltSeriesPixelSize"] == pytest.approx(7.5) and row["rlnVoltage"] == pytest.approx(200.0)
+    assert row["rlnTomoTomogramBinning"] == pytest.approx(1.0)
+    back = read_labels(path)  # sizes and pixel size from tomograms.star beside the particles
+    ref = picks.sort_values(["tomogram", "x"]).reset_index(drop=True)
+    got = back.sort_values(["tomogram", "x"]).reset_index(drop=True)
+    np.testing.assert_allclose(got[["x", "y", "z"]].to_numpy(), ref[["x", "y", "z"]].to_numpy(), atol=1e-4)
+    (tmp_path / "relion" / "tomograms.star").unlink()
+    with pytest.raises(InputError, match="tomograms.star"):
+        read_labels(path)
+    with pytest.raises(InputError, match="unknown STAR export option"):
+        export(picks, "star", tmp_path / "x.star", col=col, kv=300)
