@@ -132,7 +132,7 @@ class Species:
 
 #: Built-in species, largest first.
 SPECIES: dict[str, Species] = {
-    "ribosome": Species("ribosome", radius=9.0, bound=11.0, density=1.0, shape=_ribosome),
+    "ribosome": Species("ribosome", radius=9.0, bound=10.5, density=1.0, shape=_ribosome),
     "proteasome": Species("proteasome", radius=6.0, bound=10.0, density=1.0, shape=_proteasome),
     "ring": Species("ring", radius=4.0, bound=4.9, density=1.0, shape=_ring),
 }
