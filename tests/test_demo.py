@@ -18,7 +18,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert code == 0
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "mine", "patches", "patches2d3d", "explore",
-                            "embed", "refine", "pick", "fiber", "export"]
+                            "embed", "refine", "pick", "fiber", "export", "interop"]
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
     assert report["embed"]["rows"] == report["patches"]["rows"]
@@ -32,5 +32,8 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson"):
         assert (out / "exports" / fmt).exists(), fmt
     assert len(pd.read_csv(out / "exports" / "picks.csv")) == len(picks)
+    # copick project with the tomograms; the store root lists the images viewers open
+    assert report["interop"]["copick_tomograms"] == 2
+    assert report["interop"]["images"]["tomograms"] == 2 and report["interop"]["images"]["heatmaps"] == 2
     printed = capsys.readouterr().out
     assert "milotile demo finished" in printed and "f1_all" in printed

@@ -97,8 +97,8 @@ def store(tmp_path_factory) -> Path:
     grp.attrs["milotile"] = {"complete": True}
     # exploration colour map: cluster labels on the 2x grid, through the one labels writer
     lab = (np.arange(np.prod([s // 2 for s in SHAPE])).reshape([s // 2 for s in SHAPE]) % 4).astype(np.uint16)
-    write_labels(col.zarr_group["tomograms/ta"], "clusters", [lab], scales=[[2 * VS] * 3],
-                 translations=[[0.5 * VS] * 3], names={1: "c1", 2: "c2", 3: "c3"})
+    write_labels(col.zarr_group["tomograms/ta"], "clusters", lab, scale=[2 * VS] * 3,
+                 translation=[0.5 * VS] * 3, names={1: "c1", 2: "c2", 3: "c3"})
     picks = pd.DataFrame({"tomogram": "ta", "x": [5.0, 20.0, 30.5], "y": [10.0, 25.0, 40.0], "z": [3.0, 12.0, 20.0],
                           "score": [0.9, 0.8, 0.7], "class": "ribosome", "radius": 4.0})
     col.write_table("picks", picks)
@@ -202,7 +202,20 @@ def test_ome_zarr_reader_opens_every_image(store):
     assert any(n.data and n.data[0].shape == (12, 24, 20) for n in labels_nodes)
 
 
+def test_ome_zarr_models_validate_every_image(store):
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    img = Image.from_zarr(zarr.open_group(str(store / IMAGES["tomogram"]), mode="r"))
+    assert img.labels is not None and list(img.labels.members) == ["clusters"]  # levels match the image's
+    ImageLabel.from_zarr(zarr.open_group(str(store / IMAGES["labels"]), mode="r"))
+    Image.from_zarr(zarr.open_group(str(store / IMAGES["preprocessed"]), mode="r"))
+    heat = Image.from_zarr(zarr.open_group(str(store / IMAGES["heatmap"]), mode="r"))
+    assert [a.name for a in heat.attributes.ome.multiscales[0].axes] == ["c", "z", "y", "x"]
+
+
 # ------------------------------------------------------------------------------------ napari
+@pytest.mark.slow
 def test_napari_opens_every_layer_overlaid(store):
     out = run_client("napari", "napari_check.py", *[str(store / p) for p in IMAGES.values()])
     res = {k: out["results"][str(store / p)] for k, p in IMAGES.items()}
@@ -212,7 +225,7 @@ def test_napari_opens_every_layer_overlaid(store):
     assert tomo[0]["type"] == "Image" and tomo[0]["multiscale"] and tomo[0]["levels"] == 3
     assert tomo[0]["scale"] == [VS, VS, VS] and tomo[0]["world_origin"] == [0, 0, 0]
     # opening the tomogram also overlays its label images (listed in <image>/labels)
-    assert [(la["type"], la["shape"]) for la in tomo[1:]] == [("Labels", [12, 24, 20])]
+    assert [(la["type"], la["shape"], la["levels"]) for la in tomo[1:]] == [("Labels", [12, 24, 20], 3)]
     ref = _extent(tomo[0]["scale"], tomo[0]["translate"], tomo[0]["shape"])
     heat = res["heatmap"]["layers"]
     assert [h["type"] for h in heat] == ["Image", "Image"]  # one layer per class (channel axis)
@@ -235,6 +248,7 @@ def test_napari_opens_every_layer_overlaid(store):
 
 
 # ------------------------------------------------------------------------------------ copick
+@pytest.mark.slow
 def test_copick_reads_exported_project_after_moving_it(store, tmp_path):
     col = mt.open(store)
     picks = col.read_table("picks")
@@ -271,6 +285,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_ingest_copick_project_written_by_copick_leaves_it_untouched(tmp_path):
     rng = np.random.default_rng(3)
     vol = rng.normal(size=(20, 36, 44)).astype(np.float32)

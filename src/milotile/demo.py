@@ -185,6 +185,15 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         exports[fmt] = str(dest)
     report.add("export", time.perf_counter() - t0, formats=list(exports))
 
+    # 10. interoperability: the images viewers open, listed at the store root --------------------
+    t0 = time.perf_counter()
+    final = mt.open(store)
+    final.consolidate()
+    images = final.image_paths()
+    copick_tomos = sorted(str(p.relative_to(out)) for p in (out / "exports" / "copick").glob("ExperimentRuns/*/VoxelSpacing*/*.zarr"))
+    report.add("interop", time.perf_counter() - t0, images={k: len(v) for k, v in images.items()},
+               copick_tomograms=len(copick_tomos), napari=f"napari --plugin napari-ome-zarr {store}/{images['tomograms'][0]}")
+
     (out / "demo_report.json").write_text(json.dumps(report.stages, indent=2, default=str))
     log.info("[demo] done: report in %s", out / "demo_report.json")
     return report

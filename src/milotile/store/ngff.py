@@ -108,13 +108,30 @@ def _store_aligned(darr: da.Array, target: Any) -> Any:
     return da.store(aligned, target, lock=False, compute=False, return_stored=False)
 
 
+def _image_level0(image: zarr.Group) -> tuple[list[float], list[float], int]:
+    """Scale, translation (z, y, x) of level 0 and the number of levels of a multiscale image."""
+    attrs = dict(image.attrs)
+    ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+    if not ms:
+        raise ValueError(f"{image.path} is not a multiscale image (no 'multiscales' metadata)")
+    ds = ms[0]["datasets"]
+    scale, trans = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+    for t in ds[0].get("coordinateTransformations", []):
+        if t["type"] == "scale":
+            scale = [float(v) for v in t["scale"][-3:]]
+        elif t["type"] == "translation":
+            trans = [float(v) for v in t["translation"][-3:]]
+    return scale, trans, len(ds)
+
+
 def write_labels(
     image: zarr.Group,
     name: str,
-    levels: Sequence[da.Array | np.ndarray],
+    labels: da.Array | np.ndarray,
     *,
-    scales: Sequence[Sequence[float]],
-    translations: Sequence[Sequence[float] | None] | None = None,
+    scale: Sequence[float] | None = None,
+    translation: Sequence[float] | None = None,
+    levels: int | None = None,
     colors: dict[int, Sequence[int]] | None = None,
     names: dict[int, str] | None = None,
     attributes: dict | None = None,
@@ -123,9 +140,15 @@ def write_labels(
 ) -> zarr.Group | list:
     """Write an integer label image ``<image>/labels/<name>`` (OME-NGFF 0.5 ``image-label``).
 
-    napari (napari-ome-zarr) and ome-zarr-py open it as a Labels layer overlaid on ``image``;
-    0 is background. Use this for every label volume milotile writes (exploration colour maps,
-    segmentations) so that they all carry the same metadata.
+    napari (napari-ome-zarr) and ome-zarr-py open it as a Labels layer overlaid on ``image`` (0 is
+    background), and ome-zarr-models validates the image with its labels. Use this for every label
+    volume milotile writes (exploration colour maps, segmentations).
+
+    The pyramid has as many levels as ``image`` (what ome-zarr-models requires); level ``i`` takes
+    every ``2**i``-th voxel (labels are never averaged). For an exact overlay in napari give the
+    labels on the image's own level-0 grid (the default ``scale``/``translation``):
+    napari-ome-zarr 0.10 ignores dataset translations, so a coarser grid lands up to half a coarse
+    voxel off there (other readers place it exactly).
 
     Parameters
     ----------
@@ -133,14 +156,15 @@ def write_labels(
         The multiscale image the labels belong to (e.g. ``tomograms/<name>``).
     name : str
         Label image name (a path component).
-    levels : sequence of dask or numpy arrays
-        Integer ``(z, y, x)`` arrays, finest first.
-    scales, translations : sequence
-        Per level ``(z, y, x)`` scale and optional translation in Å (the same physical frame as
-        the image, so that the layers overlay).
+    labels : dask or numpy array
+        Integer ``(z, y, x)`` labels, finest level.
+    scale, translation : (z, y, x), optional
+        Voxel size and origin of ``labels`` in the image's physical frame (Å); default the image's
+        level 0.
+    levels : int, optional
+        Pyramid levels (default: as many as the image).
     colors : dict, optional
-        ``{label value: (r, g, b[, a])}``; default distinct colours for the values present in
-        ``names`` or for ``1..max`` of the finest level when small.
+        ``{label value: (r, g, b[, a])}``; default distinct colours for ``names`` or ``1..max``.
     names : dict, optional
         ``{label value: description}`` stored as ``properties``.
     attributes : dict, optional
@@ -155,31 +179,33 @@ def write_labels(
     zarr.Group or list
         The label group, or the lazy tasks when ``compute=False``.
     """
-    if not levels:
-        raise ValueError("write_labels needs at least one level")
-    if len(scales) != len(levels):
-        raise ValueError(f"{len(scales)} scales for {len(levels)} levels")
-    translations = list(translations) if translations is not None else [None] * len(levels)
+    dtype = np.dtype(labels.dtype)
+    if dtype.kind not in "iu":
+        raise ValueError(f"label images must be integers, got {dtype}")
+    if labels.ndim != 3:
+        raise ValueError(f"label images are (z, y, x), got shape {labels.shape}")
+    img_scale, img_trans, img_levels = _image_level0(image)
+    scale = [float(v) for v in (scale if scale is not None else img_scale)]
+    translation = [float(v) for v in (translation if translation is not None else img_trans)]
+    n_levels = int(levels if levels is not None else img_levels)
+    darr = labels if isinstance(labels, da.Array) else da.from_array(np.asarray(labels), chunks=tuple(chunks))
     parent = image.require_group("labels")
     existing = list(dict(parent.attrs.get("ome", {})).get("labels", []))
     grp = parent.create_group(name, overwrite=True)
-    tasks = []
-    datasets = []
-    dtype = np.dtype(levels[0].dtype)
-    if dtype.kind not in "iu":
-        raise ValueError(f"label images must be integers, got {dtype}")
-    for i, lvl in enumerate(levels):
-        lchunks = [max(1, int(c) // 2**i) for c in chunks]
-        arr = create_array(grp, str(i), lvl.shape, chunks=clip_chunks(lvl.shape, lchunks), dtype=dtype,
-                           dimension_names=AXES_ZYX)
-        darr = lvl if isinstance(lvl, da.Array) else da.from_array(np.asarray(lvl), chunks=arr.chunks)
-        tasks.append(_store_aligned(darr, arr))
-        datasets.append({"path": str(i), "coordinateTransformations": _level_transforms(scales[i], translations[i])})
+    tasks, datasets = [], []
+    for i in range(n_levels):
+        f = 2**i
+        lvl = darr[::f, ::f, ::f]
+        lchunks = clip_chunks(lvl.shape, [max(1, int(c) // f) for c in chunks])
+        arr = create_array(grp, str(i), lvl.shape, chunks=lchunks, dtype=dtype, dimension_names=AXES_ZYX)
+        tasks.append(_store_aligned(lvl, arr))
+        # voxel k of level i is voxel f*k of level 0: same origin, f times the spacing
+        datasets.append({"path": str(i), "coordinateTransformations": _level_transforms(
+            [s * f for s in scale], translation)})
     if colors is None:
         values = sorted(names) if names else None
         if values is None:
-            lvl = levels[-1]
-            top = int(lvl.max().compute() if isinstance(lvl, da.Array) else np.max(lvl))
+            top = int(darr.max().compute())
             values = list(range(1, min(top, 255) + 1))
         table = label_colors(values)
     else:
@@ -201,7 +227,7 @@ def write_labels(
     if not compute:
         return tasks
     dask.compute(*tasks)
-    log.info("wrote labels %s/labels/%s (%d levels)", image.path, name, len(levels))
+    log.info("wrote labels %s/labels/%s (%d levels)", image.path, name, n_levels)
     return grp
 
 
