@@ -13,11 +13,11 @@ import sys
 
 
 def main(config: str) -> int:
+    import importlib.metadata as md
+
     import copick
     import numpy as np
     import zarr
-
-    import importlib.metadata as md
 
     root = copick.from_file(config)
     out = {

@@ -209,7 +209,7 @@ class Collection:
         arr = self.zarr_group.create_array(name, shape=(0,), chunks=(1,), dtype="uint8", overwrite=False)
         arr.attrs["milotile"] = {
             "kind": name,
-            "note": f"plain files (not zarr data) live in this folder; see docs/architecture.md",
+            "note": "plain files (not zarr data) live in this folder; see docs/architecture.md",
         }
 
     def runs_dir(self, run: str) -> str:

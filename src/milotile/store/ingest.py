@@ -33,7 +33,12 @@ from milotile.store.arrays import (
     multiscale_metadata,
 )
 from milotile.store.collection import TILTS, TOMOGRAMS, Collection, open_collection
-from milotile.store.copick_tree import copick_tomograms, is_copick_config, zarr_fingerprint, zarr_image
+from milotile.store.copick_tree import (
+    copick_tomograms,
+    is_copick_config,
+    zarr_fingerprint,
+    zarr_image,
+)
 from milotile.store.mrc import ORDERS, OrientedMRC, check_order, fingerprint, read_header
 
 log = logging.getLogger(__name__)

@@ -73,7 +73,7 @@ def omero_metadata(
         ``{"channels": [{"label", "color", "window", "active"}, ...], "rdefs": {...}}``.
     """
     if colors is None:
-        colors = ["%02X%02X%02X" % c for c in distinct_colors(len(labels))]
+        colors = ["".join(f"{v:02X}" for v in c) for c in distinct_colors(len(labels))]
     lo, hi = float(window[0]), float(window[1])
     return {
         "channels": [
