@@ -214,6 +214,20 @@ def test_ome_zarr_models_validate_every_image(store):
     assert [a.name for a in heat.attributes.ome.multiscales[0].axes] == ["c", "z", "y", "x"]
 
 
+def test_export_ngff04_cli_zarr_v2(store, tmp_path):
+    from ome_zarr_models.v04.image import Image as Image04
+
+    from milotile.cli import main as cli_main
+
+    assert cli_main(["export-ngff", "--store", str(store), "--out", str(tmp_path / "ngff")]) in (0, None)
+    grp = zarr.open_group(str(tmp_path / "ngff" / "ta.zarr"), mode="r", zarr_format=2)
+    Image04.from_zarr(grp)  # valid NGFF 0.4
+    assert grp.attrs["multiscales"][0]["version"] == "0.4"
+    t = mt.open(store, mode="r")["ta"]
+    for level in t.levels:
+        np.testing.assert_array_equal(grp[str(level)][:], t.data(level).compute())
+
+
 # ------------------------------------------------------------------------------------ napari
 @pytest.mark.slow
 def test_napari_opens_every_layer_overlaid(store):

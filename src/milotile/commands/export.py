@@ -40,6 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="copick: overlay_root written into a new config (default 'local://.', relative: portable)")
     p.set_defaults(handler=run, needs_cluster=False)
 
+    q = sub.add_parser(
+        "export-ngff",
+        help="write tomograms as OME-NGFF 0.4 / Zarr v2 (<out>/<name>.zarr; CryoET Data Portal / copick layout)",
+        description="Every pyramid level, scale in Å, 256³ chunks, Blosc-LZ4, written chunk by chunk.",
+    )
+    q.add_argument("--store", required=True, help="collection store")
+    q.add_argument("--out", "-o", required=True, help="output folder")
+    q.add_argument("--names", nargs="*", default=None, help="tomograms (default all)")
+    q.set_defaults(handler=run_ngff, needs_cluster=False)
+
 
 def load_picks(spec: str, store: str | None):
     """A picks table from a file, or from ``tables/<spec>.parquet`` of ``store``."""
@@ -93,4 +103,15 @@ def run(args: argparse.Namespace) -> int:
     files = export(picks, args.fmt, args.out, col=col, **opts)
     log.info("exported %d picks as %s: %d file(s) under %s", len(picks), args.fmt, len(files), args.out)
     print(f"wrote {len(files)} file(s) to {args.out}")
+    return 0
+
+
+def run_ngff(args: argparse.Namespace) -> int:
+    """Handler of ``milotile export-ngff``."""
+    import milotile
+    from milotile.store.ngff import export_tomograms_ngff04
+
+    col = milotile.open(args.store, mode="r")
+    written = export_tomograms_ngff04(col, args.out, args.names)
+    print(f"wrote {len(written)} OME-NGFF 0.4 image(s) to {args.out}")
     return 0

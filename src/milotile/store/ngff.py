@@ -303,3 +303,35 @@ def write_ngff04(
     dask.compute(*tasks)
     log.info("wrote NGFF 0.4 (zarr v2) %s: %d levels", dest, len(levels))
     return root
+
+
+def export_tomograms_ngff04(col: Any, out: str | os.PathLike, names: Sequence[str] | None = None) -> list[str]:
+    """Write tomograms of a collection as ``<out>/<name>.zarr`` (OME-NGFF 0.4, Zarr v2, all pyramid levels).
+
+    This is the layout of the CryoET Data Portal's volumes (multiscale ``0, 1, 2`` in Å, 256³ chunks,
+    Blosc-LZ4) and of copick's ``<tomo_type>.zarr``; every zarr-2 tool reads it.
+
+    Parameters
+    ----------
+    col : Collection
+        The collection store.
+    out : path
+        Output folder (created).
+    names : sequence of str, optional
+        Tomograms to write (default all).
+
+    Returns
+    -------
+    list of str
+        The ``.zarr`` folders written.
+    """
+    out_dir = os.fspath(out)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for name in names if names is not None else col.names:
+        t = col[name]
+        dest = os.path.join(out_dir, f"{name}.zarr")
+        write_ngff04([t.data(level) for level in t.levels], dest, voxel_size=t.voxel_size, name=name,
+                     attributes={"milotile": {"tomogram": name, "source": t.meta.get("source", "")}})
+        written.append(dest)
+    return written
