@@ -67,6 +67,7 @@ def build(tmp: Path, size: tuple[int, int, int]) -> tuple[Path, dict]:
     import pandas as pd
 
     import milotile as mt
+    from milotile.ops.grid import Grid
     from milotile.refine.predict import heatmap_metadata
     from milotile.store import write_dask, write_mrc
     from milotile.store.ngff import write_labels
@@ -81,7 +82,7 @@ def build(tmp: Path, size: tuple[int, int, int]) -> tuple[Path, dict]:
     hm = da.random.random((2, z, y // 2, x // 2), chunks=(1, 64, 128, 128)).astype(np.float32)
     grp = col.group("derived/heatmaps/run1/tomo", create=True)
     write_dask(hm, grp, "0", chunks=(1, 64, 128, 128), dimension_names=("c", "z", "y", "x"))
-    grp.attrs["ome"] = heatmap_metadata("tomo", 10.0, (1, 2, 2), (0, 0, 0), ["ribosome", "proteasome"])
+    grp.attrs["ome"] = heatmap_metadata("tomo", 10.0, Grid.model_output((1, 2, 2), (0, 0, 0)), ["ribosome", "proteasome"])
     grp.attrs["milotile"] = {"complete": True}
     lab = (da.random.randint(0, 5, size=size, chunks=(64, 256, 256))).astype(np.uint16)
     write_labels(col.zarr_group["tomograms/tomo"], "clusters", lab, names={i: f"cluster{i}" for i in range(1, 5)})

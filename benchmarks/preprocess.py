@@ -167,7 +167,7 @@ def child_milotile(a: argparse.Namespace) -> dict:
         col = mt.open(Path(a.workdir) / "store.zarr")
         preprocess(col, gauss=a.gauss, overwrite=True, tilts=False)
         t2 = time.perf_counter()
-        cands = mine(col, dog=a.dog, threshold_std=a.threshold_std, min_distance=a.min_distance,
+        cands = mine(col, dog=a.dog, threshold_std=a.threshold_std, nms_distance=a.min_distance,
                      border=a.border, border_z=a.border_z, chunks=chunks)
         t3 = time.perf_counter()
 
@@ -202,7 +202,39 @@ def child_patches(a: argparse.Namespace) -> dict:
     return {"key": key, "n": n, "patches_s": dt, "candidates_per_s": n / dt if dt > 0 else None}
 
 
-CHILDREN = {"prepare": child_prepare, "milopyp": child_milopyp, "milotile": child_milotile, "patches": child_patches}
+def child_gaussian(a: argparse.Namespace) -> dict:
+    """The lazy Gaussian alone: milotile's ``ops.filters.gaussian`` vs ``dask_image.ndfilters.gaussian_filter``.
+
+    Same input (the stored level-0 tomogram), same sigma, truncation and boundary mode, threaded
+    scheduler with 2 threads, interleaved repeats; the result is summed so nothing is held.
+    """
+    import dask
+    import numpy as np
+    from dask_image.ndfilters import gaussian_filter
+
+    import milotile as mt
+    from milotile.ops.blocks import BOUNDARY
+    from milotile.ops.filters import gaussian
+
+    col = mt.open(Path(a.workdir) / "store.zarr")
+    x = col[col.names[0]].data(0)
+    fns = {"milotile": lambda: gaussian(x, a.gauss, mode=BOUNDARY),
+           "dask_image": lambda: gaussian_filter(x, a.gauss, mode=BOUNDARY, truncate=4.0)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(3):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            dask.compute(f().sum(dtype=np.float64), scheduler="threads", num_workers=2)
+            times[k].append(time.perf_counter() - t0)
+    sl = (slice(0, min(x.shape[0], 48)), slice(0, 128), slice(0, 128))
+    a_, b_ = dask.compute(fns["milotile"]()[sl], fns["dask_image"]()[sl], scheduler="threads")
+    return {"shape": list(x.shape), "chunks": list(x.chunksize), "sigma": a.gauss,
+            **{f"{k}_s": statistics.median(v) for k, v in times.items()}, "runs": times,
+            "max_abs_diff": float(np.abs(a_ - b_).max()), "load_avg": os.getloadavg()}
+
+
+CHILDREN = {"prepare": child_prepare, "milopyp": child_milopyp, "milotile": child_milotile, "patches": child_patches,
+            "gaussian": child_gaussian}
 
 
 # --------------------------------------------------------------------------- parent
@@ -346,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
                 c = np.load(a.workdir / f"cands_{v}.npy")
                 s["candidates_near_milopyp"] = agreement(c, ref)
                 s["milopyp_near_candidates"] = agreement(ref, c)
+        gauss = measured(a, "gaussian")
+        print(f"lazy Gaussian sigma {a.gauss} on {gauss['shape']} (2 threads, median of 3): milotile "
+              f"{gauss['milotile_s']:.2f} s, dask-image {gauss['dask_image_s']:.2f} s "
+              f"(ratio {gauss['dask_image_s'] / gauss['milotile_s']:.2f}), max |diff| {gauss['max_abs_diff']:.2e}")
         patches = measured(a, "patches", workers=max(workers))
         print(f"patch extraction (slab, bbox {a.bbox}, 4 shifts, {max(workers)} workers): {patches['n']} candidates "
               f"in {patches['patches_s']:.1f} s = {patches['candidates_per_s']:.0f} candidates/s")
@@ -380,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()
                        if k not in ("workdir", "variant", "out")},
             "prepare": prep, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-            "results": summary, "patches": patches,
+            "results": summary, "patches": patches, "gaussian": gauss,
             "target": target, "best": best,
         }
         path = write_results(a.out, payload)

@@ -61,10 +61,7 @@ DECODE = {"threshold": 0.02, "max_picks": 2000}  # low threshold: the PR curve i
 
 # --------------------------------------------------------------------------- child processes
 def _decode_kw(picker, radius: float) -> dict:
-    from milotile.refine.predict import _geometry
-
-    stride, offset, _ = _geometry(picker)
-    return {"stride": stride, "offset": offset, "classes": picker.classes, "threshold": DECODE["threshold"],
+    return {"grid": picker.grid, "classes": picker.classes, "threshold": DECODE["threshold"],
             "nms_distance": radius, "max_picks": DECODE["max_picks"], "border": int(np.floor(2 * radius / 4.0))}
 
 
@@ -74,13 +71,12 @@ def child_whole(a: argparse.Namespace) -> dict:
 
     torch.set_num_threads(a.threads)
     import dask
-    import dask.array as da
     import pandas as pd
 
     import milotile as mt
     from milotile.refine.decode import decode_heatmap
     from milotile.refine.picker import Picker
-    from milotile.refine.preprocess import tomogram_stats
+    from milotile.refine.predict import picker_stats
 
     dask.config.set(scheduler="synchronous")  # one process, one thread reads the volume
     col = mt.open(a.store, mode="r")
@@ -92,7 +88,7 @@ def child_whole(a: argparse.Namespace) -> dict:
         t = col[n]
         src = t.data(0)
         vol = np.asarray(src, dtype=np.float32)  # the whole tomogram in RAM
-        stats = tomogram_stats(da.from_array(vol, chunks=src.chunks), n)  # same numbers as the tiled path
+        stats = picker_stats(col, n, picker)  # same numbers as the tiled path
         t1 = time.perf_counter()
         hm = picker.predict_block(vol, stats)
         t2 = time.perf_counter()

@@ -34,9 +34,8 @@ import pandas as pd
 
 import milotile as mt
 from milotile.metrics import evaluate, pr_curve
-from milotile.refine.data import VolumeReader
-from milotile.refine.preprocess import tomogram_stats
-from milotile.refine.train import decode_peaks, predict_region
+from milotile.refine.predict import picker_stats
+from milotile.refine.validation import predict_region_picks
 from milotile.synth import synth
 
 
@@ -100,16 +99,14 @@ def run_species(args, col, res, gt, sp_name: str, work: Path, dog_cache: dict) -
     picks = []
     for n in res.names:
         t = col[n]
-        reader = VolumeReader(t.data(0), n)
-        stats = tomogram_stats(t.data(0), n)
-        prob, origin = predict_region(picker, reader, stats, (0, 0, 0), t.shape, max_halo_xy=64)
-        picks.append(decode_peaks(prob, picker, origin, tomogram=n, min_score=0.01))
+        region = {"tomogram": n, "start": (0, 0, 0), "stop": tuple(t.shape)}  # pick's tiler and decoder
+        picks.append(predict_region_picks(picker, col, region, picker_stats(col, n, picker))[0])
     picks = pd.concat(picks, ignore_index=True)
     t_pred = time.perf_counter() - t0
     picks.to_parquet(run / "picks.parquet")
     true = sp[["tomogram", "x", "y", "z"]]
     f1_learn_oracle, thr_learn = best_f1(picks, true, match_r)
-    thr_own = float(picker.contract.get("suggested_threshold", 0.5))
+    thr_own = float(picker.contract.get("suggested_threshold") or 0.5)
 
     t0 = time.perf_counter()
     best = (-1.0, None)

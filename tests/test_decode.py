@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from milotile.errors import InputError
-from milotile.refine.decode import decode_heatmap, model_to_level0
+from milotile.ops.grid import Grid
+from milotile.refine.decode import decode_heatmap
 
 
 def _heatmap(shape, peaks, sigma=1.0):
@@ -19,10 +20,17 @@ def _heatmap(shape, peaks, sigma=1.0):
     return hm.astype(np.float32)
 
 
-def test_model_to_level0_centre_convention():
+def test_model_grid_centre_convention():
     k = np.array([[0, 0, 0], [3, 5, 7]])
-    np.testing.assert_allclose(model_to_level0(k, (1, 2, 2)), [[0, 0.5, 0.5], [3, 10.5, 14.5]])
-    np.testing.assert_allclose(model_to_level0(k, (2, 2, 2)), [[0.5, 0.5, 0.5], [6.5, 10.5, 14.5]])
+    np.testing.assert_allclose(Grid.model_output((1, 2, 2)).to_level0(k), [[0, 0.5, 0.5], [3, 10.5, 14.5]])
+    g = Grid.model_output((2, 2, 2))
+    np.testing.assert_allclose(g.to_level0(k), [[0.5, 0.5, 0.5], [6.5, 10.5, 14.5]])
+    np.testing.assert_allclose(g.from_level0(g.to_level0(k)), k)
+    # composition: preprocessing grid (compress, then bin 2) equals the two steps applied in turn
+    p = Grid.processed(compress=True, binning=2)
+    two = Grid.compressed().to_level0(Grid.binned(2).to_level0(k))
+    np.testing.assert_allclose(p.to_level0(k), two)
+    np.testing.assert_allclose(g.shifted((10, 20, 30)).to_level0(k), g.to_level0(k) + [10, 20, 30])
 
 
 def test_decode_positions_scores_and_angstrom():

@@ -308,7 +308,7 @@ def test_train_2d3d_and_embed_on_cluster(tmp_path):
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as lc, distributed.Client(lc) as client:
         emb = embed(col, model=tmp_path / "run" / "last.pt", rows_per_task=8)
-        loads = client.run(lambda: __import__("milotile.explore.embed", fromlist=["_loads"])._loads())
+        loads = client.run(lambda: __import__("milotile.nn.cache", fromlist=["cache_info"]).cache_info()["loads"])
     np.testing.assert_allclose(emb.values(), local, rtol=1e-4, atol=1e-5)
     assert list(loads.values()) == [1]  # 4 tasks, the model loaded once on the worker
 

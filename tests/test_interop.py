@@ -32,6 +32,7 @@ import zarr
 
 import milotile as mt
 from milotile.formats import export, read_labels
+from milotile.ops.grid import Grid
 from milotile.refine.predict import heatmap_metadata
 from milotile.store import write_dask, write_mrc
 from milotile.store.ngff import write_labels
@@ -93,7 +94,7 @@ def store(tmp_path_factory) -> Path:
     hm = da.from_array(rng.random((2, SHAPE[0], SHAPE[1] // 2, SHAPE[2] // 2)).astype(np.float32), chunks=(1, 8, 8, 8))
     grp = col.group("derived/heatmaps/run1/ta", create=True)
     write_dask(hm, grp, "0", chunks=(1, 8, 8, 8), dimension_names=("c", "z", "y", "x"))
-    grp.attrs["ome"] = heatmap_metadata("ta", VS, (1, 2, 2), (0.0, 0.0, 0.0), ["ribosome", "proteasome"])
+    grp.attrs["ome"] = heatmap_metadata("ta", VS, Grid.model_output((1, 2, 2), (0.0, 0.0, 0.0)), ["ribosome", "proteasome"])
     grp.attrs["milotile"] = {"complete": True}
     # exploration colour map: cluster labels on the 2x grid, through the one labels writer
     lab = (np.arange(np.prod([s // 2 for s in SHAPE])).reshape([s // 2 for s in SHAPE]) % 4).astype(np.uint16)

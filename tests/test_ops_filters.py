@@ -8,7 +8,11 @@ import pytest
 from scipy import ndimage as ndi
 
 from milotile.errors import InputError
+from milotile.ops import blocks as B
 from milotile.ops import filters as F
+from milotile.ops import intensity as I  # noqa: E741
+from milotile.ops import resample as R
+from milotile.ops import stats as S
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def test_dog_rejects_bad_sigmas():
 
 def test_global_stats_float64(vol):
     shifted = vol + np.float32(1000.0)  # large offset: a float32 sum-of-squares would lose the std
-    mean, std = F.global_stats(da.from_array(shifted, chunks=(7, 9, 11)))
+    mean, std = S.global_stats(da.from_array(shifted, chunks=(7, 9, 11)))
     ref = shifted.astype(np.float64)
     assert mean == pytest.approx(ref.mean(), rel=1e-12)
     assert std == pytest.approx(ref.std(), rel=1e-9)
@@ -69,32 +73,32 @@ def test_global_stats_float64(vol):
 def test_global_stats_ignores_nan_and_rejects_empty():
     v = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     v[0, 0, 0] = np.nan
-    mean, std = F.global_stats(da.from_array(v, chunks=2))
+    mean, std = S.global_stats(da.from_array(v, chunks=2))
     finite = v[np.isfinite(v)].astype(np.float64)
     assert mean == pytest.approx(finite.mean()) and std == pytest.approx(finite.std())
     with pytest.raises(InputError, match="finite"):
-        F.global_stats(da.full((2, 2, 2), np.nan, chunks=1))
+        S.global_stats(da.full((2, 2, 2), np.nan, chunks=1))
 
 
 def test_contrast_clip(vol):
     mean, std = float(vol.mean()), float(vol.std())
-    y = F.contrast_clip(da.from_array(vol, chunks=10), mean, std).compute()
+    y = I.contrast_clip(da.from_array(vol, chunks=10), mean, std).compute()
     z = np.clip((vol - mean) / std, -3, 3)
     np.testing.assert_allclose(y, (z + 3) / 6, atol=1e-6)
     assert y.min() >= 0 and y.max() <= 1
-    q = F.contrast_clip(vol, mean, std, -2.5, 2.0, quantize=True)
+    q = I.contrast_clip(vol, mean, std, -2.5, 2.0, quantize=True)
     assert isinstance(q, np.ndarray)
     assert np.allclose(q * 255, np.round(q * 255), atol=1e-4)
     assert len(np.unique(q)) <= 256
     with pytest.raises(InputError):
-        F.contrast_clip(vol, mean, 0.0)
+        I.contrast_clip(vol, mean, 0.0)
 
 
 @pytest.mark.parametrize("how", ["max", "mean"])
 @pytest.mark.parametrize("depth", [22, 23])
 def test_compress_z(how, depth):
     v = np.random.default_rng(1).random((depth, 9, 10)).astype(np.float32)
-    got = F.compress_z(da.from_array(v, chunks=(5, 9, 10)), how).compute()
+    got = R.compress_z(da.from_array(v, chunks=(5, 9, 10)), how).compute()
     red = np.maximum if how == "max" else (lambda a, b: (a + b) / 2)
     n = depth // 2
     assert got.shape == ((depth + 1) // 2, 9, 10)
@@ -105,13 +109,13 @@ def test_compress_z(how, depth):
 
 def test_bin_volume_trims():
     v = np.random.default_rng(2).random((23, 31, 37)).astype(np.float32)
-    got = F.bin_volume(da.from_array(v, chunks=(10, 10, 10)), 3).compute()
+    got = R.bin_volume(da.from_array(v, chunks=(10, 10, 10)), 3).compute()
     ref = v[:21, :30, :36].reshape(7, 3, 10, 3, 12, 3).mean(axis=(1, 3, 5))
     assert got.shape == (7, 10, 12)
     np.testing.assert_allclose(got, ref, atol=1e-6)
-    assert F.bin_volume(da.from_array(v), 1).shape == v.shape
+    assert R.bin_volume(da.from_array(v), 1).shape == v.shape
     with pytest.raises(InputError):
-        F.bin_volume(da.from_array(v), 0)
+        R.bin_volume(da.from_array(v), 0)
 
 
 def test_gaussian_crop_equals_cropped_filter(vol):
@@ -126,7 +130,7 @@ def test_gaussian_crop_equals_cropped_filter(vol):
 def test_halo_blocks_tile_the_array(vol):
     x = da.from_array(vol, chunks=(8, 10, 12))  # trailing chunks thinner than the halo get merged
     depth = (3, 0, 4)
-    merged, blocks = F.halo_blocks(x, depth)
+    merged, blocks = B.halo_blocks(x, depth)
     assert len(blocks) == np.prod(merged.numblocks)
     seen = np.zeros(vol.shape, np.int32)
     for blk, hb in blocks:
@@ -144,11 +148,11 @@ def test_halo_blocks_tile_the_array(vol):
 
 def test_regular_chunks(vol):
     x = da.from_array(vol, chunks=(5, 7, 37))
-    assert F.regular_chunks(x, (16, -1, 64)).chunks == ((16, 7), (31,), (37,))
+    assert B.regular_chunks(x, (16, -1, 64)).chunks == ((16, 7), (31,), (37,))
     same = da.from_array(vol, chunks=(16, 31, 37))
-    assert F.regular_chunks(same, (16, 31, 37)) is same
+    assert B.regular_chunks(same, (16, 31, 37)) is same
     with pytest.raises(InputError):
-        F.regular_chunks(x, (16, 16))
+        B.regular_chunks(x, (16, 16))
 
 
 def test_dog_max_block_equals_level_stack(vol):
@@ -166,7 +170,7 @@ def test_dog_max_block_equals_level_stack(vol):
 
 def test_block_moments_views_and_nan(vol):
     view = (vol + np.float32(500.0))[::2, 3:, ::3]  # non-contiguous, large offset
-    n, mean, m2 = F.block_moments(view)
+    n, mean, m2 = S.block_moments(view)
     ref = view.astype(np.float64)
     assert n == view.size
     assert mean == pytest.approx(ref.mean(), rel=1e-13)
@@ -174,9 +178,9 @@ def test_block_moments_views_and_nan(vol):
     v = vol.copy()
     v[0, 0, :5] = np.nan
     v[1, 1, 1] = np.inf
-    n, mean, _ = F.block_moments(v)
+    n, mean, _ = S.block_moments(v)
     assert n == v.size - 6 and mean == pytest.approx(v[np.isfinite(v)].astype(np.float64).mean(), rel=1e-12)
-    assert F.block_moments(np.full((2, 2), np.nan, np.float32)).tolist() == [0.0, 0.0, 0.0]
+    assert S.block_moments(np.full((2, 2), np.nan, np.float32)).tolist() == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("crop", [((6, 15), (9, 20), (10, 25)), ((0, 23), (0, 4), (30, 37)), ((11, 12), (0, 31), (0, 1))])

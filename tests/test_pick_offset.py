@@ -17,6 +17,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
+from milotile.ops.grid import Grid
 from milotile.refine.decode import decode_heatmap
 from milotile.refine.targets import crop_targets, target_geometry
 from milotile.synth.generate import simulate_tomogram
@@ -92,12 +93,11 @@ def test_decoded_ground_truth_heatmap_is_unbiased(compress):
     for pts in truth:
         # thresh > 1: a pure Gaussian whose maximum is the output voxel nearest to the particle
         hm = crop_targets(pts[:, ::-1], None, (0.0, 0.0, 0.0), out_shape, geom, thresh=1.01, unlabeled=False)
-        kw = dict(tomogram="t", shape=shape, voxel_size=10.0, stride=geom.stride, threshold=0.5, nms_distance=4.0,
-                  max_picks=None)
-        picks = decode_heatmap(hm, offset=geom.offset, **kw)
+        kw = dict(tomogram="t", shape=shape, voxel_size=10.0, threshold=0.5, nms_distance=4.0, max_picks=None)
+        picks = decode_heatmap(hm, grid=Grid.model_output(geom.stride, geom.offset), **kw)
         offsets.append(_matched_offsets(picks[["x", "y", "z"]].to_numpy(), pts, 3.0))
         if compress:
-            bad = decode_heatmap(hm, offset=(0.0, 0.0, 0.0), **kw)
+            bad = decode_heatmap(hm, grid=Grid.model_output(geom.stride, (0.0, 0.0, 0.0)), **kw)
             wrong.append(_matched_offsets(bad[["x", "y", "z"]].to_numpy(), pts, 3.0))
     off = np.concatenate(offsets)
     assert len(off) >= 0.9 * sum(len(p) for p in truth)

@@ -15,7 +15,9 @@ import torch
 
 import milotile as mt
 from milotile.errors import InputError
+from milotile.nn import cache
 from milotile.refine import predict as P
+from milotile.refine.picker import Picker
 from milotile.store import write_mrc
 
 
@@ -121,13 +123,13 @@ def test_model_loaded_once_per_process(col, tmp_path):
     ckpt.parent.mkdir()
     ckpt.write_text(json.dumps({"n_classes": 1}))
     picker = ConvPicker.load(str(ckpt))
-    P.clear_picker_cache()
+    cache.clear()
     ConvPicker.loads = 0
     hm = P.predict_heatmap(col, "t1", picker, stats=(0.0, 1.0), tile=(8, 16, 16))
-    P.clear_picker_cache()  # as on a fresh worker: the tasks must load it themselves
+    cache.clear()  # as on a fresh worker: the tasks must load it themselves
     hm.compute(scheduler="threads", num_workers=2)
     assert hm.npartitions == 36 and ConvPicker.loads == 1
-    assert P.picker_cache_info() == {"cached": 1, "loads": 1}
+    assert cache.cache_info() == {"cached": 1, "loads": 1}
 
 
 def test_pick_writes_heatmap_and_picks(col, tmp_path):
@@ -163,11 +165,13 @@ def test_pick_writes_heatmap_and_picks(col, tmp_path):
 def test_pick_rejects_bad_input(col):
     picker = ConvPicker()
     with pytest.raises(InputError, match="not in the collection"):
-        P.pick(col, picker, tomograms=["nope"])
+        P.pick(col, picker, names=["nope"])
     with pytest.raises(InputError, match="threshold"):
         P.pick(col, picker, threshold=1.5)
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="Picker.load"):
         P.pick(col, "/no/such/ckpt.pt")
+    with pytest.raises(InputError, match="does not exist|no such|not found"):
+        Picker.load("/no/such/ckpt.pt")
 
 
 def test_pick_on_inprocess_distributed_cluster(col):
@@ -176,9 +180,9 @@ def test_pick_on_inprocess_distributed_cluster(col):
     picker.path = None
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0"):
         a = P.pick(col, picker, threshold=0.5, nms_distance=4, border=0, write_heatmaps=False, table=None,
-                   tomograms=["t1"])
+                   names=["t1"])
     b = P.pick(col, picker, threshold=0.5, nms_distance=4, border=0, write_heatmaps=False, table=None,
-               tomograms=["t1"])
+               names=["t1"])
     pd.testing.assert_frame_equal(a, b)
 
 

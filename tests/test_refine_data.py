@@ -9,8 +9,10 @@ import pytest
 from scipy import ndimage
 
 from milotile.errors import InputError
+from milotile.ops.intensity import contrast_clip
+from milotile.ops.preprocess import block_halo, preprocess_block
+from milotile.ops.resample import compress_z
 from milotile.refine.data import CropDataset, VolumeReader
-from milotile.refine.preprocess import compress_z, gauss_halo, normalize, preprocess_block
 from milotile.refine.targets import target_geometry
 
 
@@ -20,10 +22,10 @@ def vol():
     return rng.normal(size=(20, 40, 36)).astype(np.float32)
 
 
-def test_reader_matches_array_and_mirrors_outside(vol):
+def test_reader_matches_array_and_pads_outside_with_the_edge(vol):
     r = VolumeReader(da.from_array(vol, chunks=(8, 16, 16)), "v", max_chunks=3)
     assert np.array_equal(r.read((3, 5, 7), (10, 20, 25)), vol[3:13, 5:25, 7:32])
-    ref = np.pad(vol, ((4, 4), (6, 6), (5, 5)), mode="symmetric")
+    ref = np.pad(vol, ((4, 4), (6, 6), (5, 5)), mode="edge")
     assert np.array_equal(r.read((-4, -6, 30), (12, 20, 11)), ref[0:12, 0:20, 35:46])
     assert len(r._cache) <= 3
 
@@ -31,24 +33,24 @@ def test_reader_matches_array_and_mirrors_outside(vol):
 def test_crop_gaussian_with_halo_equals_whole_volume(vol):
     r = VolumeReader(da.from_array(vol, chunks=(8, 16, 16)), "v")
     sigma = 1.2
-    h = gauss_halo(sigma)
-    whole = ndimage.gaussian_filter(vol, sigma, mode="reflect")
-    start, size = (2, 0, 10), (8, 12, 14)  # touches the y border: mirrored padding equals scipy reflect
+    h = block_halo(sigma)[0]
+    whole = ndimage.gaussian_filter(vol, sigma, mode="nearest")
+    start, size = (2, 0, 10), (8, 12, 14)  # touches the y border: edge padding equals scipy nearest
     block = r.read([s - h for s in start], [n + 2 * h for n in size])
-    filt = ndimage.gaussian_filter(block, sigma, mode="reflect")[h:-h, h:-h, h:-h]
+    filt = ndimage.gaussian_filter(block, sigma, mode="nearest")[h:-h, h:-h, h:-h]
     np.testing.assert_allclose(filt, whole[2:10, 0:12, 10:24], atol=1e-5)
 
 
 def test_preprocessing_steps():
     x = np.array([-10.0, 0.0, 1.0, 10.0], np.float32).reshape(1, 1, 4)
-    np.testing.assert_allclose(normalize(x, 0.0, 2.0), [[[0.0, 0.5, 3.5 / 6, 1.0]]], atol=1e-6)  # clip +-3 std -> [0, 1]
+    np.testing.assert_allclose(contrast_clip(x, 0.0, 2.0), [[[0.0, 0.5, 3.5 / 6, 1.0]]], atol=1e-6)  # clip +-3 std -> [0, 1]
     z = np.arange(5 * 2 * 2, dtype=np.float32).reshape(5, 2, 2)
     c = compress_z(z)
     assert c.shape == (3, 2, 2) and np.array_equal(c[0], z[1]) and np.array_equal(c[2], z[4])
     out = preprocess_block(z, mean=10.0, std=5.0, compress=True)
     assert out.shape == (3, 2, 2) and out.min() >= 0 and out.max() <= 1
     with pytest.raises(InputError):
-        normalize(x, 0.0, 0.0)
+        contrast_clip(x, 0.0, 0.0)
 
 
 def test_nan_voxels_are_reported_with_the_tomogram(vol):

@@ -14,9 +14,13 @@ import torch
 
 import milotile as mt
 from milotile.errors import InputError
+from milotile.ops.preprocess import preprocess_block
 from milotile.refine import Picker
+from milotile.refine.contract import picker_contract
+from milotile.refine.predict import pick, picker_stats
 from milotile.refine.targets import target_geometry
-from milotile.refine.train import _contract, train
+from milotile.refine.train import train
+from milotile.refine.validation import predict_region_picks
 
 train_mod = importlib.import_module("milotile.refine.train")
 
@@ -62,7 +66,7 @@ def test_train_resume_and_picker(data):
 
     loaded = Picker.load(out / "best.pt", device="cpu")
     block = col["tomo_001"].data(0)[:20, :50, :45].compute()
-    stats = mt.refine.tomogram_stats(col["tomo_001"].data(0))
+    stats = picker_stats(col, "tomo_001", loaded)
     prob = loaded.predict_block(block, stats)
     assert prob.shape == (1, 20, 25, 23) and prob.dtype == np.float32
     assert prob.min() >= 0 and prob.max() <= 1
@@ -78,7 +82,7 @@ def test_train_resume_and_picker(data):
 def _fresh_picker(compress: bool) -> Picker:
     torch.manual_seed(0)
     model = mt.nn.create("unet4", **TINY).eval()
-    contract = _contract(arch="unet4", model=model, classes=["p"], bbox=12, crop=(4, 32, 32), gauss=0.7,
+    contract = picker_contract(arch="unet4", model=model, classes=["p"], bbox=12, crop=(4, 32, 32), gauss=0.7,
                          compress=compress, clip=(-3, 3), thresh=0.8, tau=0.1, geom=target_geometry(12, 2, compress),
                          voxel_size=10.0, train_stats={}, val_radius=3.0)
     return Picker(model, contract, device="cpu")
@@ -89,7 +93,7 @@ def test_predict_block_z_slabs_equal_one_forward():
     rng = np.random.default_rng(0)
     raw = rng.normal(size=(37, 30, 34)).astype(np.float32)
     prob = picker.predict_block(raw, (0.0, 1.0))
-    x = mt.refine.preprocess_block(raw, mean=0.0, std=1.0, gauss=0.7)
+    x = preprocess_block(raw, mean=0.0, std=1.0, gauss=0.7)
     with torch.no_grad():
         ref = torch.sigmoid(picker.model(torch.from_numpy(x)[None])["hm"])[0].numpy()
     assert prob.shape == ref.shape == (1, 37, 15, 17)
@@ -97,7 +101,7 @@ def test_predict_block_z_slabs_equal_one_forward():
     pc = _fresh_picker(compress=True)
     assert pc.predict_block(raw, (0.0, 1.0)).shape == (1, 19, 15, 17)
     assert pc.halo[0] % 2 == 0
-    np.testing.assert_allclose(pc.out_to_level0(np.array([[3, 4, 5]])), [[6.5, 8, 10]])
+    np.testing.assert_allclose(pc.grid.to_level0(np.array([[3, 4, 5]])), [[6.5, 8, 10]])
 
 
 @pytest.mark.slow
@@ -169,12 +173,15 @@ def test_cli_refine_train(data):
         args.handler(args)
 
 
-def test_decode_peaks_subvoxel_level0_positions():
-    picker = _fresh_picker(compress=True)  # output stride (2, 2, 2), z offset 0.5
-    zz, yy, xx = np.meshgrid(np.arange(10), np.arange(20), np.arange(20), indexing="ij")
-    # a particle at level-0 (z, y, x) = (9.0, 13.0, 22.6): output coordinates ((9-0.5)/2, 6.5, 11.3)
-    k = np.array([4.25, 6.5, 11.3])
-    prob = np.exp(-((zz - k[0]) ** 2 + (yy - k[1]) ** 2 + (xx - k[2]) ** 2) / 2.0)[None].astype(np.float32)
-    pk = train_mod.decode_peaks(prob, picker, (100, 0, 0), tomogram="t", min_score=0.5)
-    assert len(pk) == 1
-    np.testing.assert_allclose(pk[["z", "y", "x"]].to_numpy()[0], [109.0, 13.0, 22.6], atol=0.6)
+def test_validation_decodes_exactly_like_pick(data):
+    """One tiler, one decoder: a validation region covering a tomogram gives pick's table."""
+    _, col, _ = data
+    picker = _fresh_picker(compress=True)
+    name = "tomo_001"
+    stats = picker_stats(col, name, picker)
+    region = {"tomogram": name, "start": (0, 0, 0), "stop": tuple(col[name].shape)}
+    val, _, _ = predict_region_picks(picker, col, region, stats)
+    picked = pick(col, picker, threshold=0.05, max_picks=None, names=[name], write_heatmaps=False, table=None)
+    assert len(picked) > 0
+    cols = ["x", "y", "z", "score"]
+    np.testing.assert_allclose(val[cols].to_numpy(), picked[cols].to_numpy(), atol=1e-5)

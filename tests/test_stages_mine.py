@@ -19,7 +19,7 @@ pre_mod = importlib.import_module("milotile.stages.preprocess")  # the package r
 
 SIZE = (40, 96, 96)
 CHUNKS = (16, 48, 48)
-MINE = dict(dog=(2.0, 4.0), min_distance=5, border=6, border_z=3)
+MINE = dict(dog=(2.0, 4.0), nms_distance=5, border=6, border_z=3)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,8 @@ def test_patch_bank_layout_and_alignment(col):
     arr = col.zarr_group[f"patches/{key}/data"]
     assert arr.shape == (len(cands), 5, 1, 12, 12) and arr.chunks == (16, 5, 1, 12, 12)
     attrs = col.zarr_group[f"patches/{key}"].attrs["milotile"]
-    assert attrs["complete"] and attrs["params"]["complete"] and attrs["params"]["modes"] == ["slab"]
+    assert attrs["complete"] and attrs["params"]["modes"] == ["slab"] and attrs["n"] == len(cands)
+    assert set(attrs["sources"]) == {"tables/candidates", f"derived/preprocessed/{col.names[0]}"}
     assert attrs["params"]["dog"] == [float(s) for s in MINE["dog"]]  # for the explorer's contract
     table = col.read_table(f"patches-{key}")
     assert table["patch_index"].tolist() == list(range(len(cands)))
@@ -132,7 +133,7 @@ def test_tiltsum_sign_auto_override_and_mismatch(col, synth_dir):
     name = col.names[0]
     mine(col, **MINE)  # raw volume: no preprocessed tilts, so the bank uses the stored tilts
     key = extract_patches(col, bbox=12, modes=("tiltsum", "slice"))
-    params = col.zarr_group[f"patches/{key}"].attrs["milotile"]["params"]
+    params = col.zarr_group[f"patches/{key}"].attrs["milotile"]  # what the stage recorded while writing
     assert params["tilt_sign"] == {name: 1} and params["geometry"][name]["correlation"] > 0.5
     assert col.zarr_group[f"patches/{key}/data"].shape[2] == 2
     # reversing the tilt order mirrors the handedness
@@ -140,9 +141,9 @@ def test_tiltsum_sign_auto_override_and_mismatch(col, synth_dir):
     original = tilts[:]
     tilts[:] = original[::-1]
     key2 = extract_patches(col, bbox=12, modes=("tiltsum",), key="mirrored")
-    assert col.zarr_group[f"patches/{key2}"].attrs["milotile"]["params"]["tilt_sign"] == {name: -1}
+    assert col.zarr_group[f"patches/{key2}"].attrs["milotile"]["tilt_sign"] == {name: -1}
     key3 = extract_patches(col, bbox=12, modes=("tiltsum",), key="forced", tilt_sign=1)
-    assert col.zarr_group[f"patches/{key3}"].attrs["milotile"]["params"]["tilt_sign"] == {name: 1}
+    assert col.zarr_group[f"patches/{key3}"].attrs["milotile"]["tilt_sign"] == {name: 1}
     # a tilt series of another specimen is refused, naming the tomogram
     rng = np.random.default_rng(0)
     tilts[:] = ndi.gaussian_filter(rng.normal(size=original.shape), (0, 2, 2)).astype(np.float32)

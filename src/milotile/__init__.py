@@ -7,28 +7,35 @@ The Python API reads like the workflow::
     with mt.cluster():
         col = mt.ingest("tomograms.txt", "project.zarr")   # or mt.open("project.zarr")
         cands = col.preprocess(gauss=0.8).mine(dog=(3, 5))
+        bank = col.patches(bbox=36)
+        encoder = mt.explore.train(col, bank, epochs=20)
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 
+from milotile.api import Candidates, Collection, ingest, open  # noqa: A004
 from milotile.cluster import cluster
 from milotile.errors import InputError, StoreError
-from milotile.store import Collection, ingest
-from milotile.store import open_collection as open
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["Collection", "InputError", "StoreError", "__version__", "cluster", "ingest", "open"]
+#: sub-packages loaded on first use (``mt.explore``, ``mt.refine`` import torch)
+SUBPACKAGES = ("explore", "formats", "metrics", "nn", "ops", "refine", "stages", "store", "synth")
+
+__all__ = ["Candidates", "Collection", "InputError", "StoreError", "__version__", "cluster", "ingest", "open",
+           *SUBPACKAGES]
 
 
 def __getattr__(name: str):
-    # heavy sub-packages (torch) load on first use: ``mt.explore``, ``mt.refine``, ``mt.synth``
-    import importlib
-
-    if name in {"explore", "refine", "synth", "formats", "metrics", "stages", "ops", "nn"}:
+    if name in SUBPACKAGES:
         return importlib.import_module(f"milotile.{name}")
     raise AttributeError(f"module 'milotile' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(SUBPACKAGES))

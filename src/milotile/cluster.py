@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
-
 from milotile.errors import InputError
+from milotile.runtime import active_client, compute_with_progress, gpu_resources  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -169,48 +168,3 @@ def quiet_dask_logs(level: int | None = None) -> None:
     level = level if level is not None else (logging.INFO if root <= logging.DEBUG else logging.WARNING)
     for name in ("distributed", "bokeh", "tornado"):
         logging.getLogger(name).setLevel(level)
-
-
-def active_client() -> Any | None:
-    """The current distributed client, or ``None`` when none is running."""
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def gpu_resources() -> dict | None:
-    """``{"GPU": 1}`` when the active cluster has workers advertising a GPU, else ``None``."""
-    client = active_client()
-    if client is None:
-        return None
-    workers = client.scheduler_info().get("workers", {})
-    if any(w.get("resources", {}).get("GPU") for w in workers.values()):
-        return {"GPU": 1}
-    return None
-
-
-def compute_with_progress(collections: Sequence[Any], *, desc: str = "compute") -> list:
-    """Compute dask collections, showing a progress bar (tqdm on distributed, dask's locally).
-
-    Returns the computed results in order.
-    """
-    client = active_client()
-    if client is None:
-        from dask.diagnostics import ProgressBar
-
-        if log.isEnabledFor(logging.INFO) and os.environ.get("MILOTILE_PROGRESS", "1") != "0":
-            with ProgressBar(minimum=2.0):
-                return list(dask.compute(*collections))
-        return list(dask.compute(*collections))
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
-    futures = client.compute(list(collections))
-    disable = os.environ.get("MILOTILE_PROGRESS", "1") == "0"
-    with tqdm(total=len(futures), desc=desc, disable=disable, leave=False) as bar:
-        for _ in as_completed(futures):
-            bar.update(1)
-    return client.gather(futures)

@@ -83,7 +83,10 @@ def candidate_recall(cands: pd.DataFrame, truth: pd.DataFrame) -> dict[str, floa
 
 def run_demo(cfg: DemoConfig) -> DemoReport:
     """Run every stage of milotile on generated data; returns the report (also written as JSON)."""
-    import milotile as mt
+    from milotile.api import ingest, open_collection
+    from milotile.cluster import cluster
+    from milotile.explore import train as explore_train
+    from milotile.refine import train as refine_train
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -104,37 +107,33 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     report.add("synth", s, tomograms=len(data.names), particles=len(truth),
                species=sorted(truth["species"].unique().tolist()), folder=str(data.out_dir))
 
-    with mt.cluster(workers=cfg.workers):
+    with cluster(workers=cfg.workers):
         # 2. ingest ----------------------------------------------------------------------------
         store = out / "project.zarr"
-        col, s = _timed(lambda: mt.ingest(data.manifest, store))
+        col, s = _timed(lambda: ingest(data.manifest, store))
         report.add("ingest", s, store=str(store), tomograms=len(col),
                    with_tilt_series=sum(col[n].tilt_series is not None for n in col.names))
 
         # 3. preprocess + mine -----------------------------------------------------------------
         _, s = _timed(lambda: col.preprocess(gauss=0.8))
         report.add("preprocess", s, gauss=0.8)
-        cands, s = _timed(lambda: col.mine(dog=(3, 5), threshold_std=0.5, min_distance=7, border=8))
-        recall = candidate_recall(cands, truth)
+        cands, s = _timed(lambda: col.mine(dog=(3, 5), threshold_std=0.5, nms_distance=7, border=8))
+        recall = candidate_recall(cands.df, truth)
         report.add("mine", s, candidates=len(cands), recall_per_species=recall,
                    mean_recall=float(np.mean(list(recall.values()))))
 
         # 4. patch banks -----------------------------------------------------------------------
-        from milotile.stages.patches import extract_patches
-
         bbox = 24
-        key3d, s = _timed(lambda: extract_patches(col, table="candidates", bbox=bbox, modes=("slab",), shifts=True))
-        report.add("patches", s, key=key3d, rows=len(col.read_table(f"patches-{key3d}")), bbox=bbox, mode="slab")
-        key2d3d, s = _timed(lambda: extract_patches(col, table="candidates", bbox=bbox,
-                                                    modes=("tiltsum", "slice"), shifts=True))
-        report.add("patches2d3d", s, key=key2d3d, mode="tiltsum+slice")
+        bank3d, s = _timed(lambda: cands.patches(bbox=bbox, modes=("slab",), shifts=True))
+        report.add("patches", s, key=bank3d.key, rows=bank3d.n, bbox=bbox, mode="slab")
+        bank2d3d, s = _timed(lambda: cands.patches(bbox=bbox, modes=("tiltsum", "slice"), shifts=True))
+        report.add("patches2d3d", s, key=bank2d3d.key, mode="tiltsum+slice")
 
         # 5. exploration: SimSiam ----------------------------------------------------------------
-        encoder, s = _timed(lambda: mt.explore.train(col, key=key3d, mode="3d", epochs=cfg.explore_epochs,
-                                                     batch_size=128, out=out / "runs" / "explore3d",
-                                                     seed=cfg.seed))
-        report.add("explore", s, epochs=cfg.explore_epochs, checkpoint=str(encoder.checkpoint))
-        emb, s = _timed(lambda: encoder.embed(col, key=key3d))
+        encoder, s = _timed(lambda: explore_train(col, bank3d, epochs=cfg.explore_epochs, batch_size=128,
+                                                  out=out / "runs" / "explore3d", seed=cfg.seed))
+        report.add("explore", s, epochs=cfg.explore_epochs, checkpoint=str(encoder.path))
+        emb, s = _timed(lambda: encoder.embed(col, bank3d))
         report.add("embed", s, rows=len(emb), dims=int(emb.array.shape[1]), key=emb.key)
 
         # 6. refinement: PU picker from 30 % of one species in one tomogram ----------------------
@@ -149,14 +148,15 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         radius = float(pool["radius"].mean())
         bbox_r = int(2 * round(radius) + 2)
         # tau 0.01 is MiLoPYP's documented recommendation; a 16-filter U-Net trains fast on a CPU
-        picker, s = _timed(lambda: mt.refine.train(col, labels_path, bbox=bbox_r, epochs=cfg.refine_epochs,
+        picker, s = _timed(lambda: refine_train(col, labels_path, bbox=bbox_r, epochs=cfg.refine_epochs,
                                                    arch="unet4", arch_config={"start_filts": 16}, tau=0.01,
                                                    repeats=cfg.refine_repeats, out=out / "runs" / "refine",
                                                    seed=cfg.seed))
         report.add("refine", s, species=species, labelled=len(labels), of=len(pool), bbox=bbox_r)
 
         # 7. picking on every tomogram ------------------------------------------------------------
-        picks, s = _timed(lambda: picker.pick(col, threshold=0.25, out=out / "picks.parquet"))
+        # the threshold validation chose for the checkpoint (pick's default)
+        picks, s = _timed(lambda: picker.pick(col, out=out / "picks.parquet"))
         from milotile.metrics import evaluate
 
         gt = truth[truth["species"] == species]
@@ -181,7 +181,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson", "csv"):
         dest = out / "exports" / ("picks.csv" if fmt == "csv" else fmt)
         opts = {"object_name": species.replace("_", "-")} if fmt == "copick" else {}
-        export(picks, fmt, dest, col=mt.open(store), **opts)
+        export(picks, fmt, dest, col=open_collection(store), **opts)
         exports[fmt] = str(dest)
     report.add("export", time.perf_counter() - t0, formats=list(exports))
 

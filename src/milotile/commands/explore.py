@@ -77,7 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
         cosine=not args.no_cosine, out=args.out, seed=args.seed, resume=args.resume,
         save_every=args.save_every, device=args.device, weights=args.weights, feature=args.feature,
     )
-    log.info("model: %s", enc.checkpoint)
+    log.info("model: %s", enc.path)
     return 0
 
 

@@ -66,9 +66,9 @@ def load_picks(spec: str, store: str | None):
                 return df
         return read_labels(path, store)
     if store is not None:
-        import milotile
+        from milotile.store import open_collection
 
-        col = milotile.open(store, mode="r")
+        col = open_collection(store, mode="r")
         if col.has_table(spec):
             return col.read_table(spec)
     raise InputError(f"Picks {spec!r} is neither a file nor a table of the store {store!r}.")
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
     col = None
     if args.store is not None:
-        import milotile
+        from milotile.store import open_collection
 
-        col = milotile.open(args.store, mode="r")
+        col = open_collection(args.store, mode="r")
     picks = load_picks(args.picks, args.store)
     opts: dict = {}
     if args.radius is not None:

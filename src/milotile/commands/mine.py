@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--dog", type=partial(parse_floats, what="--dog"), default=(3.0, 5.0), metavar="S1,S2[,..]",
                    help="increasing DoG sigmas in voxels (default 3,5)")
     p.add_argument("--threshold-std", type=float, default=0.5, help="k in mean + k*std (default 0.5)")
-    p.add_argument("--min-distance", type=float, default=7.0, help="NMS radius in voxels (default 7)")
+    p.add_argument("--nms-distance", "--min-distance", dest="nms_distance", type=float, default=7.0,
+                   help="NMS radius in voxels of the processed grid (default 7; --min-distance is the MiLoPYP name)")
     p.add_argument("--border", type=int, default=30, help="excluded band in x and y (default 30)")
     p.add_argument("--border-z", type=int, default=10, help="excluded band in z (default 10)")
     p.add_argument("--invert", action="store_true", help="bright particles instead of dark ones")
@@ -37,12 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     """Handler: :func:`milotile.stages.mine.mine`."""
-    import milotile
     from milotile.stages.mine import mine
+    from milotile.store import open_collection
 
-    col = milotile.open(args.store)
+    col = open_collection(args.store)
     names = [n for n in args.names.split(",") if n] if args.names else None
-    df = mine(col, dog=args.dog, threshold_std=args.threshold_std, min_distance=args.min_distance,
+    df = mine(col, dog=args.dog, threshold_std=args.threshold_std, nms_distance=args.nms_distance,
               border=args.border, border_z=args.border_z, invert=args.invert, names=names, table=args.table,
               top_k=args.top_k)
     logger.info("mined %d candidates in %d tomograms -> tables/%s.parquet", len(df), df["tomogram"].nunique(), args.table)

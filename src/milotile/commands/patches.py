@@ -43,10 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     """Handler: :func:`milotile.stages.patches.extract_patches`."""
-    import milotile
     from milotile.stages.patches import extract_patches
+    from milotile.store import open_collection
 
-    col = milotile.open(args.store)
+    col = open_collection(args.store)
     key = extract_patches(col, table=args.table, bbox=args.bbox, modes=args.mode, shifts=args.shifts,
                           normalize=args.normalize, tilt_window=tuple(args.tilt_window), tilt_sign=args.tilt_sign,
                           out_of_bounds=args.out_of_bounds, key=args.key, overwrite=args.overwrite)

@@ -36,10 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     """Handler: :func:`milotile.stages.preprocess.preprocess`."""
-    import milotile
     from milotile.stages.preprocess import preprocess
+    from milotile.store import open_collection
 
-    col = milotile.open(args.store)
+    col = open_collection(args.store)
     names = [n for n in args.names.split(",") if n] if args.names else None
     done = preprocess(col, gauss=args.gauss, compress=args.compress, bin=args.bin, clip=args.clip,
                       compress_how=args.compress_how, quantize=args.quantize, names=names, overwrite=args.overwrite)

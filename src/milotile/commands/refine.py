@@ -62,30 +62,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--seed", type=int, default=317, help="random seed (default 317)")
     p.add_argument("--resume", action="store_true", help="continue RUN/last.pt")
     p.set_defaults(handler=run)
-    try:
-        from milotile.commands.refine_pick import register_pick
-    except ImportError:  # inference not installed in this build
-        logger.debug("refine pick is not available")
-    else:
-        register_pick(sub)
+    from milotile.commands.refine_pick import register_pick
+
+    register_pick(sub)
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``refine train``: :func:`milotile.refine.train`."""
-    import milotile
-    from milotile.refine.train import load_label_table, train
+    from milotile.formats import read_labels
+    from milotile.refine.labels import load_label_table
+    from milotile.refine.train import train
+    from milotile.store import open_collection
 
-    col = milotile.open(args.store)
+    col = open_collection(args.store)
     labels = args.labels
     if args.order is not None:
-        from milotile import formats
-
-        labels = formats.read_labels(args.labels, col, order=args.order)
+        labels = read_labels(args.labels, col, order=args.order)
     val = args.val_labels
     if val is not None and args.order is not None:
-        from milotile import formats
-
-        val = formats.read_labels(val, col, order=args.order)
+        val = read_labels(val, col, order=args.order)
     labels = load_label_table(labels, col, "labels")
     classes = None
     if args.classes == "all":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
+
+from milotile.commands import parse_floats, parse_ints
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +22,17 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("store", metavar="STORE")
     p.add_argument("--model", required=True, metavar="CKPT", help="picker checkpoint (best.pt) or its run folder")
-    p.add_argument("--threshold", type=float, default=0.25, help="score threshold (default 0.25)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="score threshold (default: the one validation chose for the checkpoint, else 0.25)")
     p.add_argument("--max-picks", type=int, default=900, help="top-K per tomogram and class (default 900)")
     p.add_argument("--nms-distance", type=float, default=None, metavar="D",
                    help="NMS radius in voxels (default half the model's bbox)")
-    p.add_argument("--border", type=float, nargs="+", default=None, metavar="V",
-                   help="margin to the volume faces in voxels: one value or z y x (default bbox/4)")
-    p.add_argument("--tomograms", nargs="+", default=None, metavar="NAME", help="only these tomograms")
-    p.add_argument("--tile", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+    p.add_argument("--border", type=partial(parse_floats, what="--border"), default=None, metavar="V[,Y,X]",
+                   help="margin to the volume faces in voxels: one value or z,y,x (default bbox/4)")
+    p.add_argument("--names", default=None, help="comma-separated tomogram names (default all)")
+    p.add_argument("--tile", type=partial(parse_ints, n=3, what="--tile"), default=None, metavar="Z,Y,X",
                    help="tile size in voxels (default: the store chunks in z, 512 in y and x)")
-    p.add_argument("--halo", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+    p.add_argument("--halo", type=partial(parse_ints, n=3, what="--halo"), default=None, metavar="Z,Y,X",
                    help="context read around each tile (default: the model's full receptive field, which makes "
                    "the tiled heatmap equal a whole-volume pass; smaller is faster)")
     p.add_argument("--no-heatmaps", action="store_true", help="do not store the heatmaps")
@@ -45,19 +49,21 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``milotile refine pick``."""
-    import milotile
     from milotile.errors import InputError
+    from milotile.refine.picker import Picker
     from milotile.refine.predict import pick, write_picks
+    from milotile.store import open_collection
 
     border = None
     if args.border is not None:
         if len(args.border) not in (1, 3):
-            raise InputError(f"--border takes one value or three (z y x), got {len(args.border)}")
+            raise InputError(f"--border takes one value or three (z,y,x), got {len(args.border)}")
         border = args.border[0] if len(args.border) == 1 else tuple(args.border)
-    col = milotile.open(args.store)
+    col = open_collection(args.store)
+    names = [n for n in args.names.split(",") if n] if args.names else None
     picks = pick(
-        col, args.model, threshold=args.threshold, max_picks=args.max_picks, nms_distance=args.nms_distance,
-        border=border, tomograms=args.tomograms, tile=args.tile, halo=args.halo, write_heatmaps=not args.no_heatmaps,
+        col, Picker.load(args.model), threshold=args.threshold, max_picks=args.max_picks, nms_distance=args.nms_distance,
+        border=border, names=names, tile=args.tile, halo=args.halo, write_heatmaps=not args.no_heatmaps,
         out=None if args.fiber else args.out,
     )
     if args.fiber:

@@ -70,19 +70,20 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{col.url}: {len(col)} tomograms")
     if len(info):
         print(info.to_string(index=False))
-    derived = col.derived()
+    derived = col.derived(status=True)
     if derived:
         print("derived:")
         for stage, names in derived.items():
-            print(f"  {stage}: {', '.join(names)}")
+            print(f"  {stage}: {', '.join(_label(n, st) for n, st in names.items())}")
     tables = col.tables()
     if tables:
         print("tables:")
         for t in tables:
-            print(f"  {t}: {len(col.read_table(t))} rows")
-    patches = col.group("patches")
-    if patches is not None:
-        print("patch banks: " + ", ".join(n for n, _ in patches.members()))
+            print(f"  {t}: {len(col.read_table(t))} rows{_mark(col.output_status(f'tables/{t}'))}")
+    for kind, title in (("patches", "patch banks"), ("embeddings", "embeddings")):
+        g = col.group(kind)
+        if g is not None:
+            print(f"{title}: " + ", ".join(_label(n, col.output_status(f"{kind}/{n}")) for n, _ in g.members()))
     images = col.image_paths()
     if images:
         print("images (open with: napari --plugin napari-ome-zarr <store>/<path>):")
@@ -90,3 +91,12 @@ def run_info(args: argparse.Namespace) -> int:
             for p in paths:
                 print(f"  {kind:13s} {p}")
     return 0
+
+
+def _mark(status: str) -> str:
+    """`` (stale)`` / `` (incomplete)``: an output is never listed as done when it is not."""
+    return "" if status == "complete" else f" ({status})"
+
+
+def _label(name: str, status: str) -> str:
+    return name + _mark(status)

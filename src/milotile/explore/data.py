@@ -9,7 +9,6 @@ float32: S = 1 + neighbour shifts (index 0 is the original patch), C = 1 (``3d``
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ import numpy as np
 import zarr
 
 from milotile.errors import InputError
+from milotile.ops.stats import block_moments, merge_moments
+from milotile.store import as_collection
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ __all__ = [
     "MODES",
     "PatchBank",
     "PatchLoader",
-    "as_collection",
     "open_bank",
     "channel_stats",
 ]
@@ -34,19 +34,6 @@ __all__ = [
 #: exploration modes and the number of channels their banks carry
 MODES: dict[str, int] = {"3d": 1, "2d3d": 2}
 PATCHES = "patches"
-
-
-def as_collection(col_or_store: Any, mode: str = "r+") -> Any:
-    """Return a :class:`milotile.store.Collection` for a collection or a store path/URL."""
-    if hasattr(col_or_store, "zarr_group") and hasattr(col_or_store, "read_table"):
-        return col_or_store
-    if isinstance(col_or_store, (str, os.PathLike)):
-        from milotile.store import open_collection
-
-        return open_collection(col_or_store, mode=mode)
-    raise InputError(
-        f"expected a milotile collection or a store path, got a {type(col_or_store).__name__}."
-    )
 
 
 def _bank_keys(col: Any) -> list[str]:
@@ -128,15 +115,15 @@ def _open_array(url: str, path: str, storage_options: dict[str, Any] | None = No
     return zarr.open_array(url, path=path, mode="r", storage_options=storage_options or None)
 
 
-def open_bank(col: Any, key: str | None = None, mode: str | None = None) -> PatchBank:
+def open_bank(col: Any, key: str | PatchBank | None = None, mode: str | None = None) -> PatchBank:
     """Find and open the patch bank ``key`` (or the only / the mode-matching one).
 
     Parameters
     ----------
     col : Collection or path
         The store.
-    key : str, optional
-        Bank key; when omitted the store must hold exactly one bank (or exactly one with the
+    key : str or PatchBank, optional
+        Bank key (or a bank, whose key is used); when omitted the store must hold exactly one bank (or exactly one with the
         channel count of ``mode``).
     mode : {"3d", "2d3d"}, optional
         Checked against the bank's channel count.
@@ -145,6 +132,8 @@ def open_bank(col: Any, key: str | None = None, mode: str | None = None) -> Patc
     -------
     PatchBank
     """
+    if isinstance(key, PatchBank):
+        key = key.key
     col = as_collection(col)
     if mode is not None and mode not in MODES:
         raise InputError(f"unknown exploration mode {mode!r}; use '3d' or '2d3d'.")
@@ -175,7 +164,12 @@ def open_bank(col: Any, key: str | None = None, mode: str | None = None) -> Patc
     meta = dict(grp.attrs.get("milotile", {}) or dict(arr.attrs.get("milotile", {})))
     if meta.get("complete") is False:
         raise InputError(f"patch bank {key!r} in {col.url} is incomplete (a previous run stopped); re-run it.")
-    params = dict(meta.get("params", {}))
+    if col.output_status(f"{PATCHES}/{key}") == "stale":
+        log.warning("patch bank %r in %s is stale: its table or volumes changed since it was cut; "
+                    "re-run `milotile patches`", key, col.url)
+    # the stage's parameters plus what it recorded while writing (tilt signs, preprocessing, n)
+    params = {**dict(meta.get("params", {})),
+              **{k: meta[k] for k in ("tilt_sign", "geometry", "preprocess", "n") if k in meta}}
     bank = PatchBank(key, arr, params, str(col.url), dict(getattr(col, "storage_options", {}) or {}))
     if mode is not None and bank.mode != mode:
         raise InputError(
@@ -217,24 +211,19 @@ def channel_stats(bank: PatchBank, crop: int | None = None, rows: int | None = N
         One value per channel.
     """
     step = rows or max(bank.chunk_rows, (256 // bank.chunk_rows + 1) * bank.chunk_rows)
-    c = bank.channels
-    s1 = np.zeros(c)
-    s2 = np.zeros(c)
-    cnt = 0
+    parts: list[list[np.ndarray]] = [[] for _ in range(bank.channels)]
     for start in range(0, bank.n, step):
-        x = bank.read(start, min(start + step, bank.n), crop)[:, 0].astype(np.float64)  # (n, C, b, b)
+        x = bank.read(start, min(start + step, bank.n), crop)[:, 0]  # (n, C, b, b)
         if not np.isfinite(x).all():
             raise InputError(f"patch bank {bank.key!r} contains NaN/inf values in rows {start}..{start + len(x)}.")
-        # shifted sums keep precision for large banks
-        s1 += x.sum(axis=(0, 2, 3))
-        s2 += np.square(x).sum(axis=(0, 2, 3))
-        cnt += x.shape[0] * x.shape[2] * x.shape[3]
-    mean = s1 / cnt
-    var = np.maximum(s2 / cnt - mean**2, 0.0)
-    std = np.sqrt(var)
-    if (std <= 1e-12).any():
-        raise InputError(f"patch bank {bank.key!r} is constant in some channel (std {std.tolist()}).")
-    return mean.tolist(), std.tolist()
+        for ch in range(bank.channels):  # the one moments accumulator (float64, pairwise merge)
+            parts[ch].append(block_moments(x[:, ch]))
+    stats = [merge_moments(p) for p in parts]
+    mean = [float(m) for _, m, _ in stats]
+    std = [float(np.sqrt(max(v, 0.0))) for _, _, v in stats]
+    if any(v <= 1e-12 for v in std):
+        raise InputError(f"patch bank {bank.key!r} is constant in some channel (std {std}).")
+    return mean, std
 
 
 class PatchLoader:

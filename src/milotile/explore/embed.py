@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,14 +28,17 @@ from milotile.errors import InputError
 from milotile.explore.augment import normalize
 from milotile.explore.data import (
     PatchBank,
-    as_collection,
     bank_preprocessing,
     check_crop,
     open_bank,
 )
 from milotile.explore.model import FEATURES, SimSiam
+from milotile.nn import cache
 from milotile.nn.checkpoint import build_model, load_checkpoint
 from milotile.nn.device import autocast, pick_device
+from milotile.runtime import active_client, gpu_resources
+from milotile.store import as_collection
+from milotile.store.stage_output import file_source
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +58,15 @@ class Encoder:
     contract : dict
         ``mode, bbox, channels, mean, std, bank_key, gauss, dog, patch_modes, feature, ...``.
     arch, config : the registry name and builder config.
-    checkpoint : pathlib.Path or None
-        The checkpoint file (needed to embed on a distributed cluster).
+    path : pathlib.Path or None
+        The checkpoint file (needed to embed on a distributed cluster), as ``Picker.path``.
     """
 
     model: SimSiam
     contract: dict[str, Any]
     arch: str
     config: dict[str, Any]
-    checkpoint: Path | None = None
+    path: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
@@ -161,28 +163,8 @@ def load_encoder(model: Encoder | str | os.PathLike[str], device: str | torch.de
     return Encoder.from_checkpoint(model, device=device)
 
 
-# -- worker-local model cache -------------------------------------------------------------------
-_CACHE: dict[tuple[str, int, str], Encoder] = {}
-_CACHE_LOCK = threading.Lock()
-_LOADS = 0  # number of checkpoint loads in this process (tests check "once per worker")
-
-
-def _cached_encoder(path: str, device: str | None) -> Encoder:
-    global _LOADS
-    dev = str(pick_device(device))
-    k = (os.path.abspath(path), os.stat(path).st_mtime_ns, dev)
-    with _CACHE_LOCK:
-        enc = _CACHE.get(k)
-        if enc is None:
-            enc = Encoder.from_checkpoint(path, device=dev)
-            _CACHE.clear()  # one model per worker at a time
-            _CACHE[k] = enc
-            _LOADS += 1
-    return enc
-
-
-def _loads() -> int:
-    return _LOADS
+def _load_encoder(path: str, device: str) -> Encoder:
+    return Encoder.from_checkpoint(path, device=device)
 
 
 def _embed_block(
@@ -199,7 +181,7 @@ def _embed_block(
     encoder: Encoder | None = None,
 ) -> int:
     """Embed bank rows ``start:stop`` and write them to the output array (one task)."""
-    enc = encoder if encoder is not None else _cached_encoder(checkpoint, device)
+    enc = encoder if encoder is not None else cache.cached(_load_encoder, checkpoint, str(pick_device(device)))
     so = storage_options or None
     src = zarr.open_array(url, path=bank_path, mode="r", storage_options=so)
     dst = zarr.open_array(url, path=out_path, mode="r+", storage_options=so)
@@ -208,30 +190,13 @@ def _embed_block(
     return stop - start
 
 
-def _gpu_workers(client: Any) -> bool:
-    try:
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-    except TypeError:  # older distributed
-        workers = client.scheduler_info()["workers"]
-    return any((w.get("resources") or {}).get("GPU", 0) > 0 for w in workers.values())
-
-
-def _get_client() -> Any | None:
-    try:
-        from distributed import get_client
-    except ImportError:  # pragma: no cover
-        return None
-    try:
-        return get_client()
-    except ValueError:
-        return None
-
-
-def _checkpoint_sig(enc: Encoder) -> dict[str, Any]:
-    if enc.checkpoint is None:
-        return {"checkpoint": None}
-    st = os.stat(enc.checkpoint)
-    return {"checkpoint": os.path.abspath(enc.checkpoint), "checkpoint_mtime_ns": st.st_mtime_ns}
+def _sources(col: Any, enc: Encoder, bank: PatchBank) -> dict[str, str | None]:
+    """What embeddings depend on: the bank and the checkpoint file."""
+    out = {f"patches/{bank.key}": col.source_token(f"patches/{bank.key}")}
+    if enc.path is not None:
+        key, tok = file_source(col, enc.path)
+        out[key] = tok
+    return out
 
 
 def _check_bank(enc: Encoder, bank: PatchBank) -> None:
@@ -313,44 +278,43 @@ def embed(
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")
     dim = enc.embedding_dim(feature)
-    params = {"bank": bank.key, "feature": feature, "n": bank.n, "dim": dim, **_checkpoint_sig(enc)}
-
+    params = {"bank": bank.key, "feature": feature, "n": bank.n, "dim": dim}
     grp = col.zarr_group.require_group(EMBEDDINGS)
     table_name = f"embeddings-{out_key}"
-    if (
-        not overwrite
-        and out_key in grp
-        and enc.checkpoint is not None
-        and dict(grp[out_key].attrs.get("milotile", {})).get("complete")
-        and dict(grp[out_key].attrs["milotile"]).get("params") == params
-        and col.has_table(table_name)
-    ):
+    so = col.stage_output(f"{EMBEDDINGS}/{out_key}", params, _sources(col, enc, bank))
+    if not overwrite and enc.path is not None and so.reusable and col.has_table(table_name):
         log.info("embeddings/%s is up to date; skipping (overwrite=True recomputes)", out_key)
         return Embeddings(col, out_key, col.read_table(table_name))
+    with so:
+        return _embed_into(col, so, enc, bank, grp, out_key, table_name, feature, dim, batch_size, device, client,
+                           rows_per_task)
 
+
+def _embed_into(col: Any, out: Any, enc: Encoder, bank: PatchBank, grp: Any, out_key: str, table_name: str,
+                feature: str, dim: int, batch_size: int, device: str | None, client: Any, rows_per_task: int | None) -> Embeddings:
     cr = bank.chunk_rows
     want = int(rows_per_task or 2048)
     step = max(cr, -(-want // cr) * cr)
     arr = grp.create_array(
         out_key, shape=(bank.n, dim), chunks=(min(step, bank.n), dim), dtype="float32", overwrite=True
     )
-    arr.attrs["milotile"] = {"complete": False, "params": params}
+    out.begin(arr)
     bank_path = f"patches/{bank.key}/data"
     out_path = f"{EMBEDDINGS}/{out_key}"
     starts = list(range(0, bank.n, step))
     stops = [min(s + step, bank.n) for s in starts]
     so = dict(getattr(col, "storage_options", {}) or {})
     t0 = time.perf_counter()
-    client = client if client is not None else _get_client()
-    if client is not None and enc.checkpoint is not None:
-        gpu = _gpu_workers(client)
+    client = client if client is not None else active_client()
+    if client is not None and enc.path is not None:
+        gpu = gpu_resources(client) is not None
         kw: dict[str, Any] = {"resources": {"GPU": 1}} if gpu else {}
         dev = device if device is not None else ("cuda" if gpu else "cpu")
         token = uuid.uuid4().hex[:8]
         # partial: Client.map has its own batch_size/key keywords
         fn = functools.partial(
             _embed_block, col.url, so, bank_path, out_path,
-            checkpoint=str(enc.checkpoint), device=dev, batch_size=batch_size, feature=feature,
+            checkpoint=str(enc.path), device=dev, batch_size=batch_size, feature=feature,
         )
         futs = client.map(fn, starts, stops, pure=False, key=[f"embed-{out_key}-{token}-{s}" for s in starts], **kw)
         done = sum(client.gather(futs))
@@ -378,6 +342,6 @@ def embed(
         table = pd.DataFrame(index=range(bank.n))
     table["embedding_index"] = np.arange(bank.n, dtype=np.int64)
     col.write_table(table_name, table)
-    arr.attrs["milotile"] = {"complete": True, "params": params}
+    out.finish()
     log.info("embedded %d patches (%s, %.1f patches/s) -> %s", bank.n, where, bank.n / max(dt, 1e-9), out_path)
     return Embeddings(col, out_key, table)

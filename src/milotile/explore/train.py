@@ -22,8 +22,8 @@ import torch
 from milotile.errors import InputError
 from milotile.explore.augment import default_config, make_views
 from milotile.explore.data import (
+    PatchBank,
     PatchLoader,
-    as_collection,
     bank_preprocessing,
     channel_stats,
     check_crop,
@@ -35,6 +35,7 @@ from milotile.nn import registry
 from milotile.nn.checkpoint import load_checkpoint, save_checkpoint
 from milotile.nn.device import amp_dtype, autocast, pick_device, seed_everything
 from milotile.nn.runlog import RunLog
+from milotile.store import as_collection
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _default_run_dir(col: Any, key: str, mode: str) -> Path:
     root = Path(col.path)
     if not root.exists():
         raise InputError(f"store {col.url} is not a local folder; pass out= for the run folder.")
-    return root / "runs" / f"explore-{mode}-{key}"
+    return Path(col.runs_dir(f"explore-{mode}-{key}"))  # <store>/runs (an opaque node: zarr never lists it)
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -79,6 +80,7 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def train(
     col_or_store: Any,
+    bank: PatchBank | str | None = None,
     *,
     key: str | None = None,
     mode: str | None = None,
@@ -108,8 +110,10 @@ def train(
     ----------
     col_or_store : Collection or path
         The store holding ``patches/<key>`` and ``tables/patches-<key>.parquet``.
+    bank : PatchBank or str, optional
+        The patch bank (as ``col.patches(...)`` returns it) or its key.
     key : str, optional
-        Patch-bank key (default: the only bank, or the only one matching ``mode``).
+        Patch-bank key (default: ``bank``, else the only bank, or the only one matching ``mode``).
     mode : {"3d", "2d3d"}, optional
         Default: the bank's (1 channel → ``3d``, 2 channels → ``2d3d``).
     bbox : int, optional
@@ -151,12 +155,12 @@ def train(
     Returns
     -------
     Encoder
-        The trained model (eval mode) with its contract and ``checkpoint`` = ``<out>/last.pt``.
+        The trained model (eval mode) with its contract and ``path`` = ``<out>/last.pt``.
     """
     from dataclasses import replace
 
     col = as_collection(col_or_store)
-    bank = open_bank(col, key, mode)
+    bank = open_bank(col, key if key is not None else bank, mode)
     mode = bank.mode
     bbox = check_crop(bank, bbox)
     if epochs < 1:

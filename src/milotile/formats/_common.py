@@ -40,14 +40,11 @@ def open_collection(col: Any) -> Any:
     if col is None:
         return None
     if isinstance(col, (str, os.PathLike)):
-        import milotile  # local import: formats must not need a store to load
+        from milotile.store import (
+            as_collection,  # local import: formats load without opening a store
+        )
 
-        opener = getattr(milotile, "open", None)
-        if opener is None:  # pragma: no cover - depends on the store package being present
-            from milotile import store
-
-            opener = store.open  # type: ignore[attr-defined]
-        return opener(col)
+        return as_collection(col, mode="r")
     return col
 
 

@@ -1,8 +1,13 @@
-"""Build models by name (``create("resnet18-trunc", ...)``), each architecture defined once."""
+"""Build models by name (``create("resnet18-trunc", ...)``), each architecture defined once.
+
+The registry is filled by the modules that define models, when they are imported (``@register``):
+:mod:`milotile.nn.resnet` (with :mod:`milotile.nn`), :mod:`milotile.explore.model` (with
+:mod:`milotile.explore`) and :mod:`milotile.refine.model` (with :mod:`milotile.refine`). It never
+imports a layer above it.
+"""
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,15 +23,6 @@ __all__ = ["register", "create", "available", "get_builder"]
 Builder = Callable[..., torch.nn.Module]
 
 _BUILDERS: dict[str, Builder] = {}
-
-#: modules that register architectures when imported; loaded lazily by ``create``/``available``
-_ARCH_MODULES: tuple[str, ...] = (
-    "milotile.nn.resnet",
-    "milotile.explore.model",
-    "milotile.refine.model",
-)
-_loaded = False
-
 
 def register(name: str) -> Callable[[Builder], Builder]:
     """Decorator registering a model builder ``fn(**config) -> torch.nn.Module`` under ``name``.
@@ -55,34 +51,13 @@ def register(name: str) -> Callable[[Builder], Builder]:
     return deco
 
 
-def _load_arch_modules() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in _ARCH_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            # a module not written yet (or an optional one) must not break the others
-            if exc.name is not None and mod.startswith(exc.name):
-                log.debug("architecture module %s not available: %s", mod, exc)
-            else:
-                log.warning("architecture module %s could not be imported: %s", mod, exc)
-        except ImportError as exc:
-            log.warning("architecture module %s could not be imported: %s", mod, exc)
-    _loaded = True
-
-
 def available() -> list[str]:
-    """Sorted names of all registered architectures."""
-    _load_arch_modules()
+    """Sorted names of all registered architectures (those of the model modules imported so far)."""
     return sorted(_BUILDERS)
 
 
 def get_builder(name: str) -> Builder:
     """The builder registered under ``name`` (InputError naming the known ones if unknown)."""
-    if name not in _BUILDERS:
-        _load_arch_modules()
     try:
         return _BUILDERS[name]
     except KeyError:

@@ -18,7 +18,7 @@ Convention (shared by :mod:`milotile.synth`, the tilt-sum patches and the geomet
   after ``trimvol -rx`` (z = section index increasing towards the beam source, positive angles
   moving points with positive z towards negative x). It is also what MiLoPYP assumes
   (it flips depth, ``z' = Z - z``, and adds ``z' sin``). ``sign = -1`` is the mirrored convention
-  some other packages use; :func:`milotile.ops.patches` checks which one fits per tomogram.
+  some other packages use; :func:`milotile.ops.tilt_check.check_tilt_geometry` checks which one fits per tomogram.
 * Finally ``(b, a)`` is rotated back by ``tilt_axis_angle``, scaled by ``pixel_ratio`` and
   shifted by optional per-tilt ``shifts`` (pixels, ``(n_tilts, 2)`` as ``(dx, dy)``).
 
@@ -28,9 +28,12 @@ so synthetic data and extraction agree by construction and the tests check the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import dask.array as da
 import numpy as np
 
-__all__ = ["project_points", "tilt_window"]
+__all__ = ["TiltGeometry", "project_points", "tilt_window"]
 
 
 def project_points(
@@ -118,3 +121,30 @@ def tilt_window(angles_deg: np.ndarray, low: float = -20.0, high: float = 20.0) 
             f"(angles span {angles.min():.1f} to {angles.max():.1f})"
         )
     return idx
+
+
+@dataclass
+class TiltGeometry:
+    """An aligned tilt series and how the tomogram projects onto it (see the module notes)."""
+
+    data: da.Array
+    angles: np.ndarray
+    full_shape: tuple[int, int, int]
+    tilt_axis_angle: float = 0.0
+    sign: int = 1
+    pixel_ratio: float = 1.0
+    shifts: np.ndarray | None = None
+    window: tuple[float, float] = (-20.0, 20.0)
+
+    def project(self, xyz_full: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """``(N, len(idx), 2)`` image positions ``(u, v)`` of full-resolution points on tilts ``idx``."""
+        return project_points(
+            xyz_full,
+            np.asarray(self.angles)[idx],
+            self.full_shape,
+            tuple(self.data.shape[1:]),
+            tilt_axis_angle=self.tilt_axis_angle,
+            sign=self.sign,
+            pixel_ratio=self.pixel_ratio,
+            shifts=None if self.shifts is None else np.asarray(self.shifts)[idx],
+        )

@@ -1,4 +1,4 @@
-"""Patch extraction by coordinates, grouped by chunk and cut on workers, plus the tilt-geometry check.
+"""Patch extraction by coordinates, grouped by chunk and cut on workers.
 
 Modes (channel order = order of the requested modes)
 ---------------------------------------------------
@@ -20,7 +20,8 @@ Normalisation: ``normalize="minmax"`` scales every patch of every mode (and shif
 (a ``cube`` as one unit); a constant patch becomes 0. ``normalize=None`` keeps the values.
 
 Outside the volume: a patch that would leave the volume (or a tilt crop that would leave its tilt
-image) is **reflect-padded** and its row is flagged ``clipped=True``; ``out_of_bounds="drop"``
+image) is padded by repeating the edge voxel (the one boundary convention,
+:func:`milotile.ops.blocks.pad_box`) and its row is flagged ``clipped=True``; ``out_of_bounds="drop"``
 removes such rows instead (they are then absent from the bank and from ``order``).
 
 Distribution: rows are sorted by the volume chunk that holds their centre; each task handles at most
@@ -38,22 +39,18 @@ from dataclasses import dataclass, field
 import dask
 import dask.array as da
 import numpy as np
-from scipy import ndimage as ndi
 
 from milotile.errors import InputError
-from milotile.ops.filters import bin_volume
-from milotile.ops.geometry import project_points, tilt_window
+from milotile.ops.blocks import pad_box
+from milotile.ops.geometry import TiltGeometry, tilt_window
+from milotile.ops.grid import Grid
 
 __all__ = [
     "MILOPYP_SHIFTS",
     "MODES",
-    "Grid",
-    "TiltGeometry",
     "PatchResult",
     "n_channels",
     "extract_patches",
-    "check_tilt_geometry",
-    "reproject",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,52 +58,6 @@ logger = logging.getLogger(__name__)
 MODES = ("slab", "slice", "cube", "tiltsum")
 #: MiLoPYP's neighbour offsets ``(dx, dy, dz)`` for SimSiam positive pairs.
 MILOPYP_SHIFTS: tuple[tuple[int, int, int], ...] = ((0, 0, 1), (0, 0, -1), (-1, 0, -1), (0, 1, -1))
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Mapping from a (compressed/binned) volume grid to full-resolution voxels, per axis ``(z, y, x)``.
-
-    ``full = scale * index + offset``; the identity for level 0.
-    """
-
-    scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
-
-    def to_full(self, zyx: np.ndarray) -> np.ndarray:
-        """Grid indices ``(..., 3)`` ``(z, y, x)`` -> full-resolution voxels."""
-        return np.asarray(zyx, np.float64) * np.asarray(self.scale) + np.asarray(self.offset)
-
-    def from_full(self, zyx: np.ndarray) -> np.ndarray:
-        """Full-resolution voxels ``(..., 3)`` ``(z, y, x)`` -> (fractional) grid indices."""
-        return (np.asarray(zyx, np.float64) - np.asarray(self.offset)) / np.asarray(self.scale)
-
-
-@dataclass
-class TiltGeometry:
-    """An aligned tilt series and how the tomogram projects onto it (see ``ops/geometry.py``)."""
-
-    data: da.Array
-    angles: np.ndarray
-    full_shape: tuple[int, int, int]
-    tilt_axis_angle: float = 0.0
-    sign: int = 1
-    pixel_ratio: float = 1.0
-    shifts: np.ndarray | None = None
-    window: tuple[float, float] = (-20.0, 20.0)
-
-    def project(self, xyz_full: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """``(N, len(idx), 2)`` image positions ``(u, v)`` of full-resolution points on tilts ``idx``."""
-        return project_points(
-            xyz_full,
-            np.asarray(self.angles)[idx],
-            self.full_shape,
-            tuple(self.data.shape[1:]),
-            tilt_axis_angle=self.tilt_axis_angle,
-            sign=self.sign,
-            pixel_ratio=self.pixel_ratio,
-            shifts=None if self.shifts is None else np.asarray(self.shifts)[idx],
-        )
 
 
 @dataclass
@@ -138,34 +89,12 @@ def _check_modes(modes: Sequence[str] | str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- numpy kernels
 
 
-def _read_padded(region: np.ndarray, origin: Sequence[int], lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
-    """Box ``[lo, hi)`` from ``region`` (placed at ``origin``), reflect-padded where it leaves it."""
-    sl, pad = [], []
-    for a in range(region.ndim):
-        r0, r1 = origin[a], origin[a] + region.shape[a]
-        a0, a1 = max(lo[a], r0), min(hi[a], r1)
-        if a1 <= a0:
-            return np.zeros(tuple(b - a for a, b in zip(lo, hi, strict=True)), region.dtype)
-        sl.append(slice(a0 - r0, a1 - r0))
-        pad.append((a0 - lo[a], hi[a] - a1))
-    out = region[tuple(sl)]
-    if any(p != (0, 0) for p in pad):
-        # reflect (mirror without repeating the edge voxel); an axis of length 1 can only repeat
-        refl = [p if n > 1 else (0, 0) for p, n in zip(pad, out.shape, strict=True)]
-        edge = [p if n == 1 else (0, 0) for p, n in zip(pad, out.shape, strict=True)]
-        if any(p != (0, 0) for p in refl):
-            out = np.pad(out, refl, mode="reflect")
-        if any(p != (0, 0) for p in edge):
-            out = np.pad(out, edge, mode="edge")
-    return out
-
-
 def _bilinear_crop(img: np.ndarray, origin: tuple[int, int], u: float, v: float, bbox: int) -> np.ndarray:
     """``bbox × bbox`` crop of ``img`` (placed at ``origin`` = (row, col)) at fractional centre (u, v)."""
     x0f, y0f = u - bbox // 2, v - bbox // 2
     x0, y0 = math.floor(x0f), math.floor(y0f)
     fx, fy = x0f - x0, y0f - y0
-    w = _read_padded(img, origin, (y0, x0), (y0 + bbox + 1, x0 + bbox + 1)).astype(np.float64)
+    w = pad_box(img, origin, (y0, x0), (y0 + bbox + 1, x0 + bbox + 1)).astype(np.float64)
     return (
         (1 - fy) * (1 - fx) * w[:-1, :-1]
         + (1 - fy) * fx * w[:-1, 1:]
@@ -200,13 +129,13 @@ def _cut_task(groups: list[dict], n_rows: int, n_shifts: int, n_ch: int, bbox: i
                             acc += _bilinear_crop(tilt[t], (torigin[1], torigin[2]), float(u), float(v), bbox)
                         p, nc = acc[None], 1
                     elif m == "cube":
-                        p = _read_padded(vol, vorigin, (cz - h, cy - h, cx - h), (cz - h + bbox, cy - h + bbox, cx - h + bbox))
+                        p = pad_box(vol, vorigin, (cz - h, cy - h, cx - h), (cz - h + bbox, cy - h + bbox, cx - h + bbox))
                         nc = bbox
                     elif m == "slab":
-                        p = _read_padded(vol, vorigin, (cz - 1, cy - h, cx - h), (cz + 2, cy - h + bbox, cx - h + bbox))
+                        p = pad_box(vol, vorigin, (cz - 1, cy - h, cx - h), (cz + 2, cy - h + bbox, cx - h + bbox))
                         p, nc = p.astype(np.float64).sum(axis=0)[None], 1
                     else:  # slice
-                        p = _read_padded(vol, vorigin, (cz, cy - h, cx - h), (cz + 1, cy - h + bbox, cx - h + bbox))
+                        p = pad_box(vol, vorigin, (cz, cy - h, cx - h), (cz + 1, cy - h + bbox, cx - h + bbox))
                         nc = 1
                     if normalize == "minmax":
                         p = _minmax(np.asarray(p, np.float64))
@@ -267,7 +196,7 @@ def extract_patches(
     chunk_n : int
         Rows per task (and per output chunk).
     out_of_bounds : {"pad", "drop"}
-        Reflect-pad and flag, or drop rows whose patches leave the volume / tilt images.
+        Edge-pad and flag, or drop rows whose patches leave the volume / tilt images.
 
     Returns
     -------
@@ -292,7 +221,7 @@ def extract_patches(
     n = len(xyz)
     shape = np.array(volume.shape)
     full_zyx = xyz[:, ::-1]
-    centres = np.rint(grid.from_full(full_zyx)).astype(np.int64)  # (N, 3) z, y, x in the grid
+    centres = np.rint(grid.from_level0(full_zyx)).astype(np.int64)  # (N, 3) z, y, x in the grid
     if n and ((centres < 0) | (centres >= shape)).any():
         bad = int(np.flatnonzero(((centres < 0) | (centres >= shape)).any(axis=1))[0])
         raise InputError(f"coordinate row {bad} (x, y, z) = {tuple(xyz[bad])} lies outside the volume of shape {tuple(volume.shape)}")
@@ -308,7 +237,7 @@ def extract_patches(
     if "tiltsum" in ms:
         assert tilts is not None
         tidx = tilt_window(tilts.angles, *tilts.window)
-        full_shift = grid.to_full(allc.reshape(-1, 3).astype(np.float64))[:, ::-1]  # x, y, z
+        full_shift = grid.to_level0(allc.reshape(-1, 3).astype(np.float64))[:, ::-1]  # x, y, z
         # the unshifted centre is the exact coordinate, not the rounded grid voxel
         full_shift.reshape(n, n_s, 3)[:, 0] = xyz
         uv = tilts.project(full_shift, tidx).reshape(n, n_s, len(tidx), 2)
@@ -369,149 +298,3 @@ def extract_patches(
     for m in ms:
         channels += [f"cube{i}" for i in range(bbox)] if m == "cube" else [m]
     return PatchResult(data=data, order=order.astype(np.int64), clipped=clipped[order], channels=channels)
-
-
-# --------------------------------------------------------------------------- geometry check
-
-
-def reproject(
-    small: np.ndarray,
-    small_grid: Grid,
-    geom: TiltGeometry,
-    tilt_index: int,
-    sign: int,
-    out_shape: tuple[int, int],
-    tilt_bin: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Forward-project a (binned) volume onto one tilt by bilinear splatting.
-
-    Returns the projection and the per-pixel ray weight, both ``out_shape`` in tilt pixels binned by
-    ``tilt_bin``.
-    """
-    zz, yy, xx = np.indices(small.shape).reshape(3, -1)
-    full = small_grid.to_full(np.stack([zz, yy, xx], axis=1))[:, ::-1]
-    g = TiltGeometry(
-        data=geom.data, angles=geom.angles, full_shape=geom.full_shape, tilt_axis_angle=geom.tilt_axis_angle,
-        sign=sign, pixel_ratio=geom.pixel_ratio, shifts=geom.shifts,
-    )
-    uv = g.project(full, np.array([tilt_index]))[:, 0]
-    ub = (uv[:, 0] - (tilt_bin - 1) / 2) / tilt_bin
-    vb = (uv[:, 1] - (tilt_bin - 1) / 2) / tilt_bin
-    ny, nx = out_shape
-    x0, y0 = np.floor(ub).astype(np.int64), np.floor(vb).astype(np.int64)
-    fx, fy = ub - x0, vb - y0
-    vals = small.reshape(-1).astype(np.float64)
-    proj = np.zeros(ny * nx)
-    wsum = np.zeros(ny * nx)
-    for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-        yi, xi = y0 + dy, x0 + dx
-        ok = (yi >= 0) & (yi < ny) & (xi >= 0) & (xi < nx)
-        lin = yi[ok] * nx + xi[ok]
-        proj += np.bincount(lin, weights=w[ok] * vals[ok], minlength=ny * nx)
-        wsum += np.bincount(lin, weights=w[ok], minlength=ny * nx)
-    return proj.reshape(ny, nx), wsum.reshape(ny, nx)
-
-
-def _bandpass(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return ndi.gaussian_filter(img, lo, mode="nearest") - ndi.gaussian_filter(img, hi, mode="nearest")
-
-
-def check_tilt_geometry(
-    volume: da.Array,
-    geom: TiltGeometry,
-    *,
-    grid: Grid | None = None,
-    name: str = "",
-    n_angles: int = 4,
-    max_side: int = 128,
-    min_correlation: float = 0.3,
-) -> dict:
-    """Choose the projection handedness by reprojecting the tomogram and correlating with its tilts.
-
-    The volume is mean-binned (chunk by chunk) until its largest side is at most ``max_side`` — so
-    memory stays bounded whatever the tomogram size — and forward-projected with both signs onto up
-    to ``n_angles`` tilts at large angles (near ±30° and ±50°). Projections and tilt images (binned
-    alike) are band-passed and compared by Pearson correlation where the rays are complete.
-
-    Parameters
-    ----------
-    volume : dask.array.Array
-        The tomogram (any pyramid level; ``grid`` maps it to full resolution).
-    geom : TiltGeometry
-        Tilt series and geometry; its ``sign`` is ignored.
-    grid : Grid, optional
-        Mapping of ``volume`` to full resolution.
-    name : str
-        Tomogram name for messages.
-    n_angles : int
-        Number of tilts to compare.
-    max_side : int
-        Largest side of the binned volume.
-    min_correlation : float
-        Below this for both signs the tilt series is declared not to match.
-
-    Returns
-    -------
-    dict
-        ``{"sign", "correlation", "correlation_plus", "correlation_minus", "angles"}``.
-
-    Raises
-    ------
-    InputError
-        If neither sign correlates (the tilt series does not belong to the tomogram).
-    """
-    grid = grid or Grid()
-    f = max(1, int(math.ceil(max(volume.shape) / max_side)))
-    small = np.asarray(bin_volume(volume, f).compute(), np.float64) if f > 1 else np.asarray(volume.compute(), np.float64)
-    sgrid = Grid(
-        scale=tuple(s * f for s in grid.scale),
-        offset=tuple(o + s * (f - 1) / 2 for s, o in zip(grid.scale, grid.offset, strict=True)),
-    )
-    ang = np.asarray(geom.angles, np.float64)
-    picks: list[int] = []
-    for target in (50.0, -50.0, 30.0, -30.0, 40.0, -40.0, 20.0, -20.0):
-        i = int(np.argmin(np.abs(ang - target)))
-        if abs(ang[i] - target) <= 12 and abs(ang[i]) >= 10 and i not in picks:
-            picks.append(i)
-        if len(picks) >= n_angles:
-            break
-    if not picks:
-        picks = [int(np.argmax(np.abs(ang)))]
-    tb = max(1, int(round(f * grid.scale[2] * geom.pixel_ratio)))
-    ty, tx = geom.data.shape[1:]
-    out_shape = (ty // tb, tx // tb)
-    tsel = geom.data[np.array(picks)][:, : out_shape[0] * tb, : out_shape[1] * tb]
-    timgs = np.asarray(da.coarsen(np.mean, tsel.rechunk((1, -1, -1)), {1: tb, 2: tb}).compute(), np.float64)
-    corr = {}
-    for sign in (1, -1):
-        cs = []
-        for k, ti in enumerate(picks):
-            proj, w = reproject(small, sgrid, geom, ti, sign, out_shape, tb)
-            mask = w >= 0.9 * w.max()
-            mask = ndi.binary_erosion(mask, iterations=3)
-            if mask.sum() < 16:
-                continue
-            a = _bandpass(proj, 0.7, 4.0)[mask]
-            b = _bandpass(timgs[k], 0.7, 4.0)[mask]
-            if a.std() == 0 or b.std() == 0:
-                continue
-            cs.append(float(np.corrcoef(a, b)[0, 1]))
-        corr[sign] = float(np.mean(cs)) if cs else float("nan")
-    cp, cm = corr[1], corr[-1]
-    label = f"tomogram {name!r}" if name else "the tomogram"
-    if not (np.nanmax([cp, cm]) >= min_correlation):
-        raise InputError(
-            f"the tilt series of {label} does not match it: reprojections correlate at {cp:.3f} (sign +1) "
-            f"and {cm:.3f} (sign -1), below {min_correlation}; check the tilt series, its angles and tilt axis"
-        )
-    sign = 1 if (np.isnan(cm) or cp >= cm) else -1
-    if abs(cp - cm) < 0.02:
-        logger.warning("%s: tilt handedness is ambiguous (correlation %.3f vs %.3f); using %+d", label, cp, cm, sign)
-    logger.info("%s: tilt sign %+d (correlation %.3f, other sign %.3f)", label, sign, max(cp, cm), min(cp, cm))
-    return {
-        "sign": sign,
-        "correlation": corr[sign],
-        "correlation_plus": cp,
-        "correlation_minus": cm,
-        "angles": [float(ang[i]) for i in picks],
-    }

@@ -20,7 +20,7 @@ Definitions (identical to the whole-volume single-process computation the tests 
 
 Distribution: the volume is cut into its dask chunks (or into ``chunks``-shaped processing blocks);
 each task receives its block plus a halo (``block_fn`` halo + footprint radius, exchanged between
-neighbouring tasks by :func:`milotile.ops.filters.halo_blocks`), computes steps 1–3 and keeps only
+neighbouring tasks by :func:`milotile.ops.blocks.halo_blocks`), computes steps 1–3 and keeps only
 the maxima its *interior* owns (owner rule: every voxel belongs to exactly one block, so seam voxels
 are found exactly once). Inside a task the score is computed only on the interior plus the footprint
 margin, axis by axis (:func:`milotile.ops.filters.gaussian_crop`), and the DoG levels one at a time.
@@ -42,13 +42,8 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from milotile.errors import InputError
-from milotile.ops.filters import (
-    _check_sigmas,
-    dog_max_block,
-    gaussian_halo,
-    halo_blocks,
-    regular_chunks,
-)
+from milotile.ops.blocks import halo_blocks, regular_chunks
+from milotile.ops.filters import check_sigmas, dog_max_block, gaussian_halo
 
 __all__ = [
     "find_peaks",
@@ -58,7 +53,6 @@ __all__ = [
     "local_maxima_block",
     "greedy_nms",
     "threshold_from_scores",
-    "dog_max_block",
     "normalize_border",
     "normalize_footprint",
 ]
@@ -356,7 +350,7 @@ def dog_peaks(
     ``(1, 3, 3)`` footprint. Coordinates are in the grid of ``x``. ``chunks`` sets the processing
     block shape (see :func:`find_peaks`; the candidates do not depend on it).
     """
-    sig = _check_sigmas(sigmas)
+    sig = check_sigmas(sigmas)
     return find_peaks(
         x,
         min_distance,

@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from milotile.errors import InputError
-from milotile.refine.preprocess import compress_z, gauss_halo, preprocess_block
+from milotile.ops.blocks import NUMPY_PAD
+from milotile.ops.preprocess import block_halo, preprocess_block
 from milotile.refine.targets import TargetGeometry, crop_targets
 
 logger = logging.getLogger(__name__)
@@ -97,8 +98,8 @@ class VolumeReader:
         return out
 
     def read(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-        """Read a box that may extend outside the volume; outside voxels mirror the volume
-        (``numpy.pad`` mode ``symmetric``, the same as scipy.ndimage ``reflect``).
+        """Read a box that may extend outside the volume; outside voxels repeat the nearest edge voxel
+        (the one boundary convention, :data:`milotile.ops.blocks.NUMPY_PAD`).
         """
         start = [int(s) for s in start]
         size = [int(s) for s in size]
@@ -107,7 +108,7 @@ class VolumeReader:
         inner = self.read_inside(lo, hi)
         pads = [(lo[a] - start[a], start[a] + size[a] - hi[a]) for a in range(3)]
         if any(p != (0, 0) for p in pads):
-            inner = np.pad(inner, pads, mode="symmetric")
+            inner = np.pad(inner, pads, mode=NUMPY_PAD)
             inner = inner[tuple(slice(0, size[a]) for a in range(3))]
         if not np.isfinite(inner).all():
             bad = np.argwhere(~np.isfinite(inner))[0] + np.asarray(start)
@@ -151,15 +152,15 @@ class CropDataset(Dataset):
     readers
         Tomogram name -> :class:`VolumeReader`.
     stats
-        Tomogram name -> (mean, std) of the raw volume.
+        Tomogram name -> (mean, std) of the filtered volume (:func:`milotile.stages.preprocess.volume_stats`).
     labels
         Table with ``tomogram, x, y, z`` (level-0 voxels) and ``cls`` (int channel index).
     geom
         Target geometry.
     crop
         Model-input crop (z, y, x); y and x are made odd.
-    n_classes, thresh, gauss, clip, compress
-        Target and preprocessing settings.
+    n_classes, thresh, gauss, clip, compress, compress_how
+        Target and preprocessing settings (:func:`milotile.ops.preprocess.preprocess_block`).
     random_fraction
         Random crops per epoch as a fraction of the labelled particles.
     random_tomograms
@@ -185,6 +186,7 @@ class CropDataset(Dataset):
         gauss: float = 0.0,
         clip: tuple[float, float] = (-3.0, 3.0),
         compress: bool = False,
+        compress_how: str = "max",
         random_fraction: float = 0.25,
         random_tomograms: Sequence[str] | None = None,
         augment: bool = True,
@@ -202,6 +204,7 @@ class CropDataset(Dataset):
         self.gauss = gauss
         self.clip = clip
         self.compress = compress
+        self.compress_how = compress_how
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
@@ -245,20 +248,22 @@ class CropDataset(Dataset):
             name = self.random_tomograms[int(rng.integers(len(self.random_tomograms)))]
             shp = self.readers[name].shape
             origin = tuple(int(rng.integers(0, max(shp[a] - self.raw_shape[a], 0) + 1)) for a in range(3))
+        if self.compress:  # slice pairs as in the whole volume (and in ``pick``): start at an even slice
+            origin = (origin[0] - origin[0] % 2, origin[1], origin[2])
         return CropSpec(name, origin)  # type: ignore[arg-type]
 
     def load(self, spec: CropSpec, augment_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Read, preprocess and (optionally) augment a crop; returns (input, target)."""
-        h = gauss_halo(self.gauss)
-        start = [o - h for o in spec.origin]
-        size = [s + 2 * h for s in self.raw_shape]
+        halo = block_halo(self.gauss, self.compress)
+        start = [o - h for o, h in zip(spec.origin, halo, strict=True)]
+        size = [s + 2 * h for s, h in zip(self.raw_shape, halo, strict=True)]
         raw = self.readers[spec.tomogram].read(start, size)
         mean, std = self.stats[spec.tomogram]
-        x = preprocess_block(raw, mean=mean, std=std, gauss=self.gauss, clip=self.clip, compress=False)
+        x = preprocess_block(raw, mean=mean, std=std, gauss=self.gauss, clip=self.clip, compress=self.compress,
+                             compress_how=self.compress_how)
+        h = halo[1]  # the same in every axis of the processed grid
         if h:
             x = x[h:-h, h:-h, h:-h]
-        if self.compress:
-            x = compress_z(x)
         pts, cls = self._pts.get(spec.tomogram, (np.zeros((0, 3)), np.zeros(0, np.int64)))
         pts = pts - np.asarray(spec.origin, np.float64)  # crop frame
         if augment_rng is not None:

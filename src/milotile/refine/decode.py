@@ -1,29 +1,20 @@
-"""Heatmap decoding: peaks on the model grid -> picks in level-0 voxels.
-
-Grid convention
----------------
-The picker's output voxel ``k`` (per axis, ``z, y, x``) summarises input voxels
-``k * stride ... k * stride + stride - 1`` (x and y are down-sampled by ``down_ratio`` = 2, z by 2
-only with compression). Its centre, and the position a peak is reported at, is::
-
-    level0 = k * stride + offset,   offset = (stride - 1) / 2      (e.g. 2k + 0.5 for stride 2)
-
-A picker's contract may set ``out_offset`` explicitly (the trained U-Net's stride-2 stem is
-centred on input voxel ``2k``, so its contract says 0); :func:`milotile.refine.predict.pick` passes
-the contract's values and falls back to ``(stride - 1) / 2`` only when it has none.
-This is the only place coordinates move from the model grid to level-0 voxels. MiLoPYP added
-0.25 and multiplied by 2 (``2k + 0.5``) and then floored, losing the half voxel; here the centre is
-kept as a float.
+"""Heatmap decoding: the one way picks come out of a heatmap, for ``pick`` and training validation alike.
 
 Peaks come from :func:`milotile.ops.peaks.find_peaks` (local maxima per chunk with a halo and the
-owner rule, so correct across chunk seams); the distance NMS then runs in level-0 voxels with
-:func:`milotile.ops.peaks.greedy_nms` because the model grid is anisotropic when only x and y are
-down-sampled.
+owner rule, so correct across chunk seams) on the model grid; their positions move to level-0
+voxels through the heatmap's :class:`milotile.ops.grid.Grid` (``Grid.model_output(out_stride,
+out_offset)`` of the picker's contract, shifted to the region's origin); the distance NMS then runs
+in level-0 voxels with :func:`milotile.ops.peaks.greedy_nms` because the model grid is anisotropic
+when only x and y are down-sampled. MiLoPYP added 0.25, multiplied by 2 and then floored, losing the
+half voxel; here the centre is kept as a float. :func:`decode_options` holds the defaults (NMS
+radius, border) that validation and ``pick`` share, so the validated threshold describes what
+``pick`` returns.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import dask.array as da
@@ -31,25 +22,40 @@ import numpy as np
 import pandas as pd
 
 from milotile.errors import InputError
+from milotile.ops.grid import Grid
 from milotile.ops.peaks import find_peaks, greedy_nms
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PICK_COLUMNS", "decode_heatmap", "model_to_level0", "default_offset"]
+__all__ = ["DEFAULT_THRESHOLD", "PICK_COLUMNS", "decode_heatmap", "decode_options", "empty_picks", "picker_grid"]
+
+#: MiLoPYP's ``--out_thresh``; used when a checkpoint carries no validated threshold
+DEFAULT_THRESHOLD = 0.25
 
 PICK_COLUMNS = ["tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "class"]
 
 
-def default_offset(stride: Sequence[int]) -> tuple[float, ...]:
-    """Centre offset ``(stride - 1) / 2`` of a model voxel in level-0 voxels, per axis."""
-    return tuple((float(s) - 1.0) / 2.0 for s in stride)
+def picker_grid(contract: dict) -> Grid:
+    """Model-output grid of a picker from its contract (``out_stride``/``out_offset``).
+
+    Contracts without them: stride ``(2 if compress else 1, down_ratio, down_ratio)`` and the centre
+    offset ``(stride - 1) / 2``.
+    """
+    if "out_stride" in contract:
+        stride = tuple(int(s) for s in contract["out_stride"])
+    else:
+        dr = int(contract.get("down_ratio", 2))
+        stride = (2 if contract.get("compress") else 1, dr, dr)
+    return Grid.model_output(stride, contract.get("out_offset"))
 
 
-def model_to_level0(k_zyx: np.ndarray, stride: Sequence[int], offset: Sequence[float] | None = None) -> np.ndarray:
-    """Level-0 ``(z, y, x)`` positions of model-grid indices ``k_zyx`` (shape ``(N, 3)``)."""
-    k = np.asarray(k_zyx, dtype=np.float64).reshape(-1, 3)
-    off = default_offset(stride) if offset is None else offset
-    return k * np.asarray(stride, np.float64) + np.asarray(off, np.float64)
+def decode_options(contract: dict, *, nms_distance: float | None = None,
+                   border: float | Sequence[float] | None = None) -> tuple[float, float | Sequence[float]]:
+    """``(nms_distance, border)`` in level-0 voxels: the given values, else half and a quarter of the
+    contract's ``bbox`` (MiLoPYP's particle box; 16 when absent)."""
+    bbox = float(contract.get("bbox", 16))
+    nms = float(nms_distance) if nms_distance is not None else bbox / 2.0
+    return nms, (math.floor(bbox / 4.0) if border is None else border)
 
 
 def _as_triple(v: float | Sequence[float], name: str) -> tuple[float, float, float]:
@@ -72,8 +78,7 @@ def decode_heatmap(
     tomogram: str,
     shape: Sequence[int],
     voxel_size: float,
-    stride: Sequence[int] = (1, 2, 2),
-    offset: Sequence[float] | None = None,
+    grid: Grid | None = None,
     classes: Sequence[str] | None = None,
     threshold: float = 0.25,
     nms_distance: float = 0.0,
@@ -93,8 +98,9 @@ def decode_heatmap(
         Level-0 shape ``(Z, Y, X)`` of the tomogram (for the border test).
     voxel_size : float
         Å per level-0 voxel.
-    stride, offset : sequence
-        Model grid geometry (see the module notes); ``offset`` defaults to ``(stride - 1) / 2``.
+    grid : Grid, optional
+        Where heatmap voxels lie in level-0 voxels (:func:`picker_grid`, shifted to the region's
+        origin); default ``Grid.model_output((1, 2, 2))``, MiLoPYP's ``down_ratio`` 2 without compression.
     classes : sequence of str, optional
         Class name per channel (default ``particle`` / ``class<i>``).
     threshold : float
@@ -113,6 +119,7 @@ def decode_heatmap(
     pandas.DataFrame
         ``tomogram, x, y, z, x_A, y_A, z_A, score, class`` sorted by class then descending score.
     """
+    grid = grid if grid is not None else Grid.model_output((1, 2, 2))
     hm = heatmap if isinstance(heatmap, da.Array) else da.from_array(np.asarray(heatmap), chunks=-1)
     if hm.ndim == 3:
         hm = hm[None]
@@ -133,7 +140,7 @@ def decode_heatmap(
         if peaks.empty:
             continue
         k = peaks[["z", "y", "x"]].to_numpy(dtype=np.float64)
-        p = model_to_level0(k, stride, offset)
+        p = grid.to_level0(k)
         z, y, x = p[:, 0], p[:, 1], p[:, 2]
         inside = (
             (z >= bz) & (z <= Z - 1 - bz) & (y >= by) & (y <= Y - 1 - by) & (x >= bx) & (x <= X - 1 - bx)

@@ -1,4 +1,10 @@
-"""A trained picker: model + contract, and block-wise prediction on raw level-0 voxels."""
+"""A trained picker: model + contract, and block-wise prediction on raw level-0 voxels.
+
+The contract's preprocessing is the one of :mod:`milotile.ops.preprocess` (compression, Gaussian,
+normalisation with the statistics of the *filtered* tomogram). Checkpoints written before that
+contract (``contract["preprocessing"]`` below :data:`PREPROCESSING_VERSION`) normalised with the raw
+volume's statistics; they are refused with a message naming the retrain step.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,18 @@ import torch
 from milotile.errors import InputError
 from milotile.nn.checkpoint import build_model, load_checkpoint
 from milotile.nn.device import autocast, pick_device
-from milotile.refine.preprocess import preprocess_block
+from milotile.ops.grid import Grid
+from milotile.ops.preprocess import preprocess_block
+from milotile.refine import model as _model  # noqa: F401  (registers unet4 / unet5 / ressmall)
+from milotile.refine import predict
+from milotile.refine.decode import picker_grid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Picker"]
+__all__ = ["PREPROCESSING_VERSION", "Picker"]
+
+#: version of the picker preprocessing contract (2: one preprocessing, statistics of the filtered volume)
+PREPROCESSING_VERSION = 2
 
 
 class Picker:
@@ -64,6 +77,11 @@ class Picker:
         contract = ckpt.get("contract") or {}
         if contract.get("kind") != "refine-picker":
             raise InputError(f"checkpoint {str(p)!r} is not a refine picker (contract kind {contract.get('kind')!r}).")
+        if int(contract.get("preprocessing", 1)) < PREPROCESSING_VERSION:
+            raise InputError(
+                f"checkpoint {str(p)!r} was trained with the old picker preprocessing (raw-volume statistics); "
+                "retrain it with `milotile refine train` (same options) to use it with this version."
+            )
         model = build_model(ckpt)
         return cls(model, contract, device=device, path=p)
 
@@ -90,11 +108,10 @@ class Picker:
         zs, ys, xs = self.contract["out_stride"]
         return math.ceil(z / zs), math.ceil(y / ys), math.ceil(x / xs)
 
-    def out_to_level0(self, k_zyx: np.ndarray, origin_zyx: tuple[float, float, float] = (0, 0, 0)) -> np.ndarray:
-        """Level-0 (z, y, x) position of output-grid indices ``k_zyx`` of a block starting at ``origin``."""
-        k = np.asarray(k_zyx, dtype=np.float64)
-        return (k * np.asarray(self.contract["out_stride"], np.float64)
-                + np.asarray(self.contract["out_offset"], np.float64) + np.asarray(origin_zyx, np.float64))
+    @property
+    def grid(self) -> Grid:
+        """Where output voxel ``k`` of a block starting at level-0 voxel 0 lies (``grid.shifted(origin)``)."""
+        return picker_grid(self.contract)
 
     # ------------------------------------------------------------------ prediction
     def _slab_depth(self) -> tuple[int, int]:
@@ -133,15 +150,14 @@ class Picker:
             ``(Z, Y, X)`` float32 raw voxels, including the halo (:attr:`halo`) around the region of
             interest; outputs within the halo are affected by the block border.
         stats
-            Global (mean, std) of the raw tomogram, e.g. from
-            :func:`milotile.refine.preprocess.tomogram_stats`.
+            Global (mean, std) of the filtered tomogram (:func:`milotile.refine.predict.picker_stats`).
 
         Returns
         -------
         numpy.ndarray
             float32 ``(C, Z', Y', X')`` on the model output grid: ``Y' = ceil(Y/2)``,
             ``X' = ceil(X/2)``, ``Z' = Z`` (``ceil(Z/2)`` with compression). Output voxel ``k`` sits at
-            level-0 ``k * out_stride + out_offset`` relative to the block origin.
+            level-0 :attr:`grid` ``.to_level0(k)`` relative to the block origin.
         """
         raw = np.asarray(raw_block)
         if raw.ndim != 3:
@@ -150,13 +166,12 @@ class Picker:
             raise InputError("The block passed to predict_block contains NaN or infinite voxels.")
         c = self.contract
         x = preprocess_block(raw, mean=float(stats[0]), std=float(stats[1]), gauss=float(c.get("gauss", 0.0)),
-                             clip=tuple(c.get("clip", (-3.0, 3.0))), compress=bool(c.get("compress", False)))
+                             clip=tuple(c.get("clip", (-3.0, 3.0))), compress=bool(c.get("compress", False)),
+                             compress_how=str(c.get("compress_how", "max")))
         return self.predict_preprocessed(x)
 
     def pick(self, col: Any, **kw: Any) -> Any:
-        """Pick particles in a whole collection (delegates to :func:`milotile.refine.predict.pick`)."""
-        from milotile.refine import predict  # written with the inference issue; imported lazily
-
+        """Pick particles in a whole collection; see :func:`milotile.refine.predict.pick`."""
         return predict.pick(col, self, **kw)
 
     def __repr__(self) -> str:

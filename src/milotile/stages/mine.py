@@ -3,7 +3,7 @@
 Reads ``derived/preprocessed/<name>`` when it exists (else the raw level-0 tomogram, with a
 warning: the DoG and the relative threshold do not depend on an affine intensity change, but the
 contrast clip is skipped), runs :func:`milotile.ops.peaks.dog_peaks` chunk by chunk in the processed
-grid (``border`` and ``min_distance`` are in voxels of that grid, as in MiLoPYP), converts the peaks
+grid (``border`` and ``nms_distance`` are in voxels of that grid, as in MiLoPYP), converts the peaks
 to full-resolution voxels and Å, and writes ``tables/<table>.parquet`` with the columns
 ``tomogram, x, y, z, x_A, y_A, z_A, score, level``.
 """
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from milotile.errors import InputError
-from milotile.ops.patches import Grid
+from milotile.ops.grid import Grid
 from milotile.ops.peaks import DOG_BLOCK, dog_peaks
-from milotile.stages.preprocess import preprocessed_volume
+from milotile.stages.preprocess import PREPROCESSED, preprocessed_volume, tomogram_sources
 
 __all__ = ["mine", "CANDIDATE_COLUMNS"]
 
@@ -31,12 +31,12 @@ CANDIDATE_COLUMNS = ["tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "l
 
 def mine(
     col: Any,
+    *,
     dog: Sequence[float] = (3.0, 5.0),
     threshold_std: float = 0.5,
-    min_distance: float = 7.0,
+    nms_distance: float = 7.0,
     border: int = 30,
     invert: bool = False,
-    *,
     border_z: int = 10,
     footprint: Sequence[int] = (1, 3, 3),
     names: Sequence[str] | None = None,
@@ -54,8 +54,8 @@ def mine(
         Strictly increasing DoG sigmas (voxels of the processed grid); MiLoPYP default ``3, 5``.
     threshold_std : float
         Threshold ``mean + threshold_std * std`` of the positive local-maximum responses.
-    min_distance : float
-        NMS radius (voxels of the processed grid).
+    nms_distance : float
+        NMS radius (voxels of the processed grid; MiLoPYP's ``min_distance`` 7).
     border : int
         Exclusion band in y and x (MiLoPYP: 30).
     invert : bool
@@ -83,20 +83,23 @@ def mine(
     if not names:
         raise InputError(f"{col.url} holds no tomograms; run `milotile ingest` first")
     frames = []
+    sources: dict[str, str | None] = {}
     for name in names:
         t = col[name]
         pre = preprocessed_volume(col, name)
         if pre is None:
             logger.warning("mine %s: no preprocessed volume, mining the raw tomogram (run `milotile preprocess`)", name)
             vol, grid = t.data(0), Grid()
+            sources.update(tomogram_sources(col, name))
         else:
             vol, grid, _ = pre
+            sources[f"{PREPROCESSED}/{name}"] = col.source_token(f"{PREPROCESSED}/{name}")
         df = dog_peaks(
-            vol, tuple(dog), threshold_std=threshold_std, min_distance=min_distance,
+            vol, tuple(dog), threshold_std=threshold_std, min_distance=nms_distance,
             border=(int(border_z), int(border), int(border)), invert=invert, footprint=tuple(footprint), top_k=top_k,
             chunks=DOG_BLOCK if chunks is None else tuple(chunks),
         )
-        zyx = grid.to_full(df[["z", "y", "x"]].to_numpy())
+        zyx = grid.to_level0(df[["z", "y", "x"]].to_numpy())
         full = np.array(t.shape, dtype=np.float64) - 1
         zyx = np.clip(zyx, 0, full)  # a lone last compressed slice maps back to Z - 1
         vs = t.voxel_size
@@ -111,8 +114,8 @@ def mine(
     result = pd.concat(frames, ignore_index=True)[CANDIDATE_COLUMNS] if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
     params = {
         "stage": "mine", "dog": [float(v) for v in dog], "threshold_std": float(threshold_std),
-        "min_distance": float(min_distance), "border": int(border), "border_z": int(border_z),
-        "invert": bool(invert), "footprint": [int(v) for v in footprint], "top_k": top_k, "tomograms": names,
+        "nms_distance": float(nms_distance), "border": int(border), "border_z": int(border_z),
+        "invert": bool(invert), "footprint": [int(v) for v in footprint], "top_k": top_k, "names": names,
     }
-    col.write_table(table, result, params=params)
+    col.write_table(table, result, params=params, sources=sources)
     return result

@@ -25,17 +25,18 @@ import numpy as np
 import pandas as pd
 
 from milotile.errors import InputError
-from milotile.ops.patches import (
-    MILOPYP_SHIFTS,
-    Grid,
-    TiltGeometry,
-    check_tilt_geometry,
-    n_channels,
+from milotile.ops.geometry import TiltGeometry
+from milotile.ops.grid import Grid
+from milotile.ops.patches import MILOPYP_SHIFTS, n_channels
+from milotile.ops.patches import extract_patches as extract_ops
+from milotile.ops.tilt_check import check_tilt_geometry
+from milotile.stages.preprocess import (
+    PREPROCESSED,
+    PREPROCESSED_TILTS,
+    preprocessed_volume,
+    tilt_sources,
+    tomogram_sources,
 )
-from milotile.ops.patches import (
-    extract_patches as extract_ops,
-)
-from milotile.stages.preprocess import PREPROCESSED_TILTS, preprocessed_volume
 from milotile.store import write_dask
 
 __all__ = ["extract_patches", "patch_key"]
@@ -53,13 +54,19 @@ def _table_fingerprint(df: pd.DataFrame) -> str:
     return f"{len(df)}:{int(pd.util.hash_pandas_object(df[cols], index=False).sum()) & 0xFFFFFFFFFFFF:x}"
 
 
-def _tilt_geometry(col: Any, name: str, window: tuple[float, float]) -> TiltGeometry:
+def _tilt_geometry(col: Any, name: str, window: tuple[float, float], sources: dict) -> TiltGeometry:
     t = col[name]
     ts = t.tilt_series
     if ts is None:
         raise InputError(f"tomogram {name} has no tilt series in {col.url}; mode 'tiltsum' needs one (ingest it with its .tlt)")
-    g = col.group(f"{PREPROCESSED_TILTS}/{name}")
-    data = da.from_zarr(g["0"]) if g is not None and g.attrs.get("milotile", {}).get("complete") else ts.data
+    path = f"{PREPROCESSED_TILTS}/{name}"
+    g = col.group(path)
+    if g is not None and "0" in g and col.output_status(path) == "complete":
+        data = da.from_zarr(g["0"])
+        sources[path] = col.source_token(path)
+    else:
+        data = ts.data
+        sources.update(tilt_sources(col, name))
     return TiltGeometry(
         data=data, angles=ts.angles, full_shape=t.shape, tilt_axis_angle=ts.tilt_axis_angle,
         pixel_ratio=t.voxel_size / ts.pixel_size, window=window,
@@ -69,8 +76,7 @@ def _tilt_geometry(col: Any, name: str, window: tuple[float, float]) -> TiltGeom
 def _geometry_check(col: Any, name: str, geom: TiltGeometry, min_correlation: float) -> dict:
     t = col[name]
     level = max(t.levels)
-    f = 2**level
-    grid = Grid(scale=(float(f),) * 3, offset=((f - 1) / 2.0,) * 3)
+    grid = Grid.binned(2**level)
     ts = t.tilt_series
     raw = TiltGeometry(ts.data, ts.angles, t.shape, ts.tilt_axis_angle, 1, geom.pixel_ratio)
     return check_tilt_geometry(t.data(level), raw, grid=grid, name=name, min_correlation=min_correlation)
@@ -78,11 +84,11 @@ def _geometry_check(col: Any, name: str, geom: TiltGeometry, min_correlation: fl
 
 def extract_patches(
     col: Any,
+    *,
     table: str = "candidates",
     bbox: int = 36,
     modes: Sequence[str] | str = ("slab",),
     shifts: bool | Sequence[Sequence[int]] = False,
-    *,
     normalize: str | None = "minmax",
     tilt_window: tuple[float, float] = (-20.0, 20.0),
     tilt_sign: str | int = "auto",
@@ -145,25 +151,49 @@ def extract_patches(
         raise InputError(f"table {table!r} names tomograms not in the store: {unknown[:5]}")
     shift_list = [list(s) for s in (MILOPYP_SHIFTS if shifts is True else (shifts or []))]
     key = key or patch_key(table, ms, bbox, bool(shift_list))
-    n_s = 1 + len(shift_list)
     params: dict[str, Any] = {
         "modes": list(ms), "bbox": int(bbox), "shifts": shift_list, "normalize": normalize,
         "tilt_window": [float(v) for v in tilt_window], "tilt_sign_option": sign_opt, "out_of_bounds": out_of_bounds,
+        "min_correlation": float(min_correlation),
         "source_table": table, "source_fingerprint": _table_fingerprint(df), "chunk_n": int(chunk_n),
     }
     mining = col.table_params(table)
     if mining.get("dog") is not None:  # the DoG sigmas travel on into the exploration model's contract
         params["dog"] = mining["dog"]
-    group = col.group(f"patches/{key}", create=True)
-    old = dict(group.attrs.get("milotile", {}))
-    if not overwrite and old.get("complete") and {k: old.get("params", {}).get(k) for k in params} == params and col.has_table(f"patches-{key}"):
+    names = [n for n in col.names if n in set(df["tomogram"].astype(str))]
+    sources = _sources(col, table, names, "tiltsum" in ms)
+    so = col.stage_output(f"patches/{key}", params, sources)
+    if not overwrite and so.reusable and col.has_table(f"patches-{key}"):
         logger.info("patches %s: unchanged, reusing", key)
         return key
-    group.attrs["milotile"] = {"params": params, "complete": False}
+    with so:
+        so.begin()
+        _write_bank(col, so, df, names, ms, key, params)
+    return key
+
+
+def _sources(col: Any, table: str, names: Sequence[str], tilts: bool) -> dict[str, str | None]:
+    """What a bank depends on: the coordinate table, the (preprocessed) volumes and tilt series."""
+    out: dict[str, str | None] = {f"tables/{table}": col.source_token(f"tables/{table}")}
+    for name in names:
+        if preprocessed_volume(col, name) is not None:
+            out[f"{PREPROCESSED}/{name}"] = col.source_token(f"{PREPROCESSED}/{name}")
+        else:
+            out.update(tomogram_sources(col, name))
+        if tilts:
+            _tilt_geometry(col, name, (-90.0, 90.0), out)
+    return out
+
+
+def _write_bank(col: Any, so: Any, df: pd.DataFrame, names: Sequence[str], ms: tuple[str, ...], key: str,
+                params: dict) -> None:
+    bbox, shift_list, chunk_n = params["bbox"], params["shifts"], params["chunk_n"]
+    normalize, sign_opt, tilt_window = params["normalize"], params["tilt_sign_option"], params["tilt_window"]
+    n_s = 1 + len(shift_list)
 
     pieces, rows = [], []
     signs, geometry, pre_params = {}, {}, {}
-    for name in [n for n in col.names if n in set(df["tomogram"].astype(str))]:
+    for name in names:
         sub = df[df["tomogram"].astype(str) == name]
         pre = preprocessed_volume(col, name)
         if pre is None:
@@ -174,9 +204,9 @@ def extract_patches(
             pre_params[name] = meta.get("params")
         geom = None
         if "tiltsum" in ms:
-            geom = _tilt_geometry(col, name, tuple(tilt_window))
+            geom = _tilt_geometry(col, name, tuple(tilt_window), {})
             if sign_opt == "auto":
-                info = _geometry_check(col, name, geom, min_correlation)
+                info = _geometry_check(col, name, geom, params["min_correlation"])
                 geom.sign = info["sign"]
                 geometry[name] = info
             else:
@@ -184,7 +214,7 @@ def extract_patches(
             signs[name] = geom.sign
         res = extract_ops(
             vol, sub[["x", "y", "z"]].to_numpy(np.float64), bbox, ms, grid=grid, shifts=shift_list,
-            normalize=normalize, tilts=geom, chunk_n=chunk_n, out_of_bounds=out_of_bounds,
+            normalize=normalize, tilts=geom, chunk_n=chunk_n, out_of_bounds=params["out_of_bounds"],
         )
         part = sub.iloc[res.order].copy()
         part["source_index"] = sub.index.to_numpy()[res.order]
@@ -200,9 +230,7 @@ def extract_patches(
         data = da.zeros((0, n_s, n_c, bbox, bbox), np.float32, chunks=(1, n_s, n_c, bbox, bbox))
         out = df.iloc[:0].assign(source_index=pd.Series(dtype=np.int64), clipped=pd.Series(dtype=bool))
     out["patch_index"] = np.arange(len(out), dtype=np.int64)
-    write_dask(data, group, "data", chunks=(max(1, min(chunk_n, max(len(out), 1))), n_s, n_c, int(bbox), int(bbox)))
-    col.write_table(f"patches-{key}", out.reset_index(drop=True))
-    params.update({"tilt_sign": signs, "geometry": geometry, "preprocess": pre_params, "n": len(out), "complete": True})
-    group.attrs["milotile"] = {"params": params, "complete": True}
+    write_dask(data, so.node, "data", chunks=(max(1, min(chunk_n, max(len(out), 1))), n_s, n_c, int(bbox), int(bbox)))
+    col.write_table(f"patches-{key}", out.reset_index(drop=True), sources={f"patches/{key}": so.token})
+    so.finish(tilt_sign=signs, geometry=geometry, preprocess=pre_params, n=len(out))
     logger.info("patches %s: bank %s written", key, tuple(data.shape))
-    return key

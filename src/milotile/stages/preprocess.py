@@ -30,54 +30,90 @@ import dask.array as da
 import numpy as np
 
 from milotile.errors import InputError
-from milotile.ops.filters import (
-    HaloBlock,
-    bin_volume,
-    block_moments,
-    compress_z,
-    contrast_clip,
-    gaussian,
-    gaussian_crop,
-    gaussian_halo,
-    halo_blocks,
-    merge_moments,
-    regular_chunks,
-)
-from milotile.ops.patches import Grid
+from milotile.ops.blocks import BOUNDARY, HaloBlock, halo_blocks, regular_chunks
+from milotile.ops.filters import gaussian, gaussian_crop, gaussian_halo
+from milotile.ops.grid import Grid
+from milotile.ops.intensity import contrast_clip
+from milotile.ops.preprocess import TRUNCATE, filtered_volume
+from milotile.ops.resample import COMPRESS_MODES
+from milotile.ops.stats import block_moments, global_stats, merge_moments, moments_to_stats
 from milotile.store import multiscale_metadata, write_dask
 from milotile.store.arrays import DEFAULT_CHUNKS, clip_chunks
 
-__all__ = ["preprocess", "preprocessed_volume", "blur_with_stats", "PREPROCESSED", "PREPROCESSED_TILTS"]
+__all__ = [
+    "PREPROCESSED",
+    "PREPROCESSED_TILTS",
+    "blur_with_stats",
+    "preprocess",
+    "preprocessed_volume",
+    "tilt_sources",
+    "tomogram_sources",
+    "volume_stats",
+]
 
 logger = logging.getLogger(__name__)
 
 PREPROCESSED = "derived/preprocessed"
 PREPROCESSED_TILTS = "derived/preprocessed_tilts"
-VERSION = 1
+STATS = "derived/stats"
+VERSION = 2  # 2: one boundary convention, source fingerprints
 TMP_ARRAY = "_blurred"
 
 
-def _grid(compress: bool, binning: int, shape: Sequence[int]) -> Grid:
-    """Grid of the processed volume: compression (outer) then binning, ``full = scale * i + offset``."""
-    s1 = np.array([2.0 if compress else 1.0, 1.0, 1.0])  # compressed slice k covers slices 2k, 2k+1
-    o1 = np.array([0.5 if compress else 0.0, 0.0, 0.0])
-    s2 = np.full(3, float(binning))
-    o2 = np.full(3, (binning - 1) / 2.0)
-    return Grid(scale=tuple((s1 * s2).tolist()), offset=tuple((s1 * o2 + o1).tolist()))
+def tomogram_sources(col: Any, name: str) -> dict[str, str | None]:
+    """Source record of a tomogram for :meth:`Collection.stage_output`."""
+    path = f"tomograms/{name}"
+    return {path: col.source_token(path)}
 
 
-def _meta(node: Any) -> dict:
-    return dict(node.attrs.get("milotile", {}))
+def tilt_sources(col: Any, name: str) -> dict[str, str | None]:
+    """Source record of a tilt series for :meth:`Collection.stage_output`."""
+    path = f"tilts/{name}"
+    return {path: col.source_token(path)}
 
 
 def preprocessed_volume(col: Any, name: str) -> tuple[da.Array, Grid, dict] | None:
-    """The preprocessed volume of tomogram ``name``, its grid and attributes, or ``None``."""
-    g = col.group(f"{PREPROCESSED}/{name}")
-    if g is None or not _meta(g).get("complete") or "0" not in g:
+    """The preprocessed volume of tomogram ``name``, its grid and attributes, or ``None``.
+
+    ``None`` too when it is incomplete or stale (its tomogram was re-ingested since).
+    """
+    path = f"{PREPROCESSED}/{name}"
+    g = col.group(path)
+    if g is None or "0" not in g or col.output_status(path) != "complete":
         return None
-    meta = _meta(g)
-    grid = Grid(scale=tuple(meta["grid"]["scale"]), offset=tuple(meta["grid"]["offset"]))
-    return da.from_zarr(g["0"]), grid, meta
+    meta = dict(g.attrs["milotile"])
+    return da.from_zarr(g["0"]), Grid.from_dict(meta["grid"]), meta
+
+
+def volume_stats(col: Any, name: str, *, gauss: float = 0.0, compress: bool = False,
+                 compress_how: str = "max") -> tuple[float, float]:
+    """Mean and std of tomogram ``name`` after compression and Gaussian (the statistics the one
+    preprocessing normalises with, :mod:`milotile.ops.preprocess`).
+
+    Taken from the preprocessing stage's output when it used the same settings, from ingest's
+    statistics when there is nothing to filter, else computed once (one distributed pass) and kept
+    in ``derived/stats/<name>``.
+    """
+    t = col[name]
+    if not gauss and not compress and t.meta.get("stats"):
+        st = t.meta["stats"]
+        return float(st["mean"]), float(st["std"])
+    pre = preprocessed_volume(col, name)
+    if pre is not None:
+        p = pre[2]["params"]
+        if (p["gauss"], p["compress"], p["bin"]) == (float(gauss), bool(compress), 1) and (
+            not compress or p["compress_how"] == compress_how
+        ):
+            return float(pre[2]["stats"]["mean"]), float(pre[2]["stats"]["std"])
+    params = {"gauss": float(gauss), "compress": bool(compress), "compress_how": compress_how, "version": VERSION}
+    out = col.stage_output(f"{STATS}/{name}", params, tomogram_sources(col, name))
+    if out.reusable:
+        return float(out.meta["mean"]), float(out.meta["std"])
+    mean, std = global_stats(filtered_volume(t.data(0), gauss=gauss, compress=compress, compress_how=compress_how))
+    with out:
+        out.begin()
+        out.finish(mean=mean, std=std)
+    return mean, std
 
 
 def _check_params(gauss: float, binning: int, clip: Sequence[float], compress_how: str) -> None:
@@ -87,7 +123,7 @@ def _check_params(gauss: float, binning: int, clip: Sequence[float], compress_ho
         raise InputError(f"--bin must be a positive integer, got {binning}")
     if len(clip) != 2 or not clip[0] < clip[1]:
         raise InputError(f"clip must be two numbers lo < hi (standard deviations), got {tuple(clip)}")
-    if compress_how not in ("max", "mean"):
+    if compress_how not in COMPRESS_MODES:
         raise InputError(f"compress mode {compress_how!r} is not 'max' or 'mean'")
 
 
@@ -151,15 +187,15 @@ def preprocess(
         t = col[name]
         params = {
             "gauss": float(gauss), "compress": bool(compress), "compress_how": compress_how, "bin": binning,
-            "clip": list(clip), "quantize": bool(quantize), "source": t.meta.get("fingerprint"), "version": VERSION,
+            "clip": list(clip), "quantize": bool(quantize), "version": VERSION,
         }
-        group = col.group(f"{PREPROCESSED}/{name}", create=True)
-        old = _meta(group)
-        if not overwrite and old.get("complete") and old.get("params") == params:
+        so = col.stage_output(f"{PREPROCESSED}/{name}", params, tomogram_sources(col, name))
+        if not overwrite and so.reusable:
             logger.info("preprocess %s: unchanged, reusing %s/%s", name, PREPROCESSED, name)
-            out[name] = old
+            out[name] = so.meta
         else:
-            out[name] = _preprocess_volume(t, group, params, clip)
+            with so:
+                out[name] = _preprocess_volume(t, so, clip)
         ts = t.tilt_series
         if ts is not None and tilts:
             _preprocess_tilts(col, name, ts, float(gauss), tuple(float(c) for c in tilt_clip), bool(quantize), overwrite)
@@ -169,7 +205,7 @@ def preprocess(
 
 def _blur_block(block: np.ndarray, hb: HaloBlock, sigma: tuple[float, ...], target: Any) -> np.ndarray:
     """Pass 1 on one chunk: Gaussian of its interior, written to ``target``; returns its moments."""
-    g = gaussian_crop(block, sigma, hb.interior, mode="nearest")
+    g = gaussian_crop(block, sigma, hb.interior, truncate=TRUNCATE, mode=BOUNDARY)
     target[hb.location] = g
     return block_moments(g)
 
@@ -184,15 +220,12 @@ def blur_with_stats(x: da.Array, sigma: float, target: Any) -> tuple[float, floa
     """
     sig = (float(sigma),) * x.ndim
     x = regular_chunks(x, target.chunks)
-    x, blocks = halo_blocks(x, gaussian_halo(sig, x.ndim) if sigma > 0 else (0,) * x.ndim)
+    x, blocks = halo_blocks(x, gaussian_halo(sig, x.ndim, TRUNCATE) if sigma > 0 else (0,) * x.ndim)
     for _, hb in blocks:  # merged trailing chunks are fine, misaligned starts are not
         if any(s.start % c for s, c in zip(hb.location, target.chunks, strict=True)):
             raise RuntimeError(f"block {hb.location} is not aligned with the zarr chunks {target.chunks}")
     tasks = [dask.delayed(_blur_block, pure=False)(blk, hb, sig, target) for blk, hb in blocks]
-    n, mean, var = merge_moments(dask.compute(*tasks))
-    if n == 0:
-        raise InputError("the volume holds no finite value (all NaN or empty)")
-    return float(mean), float(np.sqrt(max(var, 0.0)))
+    return moments_to_stats(*merge_moments(dask.compute(*tasks)))
 
 
 def _store_uncompressed(y: da.Array, group: Any, name: str, chunks: Sequence[int]) -> None:
@@ -208,13 +241,11 @@ def _store_uncompressed(y: da.Array, group: Any, name: str, chunks: Sequence[int
     dask.compute(da.store(y, target, lock=False, compute=False))
 
 
-def _preprocess_volume(t: Any, group: Any, params: dict, clip: tuple[float, float]) -> dict:
-    group.attrs["milotile"] = {"params": params, "complete": False}
-    x = t.data(0)
-    if params["compress"]:
-        x = compress_z(x, params["compress_how"])
-    if params["bin"] > 1:
-        x = bin_volume(x, params["bin"])
+def _preprocess_volume(t: Any, so: Any, clip: tuple[float, float]) -> dict:
+    params = so.params
+    group = so.begin()
+    x = filtered_volume(t.data(0), compress=params["compress"], compress_how=params["compress_how"],
+                        binning=params["bin"])  # the Gaussian is fused with the statistics below
     chunks = clip_chunks(x.shape, DEFAULT_CHUNKS)
     # pass 1: Gaussian + moments, into a temporary uncompressed array (cheap to write and read back)
     tmp = group.create_array(
@@ -230,33 +261,35 @@ def _preprocess_volume(t: Any, group: Any, params: dict, clip: tuple[float, floa
     finally:
         if TMP_ARRAY in group:
             del group[TMP_ARRAY]
-    grid = _grid(params["compress"], params["bin"], t.shape)
+    grid = Grid.processed(params["compress"], params["bin"])
     vs = t.voxel_size
     ome = multiscale_metadata(t.name, vs, 1, axis_scale=grid.scale)
     ome["multiscales"][0]["datasets"][0]["coordinateTransformations"].append(
         {"type": "translation", "translation": [o * vs for o in grid.offset]}
     )
     group.attrs["ome"] = ome
-    meta = {
-        "params": params, "grid": {"scale": list(grid.scale), "offset": list(grid.offset)},
-        "stats": {"mean": mean, "std": std}, "shape": list(y.shape), "full_shape": list(t.shape),
-        "voxel_size": vs, "complete": True,
-    }
-    group.attrs["milotile"] = meta
+    meta = so.finish(
+        grid=grid.to_dict(), stats={"mean": mean, "std": std}, shape=list(y.shape), full_shape=list(t.shape),
+        voxel_size=vs,
+    )
     logger.info("preprocess %s: %s -> %s (mean %.4g, std %.4g)", t.name, t.shape, y.shape, mean, std)
     return meta
 
 
 def _preprocess_tilts(col: Any, name: str, ts: Any, gauss: float, clip: tuple[float, float], quantize: bool, overwrite: bool) -> None:
-    params = {"gauss": gauss, "clip": list(clip), "quantize": quantize, "source": ts.meta.get("fingerprint"), "version": VERSION}
-    group = col.group(f"{PREPROCESSED_TILTS}/{name}", create=True)
-    old = _meta(group)
-    if not overwrite and old.get("complete") and old.get("params") == params:
+    params = {"gauss": gauss, "clip": list(clip), "quantize": quantize, "version": VERSION}
+    so = col.stage_output(f"{PREPROCESSED_TILTS}/{name}", params, tilt_sources(col, name))
+    if not overwrite and so.reusable:
         logger.info("preprocess tilts %s: unchanged, reusing", name)
         return
-    group.attrs["milotile"] = {"params": params, "complete": False}
+    with so:
+        _write_tilts(so, name, ts, gauss, clip, quantize)
+
+
+def _write_tilts(so: Any, name: str, ts: Any, gauss: float, clip: tuple[float, float], quantize: bool) -> None:
+    group = so.begin()
     x = ts.data
-    g = gaussian(x, (0.0, gauss, gauss), mode="nearest") if gauss > 0 else x.astype(np.float32)
+    g = gaussian(x, (0.0, gauss, gauss), truncate=TRUNCATE, mode=BOUNDARY) if gauss > 0 else x.astype(np.float32)
     g64 = g.astype(np.float64)
     mean, std = dask.compute(g64.mean(axis=(1, 2)), g64.std(axis=(1, 2)))
     if np.any(std <= 0):
@@ -270,8 +303,5 @@ def _preprocess_tilts(col: Any, name: str, ts: Any, gauss: float, clip: tuple[fl
         y = (y * np.float32(255)).round() / np.float32(255)
     zchunks = tuple(ts.group["0"].chunks)
     write_dask(y.astype(np.float32), group, "0", chunks=zchunks)
-    group.attrs["milotile"] = {
-        "params": params, "angles": [float(a) for a in ts.angles], "tilt_axis_angle": ts.tilt_axis_angle,
-        "pixel_size": ts.pixel_size, "complete": True,
-    }
+    so.finish(angles=[float(a) for a in ts.angles], tilt_axis_angle=ts.tilt_axis_angle, pixel_size=ts.pixel_size)
     logger.info("preprocess tilts %s: %d tilts", name, ts.shape[0])

@@ -33,6 +33,14 @@ import xarray as xr
 import zarr
 
 from milotile.errors import InputError, StoreError
+from milotile.store.stage_output import (
+    StageOutput,
+    canonical,
+    jsonable,
+    make_token,
+    output_status,
+    source_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +173,7 @@ class Collection:
 
     def __init__(self, url: str | os.PathLike, *, mode: str = "a", storage_options: dict | None = None):
         self.url = str(url)
+        self._members: dict[str, list[str]] = {}
         self.storage_options = storage_options or {}
         self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         exists = self.fs.exists(self._join("zarr.json"))
@@ -298,25 +307,33 @@ class Collection:
 
     # -- tomograms ----------------------------------------------------------------------------
     def _complete_members(self, kind: str) -> list[str]:
+        """Complete members of ``tomograms``/``tilts``, listed once per collection object (cached)."""
+        cached = self._members.get(kind)
+        if cached is not None:
+            return cached
         g = self.group(kind)
-        if g is None:
-            return []
         names = []
-        for name, node in g.members():
-            if isinstance(node, zarr.Group) and _attrs(node).get("complete"):
-                names.append(name)
-        return sorted(names)
+        if g is not None:
+            for name, node in g.members():
+                if isinstance(node, zarr.Group) and _attrs(node).get("complete"):
+                    names.append(name)
+        self._members[kind] = sorted(names)
+        return self._members[kind]
+
+    def refresh(self) -> None:
+        """Forget the cached tomogram / tilt-series listings (after ingest wrote new ones)."""
+        self._members.clear()
 
     @property
     def names(self) -> list[str]:
-        """Names of the completely ingested tomograms, sorted."""
-        return self._complete_members(TOMOGRAMS)
+        """Names of the completely ingested tomograms, sorted (the store is listed once, then cached)."""
+        return list(self._complete_members(TOMOGRAMS))
 
     def __contains__(self, name: str) -> bool:
-        return name in self.names
+        return name in self._complete_members(TOMOGRAMS)
 
     def __getitem__(self, name: str) -> Tomogram:
-        if name not in self.names:
+        if name not in self._complete_members(TOMOGRAMS):
             known = ", ".join(self.names[:8]) or "none"
             raise InputError(f"no tomogram named {name!r} in {self.url} (known: {known})")
         return Tomogram(name, self.zarr_group[TOMOGRAMS][name], self)
@@ -344,11 +361,14 @@ class Collection:
         """Whether ``tables/<name>.parquet`` exists."""
         return self.fs.exists(self._table_path(name))
 
-    def write_table(self, name: str, df: pd.DataFrame, params: dict | None = None) -> str:
+    def write_table(self, name: str, df: pd.DataFrame, params: dict | None = None,
+                    sources: dict[str, str | None] | None = None) -> str:
         """Write ``df`` to ``tables/<name>.parquet`` atomically (temporary file, then rename).
 
         ``params`` (JSON-able: the stage parameters that made the table) are stored in the parquet
-        metadata and come back from :meth:`table_params`.
+        metadata and come back from :meth:`table_params`; ``sources`` (``{store path: token}`` of
+        the inputs, see :mod:`milotile.store.stage_output`) and the table's own token come back
+        from :meth:`table_sources`.
         """
         import json
 
@@ -359,10 +379,13 @@ class Collection:
         self._ensure_opaque(TABLES)
         buf = io.BytesIO()
         table = pa.Table.from_pandas(df, preserve_index=False)
+        meta = dict(table.schema.metadata or {})
         if params is not None:
-            meta = dict(table.schema.metadata or {})
-            meta[b"milotile"] = json.dumps(params, default=_jsonable).encode()
-            table = table.replace_schema_metadata(meta)
+            meta[b"milotile"] = json.dumps(params, default=jsonable).encode()
+        src = canonical(dict(sources or {}))
+        token = make_token(canonical(params or {}), src, len(df))
+        meta[b"milotile_sources"] = json.dumps({"sources": src, "token": token}).encode()
+        table = table.replace_schema_metadata(meta)
         pq.write_table(table, buf)
         tmp = path + ".tmp"
         with self.fs.open(tmp, "wb") as fh:
@@ -381,8 +404,7 @@ class Collection:
         with self.fs.open(path, "rb") as fh:
             return pd.read_parquet(fh)
 
-    def table_params(self, name: str) -> dict:
-        """The stage parameters stored with ``tables/<name>.parquet`` (empty if none)."""
+    def _table_meta(self, name: str, key: bytes) -> dict:
         import json
 
         import pyarrow.parquet as pq
@@ -392,8 +414,29 @@ class Collection:
             raise InputError(f"{self.url} has no table {name!r}; run the stage that makes it first")
         with self.fs.open(path, "rb") as fh:
             meta = pq.read_schema(fh).metadata or {}
-        raw = meta.get(b"milotile")
+        raw = meta.get(key)
         return json.loads(raw) if raw else {}
+
+    def table_params(self, name: str) -> dict:
+        """The stage parameters stored with ``tables/<name>.parquet`` (empty if none)."""
+        return self._table_meta(name, b"milotile")
+
+    def table_sources(self, name: str) -> dict:
+        """``{"sources": {...}, "token": ...}`` stored with ``tables/<name>.parquet`` (empty if none)."""
+        return self._table_meta(name, b"milotile_sources")
+
+    # -- stage outputs ------------------------------------------------------------------------
+    def stage_output(self, path: str, params: dict, sources: dict[str, str | None]) -> StageOutput:
+        """The :class:`~milotile.store.stage_output.StageOutput` of a stage writing ``path``."""
+        return StageOutput(self, path, params, sources)
+
+    def source_token(self, path: str) -> str | None:
+        """Current token of the input at ``path`` (see :func:`milotile.store.stage_output.source_token`)."""
+        return source_token(self, path)
+
+    def output_status(self, path: str) -> str:
+        """``complete``, ``incomplete`` or ``stale`` (see :func:`milotile.store.stage_output.output_status`)."""
+        return output_status(self, path)
 
     def tables(self) -> list[str]:
         """Names of the tables in the store."""
@@ -405,16 +448,21 @@ class Collection:
         )
 
     # -- summaries ----------------------------------------------------------------------------
-    def derived(self) -> dict[str, list[str]]:
-        """Derived outputs per stage: ``{stage: [names...]}`` (complete ones only)."""
-        out: dict[str, list[str]] = {}
+    def derived(self, status: bool = False) -> dict[str, list[str]] | dict[str, dict[str, str]]:
+        """Derived outputs per stage, ``{stage: [names...]}`` of the complete, up-to-date ones.
+
+        With ``status=True``: ``{stage: {name: "complete" | "incomplete" | "stale"}}`` of all of them
+        (nested outputs such as ``heatmaps/<run>/<name>`` are named ``<run>/<name>``).
+        """
+        full: dict[str, dict[str, str]] = {}
         g = self.group(DERIVED)
-        if g is None:
-            return out
-        for stage, node in g.members():
-            if isinstance(node, zarr.Group):
-                out[stage] = sorted(n for n, sub in node.members() if isinstance(sub, zarr.Group))
-        return out
+        if g is not None:
+            for stage, node in g.members():
+                if isinstance(node, zarr.Group):
+                    full[stage] = {n: output_status(self, f"{DERIVED}/{stage}/{n}") for n in _outputs(node)}
+        if status:
+            return full
+        return {k: sorted(n for n, st in v.items() if st == "complete") for k, v in full.items()}
 
     def info(self) -> pd.DataFrame:
         """One row per tomogram: shape, voxel size, tilt series, source."""
@@ -436,28 +484,19 @@ class Collection:
     def __repr__(self) -> str:
         return f"Collection({self.url!r}, {len(self)} tomograms)"
 
-    # -- stage shortcuts (the workflow reads like the DESIGN example) -------------------------
-    def preprocess(self, **kwargs: Any) -> Collection:
-        """Run :func:`milotile.stages.preprocess.preprocess` on this collection; returns ``self``."""
-        from milotile.stages.preprocess import preprocess
-
-        preprocess(self, **kwargs)
-        return self
-
-    def mine(self, **kwargs: Any) -> pd.DataFrame:
-        """Run :func:`milotile.stages.mine.mine`; returns the candidate table."""
-        from milotile.stages.mine import mine
-
-        return mine(self, **kwargs)
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON fallback for numpy scalars/arrays and tuples in stage parameters."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+def _outputs(node: zarr.Group, prefix: str = "") -> list[str]:
+    """Names of the stage outputs under a stage group: groups holding ``milotile`` attributes."""
+    out = []
+    for name, sub in node.members():
+        if not isinstance(sub, zarr.Group):
+            continue
+        if "milotile" in sub.attrs:
+            out.append(prefix + name)
+        else:
+            out.extend(_outputs(sub, f"{prefix}{name}/"))
+    return sorted(out)
 
 
 def open_collection(url: str | os.PathLike, mode: str = "r+", storage_options: dict | None = None) -> Collection:
@@ -483,3 +522,12 @@ def open_collection(url: str | os.PathLike, mode: str = "r+", storage_options: d
         if not fs.exists(root.rstrip("/") + "/zarr.json"):
             raise InputError(f"{url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
     return Collection(url, mode="r" if mode == "r" else "a", storage_options=storage_options)
+
+
+def as_collection(col: Any, mode: str = "r+", storage_options: dict | None = None) -> Collection:
+    """The one way to turn a collection, a store path or an fsspec URL into a :class:`Collection`."""
+    if isinstance(col, Collection):
+        return col
+    if isinstance(col, (str, os.PathLike)):
+        return open_collection(col, mode=mode, storage_options=storage_options)
+    raise InputError(f"expected a milotile collection or a store path, got a {type(col).__name__}")

@@ -24,6 +24,8 @@ import numpy as np
 import zarr
 
 from milotile.errors import InputError
+from milotile.ops.stats import block_moments, merge_moments
+from milotile.runtime import compute_with_progress
 from milotile.store.arrays import (
     AXES_ZYX,
     DEFAULT_CHUNKS,
@@ -32,14 +34,17 @@ from milotile.store.arrays import (
     downsample_block,
     multiscale_metadata,
 )
-from milotile.store.collection import TILTS, TOMOGRAMS, Collection, open_collection
-from milotile.store.copick_tree import (
-    copick_tomograms,
-    is_copick_config,
-    zarr_fingerprint,
-    zarr_image,
+from milotile.store.collection import TILTS, TOMOGRAMS, Collection, as_collection
+from milotile.store.copick_tree import copick_tomograms, is_copick_config, zarr_fingerprint, zarr_image
+from milotile.store.mrc import (
+    ORDERS,
+    OrientedMRC,
+    check_order,
+    fingerprint,
+    quick_fingerprint,
+    read_header,
 )
-from milotile.store.mrc import ORDERS, OrientedMRC, check_order, fingerprint, read_header
+from milotile.store.stage_output import make_token
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +200,12 @@ class _Plan:
     voxel_size: float
     size_bytes: int
     mtime_ns: int
+    quick: str = ""
     tilt_shape: tuple[int, int, int] | None = None
     tilt_pixel: float | None = None
+    tilt_size: int | None = None
+    tilt_mtime: int | None = None
+    tilt_quick: str | None = None
     action: str = "write"  # write | skip | overwrite
 
 
@@ -216,14 +225,14 @@ def _validate(sources: list[Source], order: str, voxel_size: float | None) -> li
         if s.kind == "zarr":
             img = zarr_image(s.rec_path)
             vs = voxel_size if voxel_size is not None else img.voxel_size
-            plans.append(_Plan(s, order, img.shape, float(vs), img.size_bytes, img.mtime_ns))
+            plans.append(_Plan(s, order, img.shape, float(vs), img.size_bytes, img.mtime_ns, ""))
             continue
         hdr = read_header(s.rec_path, what=f"{where}: tomogram")
         shape = tuple(hdr.file_shape[a] for a in ORDERS[order])
         vs = voxel_size if voxel_size is not None else hdr.voxel_size[0]
         if not vs or vs <= 0 or not np.isfinite(vs):
             raise InputError(f"{where}: {s.rec_path} has no voxel size in its header; pass --voxel-size")
-        plan = _Plan(s, order, shape, float(vs), hdr.size_bytes, hdr.mtime_ns)
+        plan = _Plan(s, order, shape, float(vs), hdr.size_bytes, hdr.mtime_ns, quick_fingerprint(s.rec_path))
         if (s.tilt_path is None) != (s.angle_path is None):
             raise InputError(f"{where}: a tilt series needs both the tilt stack and the .tlt angle file")
         if s.tilt_path is not None:
@@ -240,6 +249,8 @@ def _validate(sources: list[Source], order: str, voxel_size: float | None) -> li
                     f"{shape[2]}x{shape[1]} in order {order}; check --order or the tilt stack"
                 )
             plan.tilt_shape = (n, ty, tx)
+            plan.tilt_size, plan.tilt_mtime = thdr.size_bytes, thdr.mtime_ns
+            plan.tilt_quick = quick_fingerprint(s.tilt_path)
             tvs = thdr.voxel_size[0]
             plan.tilt_pixel = float(tvs) if tvs and tvs > 0 else plan.voxel_size
         plans.append(plan)
@@ -264,28 +275,16 @@ def _copy_block(block: np.ndarray, targets: list[zarr.Array], block_info: dict |
             loc = [a // 2 for a in loc]
         if cur.size:
             target[tuple(slice(a, a + n) for a, n in zip(loc, cur.shape, strict=True))] = cur
-    return _block_stats(block).reshape(1, 1, 1, 4)
-
-
-def _block_stats(block: np.ndarray) -> np.ndarray:
-    """``[count, sum, sumsq, n_nonfinite]`` of the finite values, one z slice at a time.
-
-    Slice-wise float64 accumulation keeps the temporaries at one slice instead of several copies of
-    the block (which dominated the ingest working set).
-    """
-    count = total = squares = 0.0
-    for plane in block:
-        finite = np.isfinite(plane)
-        n = int(np.count_nonzero(finite))
-        vals = plane if n == plane.size else plane[finite]
-        count += n
-        total += float(vals.sum(dtype=np.float64))
-        squares += float(np.square(vals, dtype=np.float64).sum())
-    return np.array([count, total, squares, block.size - count], dtype=np.float64)
+    moments = block_moments(block)
+    return np.array([*moments, block.size - moments[0]], dtype=np.float64).reshape(1, 1, 1, 4)
 
 
 def _copy_lazy(src: da.Array, targets: list[zarr.Array]) -> da.Array:
-    """Lazy per-chunk copy of ``src`` into ``targets`` (pyramid levels) returning summed statistics."""
+    """Lazy per-chunk copy of ``src`` into ``targets`` (pyramid levels).
+
+    Returns the per-block ``[n, mean, M2, n_nonfinite]`` rows, ``(n_blocks, 4)``, merged on the
+    driver by :func:`_merge_stats` (the one moments accumulator, :mod:`milotile.ops.stats`).
+    """
     per_block = src.map_blocks(
         _copy_block,
         targets=targets,
@@ -294,7 +293,14 @@ def _copy_lazy(src: da.Array, targets: list[zarr.Array]) -> da.Array:
         dtype=np.float64,
         meta=np.empty((0, 0, 0, 0), dtype=np.float64),
     )
-    return per_block.sum(axis=(0, 1, 2))
+    return per_block.reshape(-1, 4)
+
+
+def _merge_stats(rows: np.ndarray) -> tuple[float, float, float, int]:
+    """``(n, mean, variance, n_nonfinite)`` of per-block rows from :func:`_copy_lazy`."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+    n, mean, var = merge_moments(rows[:, :3])
+    return n, mean, var, int(rows[:, 3].sum())
 
 
 def _pyramid_targets(group: zarr.Group, shape: Sequence[int], chunks: Sequence[int], n_levels: int = 3) -> list[zarr.Array]:
@@ -363,30 +369,8 @@ def ingest(
     if voxel_size is not None and not (voxel_size > 0):
         raise InputError(f"--voxel-size must be positive, got {voxel_size}")
     plans = _validate(collect_sources(sources, copick_tomo_type), order, voxel_size)
-    col = store if isinstance(store, Collection) else open_collection(store, mode="a")
-
-    # decide per tomogram: skip unchanged, refuse changed ones without overwrite
-    tomo_root = col.group(TOMOGRAMS, create=True)
-    for plan in plans:
-        name = plan.src.name
-        if name in tomo_root:
-            meta = dict(tomo_root[name].attrs.get("milotile", {}))
-            if not meta.get("complete"):
-                plan.action = "overwrite"  # left over from a crash: redo
-                continue
-            same_stat = meta.get("size_bytes") == plan.size_bytes and meta.get("mtime_ns") == plan.mtime_ns
-            same_opts = meta.get("order") == order and (voxel_size is None or meta.get("voxel_size") == plan.voxel_size)
-            if same_stat and same_opts:
-                plan.action = "skip"
-            elif same_opts and meta.get("fingerprint") == _fingerprint(plan.src):
-                plan.action = "skip"
-            elif overwrite:
-                plan.action = "overwrite"
-            else:
-                raise InputError(
-                    f"tomogram {name} is already in {col.url} from a different file or options "
-                    f"({plan.src.rec_path}); pass --overwrite to replace it"
-                )
+    col = as_collection(store, mode="a")
+    _decide(col, plans, order, voxel_size, tilt_axis_angle, overwrite)
     todo = [p for p in plans if p.action != "skip"]
     for p in plans:
         if p.action == "skip":
@@ -415,13 +399,16 @@ def ingest(
                 stats_tasks.append(_copy_lazy(tsrc, [ttarget]))
             else:
                 stats_tasks.append(None)
-        fps = [dask.delayed(_fingerprint)(p.src) for p in todo]
+        fps = [dask.delayed(_fingerprint)(p.src.rec_path) for p in todo]
+        with_tilt = [i for i, p in enumerate(todo) if p.tilt_shape is not None]
+        fps += [dask.delayed(_fingerprint)(todo[i].src.tilt_path) for i in with_tilt]
         lazy = [t for t in stats_tasks if t is not None]
         log.info("ingesting %d tomograms into %s", len(todo), col.url)
         computed = _compute(lazy + fps)
         stats_iter = iter(computed[: len(lazy)])
         fp_vals = computed[len(lazy):]
-        results = [next(stats_iter) if t is not None else None for t in stats_tasks]
+        tilt_fps = dict(zip(with_tilt, fp_vals[len(todo):], strict=True))
+        results = [_merge_stats(next(stats_iter)) if t is not None else None for t in stats_tasks]
 
         for i, plan in enumerate(todo):
             vol_stats, tilt_stats = results[2 * i], results[2 * i + 1]
@@ -429,31 +416,39 @@ def ingest(
                                    ("tilt stack", tilt_stats, plan.src.tilt_path)):
                 if st is not None and st[3] > 0:
                     raise InputError(f"{what} {path} contains {int(st[3])} NaN or infinite values")
-                if st is not None and st[0] > 0 and st[2] / st[0] - (st[1] / st[0]) ** 2 <= 0:
+                if st is not None and st[0] > 0 and not st[2] > 0:
                     raise InputError(f"{what} {path} is constant (an empty volume)")
 
         for i, plan in enumerate(todo):
             name = plan.src.name
             g = stage_tomo[name]
             g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, len([k for k in g.array_keys()]))
-            st = results[2 * i]
-            mean = st[1] / st[0]
+            _, mean, var, _ = results[2 * i]
             g.attrs["milotile"] = {
                 "source": col.relative_path(plan.src.rec_path),  # relative to the store folder
                 "size_bytes": plan.size_bytes,
                 "mtime_ns": plan.mtime_ns,
+                "quick_fingerprint": plan.quick,
                 "fingerprint": fp_vals[i],
+                "token": make_token(fp_vals[i], order, plan.voxel_size),
                 "voxel_size": plan.voxel_size,
                 "order": order,
                 "shape": list(plan.shape),
-                "stats": {"mean": float(mean), "std": float(np.sqrt(max(st[2] / st[0] - mean**2, 0.0)))},
+                "stats": {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))},
                 "complete": True,
             }
             if plan.tilt_shape is not None:
+                tfp = tilt_fps[i]
+                angles = [float(a) for a in plan.src.angles]
                 stage_tilt[name].attrs["milotile"] = {
                     "source": col.relative_path(plan.src.tilt_path),
                     "angle_file": col.relative_path(plan.src.angle_path),
-                    "angles": [float(a) for a in plan.src.angles],
+                    "size_bytes": plan.tilt_size,
+                    "mtime_ns": plan.tilt_mtime,
+                    "quick_fingerprint": plan.tilt_quick,
+                    "fingerprint": tfp,
+                    "token": make_token(tfp, angles, float(tilt_axis_angle), plan.tilt_pixel),
+                    "angles": angles,
                     "tilt_axis_angle": float(tilt_axis_angle),
                     "pixel_size": plan.tilt_pixel,
                     "complete": True,
@@ -470,16 +465,17 @@ def ingest(
     finally:
         if STAGING in col.zarr_group:
             del col.zarr_group[STAGING]
+        col.refresh()
     col.consolidate()
     return col
 
 
-def _fingerprint(src: Source) -> str:
-    """Content fingerprint of a source (the MRC file, or every file of the zarr level-0 array)."""
-    if src.kind == "zarr":
-        img = zarr_image(src.rec_path)
+def _fingerprint(path: str) -> str:
+    """Content fingerprint of a source: the MRC file, or every file of a zarr image's level-0 array."""
+    if os.path.isdir(path):
+        img = zarr_image(path)
         return zarr_fingerprint(Path(img.path) / img.array)
-    return fingerprint(src.rec_path)
+    return fingerprint(path)
 
 
 def _source_array(plan: _Plan, chunks: Sequence[int]) -> da.Array:
@@ -490,6 +486,52 @@ def _source_array(plan: _Plan, chunks: Sequence[int]) -> da.Array:
         return da.from_zarr(arr, name=f"zarr-{plan.src.name}-{plan.mtime_ns}").astype(np.float32).rechunk(zchunks)
     return da.from_array(OrientedMRC(plan.src.rec_path, plan.order), chunks=zchunks,
                          name=f"mrc-{plan.src.name}-{plan.mtime_ns}")
+
+
+def _same_file(meta: dict, size: int | None, mtime: int | None, quick: str | None, path: str | None) -> bool:
+    """Whether a source file still holds what was ingested: size, mtime and the sampled content hash
+    agree, or (after a touch or a copy) the full content fingerprint does."""
+    if meta.get("size_bytes") == size and meta.get("mtime_ns") == mtime and meta.get("quick_fingerprint") == quick:
+        return True
+    return path is not None and meta.get("fingerprint") == _fingerprint(path)
+
+
+def _decide(col: Collection, plans: list[_Plan], order: str, voxel_size: float | None, tilt_axis_angle: float,
+            overwrite: bool) -> None:
+    """Per tomogram: skip it when tomogram, tilt stack and angles are unchanged; refuse a changed one
+    without ``overwrite``. Derived data of a replaced input become stale through its new token."""
+    tomo_root = col.group(TOMOGRAMS, create=True)
+    tilt_root = col.group(TILTS)
+    for plan in plans:
+        name = plan.src.name
+        if name not in tomo_root:
+            continue
+        meta = dict(tomo_root[name].attrs.get("milotile", {}))
+        if not meta.get("complete"):
+            plan.action = "overwrite"  # left over from a crash: redo
+            continue
+        same_opts = meta.get("order") == order and (voxel_size is None or meta.get("voxel_size") == plan.voxel_size)
+        same = same_opts and _same_file(meta, plan.size_bytes, plan.mtime_ns, plan.quick, plan.src.rec_path)
+        tmeta = dict(tilt_root[name].attrs.get("milotile", {})) if tilt_root is not None and name in tilt_root else {}
+        if plan.tilt_shape is None:
+            same_tilt = not tmeta
+        else:
+            same_tilt = (
+                bool(tmeta.get("complete"))
+                and _same_file(tmeta, plan.tilt_size, plan.tilt_mtime, plan.tilt_quick, plan.src.tilt_path)
+                and tmeta.get("angles") == [float(a) for a in plan.src.angles]
+                and tmeta.get("tilt_axis_angle") == float(tilt_axis_angle)
+            )
+        if same and same_tilt:
+            plan.action = "skip"
+        elif overwrite:
+            plan.action = "overwrite"
+        else:
+            what = "tomogram" if not same else "tilt series (stack or angles)"
+            raise InputError(
+                f"tomogram {name} is already in {col.url} and its {what} changed "
+                f"({plan.src.rec_path}); pass --overwrite to replace it"
+            )
 
 
 def _replace(col: Collection, src: str, dst: str) -> None:
@@ -504,6 +546,4 @@ def _replace(col: Collection, src: str, dst: str) -> None:
 
 def _compute(tasks: list) -> list:
     """Compute with a progress bar (distributed client if one is active)."""
-    from milotile.cluster import compute_with_progress
-
     return compute_with_progress(tasks, desc="ingest")
