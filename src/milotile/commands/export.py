@@ -108,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_ngff(args: argparse.Namespace) -> int:
     """Handler of ``milotile export-ngff``."""
-    import milotile
+    from milotile.store import as_collection
     from milotile.store.ngff import export_tomograms_ngff04
 
-    col = milotile.open(args.store, mode="r")
+    col = as_collection(args.store, mode="r")
     written = export_tomograms_ngff04(col, args.out, args.names)
     print(f"wrote {len(written)} OME-NGFF 0.4 image(s) to {args.out}")
     return 0
