@@ -187,7 +187,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
 
     # 10. interoperability: the images viewers open, listed at the store root --------------------
     t0 = time.perf_counter()
-    final = mt.open(store)
+    final = open_collection(store)
     final.consolidate()
     images = final.image_paths()
     copick_tomos = sorted(str(p.relative_to(out)) for p in (out / "exports" / "copick").glob("ExperimentRuns/*/VoxelSpacing*/*.zarr"))

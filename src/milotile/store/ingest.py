@@ -35,7 +35,12 @@ from milotile.store.arrays import (
     multiscale_metadata,
 )
 from milotile.store.collection import TILTS, TOMOGRAMS, Collection, as_collection
-from milotile.store.copick_tree import copick_tomograms, is_copick_config, zarr_fingerprint, zarr_image
+from milotile.store.copick_tree import (
+    copick_tomograms,
+    is_copick_config,
+    zarr_fingerprint,
+    zarr_image,
+)
 from milotile.store.mrc import (
     ORDERS,
     OrientedMRC,
