@@ -119,7 +119,7 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
-    with pytest.raises(InputError, match="could not be read"):
+    with pytest.raises(InputError, match="is not a PyTorch checkpoint"):
         load_checkpoint(bad)
     foreign = tmp_path / "foreign.pt"
     torch.save({"epoch": 1, "state_dict": {}}, foreign)

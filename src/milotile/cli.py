@@ -42,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"milotile.commands.{mod}")
-        except ModuleNotFoundError as exc:  # a stage not installed in this build
-            if exc.name and exc.name.startswith("milotile.commands"):
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"milotile.commands.{mod}").register(sub)
     return parser
 
 
@@ -73,13 +67,32 @@ def cluster_from_args(args: argparse.Namespace):
         yield client
 
 
+def _check_cluster_args(args: argparse.Namespace) -> None:
+    """Refuse ``--workers 0`` / ``--threads-per-worker 0`` for every command (not only computing ones)."""
+    from milotile.cluster import _check_count
+
+    _check_count("--workers", args.workers)
+    _check_count("--threads-per-worker", args.threads_per_worker)
+
+
+def _check_store_arg(args: argparse.Namespace) -> None:
+    """A wrong STORE fails before a cluster starts (seconds instead of a cluster start-up)."""
+    store = getattr(args, "store", None)
+    if isinstance(store, str) and store:
+        from milotile.store.collection import check_store
+
+        check_store(store, must_exist=args.command != "ingest")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``milotile`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     try:
+        _check_cluster_args(args)
         if getattr(args, "needs_cluster", False):
+            _check_store_arg(args)
             with cluster_from_args(args):
                 return int(args.handler(args) or 0)
         return int(args.handler(args) or 0)

@@ -124,27 +124,30 @@ def cluster(
     """
     from distributed import Client, LocalCluster
 
+    quiet_dask_logs()  # before the cluster starts: distributed resets its levels on import
+    _check_count("--workers", workers)
+    _check_count("--threads-per-worker", threads_per_worker)
     owned = None
     if config is not None and scheduler is None:
         cfg = _load_config(config)
         if str(cfg.get("kind", "local")).lower() != "local":
             owned = _jobqueue_cluster(cfg)
         else:
-            workers = workers or cfg.get("workers")
-            threads_per_worker = threads_per_worker or cfg.get("threads_per_worker")
+            workers = workers if workers is not None else cfg.get("workers")
+            threads_per_worker = threads_per_worker if threads_per_worker is not None else cfg.get("threads_per_worker")
+            _check_count(f"workers in {config}", workers)
+            _check_count(f"threads_per_worker in {config}", threads_per_worker)
     if scheduler is not None:
-        client = Client(scheduler)
+        client = connect(scheduler)
     else:
         if owned is None:
             n_gpu = _cuda_devices()
             ncores = os.cpu_count() or 1
-            n = workers or (n_gpu if n_gpu else min(ncores, 8))
-            if n < 1:
-                raise InputError(f"--workers must be at least 1, got {n}")
-            tpw = threads_per_worker or max(1, ncores // n if n_gpu else 1)
+            n = int(workers) if workers is not None else (n_gpu if n_gpu else min(ncores, 8))
+            tpw = int(threads_per_worker) if threads_per_worker is not None else max(1, ncores // n if n_gpu else 1)
             kwargs: dict[str, Any] = dict(
                 n_workers=n, threads_per_worker=tpw, processes=processes,
-                dashboard_address=dashboard_address, memory_limit=memory_limit,
+                dashboard_address=_free_dashboard(dashboard_address), memory_limit=memory_limit,
             )
             if n_gpu:
                 kwargs["resources"] = {"GPU": 1}
@@ -157,14 +160,92 @@ def cluster(
     try:
         yield client
     finally:
+        _shutdown(client, owned)
+
+
+def _free_dashboard(address: str | None) -> str | None:
+    """``address``, or ``"127.0.0.1:0"`` (a free local port) when its port is taken, instead of distributed's warning."""
+    import socket
+
+    if not address or not address.startswith(":"):
+        return address
+    with socket.socket() as s:
+        try:
+            s.bind(("", int(address[1:])))
+        except (OSError, ValueError):
+            return "127.0.0.1:0"
+    return address
+
+
+def _check_count(what: str, value: Any) -> None:
+    """Refuse a worker/thread count below 1 instead of silently using the default."""
+    if value is None:
+        return
+    try:
+        ok = int(value) == value and int(value) >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"{what} must be a whole number of at least 1, got {value!r}")
+
+
+def connect(address: str, timeout: float | None = None) -> Any:
+    """A client of the running scheduler at ``address``; a bad or unreachable address is an InputError.
+
+    ``timeout`` (seconds; default ``MILOTILE_SCHEDULER_TIMEOUT`` or 10) bounds the wait for the
+    scheduler, so a wrong port fails fast instead of after distributed's 30 s default.
+    """
+    from distributed import Client
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    timeout = float(timeout if timeout is not None else os.environ.get("MILOTILE_SCHEDULER_TIMEOUT", 10))
+    try:
+        proto, loc = parse_address(address)
+        if proto in ("tcp", "tls", "ws", "wss", "ucx"):
+            parse_host_port(loc)  # "notanaddress" has no port
+    except (ValueError, TypeError):
+        raise InputError(f"--scheduler {address!r} is not a Dask scheduler address (expected tcp://HOST:PORT)") from None
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise InputError(
+            f"no Dask scheduler answered at {address} within {timeout:g} s ({type(exc).__name__}); "
+            "start one with `dask scheduler` or drop --scheduler"
+        ) from None
+
+
+def _shutdown(client: Any, owned: Any) -> None:
+    """Close the client, then the cluster it owns, without shutdown chatter.
+
+    Workers of a closing local cluster may log a failed heartbeat with a traceback when the
+    scheduler goes first; the work is done by then, so distributed's loggers are silenced (here and
+    in the worker processes) for the shutdown only.
+    """
+    quiet = logging.CRITICAL + 1
+    if owned is not None:
+        with contextlib.suppress(Exception):
+            client.run(_silence_distributed, quiet)
+    old = {n: logging.getLogger(n).level for n in ("distributed", "tornado", "asyncio")}
+    for name in old:
+        logging.getLogger(name).setLevel(quiet)
+    try:
         client.close()
         if owned is not None:
             owned.close()
+    finally:
+        for name, level in old.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _silence_distributed(level: int) -> None:
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(level)
 
 
 def quiet_dask_logs(level: int | None = None) -> None:
     """Keep distributed's own INFO chatter out of milotile's log (it resets levels on import)."""
     root = logging.getLogger("milotile").getEffectiveLevel()
     level = level if level is not None else (logging.INFO if root <= logging.DEBUG else logging.WARNING)
-    for name in ("distributed", "bokeh", "tornado"):
-        logging.getLogger(name).setLevel(level)
+    logging.getLogger("distributed").setLevel(level)
+    for name, floor in (("bokeh", logging.ERROR), ("tornado", logging.CRITICAL)):  # distributed's own defaults
+        logging.getLogger(name).setLevel(max(level, floor) if level > logging.DEBUG else level)

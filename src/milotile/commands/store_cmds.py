@@ -35,6 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("store")
     q.set_defaults(handler=run_info, needs_cluster=False)
 
+    u = sub.add_parser("unlock", help="remove the writer lock a dead process left on a store output",
+                       description="A writer lock (STORE/.locks/) whose process died on this host is cleared "
+                       "automatically by the next writer; a lock left by a process on another host is removed "
+                       "with this command once that process is known to be gone. `milotile info` lists locks.")
+    u.add_argument("store")
+    u.add_argument("path", help="the locked output, as printed (e.g. derived/preprocessed/tomo_001)")
+    u.set_defaults(handler=run_unlock, needs_cluster=False)
+
 
 def run_ingest(args: argparse.Namespace) -> int:
     """Handler of ``milotile ingest``."""
@@ -61,6 +69,15 @@ def run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_unlock(args: argparse.Namespace) -> int:
+    """Handler of ``milotile unlock``: remove the writer lock of a dead writer."""
+    from milotile.store.lock import unlock
+
+    info = unlock(args.store, args.path)
+    print(f"removed the writer lock of {args.path} held by pid {info.get('pid', '?')} on {info.get('host', '?')}")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     """Handler of ``milotile info``: prints names, shapes, voxel sizes and derived data."""
     from milotile.store import open_collection
@@ -84,6 +101,7 @@ def run_info(args: argparse.Namespace) -> int:
         g = col.group(kind)
         if g is not None:
             print(f"{title}: " + ", ".join(_label(n, col.output_status(f"{kind}/{n}")) for n, _ in g.members()))
+    _print_locks(col)
     images = col.image_paths()
     if images:
         print("images (open with: napari --plugin napari-ome-zarr <store>/<path>):")
@@ -100,3 +118,14 @@ def _mark(status: str) -> str:
 
 def _label(name: str, status: str) -> str:
     return name + _mark(status)
+
+
+def _print_locks(col) -> None:  # noqa: ANN001
+    from milotile.store.lock import list_locks
+
+    locks = list_locks(col)
+    if locks:
+        print("writer locks:")
+        for lk in locks:
+            state = "stale, cleared by the next writer on this host" if lk["stale"] else "held"
+            print(f"  {lk.get('path')}: {lk.get('command', '?')} (pid {lk.get('pid', '?')} on {lk.get('host', '?')}; {state})")

@@ -111,10 +111,6 @@ class PatchBank:
         return np.asarray(self.array[sl], dtype=np.float32)
 
 
-def _open_array(url: str, path: str, storage_options: dict[str, Any] | None = None) -> zarr.Array:
-    return zarr.open_array(url, path=path, mode="r", storage_options=storage_options or None)
-
-
 def open_bank(col: Any, key: str | PatchBank | None = None, mode: str | None = None) -> PatchBank:
     """Find and open the patch bank ``key`` (or the only / the mode-matching one).
 

@@ -124,6 +124,10 @@ def detect_format(path: str | os.PathLike) -> str:
     return "txt"
 
 
+#: Layouts whose column order is given by ``order`` / ``--order`` (all others name their columns).
+ORDER_FORMATS = ("txt", "txt-folder", "imod")
+
+
 def read_labels(
     path: str | os.PathLike,
     col: Any = None,
@@ -213,7 +217,9 @@ def read_labels(
         factors = {n: float(voxel_size) / t.voxel_size for n, t in info.items()}
         df = rescale(df, factors)
     log.info("read %d labels (%s) from %s", len(df), fmt, path)
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    df.attrs["order_applies"] = fmt in ORDER_FORMATS  # validate_labels only suggests --order where it is read
+    return df
 
 
 def _star_columns(path: Path) -> set[str]:
@@ -278,6 +284,29 @@ def export(
     info = collection_info(col)
     vs_opt = opts.pop("voxel_size", None)
     voxel_sizes = {n: float(vs_opt) for n in picks["tomogram"].astype(str).unique()} if vs_opt else None
+    check_writable(out)
+    try:
+        return _export(picks, fmt, out, info, voxel_sizes, opts)
+    except OSError as exc:
+        raise InputError(f"cannot write the {fmt} export to {out}: {exc.strerror or exc}") from None
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Refuse an output path that cannot be created (a file in the way, a read-only folder) before writing."""
+    p = Path(out).expanduser().absolute()
+    a = p
+    while not a.exists() and a != a.parent:
+        a = a.parent
+    if a != p and not a.is_dir():
+        raise InputError(f"cannot write to {out}: {a} is a file, not a folder")
+    folder = a if a.is_dir() else a.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {out}: folder {folder} is not writable")
+
+
+def _export(picks: pd.DataFrame, fmt: str, out: str | os.PathLike, info: dict, voxel_sizes: dict | None,
+            opts: dict) -> list[Path]:
+    """Dispatch to the writer of ``fmt``."""
     if fmt == "milopyp":
         return write_milopyp(picks, out, **opts)
     if fmt == "imod":

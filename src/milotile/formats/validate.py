@@ -21,6 +21,17 @@ def _inside(v: np.ndarray, size: int) -> np.ndarray:
     return (v >= -0.5) & (v <= size - 0.5)
 
 
+def _order_hint(perm: str, order_applies: bool | None) -> str:
+    """How to fix an axis mix-up: ``--order`` only where the reader uses it (bare txt, IMOD)."""
+    if order_applies:
+        if perm == "xzy":
+            return " re-read them with order='xzy' (--order xzy) if they were read as 'xyz'"
+        return " re-read them with the matching order (--order)"
+    if order_applies is None:
+        return f" check which column holds which axis (they fit as order '{perm}'; --order applies to bare txt and IMOD files only)"
+    return " the file names its columns (--order does not apply), so check that its x, y, z columns hold x, y, z"
+
+
 def validate_labels(df: pd.DataFrame, col: Any) -> pd.DataFrame:
     """Check labels against a collection and return them tidy.
 
@@ -79,11 +90,7 @@ def validate_labels(df: pd.DataFrame, col: Any) -> pd.DataFrame:
             for perm in ("xzy", "zyx", "yxz", "yzx", "zxy"):
                 px, py, pz = (vals[a] for a in perm)
                 if (_inside(px, X) & _inside(py, Y) & _inside(pz, Z)).all():
-                    hint = (
-                        " re-read them with order='xzy' (--order xzy) if they were read as 'xyz'"
-                        if perm == "xzy"
-                        else " re-read them with the matching order (--order)"
-                    )
+                    hint = _order_hint(perm, df.attrs.get("order_applies"))
                     raise InputError(
                         f"{n_bad} of {len(g)} labels of tomogram {name!r} lie outside its (x, y, z) size "
                         f"({X}, {Y}, {Z}) but all fit when (x, y, z) is taken from the table's "

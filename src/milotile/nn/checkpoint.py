@@ -156,13 +156,22 @@ def load_checkpoint(
         raise InputError(f"checkpoint file {str(path)!r} does not exist.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise InputError(f"checkpoint file {str(path)!r} could not be read ({type(exc).__name__}: {exc}).") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure means: not a checkpoint we can trust
+        raise InputError(f"checkpoint file {str(path)!r} {_load_failure(exc)}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "arch" not in ckpt:
         raise InputError(
             f"checkpoint file {str(path)!r} is not a milotile checkpoint (no 'format'/'arch' record)."
         )
     return ckpt
+
+
+def _load_failure(exc: BaseException) -> str:
+    """One clause saying why ``torch.load`` refused a file (torch's own text is several lines of advice)."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        return ("holds Python objects besides tensors and plain data, so it is not a checkpoint milotile wrote "
+                "and is not loaded (unpickling it could run code)")
+    return f"is not a PyTorch checkpoint (a truncated file or another kind of file; {type(exc).__name__})"
 
 
 def build_model(ckpt: dict[str, Any] | str | os.PathLike[str], map_location: str | torch.device = "cpu") -> torch.nn.Module:

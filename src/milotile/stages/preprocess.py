@@ -22,6 +22,7 @@ Tilt series get a per-tilt 2D Gaussian and a per-tilt clip (MiLoPYP: ``[-2.5, 2]
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -247,9 +248,12 @@ def _preprocess_volume(t: Any, so: Any, clip: tuple[float, float]) -> dict:
     x = filtered_volume(t.data(0), compress=params["compress"], compress_how=params["compress_how"],
                         binning=params["bin"])  # the Gaussian is fused with the statistics below
     chunks = clip_chunks(x.shape, DEFAULT_CHUNKS)
+    for key in [k for k in group.array_keys() if k.startswith(TMP_ARRAY)]:
+        del group[key]  # left by a killed run (we hold the writer lock)
+    tmp_name = f"{TMP_ARRAY}_{uuid.uuid4().hex[:12]}"  # unique per run: two runs never share it
     # pass 1: Gaussian + moments, into a temporary uncompressed array (cheap to write and read back)
     tmp = group.create_array(
-        TMP_ARRAY, shape=x.shape, chunks=chunks, dtype=np.float32, compressors=None, fill_value=0, overwrite=True
+        tmp_name, shape=x.shape, chunks=chunks, dtype=np.float32, compressors=None, fill_value=0, overwrite=True
     )
     try:
         mean, std = blur_with_stats(x, params["gauss"], tmp)
@@ -259,8 +263,8 @@ def _preprocess_volume(t: Any, so: Any, clip: tuple[float, float]) -> dict:
         y = contrast_clip(da.from_zarr(tmp), mean, std, clip[0], clip[1], quantize=params["quantize"])
         _store_uncompressed(y, group, "0", chunks)
     finally:
-        if TMP_ARRAY in group:
-            del group[TMP_ARRAY]
+        if tmp_name in group:
+            del group[tmp_name]
     grid = Grid.processed(params["compress"], params["bin"])
     vs = t.voxel_size
     ome = multiscale_metadata(t.name, vs, 1, axis_scale=grid.scale)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ import xarray as xr
 import zarr
 
 from milotile.errors import InputError, StoreError
+from milotile.store.identity import absolute_url, new_store_id, open_store
+from milotile.store.lock import LOCKS
 from milotile.store.stage_output import (
     StageOutput,
     canonical,
@@ -51,7 +54,7 @@ DERIVED = "derived"
 TABLES = "tables"
 RUNS = "runs"
 #: Folders of plain files inside the store, hidden from zarr behind an empty-array marker.
-OPAQUE = (TABLES, RUNS)
+OPAQUE = (TABLES, RUNS, LOCKS)
 
 
 def _attrs(node: zarr.Group | zarr.Array) -> dict:
@@ -172,21 +175,26 @@ class Collection:
     """
 
     def __init__(self, url: str | os.PathLike, *, mode: str = "a", storage_options: dict | None = None):
-        self.url = str(url)
         self._members: dict[str, list[str]] = {}
         self.storage_options = storage_options or {}
+        # absolute before any zarr object exists: a Dask worker elsewhere resolves it the same way
+        self.url = absolute_url(url, self.storage_options)
         self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        exists = self.fs.exists(self._join("zarr.json"))
-        if mode == "r" and not exists:
-            raise InputError(f"{self.url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
-        self.zarr_group = zarr.open_group(self.url, mode="r" if mode == "r" else "a", zarr_format=3,
-                                          storage_options=self.storage_options or None, use_consolidated=False)
-        meta = _attrs(self.zarr_group)
-        if exists and meta.get("kind") != "collection":
-            raise InputError(f"{self.url} is a Zarr group but not a milotile collection store")
-        if not exists:
-            self.zarr_group.attrs["milotile"] = {"kind": "collection", "version": STORE_VERSION}
+        meta = _store_meta(self.fs, self._root, self.url, must_exist=mode == "r") or {}
+        self.store_id: str | None = meta.get("store_id")
+        if self.store_id is None and mode != "r":
+            self.store_id = new_store_id()
+        store = open_store(self.url, self.storage_options, read_only=mode == "r", store_id=self.store_id)
+        # milotile lists the store itself, never a (possibly stale) consolidated copy
+        self.zarr_group = zarr.open_group(store=store, mode="r" if mode == "r" else "a", zarr_format=3,
+                                          use_consolidated=False)
+        if mode != "r" and meta.get("store_id") != self.store_id:
+            meta.update({"kind": "collection", "store_id": self.store_id})
+            meta.setdefault("version", STORE_VERSION)
+            self.zarr_group.attrs["milotile"] = meta
         self._migrate_opaque(writable=mode != "r")
+        if mode != "r":
+            self._ensure_opaque(LOCKS)  # before any lock file appears, so zarr never lists them
 
     # -- paths --------------------------------------------------------------------------------
     @property
@@ -387,7 +395,7 @@ class Collection:
         meta[b"milotile_sources"] = json.dumps({"sources": src, "token": token}).encode()
         table = table.replace_schema_metadata(meta)
         pq.write_table(table, buf)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"  # unique: two writers never share a temporary file
         with self.fs.open(tmp, "wb") as fh:
             fh.write(buf.getvalue())
         self.fs.mv(tmp, path)
@@ -486,6 +494,25 @@ class Collection:
 
 
 
+def _root_metadata(fs: Any, path: str, url: str) -> dict | None:
+    """The parsed root ``zarr.json`` (``None`` when there is none); refuses arrays and non-Zarr files."""
+    import json
+
+    try:
+        raw = fs.cat_file(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InputError(f"{url} is not a Zarr v3 store ({path} is not valid JSON)") from None
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3:
+        raise InputError(f"{url} is not a Zarr v3 store (its zarr.json has no zarr_format 3)")
+    if doc.get("node_type") != "group":
+        raise InputError(f"{url} is a Zarr {doc.get('node_type', 'node')}, not a milotile collection store (a group)")
+    return doc
+
+
 def _outputs(node: zarr.Group, prefix: str = "") -> list[str]:
     """Names of the stage outputs under a stage group: groups holding ``milotile`` attributes."""
     out = []
@@ -497,6 +524,36 @@ def _outputs(node: zarr.Group, prefix: str = "") -> list[str]:
         else:
             out.extend(_outputs(sub, f"{prefix}{name}/"))
     return sorted(out)
+
+
+def _store_meta(fs: Any, root: str, url: str, *, must_exist: bool) -> dict | None:
+    """The root ``milotile`` attributes of the store at ``root`` (``None`` when there is no store yet).
+
+    Refuses a missing store (when ``must_exist``), a file, a Zarr array and a Zarr group that is not
+    a milotile collection, each with one sentence.
+    """
+    doc = _root_metadata(fs, root.rstrip("/") + "/zarr.json", url)
+    if doc is None:
+        if must_exist:
+            raise InputError(f"{url} is not a milotile store (no zarr.json); create it with `milotile ingest`")
+        if fs.isfile(root):
+            raise InputError(f"{url} is a file, not a milotile collection store")
+        return None
+    meta = dict(doc.get("attributes", {}).get("milotile", {}))
+    if meta.get("kind") != "collection":
+        raise InputError(f"{url} is a Zarr group but not a milotile collection store")
+    return meta
+
+
+def check_store(url: str | os.PathLike, *, must_exist: bool = True, storage_options: dict | None = None) -> None:
+    """Refuse what is not a collection store (missing, a Zarr array, another Zarr group, a file) cheaply.
+
+    Reads only the root ``zarr.json``; the CLI calls it before starting a Dask cluster so a wrong
+    store path fails in a second. ``must_exist=False`` accepts a path where a store will be created.
+    """
+    abs_url = absolute_url(url, storage_options)
+    fs, root = fsspec.core.url_to_fs(abs_url, **(storage_options or {}))
+    _store_meta(fs, root, abs_url, must_exist=must_exist)
 
 
 def open_collection(url: str | os.PathLike, mode: str = "r+", storage_options: dict | None = None) -> Collection:

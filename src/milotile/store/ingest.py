@@ -41,6 +41,7 @@ from milotile.store.copick_tree import (
     zarr_fingerprint,
     zarr_image,
 )
+from milotile.store.lock import writer_lock
 from milotile.store.mrc import (
     ORDERS,
     OrientedMRC,
@@ -74,14 +75,28 @@ class Source:
 # ---------------------------------------------------------------------------------------------
 # sources
 # ---------------------------------------------------------------------------------------------
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; a binary or non-UTF-8 file is an InputError naming the line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {exc.start}, line {line}); "
+                         "it must be a plain text file") from None
+
+
 def read_manifest(path: str | os.PathLike) -> list[Source]:
     """Parse a MiLoPYP manifest: ``image_name rec_path [tilt_path angle_path]`` with a header line.
 
     Tabs or any whitespace separate the columns; relative paths are relative to the manifest.
     """
-    p = Path(path)
+    p = Path(path).expanduser().absolute()  # sources travel to Dask workers that may run elsewhere
     base = p.parent
-    lines = p.read_text().splitlines()
+    lines = read_text_lines(p, "manifest")
     rows = [(i + 1, ln.split()) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")]
     if not rows:
         raise InputError(f"manifest {p} is empty")
@@ -154,7 +169,7 @@ def collect_sources(
         sources = [sources]
     out: list[Source] = []
     for s in sources:
-        p = Path(s)
+        p = Path(s).expanduser().absolute()  # a worker in another folder resolves it the same way
         if p.is_dir() and ((p / "zarr.json").exists() or (p / ".zattrs").exists()):
             out.append(Source(p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name, str(p),
                               origin=f"argument {p}", kind="zarr"))
@@ -182,7 +197,7 @@ def read_angles(path: str | os.PathLike, origin: str = "") -> np.ndarray:
     if not p.exists():
         raise InputError(f"{origin + ': ' if origin else ''}angle file {p} does not exist")
     vals = []
-    for i, ln in enumerate(p.read_text().splitlines(), 1):
+    for i, ln in enumerate(read_text_lines(p, "angle file"), 1):
         if not ln.strip():
             continue
         try:
@@ -375,6 +390,13 @@ def ingest(
         raise InputError(f"--voxel-size must be positive, got {voxel_size}")
     plans = _validate(collect_sources(sources, copick_tomo_type), order, voxel_size)
     col = as_collection(store, mode="a")
+    with writer_lock(col, TOMOGRAMS):  # one ingest at a time: they share staging/
+        return _ingest_plans(col, plans, order, voxel_size, tilt_axis_angle, overwrite, chunks)
+
+
+def _ingest_plans(col: Collection, plans: list[_Plan], order: str, voxel_size: float | None,
+                  tilt_axis_angle: float, overwrite: bool, chunks: Sequence[int]) -> Collection:
+    """Skip unchanged tomograms, then stage, check and move the others into place (lock held)."""
     _decide(col, plans, order, voxel_size, tilt_axis_angle, overwrite)
     todo = [p for p in plans if p.action != "skip"]
     for p in plans:

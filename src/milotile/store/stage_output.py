@@ -93,10 +93,13 @@ def writer_lock(col: Any, path: str) -> Iterator[None]:
     """Hold the store-level writer lock of the output at ``path`` while it is written.
 
     The single call site of the lock: every :class:`StageOutput` takes it in :meth:`StageOutput.begin`
-    and releases it when its ``with`` block ends. Issue 10 replaces the body with
-    ``with milotile.store.lock.writer_lock(col, path, owner_info): yield``.
+    and releases it when its ``with`` block ends. A second writer of the same output gets
+    :class:`milotile.store.lock.StoreLockedError` (see :mod:`milotile.store.lock`).
     """
-    yield
+    from milotile.store import lock
+
+    with lock.writer_lock(col, path):
+        yield
 
 
 def _attrs(node: Any) -> dict:
