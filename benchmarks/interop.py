@@ -1,7 +1,7 @@
 """Client x output table: every image and pick format milotile writes, opened by the real clients.
 
 Builds a small store from a synthetic tomogram (ingest, preprocess, a 2-class heatmap on the picker's
-grid, an exploration colour map through ``store.ngff.write_labels``, picks), exports the picks in
+grid, an exploration colour map through ``store.labels.write_labels``, picks), exports the picks in
 every format, and runs each client on each output it reads:
 
 * ome-zarr-py ``Reader`` and ome-zarr-models (project venv);
@@ -70,7 +70,7 @@ def build(tmp: Path, size: tuple[int, int, int]) -> tuple[Path, dict]:
     from milotile.ops.grid import Grid
     from milotile.refine.predict import heatmap_metadata
     from milotile.store import write_dask, write_mrc
-    from milotile.store.ngff import write_labels
+    from milotile.store.labels import label_colors, write_labels
 
     rng = np.random.default_rng(0)
     vol = rng.normal(size=size).astype(np.float32)
@@ -85,7 +85,9 @@ def build(tmp: Path, size: tuple[int, int, int]) -> tuple[Path, dict]:
     grp.attrs["ome"] = heatmap_metadata("tomo", 10.0, Grid.model_output((1, 2, 2), (0, 0, 0)), ["ribosome", "proteasome"])
     grp.attrs["milotile"] = {"complete": True}
     lab = (da.random.randint(0, 5, size=size, chunks=(64, 256, 256))).astype(np.uint16)
-    write_labels(col.zarr_group["tomograms/tomo"], "clusters", lab, names={i: f"cluster{i}" for i in range(1, 5)})
+    write_labels(col.zarr_group["tomograms/tomo"], "clusters", lab, chunks=(64, 256, 256), scale=[10.0] * 3,
+                 colors=label_colors([1, 2, 3, 4]),
+                 properties=[{"label-value": v, "name": f"cluster{v}"} for v in range(1, 5)])
     n = 50
     picks = pd.DataFrame({"tomogram": "tomo", "x": rng.uniform(5, x - 6, n), "y": rng.uniform(5, y - 6, n),
                           "z": rng.uniform(5, z - 6, n), "score": rng.uniform(0.3, 1, n), "class": "ribosome",

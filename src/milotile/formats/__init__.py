@@ -285,6 +285,8 @@ def export(
     vs_opt = opts.pop("voxel_size", None)
     voxel_sizes = {n: float(vs_opt) for n in picks["tomogram"].astype(str).unique()} if vs_opt else None
     check_writable(out)
+    if fmt == "copick":
+        opts["col"] = open_collection(col)  # a copick project also gets the collection's tomograms
     try:
         return _export(picks, fmt, out, info, voxel_sizes, opts)
     except OSError as exc:
@@ -320,7 +322,7 @@ def _export(picks: pd.DataFrame, fmt: str, out: str | os.PathLike, info: dict, v
     if fmt == "star":
         return write_star(picks, out, info, voxel_sizes=voxel_sizes, **opts)
     if fmt == "copick":
-        return write_copick(picks, out, info, voxel_sizes=voxel_sizes, col=open_collection(col), **opts)
+        return write_copick(picks, out, info, voxel_sizes=voxel_sizes, **opts)
     if fmt == "ndjson":
         return write_ndjson(picks, out, **opts)
     return write_csv(picks, out)

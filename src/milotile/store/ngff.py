@@ -2,9 +2,7 @@
 
 * :func:`omero_metadata` - the ``omero`` block napari needs to open a multichannel image
   (napari-ome-zarr takes one colour map per channel from ``color``; without it napari fails).
-* :func:`write_labels` - **the one place that writes label images** (segmentations, exploration
-  colour maps): ``<image>/labels/<name>`` with ``image-label`` colours, listed in
-  ``<image>/labels`` so that napari and ome-zarr-py find them next to the image they overlay.
+* label images are written by :mod:`milotile.store.labels` (the one owner).
 * :func:`write_ngff04` - a multiscale image as OME-NGFF 0.4 in **Zarr v2** (copick 1.x, the CryoET
   Data Portal and every zarr-2 reader), written chunk by chunk from dask arrays (bounded memory).
 """
@@ -29,9 +27,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "NGFF04_CHUNKS",
     "distinct_colors",
-    "label_colors",
+    "export_tomograms_ngff04",
     "omero_metadata",
-    "write_labels",
     "write_ngff04",
 ]
 
@@ -89,12 +86,6 @@ def omero_metadata(
     }
 
 
-def label_colors(values: Sequence[int], *, seed: int = 0) -> list[dict]:
-    """``image-label`` colour table: ``[{"label-value": v, "rgba": [r, g, b, 255]}, ...]``."""
-    rgb = distinct_colors(len(values), seed=seed)
-    return [{"label-value": int(v), "rgba": [*c, 255]} for v, c in zip(values, rgb, strict=True)]
-
-
 def _level_transforms(scale: Sequence[float], translation: Sequence[float] | None) -> list[dict]:
     t: list[dict] = [{"type": "scale", "scale": [float(s) for s in scale]}]
     if translation is not None and any(float(v) for v in translation):
@@ -106,129 +97,6 @@ def _store_aligned(darr: da.Array, target: Any) -> Any:
     """Lazy store of ``darr`` into ``target`` with dask chunks equal to the target's chunks."""
     aligned = darr.astype(target.dtype).rechunk(tuple(target.chunks))
     return da.store(aligned, target, lock=False, compute=False, return_stored=False)
-
-
-def _image_level0(image: zarr.Group) -> tuple[list[float], list[float], int]:
-    """Scale, translation (z, y, x) of level 0 and the number of levels of a multiscale image."""
-    attrs = dict(image.attrs)
-    ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
-    if not ms:
-        raise ValueError(f"{image.path} is not a multiscale image (no 'multiscales' metadata)")
-    ds = ms[0]["datasets"]
-    scale, trans = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
-    for t in ds[0].get("coordinateTransformations", []):
-        if t["type"] == "scale":
-            scale = [float(v) for v in t["scale"][-3:]]
-        elif t["type"] == "translation":
-            trans = [float(v) for v in t["translation"][-3:]]
-    return scale, trans, len(ds)
-
-
-def write_labels(
-    image: zarr.Group,
-    name: str,
-    labels: da.Array | np.ndarray,
-    *,
-    scale: Sequence[float] | None = None,
-    translation: Sequence[float] | None = None,
-    levels: int | None = None,
-    colors: dict[int, Sequence[int]] | None = None,
-    names: dict[int, str] | None = None,
-    attributes: dict | None = None,
-    chunks: Sequence[int] = (64, 256, 256),
-    compute: bool = True,
-) -> zarr.Group | list:
-    """Write an integer label image ``<image>/labels/<name>`` (OME-NGFF 0.5 ``image-label``).
-
-    napari (napari-ome-zarr) and ome-zarr-py open it as a Labels layer overlaid on ``image`` (0 is
-    background), and ome-zarr-models validates the image with its labels. Use this for every label
-    volume milotile writes (exploration colour maps, segmentations).
-
-    The pyramid has as many levels as ``image`` (what ome-zarr-models requires); level ``i`` takes
-    every ``2**i``-th voxel (labels are never averaged). For an exact overlay in napari give the
-    labels on the image's own level-0 grid (the default ``scale``/``translation``):
-    napari-ome-zarr 0.10 ignores dataset translations, so a coarser grid lands up to half a coarse
-    voxel off there (other readers place it exactly).
-
-    Parameters
-    ----------
-    image : zarr.Group
-        The multiscale image the labels belong to (e.g. ``tomograms/<name>``).
-    name : str
-        Label image name (a path component).
-    labels : dask or numpy array
-        Integer ``(z, y, x)`` labels, finest level.
-    scale, translation : (z, y, x), optional
-        Voxel size and origin of ``labels`` in the image's physical frame (Å); default the image's
-        level 0.
-    levels : int, optional
-        Pyramid levels (default: as many as the image).
-    colors : dict, optional
-        ``{label value: (r, g, b[, a])}``; default distinct colours for ``names`` or ``1..max``.
-    names : dict, optional
-        ``{label value: description}`` stored as ``properties``.
-    attributes : dict, optional
-        Stored under ``attributes["milotile"]`` of the label group.
-    chunks : (z, y, x)
-        Zarr chunk shape of level 0 (halved per coarser level, never below 1).
-    compute : bool
-        Write now (default) or return the lazy store tasks.
-
-    Returns
-    -------
-    zarr.Group or list
-        The label group, or the lazy tasks when ``compute=False``.
-    """
-    dtype = np.dtype(labels.dtype)
-    if dtype.kind not in "iu":
-        raise ValueError(f"label images must be integers, got {dtype}")
-    if labels.ndim != 3:
-        raise ValueError(f"label images are (z, y, x), got shape {labels.shape}")
-    img_scale, img_trans, img_levels = _image_level0(image)
-    scale = [float(v) for v in (scale if scale is not None else img_scale)]
-    translation = [float(v) for v in (translation if translation is not None else img_trans)]
-    n_levels = int(levels if levels is not None else img_levels)
-    darr = labels if isinstance(labels, da.Array) else da.from_array(np.asarray(labels), chunks=tuple(chunks))
-    parent = image.require_group("labels")
-    existing = list(dict(parent.attrs.get("ome", {})).get("labels", []))
-    grp = parent.create_group(name, overwrite=True)
-    tasks, datasets = [], []
-    for i in range(n_levels):
-        f = 2**i
-        lvl = darr[::f, ::f, ::f]
-        lchunks = clip_chunks(lvl.shape, [max(1, int(c) // f) for c in chunks])
-        arr = create_array(grp, str(i), lvl.shape, chunks=lchunks, dtype=dtype, dimension_names=AXES_ZYX)
-        tasks.append(_store_aligned(lvl, arr))
-        # voxel k of level i is voxel f*k of level 0: same origin, f times the spacing
-        datasets.append({"path": str(i), "coordinateTransformations": _level_transforms(
-            [s * f for s in scale], translation)})
-    if colors is None:
-        values = sorted(names) if names else None
-        if values is None:
-            top = int(darr.max().compute())
-            values = list(range(1, min(top, 255) + 1))
-        table = label_colors(values)
-    else:
-        table = [{"label-value": int(v), "rgba": [int(c) for c in (*rgb, 255)[:4]]} for v, rgb in colors.items()]
-    image_label: dict[str, Any] = {"colors": table, "source": {"image": "../../"}}
-    if names:
-        image_label["properties"] = [{"label-value": int(v), "name": str(n)} for v, n in names.items()]
-    grp.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [{"name": name, "axes": [{"name": a, "type": "space", "unit": "angstrom"} for a in AXES_ZYX],
-                         "datasets": datasets}],
-        "image-label": image_label,
-    }
-    if attributes:
-        grp.attrs["milotile"] = attributes
-    if name not in existing:
-        existing.append(name)
-    parent.attrs["ome"] = {"version": "0.5", "labels": existing}
-    if not compute:
-        return tasks
-    dask.compute(*tasks)
-    log.info("wrote labels %s/labels/%s (%d levels)", image.path, name, n_levels)
-    return grp
 
 
 def write_ngff04(
