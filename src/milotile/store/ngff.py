@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from milotile.store.arrays import AXES_ZYX, clip_chunks, create_array
+from milotile.store.arrays import AXES_ZYX, clip_chunks
 
 log = logging.getLogger(__name__)
 
