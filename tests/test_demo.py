@@ -20,7 +20,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "writer_lock", "mine", "patches", "patches2d3d", "explore",
                             "embed", "atlas", "refine", "pick", "explore_pick", "pick_hard", "fiber", "store_io", "export",
-                            "segments"]
+                            "interop", "segments"]
     assert report["store_io"]["metadata_reads_per_tomogram"] > 0 and report["store_io"]["chunk_reads"] > 0
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
@@ -42,17 +42,23 @@ def test_demo_runs_every_stage(tmp_path, capsys):
         assert (out / "exports" / fmt).exists(), fmt
     assert len(pd.read_csv(out / "exports" / "picks.csv")) == len(picks)
     assert report["segments"]["objects"] > 20 and report["segments"]["accuracy"] > 0.4
+    # copick project with the tomograms; the store root lists the images viewers open
+    assert report["interop"]["copick_tomograms"] == 2
+    assert report["interop"]["images"]["tomograms"] == 2 and report["interop"]["images"]["heatmaps"] == 2
     printed = capsys.readouterr().out
     assert "milotile demo finished" in printed and "f1_all" in printed
     # real outcomes, not just keys: the DoG candidates find most particles (fixed seed) ...
     assert report["mine"]["mean_recall"] >= 0.6, report["mine"]
-    # ... and pick used the checkpoint's validated threshold (MiLoPYP's 0.25 when it has none), recorded with the picks
+    # ... and pick used the checkpoint's validated threshold (else the automatic one), recorded with the picks
     from milotile.store import open_collection
 
     params = open_collection(out / "project.zarr").table_params("picks")
     validated = contract_of(out / "runs" / "refine")["suggested_threshold"]
-    assert params["threshold"] == pytest.approx(0.25 if validated is None else validated)
-    assert (picks["score"] > params["threshold"]).all()
+    if validated is not None:
+        assert params["threshold"] == pytest.approx(validated)
+    else:  # no validation split: chosen from the peak scores and the training labels (refine.threshold)
+        assert 0.0 < params["threshold"] < 1.0
+    assert (picks["score"] >= params["threshold"]).all()
 
 
 def contract_of(run) -> dict:

@@ -154,11 +154,17 @@ def test_imod_xzy_order(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         imodmodel.write(pd.DataFrame({"x": [5.0, 6.0], "y": [7.0, 8.0], "z": [1.0, 2.0]}), p)
+    # IMOD's pixel convention: image X/Y pixel i spans [i, i+1) (centre i + 0.5), Z sections are
+    # centred on integers; milotile voxel centres are integers on every axis
     df = read_labels(p)
-    np.testing.assert_allclose(df[["x", "y", "z"]].to_numpy(), [[5, 7, 1], [6, 8, 2]])
+    np.testing.assert_allclose(df[["x", "y", "z"]].to_numpy(), [[4.5, 6.5, 1], [5.5, 7.5, 2]])
     df = read_labels(p, order="xzy")  # unrotated IMOD tomogram: model y is the thickness
-    np.testing.assert_allclose(df[["x", "y", "z"]].to_numpy(), [[5, 1, 7], [6, 2, 8]])
+    np.testing.assert_allclose(df[["x", "y", "z"]].to_numpy(), [[4.5, 1, 6.5], [5.5, 2, 7.5]])
     assert df["tomogram"].iloc[0] == "tomo_a"
+    from milotile.formats.imod import read_imod
+
+    legacy = read_imod(p, pixel_centre=False)  # MiLoPYP-era files with plain voxel indices
+    np.testing.assert_allclose(legacy[["x", "y", "z"]].to_numpy(), [[5, 7, 1], [6, 8, 2]])
 
 
 def test_relion5_star_needs_collection(tmp_path, col):
@@ -236,9 +242,16 @@ def test_imod_export_read_by_imodmodel(tmp_path, col, picks):
     ref = picks[picks["tomogram"] == "tomo_b"]
     assert len(df) == len(ref)
     assert df["object_id"].nunique() == 2  # one object per class
-    np.testing.assert_allclose(np.sort(df["x"].to_numpy()), np.sort(ref["x"].to_numpy()), atol=1e-3)
+    # model X/Y = voxel + 0.5 (IMOD pixel centres), model Z = voxel (section centres)
+    np.testing.assert_allclose(np.sort(df["x"].to_numpy()), np.sort(ref["x"].to_numpy()) + 0.5, atol=1e-3)
+    np.testing.assert_allclose(np.sort(df["y"].to_numpy()), np.sort(ref["y"].to_numpy()) + 0.5, atol=1e-3)
+    np.testing.assert_allclose(np.sort(df["z"].to_numpy()), np.sort(ref["z"].to_numpy()), atol=1e-3)
     model = ImodModel.from_file(tmp_path / "tomo_b.mod")
     assert [o.header.name for o in model.objects] == ["proteasome", "ribosome"]
+    assert [o.header.pdrawsize for o in model.objects] == [3, 3]  # default point size without radius
+    export(picks.assign(radius=6.4), "imod", tmp_path / "r", col=col)
+    model = ImodModel.from_file(tmp_path / "r" / "tomo_b.mod")
+    assert [o.header.pdrawsize for o in model.objects] == [6, 6]  # the particle radius (voxels)
     assert (model.header.xmax, model.header.ymax, model.header.zmax) == (50, 50, 30)
     assert model.header.pixelsize == pytest.approx(7.5)
 
@@ -246,7 +259,8 @@ def test_imod_export_read_by_imodmodel(tmp_path, col, picks):
 def test_star_export_read_by_starfile(tmp_path, col, picks):
     import starfile
 
-    (path,) = export(picks, "star", tmp_path / "particles.star", col=col)
+    path, tomos = export(picks, "star", tmp_path / "particles.star", col=col)
+    assert tomos == tmp_path / "tomograms.star"
     df = starfile.read(path)
     assert {"rlnTomoName", "rlnCenteredCoordinateXAngst", "rlnCoordinateX"} <= set(df.columns)
     row, ref = df.iloc[0], picks.iloc[0]
@@ -328,3 +342,25 @@ def test_validate_detects_axis_mixup(col):
 def test_validate_empty(col):
     with pytest.raises(InputError, match="no points"):
         validate_labels(pd.DataFrame({"tomogram": [], "x": [], "y": [], "z": []}), col)
+
+
+def test_star_tomograms_star_round_trip_without_collection(tmp_path, col, picks):
+    """RELION-5: particles + tomograms.star read back (with starfile) to the same voxels, no store needed."""
+    import starfile
+
+    path, tomos = export(picks, "star", tmp_path / "relion" / "particles.star", col=col, voltage=200.0)
+    glob = starfile.read(tomos)
+    assert list(glob["rlnTomoName"]) == ["tomo_a", "tomo_b"]
+    row = glob.set_index("rlnTomoName").loc["tomo_b"]
+    assert (row["rlnTomoSizeX"], row["rlnTomoSizeY"], row["rlnTomoSizeZ"]) == (50, 50, 30)
+    assert row["rlnTomoTiltSeriesPixelSize"] == pytest.approx(7.5) and row["rlnVoltage"] == pytest.approx(200.0)
+    assert row["rlnTomoTomogramBinning"] == pytest.approx(1.0)
+    back = read_labels(path)  # sizes and pixel size from tomograms.star beside the particles
+    ref = picks.sort_values(["tomogram", "x"]).reset_index(drop=True)
+    got = back.sort_values(["tomogram", "x"]).reset_index(drop=True)
+    np.testing.assert_allclose(got[["x", "y", "z"]].to_numpy(), ref[["x", "y", "z"]].to_numpy(), atol=1e-4)
+    (tmp_path / "relion" / "tomograms.star").unlink()
+    with pytest.raises(InputError, match="tomograms.star"):
+        read_labels(path)
+    with pytest.raises(InputError, match="unknown STAR export option"):
+        export(picks, "star", tmp_path / "x.star", col=col, kv=300)

@@ -204,7 +204,7 @@ def test_lock_of_another_host_needs_unlock(tmp_path, capsys):
     store = tmp_path / "s.zarr"
     mt.open(store, mode="a")
     lock = store / ".locks" / "tables~candidates.lock"
-    lock.parent.mkdir()
+    lock.parent.mkdir(exist_ok=True)  # the store keeps .locks/ as an opaque zarr node (issue 11)
     lock.write_text(json.dumps({"host": "node-17", "pid": 4242, "time": time.time(), "command": "milotile mine"}))
     with pytest.raises(StoreLockedError, match="pid 4242 on node-17"):
         with writer_lock(store, "tables/candidates"):

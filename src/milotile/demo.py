@@ -300,7 +300,16 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         exports[fmt] = str(dest)
     report.add("export", time.perf_counter() - t0, formats=list(exports))
 
-    # 10. segment clustering (issue 14) on a small volume-EM-like stack ---------------------------
+    # 10. interoperability: the images viewers open, listed at the store root --------------------
+    t0 = time.perf_counter()
+    final = open_collection(store)
+    final.consolidate()
+    images = final.image_paths()
+    copick_tomos = sorted(str(p.relative_to(out)) for p in (out / "exports" / "copick").glob("ExperimentRuns/*/VoxelSpacing*/*.zarr"))
+    report.add("interop", time.perf_counter() - t0, images={k: len(v) for k, v in images.items()},
+               copick_tomograms=len(copick_tomos), napari=f"napari --plugin napari-ome-zarr {store}/{images['tomograms'][0]}")
+
+    # 11. segment clustering (issue 14) on a small volume-EM-like stack ---------------------------
     seg, s = _timed(lambda: segments_stage(out / "segments", cfg.seed, cfg.segments_epochs))
     report.add("segments", s, **seg)
 

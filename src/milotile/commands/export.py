@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="export picks to MiLoPYP txt, IMOD .mod, RELION-5 STAR, copick, portal ndjson or CSV",
         description="PICKS is a picks table (parquet/CSV, or any coordinate file milotile reads) or the name of a "
         "table in --store (e.g. 'picks'). Coordinates are level-0 voxels; STAR and copick need the tomogram "
-        "size / voxel size, taken from --store (or --voxel-size for copick).",
+        "size / voxel size, taken from --store (or --voxel-size for copick). With --store, copick exports a "
+        "complete project (config, picks and every tomogram as OME-NGFF 0.4 / Zarr v2); STAR writes "
+        "tomograms.star beside the particles; IMOD points follow IMOD's pixel convention (x, y + 0.5).",
     )
     p.add_argument("picks", metavar="PICKS")
     p.add_argument("--format", "-f", dest="fmt", choices=FORMATS, required=True)
@@ -31,7 +33,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="column order: milopyp txt (default xzy, MiLoPYP's 'x z y') or IMOD points (default xyz)")
     p.add_argument("--voxel-size", type=float, default=None, metavar="A", help="voxel size (Å) when no --store")
     p.add_argument("--no-score", action="store_true", help="milopyp: leave out the score column")
+    p.add_argument("--radius", type=float, default=None, metavar="VOXELS",
+                   help="particle radius in voxels: IMOD point size, copick pickable-object radius (Å from it)")
+    p.add_argument("--tomo-type", default="wbp", help="copick: tomogram type of the exported volumes (with --store)")
+    p.add_argument("--overlay-root", default=None, metavar="URL",
+                   help="copick: overlay_root written into a new config (default 'local://.', relative: portable)")
     p.set_defaults(handler=run, needs_cluster=False)
+
+    q = sub.add_parser(
+        "export-ngff",
+        help="write tomograms as OME-NGFF 0.4 / Zarr v2 (<out>/<name>.zarr; CryoET Data Portal / copick layout)",
+        description="Every pyramid level, scale in Å, 256³ chunks, Blosc-LZ4, written chunk by chunk.",
+    )
+    q.add_argument("--store", required=True, help="collection store")
+    q.add_argument("--out", "-o", required=True, help="output folder")
+    q.add_argument("--names", nargs="*", default=None, help="tomograms (default all)")
+    q.set_defaults(handler=run_ngff, needs_cluster=False)
 
 
 def load_picks(spec: str, store: str | None):
@@ -68,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
         col = open_collection(args.store, mode="r")
     picks = load_picks(args.picks, args.store)
     opts: dict = {}
+    if args.radius is not None:
+        picks = picks.assign(radius=float(args.radius))
     if args.fmt == "copick":
-        opts.update(user_id=args.user_id, session_id=args.session_id, object_name=args.object_name)
+        opts.update(user_id=args.user_id, session_id=args.session_id, object_name=args.object_name,
+                    tomo_type=args.tomo_type, overlay_root=args.overlay_root)
     elif args.fmt == "ndjson":
         opts.update(object_name=args.object_name)
     elif args.fmt == "milopyp":
@@ -83,4 +103,15 @@ def run(args: argparse.Namespace) -> int:
     files = export(picks, args.fmt, args.out, col=col, **opts)
     log.info("exported %d picks as %s: %d file(s) under %s", len(picks), args.fmt, len(files), args.out)
     print(f"wrote {len(files)} file(s) to {args.out}")
+    return 0
+
+
+def run_ngff(args: argparse.Namespace) -> int:
+    """Handler of ``milotile export-ngff``."""
+    from milotile.store import as_collection
+    from milotile.store.ngff import export_tomograms_ngff04
+
+    col = as_collection(args.store, mode="r")
+    written = export_tomograms_ngff04(col, args.out, args.names)
+    print(f"wrote {len(written)} OME-NGFF 0.4 image(s) to {args.out}")
     return 0

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tilt-axis-angle", type=float, default=0.0, metavar="DEG",
                    help="tilt-axis direction of the aligned stacks, degrees from the image y axis (0 = IMOD)")
     p.add_argument("--overwrite", action="store_true", help="replace tomograms whose source changed")
+    p.add_argument("--copick-tomo-type", default=None, metavar="TYPE",
+                   help="copick projects (a copick_config.json SOURCE): tomogram type to ingest (default: the only "
+                   "or first); the project's picks go into the table copick-picks; the project is never written")
     p.set_defaults(handler=run_ingest, needs_cluster=True)
 
     q = sub.add_parser("info", help="list the tomograms and derived data of a store")
@@ -44,9 +47,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_ingest(args: argparse.Namespace) -> int:
     """Handler of ``milotile ingest``."""
     from milotile.store import ingest
+    from milotile.store.copick_tree import is_copick_config
 
     col = ingest(args.sources, args.store, order=args.order, voxel_size=args.voxel_size,
-                 tilt_axis_angle=args.tilt_axis_angle, overwrite=args.overwrite)
+                 tilt_axis_angle=args.tilt_axis_angle, overwrite=args.overwrite,
+                 copick_tomo_type=args.copick_tomo_type)
+    configs = [s for s in args.sources if is_copick_config(s)]
+    if configs:
+        import pandas as pd
+
+        from milotile.formats._common import collection_info
+        from milotile.formats.copick import COPICK_PICKS_TABLE, copick_picks
+
+        info = collection_info(col)
+        tables = [t for t in (copick_picks(c, info) for c in configs) if t is not None]
+        if tables:
+            picks = pd.concat(tables, ignore_index=True)
+            col.write_table(COPICK_PICKS_TABLE, picks)
+            log.info("copick picks: %d points into table %s", len(picks), COPICK_PICKS_TABLE)
     log.info("%s now holds %d tomograms", col.url, len(col))
     return 0
 
@@ -84,6 +102,12 @@ def run_info(args: argparse.Namespace) -> int:
         if g is not None:
             print(f"{title}: " + ", ".join(_label(n, col.output_status(f"{kind}/{n}")) for n, _ in g.members()))
     _print_locks(col)
+    images = col.image_paths()
+    if images:
+        print("images (open with: napari --plugin napari-ome-zarr <store>/<path>):")
+        for kind, paths in images.items():
+            for p in paths:
+                print(f"  {kind:13s} {p}")
     return 0
 
 

@@ -38,7 +38,7 @@ from milotile.nn.checkpoint import build_model, load_checkpoint
 from milotile.nn.device import autocast, pick_device
 from milotile.runtime import active_client, gpu_resources
 from milotile.store import as_collection
-from milotile.store.stage_output import file_token
+from milotile.store.stage_output import file_source
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,8 @@ def _sources(col: Any, enc: Encoder, bank: PatchBank) -> dict[str, str | None]:
     """What embeddings depend on: the bank and the checkpoint file."""
     out = {f"patches/{bank.key}": col.source_token(f"patches/{bank.key}")}
     if enc.path is not None:
-        out[f"file:{Path(enc.path).resolve()}"] = file_token(enc.path)
+        key, tok = file_source(col, enc.path)
+        out[key] = tok
     return out
 
 

@@ -70,7 +70,7 @@ def _default_run_dir(col: Any, key: str, mode: str) -> Path:
     root = Path(col.path)
     if not root.exists():
         raise InputError(f"store {col.url} is not a local folder; pass out= for the run folder.")
-    return root / "runs" / f"explore-{mode}-{key}"
+    return Path(col.runs_dir(f"explore-{mode}-{key}"))  # <store>/runs (an opaque node: zarr never lists it)
 
 
 #: trunk widths when training on the CPU: a quarter of the FLOPs of MiLoPYP's (64, 128, 256), with

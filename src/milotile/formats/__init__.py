@@ -27,6 +27,7 @@ from milotile.formats._common import (
     as_path,
     collection_info,
     concat_tables,
+    open_collection,
     rescale,
 )
 from milotile.formats.copick import read_copick, validate_picks_json, write_copick
@@ -255,8 +256,11 @@ def export(
         * ``imod`` — ``<tomogram>.mod`` per tomogram in a folder (or one ``.mod`` path for one
           tomogram), one scattered-point object per class (``order=`` option);
         * ``star`` — RELION-5 tomography particles STAR (needs ``col``);
-        * ``copick`` — picks JSON in Å under ``ExperimentRuns/<run>/Picks/`` (``user_id=``,
-          ``session_id=``, ``object_name=``; voxel size from ``col`` or ``voxel_size=``);
+        * ``copick`` — a copick project: config, picks JSON in Å under
+          ``ExperimentRuns/<run>/Picks/`` and, with ``col``, every tomogram as NGFF 0.4 / Zarr v2
+          under ``ExperimentRuns/<run>/VoxelSpacing<s>/<tomo_type>.zarr`` (``user_id=``,
+          ``session_id=``, ``object_name=``, ``tomo_type=``, ``overlay_root=``, ``radius=`` (Å);
+          voxel size from ``col`` or ``voxel_size=``);
         * ``ndjson`` — portal point annotations in voxels, ``<out>/<tomogram>/<object>.ndjson``;
         * ``csv`` — the table as CSV.
     out : path-like
@@ -281,6 +285,8 @@ def export(
     vs_opt = opts.pop("voxel_size", None)
     voxel_sizes = {n: float(vs_opt) for n in picks["tomogram"].astype(str).unique()} if vs_opt else None
     check_writable(out)
+    if fmt == "copick":
+        opts["col"] = open_collection(col)  # a copick project also gets the collection's tomograms
     try:
         return _export(picks, fmt, out, info, voxel_sizes, opts)
     except OSError as exc:

@@ -1,15 +1,30 @@
 """IMOD ``.mod`` models (read and written with :mod:`imodmodel`).
 
-Coordinate assumption
----------------------
-An IMOD model point is ``(x, y, z)`` in the index coordinates of the image file the model was
-drawn on (x = fastest axis, z = section). milotile takes these as voxel positions with voxel
-centres at integer values, exactly like MiLoPYP (which writes integer voxel indices and converts
-them with ``point2model``). When the model belongs to the file as ingested (``zxy``/"rotated"
-tomograms, most non-IMOD software) the default ``order="xyz"`` is right. For an *unrotated* IMOD
-tomogram (``xzy``: the file's y axis is the thickness and its sections run along the specimen y),
-pass ``order="xzy"``: the model's second coordinate is then milotile's z and its third milotile's y.
-Exports use the same rule, so the file overlays the tomogram it was written for in 3dmod.
+Pixel convention (IMOD's, applied symmetrically on import and export)
+----------------------------------------------------------------------
+IMOD model coordinates are continuous image coordinates in which pixel ``i`` of X and Y covers
+``[i, i + 1)``: the centre of the first pixel is at ``(0.5, 0.5)``. Z is the section number and a
+section is centred on its integer value (``remapmodel``'s man page: Z values are converted "to the
+nearest integer" section, so section 5 holds Z from 4.5 to 5.5). The MIB documentation states the
+same mapping: the voxel with 1-based indices ``(1, 1, 1)`` is the model point ``(0.5, 0.5, 0.0)``.
+milotile puts voxel centres at integers on every axis, so::
+
+    model_x = x + 0.5      model_y = y + 0.5      model_z = z        (export)
+    x = model_x - 0.5      y = model_y - 0.5      z = model_z        (import)
+
+where ``x, y, z`` are the model's own (image-file) axes. A pick at voxel ``(10, 20, 5)`` is written
+as ``(10.5, 20.5, 5)`` and 3dmod draws it in the middle of that voxel; reading the file gives back
+``(10, 20, 5)`` exactly. (MiLoPYP wrote plain voxel indices, which 3dmod shows half a pixel up and
+left of the voxel centre; pass ``pixel_centre=False`` to read or write that legacy form.)
+
+Axis order: when the model belongs to the file as ingested (``zxy``/"rotated" tomograms, most
+non-IMOD software) the default ``order="xyz"`` is right. For an *unrotated* IMOD tomogram
+(``xzy``: the file's y axis is the thickness and its sections run along the specimen y), pass
+``order="xzy"``: the model's second coordinate is then milotile's z and its third milotile's y.
+The half-pixel shift always applies to the model's first two (image) axes.
+
+Point size: each object stores the particle radius (pixels) as its scattered-point size
+(``pdrawsize``), so 3dmod draws every pick as a sphere of the particle's size.
 """
 
 from __future__ import annotations
@@ -36,6 +51,9 @@ from milotile.formats._common import (
 
 log = logging.getLogger(__name__)
 
+#: Added to the model's image X and Y coordinates on export (subtracted on import).
+PIXEL_CENTRE = np.array([0.5, 0.5, 0.0])
+
 
 def read_imod(
     path: str | os.PathLike,
@@ -43,6 +61,7 @@ def read_imod(
     order: str | None = None,
     tomogram: str | None = None,
     class_name: str | None = None,
+    pixel_centre: bool = True,
 ) -> pd.DataFrame:
     """Read the points of an IMOD model.
 
@@ -58,6 +77,9 @@ def read_imod(
     class_name : str, optional
         Class for every point. By default each object's name, or ``"particle"`` for a single
         unnamed object and ``"object<N>"`` (1-based like IMOD) when there are several.
+    pixel_centre : bool
+        Apply IMOD's pixel convention (subtract 0.5 from the model's X and Y; see the module
+        notes). ``False`` reads legacy files that hold plain voxel indices.
 
     Returns
     -------
@@ -84,6 +106,8 @@ def read_imod(
             cls = DEFAULT_CLASS if n_obj == 1 else f"object{i + 1}"
         for contour in obj.contours:
             pts = np.asarray(contour.points, dtype=np.float64).reshape(-1, 3)
+            if pixel_centre:
+                pts = pts - PIXEL_CENTRE
             if len(pts):
                 tables.append(make_table(tomogram or path.stem, columns_to_xyz(pts, order), cls))
     return concat_tables(tables)
@@ -97,6 +121,8 @@ def write_imod(
     per_tomogram: bool | None = None,
     shapes: dict[str, tuple[int, int, int]] | None = None,
     voxel_sizes: dict[str, float] | None = None,
+    radius: float | dict[str, float] | None = None,
+    pixel_centre: bool = True,
 ) -> list[Path]:
     """Write picks as IMOD scattered-point models, one object per class.
 
@@ -112,6 +138,12 @@ def write_imod(
         Force the folder layout; default: folder unless ``out`` ends in ``.mod``.
     shapes, voxel_sizes : dict, optional
         Per-tomogram ``(Z, Y, X)`` shape and voxel size written into the model header.
+    radius : float or dict, optional
+        Particle radius in voxels (one number, or per class), written as each object's point size
+        so 3dmod draws spheres of the particle's size; default the ``radius`` column when the
+        picks have one, else 3 voxels.
+    pixel_centre : bool
+        Apply IMOD's pixel convention (add 0.5 to the model's X and Y; see the module notes).
 
     Returns
     -------
@@ -144,6 +176,8 @@ def write_imod(
             if not len(sel):
                 continue
             pts = xyz_to_columns(sel[["x", "y", "z"]].to_numpy(dtype=np.float64), order)
+            if pixel_centre:
+                pts = pts + PIXEL_CENTRE
             frames.append(
                 pd.DataFrame({"object_id": oid, "contour_id": 0, "x": pts[:, 0], "y": pts[:, 1], "z": pts[:, 2]})
             )
@@ -154,6 +188,7 @@ def write_imod(
             present = [c for c in classes if (g["class"].astype(str) == c).any()] if "class" in g.columns else classes
             for obj, cls in zip(model.objects, present, strict=True):
                 obj.header.name = cls[:63]
+                obj.header.pdrawsize = max(1, int(round(_radius_for(cls, g, radius))))
             if shapes and name in shapes:
                 z, y, x = (int(v) for v in shapes[name])
                 dims = xyz_to_columns(np.array([[x, y, z]], dtype=np.float64), order)[0]
@@ -166,3 +201,18 @@ def write_imod(
         written.append(path)
     log.info("wrote %d IMOD model(s) to %s", len(written), out)
     return written
+
+
+def _radius_for(cls: str, picks: pd.DataFrame, radius: float | dict[str, float] | None) -> float:
+    """Point size (voxels) of class ``cls``: the given radius, the ``radius`` column, or 3."""
+    if isinstance(radius, dict):
+        if cls in radius:
+            return float(radius[cls])
+    elif radius is not None:
+        return float(radius)
+    if "radius" in picks.columns:
+        sel = picks[picks["class"].astype(str) == cls] if "class" in picks.columns else picks
+        vals = sel["radius"].to_numpy(dtype=np.float64)
+        if len(vals) and np.isfinite(vals).any():
+            return float(np.nanmedian(vals))
+    return 3.0

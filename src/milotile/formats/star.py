@@ -13,7 +13,14 @@ Conventions
 * The tomogram is ``rlnTomoName`` or, failing that, ``rlnMicrographName`` without folder and
   extension.
 * Exports write the RELION-5 tomography particle block (``data_particles``) with ``rlnTomoName``,
-  the centred Å coordinates and, for convenience of older tools, ``rlnCoordinateX/Y/Z`` in voxels.
+  the centred Å coordinates and, for convenience of older tools, ``rlnCoordinateX/Y/Z`` in voxels,
+  plus a RELION-5 ``tomograms.star`` (``data_global``) beside it: per tomogram ``rlnTomoSizeX/Y/Z``
+  (voxels), ``rlnTomoTiltSeriesPixelSize`` = voxel size (Å), ``rlnTomoTomogramBinning`` 1 and the
+  optics defaults (300 kV, Cs 2.7 mm, amplitude contrast 0.1, hand -1; options to change them).
+  With binning 1 RELION's centre ``rlnTomoSizeX / 2 * rlnTomoTiltSeriesPixelSize`` Å is the same
+  point as milotile's ``X / 2`` voxels, so the particles map back to the same voxels.
+* Reading centred coordinates without a collection uses a ``tomograms.star`` beside the particles
+  (sizes and pixel size): ``x = (x_centred_A + SizeX / 2 * ts_pixel) / (ts_pixel * binning)``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,41 @@ log = logging.getLogger(__name__)
 
 _CENTRED = ("rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst", "rlnCenteredCoordinateZAngst")
 _PLAIN = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
+#: Name of the RELION-5 tomogram set written beside exported particles.
+TOMOGRAMS_STAR = "tomograms.star"
+_OPTICS_DEFAULTS = {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1, "hand": -1.0}
+
+
+def tomograms_star_info(path: str | os.PathLike) -> dict[str, TomoInfo]:
+    """Tomogram sizes and voxel sizes from a RELION-5 ``tomograms.star`` (``data_global``).
+
+    Returns
+    -------
+    dict
+        ``{rlnTomoName: TomoInfo(shape=(Z, Y, X) voxels, voxel_size=Å)}``; sizes are divided by
+        ``rlnTomoTomogramBinning`` (RELION stores unbinned sizes).
+    """
+    import starfile
+
+    path = as_path(path)
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:
+        raise InputError(f"tomograms STAR file {path} could not be read ({exc}).") from exc
+    df = blocks.get("global")
+    if not isinstance(df, pd.DataFrame):
+        df = next((b for b in blocks.values() if isinstance(b, pd.DataFrame) and "rlnTomoSizeX" in b), None)
+    need = ("rlnTomoName", "rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ", "rlnTomoTiltSeriesPixelSize")
+    if df is None or any(c not in df.columns for c in need):
+        raise InputError(f"tomograms STAR file {path} lacks one of {', '.join(need)}.")
+    out = {}
+    for _, r in df.iterrows():
+        binning = float(r["rlnTomoTomogramBinning"]) if "rlnTomoTomogramBinning" in df.columns else 1.0
+        px = float(r["rlnTomoTiltSeriesPixelSize"])
+        shape = tuple(float(r[f"rlnTomoSize{a}"]) / binning for a in "ZYX")
+        name = str(r["rlnTomoName"])
+        out[name] = TomoInfo(name=name, shape=shape, voxel_size=px * binning)  # type: ignore[arg-type]
+    return out
 
 
 def _tomo_from_micrograph(value: str) -> str:
@@ -97,10 +139,13 @@ def read_star(
     cls = class_name or DEFAULT_CLASS
     score = df["rlnAutopickFigureOfMerit"].to_numpy(dtype=np.float64) if "rlnAutopickFigureOfMerit" in df else None
     if all(c in df.columns for c in _CENTRED):
+        beside = path.parent / TOMOGRAMS_STAR
+        if beside.exists() and beside != path:
+            info = {**tomograms_star_info(beside), **(info or {})}
         if not info:
             raise InputError(
-                f"STAR file {path} holds RELION-5 centred coordinates; give the collection (--store) so the "
-                "tomogram size and voxel size are known."
+                f"STAR file {path} holds RELION-5 centred coordinates; give the collection (--store) or a "
+                f"{TOMOGRAMS_STAR} beside it so the tomogram size and voxel size are known."
             )
         xyz_a = df[list(_CENTRED)].to_numpy(dtype=np.float64)
         xyz = np.empty_like(xyz_a)
@@ -121,8 +166,10 @@ def write_star(
     info: dict[str, TomoInfo],
     *,
     voxel_sizes: dict[str, float] | None = None,
+    tomograms_star: bool = True,
+    **optics: float,
 ) -> list[Path]:
-    """Write a RELION-5 tomography particle STAR file.
+    """Write a RELION-5 tomography particle STAR file (and ``tomograms.star`` beside it).
 
     Parameters
     ----------
@@ -133,12 +180,16 @@ def write_star(
     info : dict
         Collection geometry for every tomogram in ``picks`` (size and voxel size).
     voxel_sizes : dict, optional
-        Unused override hook (voxel size per tomogram); default from ``info``.
+        Voxel size per tomogram (Å) when it differs from ``info``.
+    tomograms_star : bool
+        Also write ``tomograms.star`` (RELION-5 tomogram set) in the same folder.
+    **optics : float
+        ``voltage`` (kV), ``cs`` (mm), ``amplitude_contrast``, ``hand`` for ``tomograms.star``.
 
     Returns
     -------
     list of Path
-        The file written.
+        The files written (particles first).
     """
     import starfile
 
@@ -174,4 +225,32 @@ def write_star(
         particles["rlnAutopickFigureOfMerit"] = picks["score"].to_numpy(dtype=np.float64)
     starfile.write({"particles": particles}, out, overwrite=True)
     log.info("wrote %d particles to %s", len(particles), out)
-    return [out]
+    written = [out]
+    if tomograms_star:
+        written.append(_write_tomograms_star(out.parent / TOMOGRAMS_STAR, sorted(set(names)), info, voxel_sizes, optics))
+    return written
+
+
+def _write_tomograms_star(path: Path, names: list[str], info: dict[str, TomoInfo],
+                          voxel_sizes: dict[str, float] | None, optics: dict[str, float]) -> Path:
+    """RELION-5 ``data_global`` tomogram table: sizes in voxels at binning 1, pixel size in Å."""
+    import starfile
+
+    unknown = sorted(set(optics) - set(_OPTICS_DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown STAR export option(s) {', '.join(unknown)}; known: {', '.join(_OPTICS_DEFAULTS)}.")
+    o = {**_OPTICS_DEFAULTS, **{k: float(v) for k, v in optics.items()}}
+    rows = []
+    for name in names:
+        t = info[name]
+        vs = float((voxel_sizes or {}).get(name, t.voxel_size))
+        z, y, x = (int(v) for v in t.shape)
+        rows.append({
+            "rlnTomoName": name, "rlnVoltage": o["voltage"], "rlnSphericalAberration": o["cs"],
+            "rlnAmplitudeContrast": o["amplitude_contrast"], "rlnMicrographOriginalPixelSize": vs,
+            "rlnTomoHand": o["hand"], "rlnTomoTiltSeriesPixelSize": vs, "rlnTomoTomogramBinning": 1.0,
+            "rlnTomoSizeX": x, "rlnTomoSizeY": y, "rlnTomoSizeZ": z,
+        })
+    starfile.write({"global": pd.DataFrame(rows)}, path, overwrite=True)
+    log.info("wrote %d tomograms to %s", len(rows), path)
+    return path

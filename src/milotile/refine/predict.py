@@ -48,7 +48,8 @@ from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold
 from milotile.runtime import gpu_resources
 from milotile.stages.preprocess import tomogram_sources, volume_stats
 from milotile.store import as_collection, write_dask
-from milotile.store.stage_output import file_token
+from milotile.store.ngff import omero_metadata
+from milotile.store.stage_output import file_source
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,8 @@ def heatmap_metadata(name: str, voxel_size: float, grid: Grid, classes: Sequence
                 ],
             }
         ],
-        "omero": {"channels": [{"label": str(c), "active": True} for c in classes]},
+        # napari needs a colour (and a window) per channel to open a channel axis
+        "omero": omero_metadata([str(c) for c in classes], window=(0.0, 1.0)),
     }
 
 
@@ -274,14 +276,14 @@ def _run_id(picker: Any) -> str:
     return "picker"
 
 
-def _picker_sources(picker: Any) -> dict[str, str | None]:
+def _picker_sources(col: Any, picker: Any) -> dict[str, str | None]:
     path = getattr(picker, "path", None)
-    return {f"file:{Path(path).resolve()}": file_token(path)} if path is not None else {}
+    return dict([file_source(col, path)]) if path is not None else {}
 
 
 def _stored_heatmap(col: Any, name: str, run: str, hm: da.Array, picker: Any, params: dict, meta: dict) -> da.Array:
     """Write ``hm`` through the stage-output helper, or reuse the stored one when nothing changed."""
-    sources = {**tomogram_sources(col, name), **_picker_sources(picker)}
+    sources = {**tomogram_sources(col, name), **_picker_sources(col, picker)}
     out = col.stage_output(f"{HEATMAPS}/{run}/{name}", params, sources)
     if out.reusable and "0" in col.group(out.path) and getattr(picker, "path", None) is not None:
         log.info("%s: heatmap for run %s already in the store, reusing it", name, run)
@@ -373,7 +375,7 @@ def pick(
     classes = list(getattr(picker, "classes", None) or contract.get("classes") or ["particle"])
     grid = picker_grid(contract)
     run = run or _run_id(picker)
-    tables, sources = [], dict(_picker_sources(picker))
+    tables, sources = [], dict(_picker_sources(col, picker))
     for name in names:
         t = col[name]
         t0 = time.perf_counter()

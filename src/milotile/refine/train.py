@@ -275,7 +275,7 @@ def _run_dir(col: Any, out: str | os.PathLike[str] | None, resume: bool) -> Path
     if out is None:
         if getattr(col.fs, "protocol", "file") not in ("file", "local", ("file", "local")):
             raise InputError(f"the store {col.url} is not a local folder; pass a local run folder with --out.")
-        out = Path(str(col.path)) / "runs" / f"refine-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        out = Path(col.runs_dir(f"refine-{_dt.datetime.now():%Y%m%d-%H%M%S}"))  # opaque runs/ node
     run_dir = Path(out)
     last = run_dir / "last.pt"
     if last.exists() and not resume:

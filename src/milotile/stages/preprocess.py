@@ -200,6 +200,7 @@ def preprocess(
         ts = t.tilt_series
         if ts is not None and tilts:
             _preprocess_tilts(col, name, ts, float(gauss), tuple(float(c) for c in tilt_clip), bool(quantize), overwrite)
+    col.consolidate()  # stage end: consolidated metadata for remote readers
     return out
 
 

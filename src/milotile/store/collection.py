@@ -8,6 +8,12 @@ Layout (see ``docs/architecture.md``)::
     <store>/patches/<key>/data          patch banks
     <store>/tables/<table>.parquet      candidates, picks, embeddings index
     <store>/runs/<run_id>/              training runs
+
+``tables`` and ``runs`` are *opaque* nodes: each holds a ``zarr.json`` of an empty array, so zarr
+treats the folder as an array and never lists the plain files beside it (listing the store with
+zarr-python raises no warnings). Stores made before this layout get the marker the first time they
+are opened writable. :meth:`Collection.consolidate` writes consolidated metadata for remote readers
+after each stage; milotile itself always lists the store directly (never the consolidated copy).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import zarr
 
 from milotile.errors import InputError, StoreError
 from milotile.store.identity import absolute_url, new_store_id, open_store
+from milotile.store.lock import LOCKS
 from milotile.store.stage_output import (
     StageOutput,
     canonical,
@@ -45,6 +52,9 @@ TOMOGRAMS = "tomograms"
 TILTS = "tilts"
 DERIVED = "derived"
 TABLES = "tables"
+RUNS = "runs"
+#: Folders of plain files inside the store, hidden from zarr behind an empty-array marker.
+OPAQUE = (TABLES, RUNS, LOCKS)
 
 
 def _attrs(node: zarr.Group | zarr.Array) -> dict:
@@ -175,11 +185,16 @@ class Collection:
         if self.store_id is None and mode != "r":
             self.store_id = new_store_id()
         store = open_store(self.url, self.storage_options, read_only=mode == "r", store_id=self.store_id)
-        self.zarr_group = zarr.open_group(store=store, mode="r" if mode == "r" else "a", zarr_format=3)
+        # milotile lists the store itself, never a (possibly stale) consolidated copy
+        self.zarr_group = zarr.open_group(store=store, mode="r" if mode == "r" else "a", zarr_format=3,
+                                          use_consolidated=False)
         if mode != "r" and meta.get("store_id") != self.store_id:
             meta.update({"kind": "collection", "store_id": self.store_id})
             meta.setdefault("version", STORE_VERSION)
             self.zarr_group.attrs["milotile"] = meta
+        self._migrate_opaque(writable=mode != "r")
+        if mode != "r":
+            self._ensure_opaque(LOCKS)  # before any lock file appears, so zarr never lists them
 
     # -- paths --------------------------------------------------------------------------------
     @property
@@ -189,6 +204,100 @@ class Collection:
 
     def _join(self, *parts: str) -> str:
         return "/".join([self._root.rstrip("/"), *parts])
+
+    def _migrate_opaque(self, *, writable: bool) -> None:
+        for name in OPAQUE:
+            folder = self._join(name)
+            if self.fs.exists(folder) and not self.fs.exists(self._join(name, "zarr.json")):
+                if writable:
+                    self._ensure_opaque(name)
+                    log.info("%s: marked %s/ as an opaque node (zarr no longer lists its files)", self.url, name)
+                else:
+                    log.warning(
+                        "%s holds %s/ without its zarr marker (a store from an older milotile); zarr-python "
+                        "warns when listing it until the store is opened writable once (e.g. `milotile info`).",
+                        self.url, name,
+                    )
+
+    def _ensure_opaque(self, name: str) -> None:
+        """Make ``<store>/<name>`` an empty zarr array, so zarr never lists the files inside it."""
+        if self.fs.exists(self._join(name, "zarr.json")):
+            return
+        arr = self.zarr_group.create_array(name, shape=(0,), chunks=(1,), dtype="uint8", overwrite=False)
+        arr.attrs["milotile"] = {
+            "kind": name,
+            "note": "plain files (not zarr data) live in this folder; see docs/architecture.md",
+        }
+
+    def runs_dir(self, run: str) -> str:
+        """Path of ``<store>/runs/<run>`` for training runs (the ``runs`` marker is created)."""
+        if not run or "/" in run or run.startswith("."):
+            raise InputError(f"invalid run name {run!r}")
+        self._ensure_opaque(RUNS)
+        return self._join(RUNS, run)
+
+    def relative_path(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the store folder (posix), for attributes that must not hold local paths.
+
+        Remote stores and paths on another drive keep only the file name.
+        """
+        p = str(path)
+        if "://" in self.url and not self.url.startswith("file://"):
+            return os.path.basename(p)
+        try:
+            return os.path.relpath(os.path.abspath(p), os.path.abspath(self._root)).replace(os.sep, "/")
+        except ValueError:
+            return os.path.basename(p)
+
+    def resolve_path(self, rel: str) -> str:
+        """Inverse of :meth:`relative_path` for local stores (absolute paths pass unchanged)."""
+        if os.path.isabs(rel) or "://" in rel:
+            return rel
+        return os.path.normpath(os.path.join(self._root, rel))
+
+    def image_paths(self) -> dict[str, list[str]]:
+        """Every OME-NGFF image of the store by kind, as paths relative to the store root.
+
+        Kinds: ``tomograms``, ``labels`` (``<image>/labels/<name>``), ``preprocessed``, ``heatmaps``
+        and other ``derived/<stage>`` outputs. Each path opens in napari
+        (``napari --plugin napari-ome-zarr <store>/<path>``) and in ome-zarr-py.
+        """
+        out: dict[str, list[str]] = {}
+        for path, node in self.zarr_group.members(max_depth=None):
+            if not isinstance(node, zarr.Group):
+                continue
+            ome = dict(node.attrs.get("ome", {}))
+            if "multiscales" not in ome:
+                continue
+            parts = path.split("/")
+            if "labels" in parts[:-1]:
+                kind = "labels"
+            elif parts[0] == DERIVED and len(parts) > 2:
+                kind = parts[1]
+            else:
+                kind = parts[0]
+            out.setdefault(kind, []).append(path)
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata (``zarr.json`` of the root) for remote readers.
+
+        Called at the end of every stage; readers that open the store with
+        ``zarr.open_group(..., use_consolidated=True)`` then need one request for the whole tree.
+        The root attributes also list the images (:meth:`image_paths`) under
+        ``milotile.images`` so that a reader sees what to open without walking the tree.
+        """
+        import warnings
+
+        meta = _attrs(self.zarr_group)
+        meta["images"] = self.image_paths()
+        meta["layout"] = "docs/architecture.md#collection-store"
+        self.zarr_group.attrs["milotile"] = meta
+        with warnings.catch_warnings():
+            # zarr-python notes that consolidated metadata is not (yet) in the v3 spec
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self.zarr_group.store)
+        log.debug("consolidated metadata of %s", self.url)
 
     def group(self, path: str, *, create: bool = False) -> zarr.Group | None:
         """Sub-group at ``path`` (``"a/b/c"``); created when ``create`` is true, else ``None`` if missing."""
@@ -275,7 +384,7 @@ class Collection:
         import pyarrow.parquet as pq
 
         path = self._table_path(name)
-        self.fs.makedirs(self._join(TABLES), exist_ok=True)
+        self._ensure_opaque(TABLES)
         buf = io.BytesIO()
         table = pa.Table.from_pandas(df, preserve_index=False)
         meta = dict(table.schema.metadata or {})
@@ -291,6 +400,8 @@ class Collection:
             fh.write(buf.getvalue())
         self.fs.mv(tmp, path)
         log.info("wrote table %s (%d rows)", path, len(df))
+        # a stage's table is its last output: refresh the consolidated metadata for remote readers
+        self.consolidate()
         return path
 
     def read_table(self, name: str) -> pd.DataFrame:

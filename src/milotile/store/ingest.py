@@ -35,6 +35,12 @@ from milotile.store.arrays import (
     multiscale_metadata,
 )
 from milotile.store.collection import TILTS, TOMOGRAMS, Collection, as_collection
+from milotile.store.copick_tree import (
+    copick_tomograms,
+    is_copick_config,
+    zarr_fingerprint,
+    zarr_image,
+)
 from milotile.store.lock import writer_lock
 from milotile.store.mrc import (
     ORDERS,
@@ -63,6 +69,7 @@ class Source:
     angle_path: str | None = None
     origin: str = ""  # where it was named ("manifest.txt line 3"), for error messages
     angles: np.ndarray | None = field(default=None, repr=False)
+    kind: str = "mrc"  # "mrc" or "zarr" (an OME-NGFF multiscale image, e.g. from a copick project)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,15 +156,28 @@ def _from_folder(folder: Path) -> list[Source]:
     return out
 
 
-def collect_sources(sources: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Source]:
-    """Turn manifests, folders and single files into :class:`Source` records."""
+def collect_sources(
+    sources: Iterable[str | os.PathLike] | str | os.PathLike, copick_tomo_type: str | None = None
+) -> list[Source]:
+    """Turn manifests, folders, single files, OME-Zarr images and copick configs into :class:`Source` records.
+
+    A copick config contributes one source per run (the finest voxel spacing of
+    ``copick_tomo_type``, see :func:`milotile.store.copick_tree.copick_tomograms`); an OME-NGFF
+    image folder (Zarr v2 or v3) is one source named after the folder.
+    """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     out: list[Source] = []
     for s in sources:
         p = Path(s).expanduser().absolute()  # a worker in another folder resolves it the same way
-        if p.is_dir():
+        if p.is_dir() and ((p / "zarr.json").exists() or (p / ".zattrs").exists()):
+            out.append(Source(p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name, str(p),
+                              origin=f"argument {p}", kind="zarr"))
+        elif p.is_dir():
             out.extend(_from_folder(p))
+        elif is_copick_config(p):
+            out.extend(Source(run, str(z), origin=f"copick project {p}", kind="zarr")
+                       for run, z in copick_tomograms(p, copick_tomo_type))
         elif p.suffix.lower() in TOMO_SUFFIXES:
             if not p.exists():
                 raise InputError(f"tomogram file {p} does not exist")
@@ -222,6 +242,11 @@ def _validate(sources: list[Source], order: str, voxel_size: float | None) -> li
         seen[s.name] = where
         if not Path(s.rec_path).exists():
             raise InputError(f"{where}: tomogram file {s.rec_path} does not exist")
+        if s.kind == "zarr":
+            img = zarr_image(s.rec_path)
+            vs = voxel_size if voxel_size is not None else img.voxel_size
+            plans.append(_Plan(s, order, img.shape, float(vs), img.size_bytes, img.mtime_ns, ""))
+            continue
         hdr = read_header(s.rec_path, what=f"{where}: tomogram")
         shape = tuple(hdr.file_shape[a] for a in ORDERS[order])
         vs = voxel_size if voxel_size is not None else hdr.voxel_size[0]
@@ -323,6 +348,7 @@ def ingest(
     tilt_axis_angle: float = 0.0,
     overwrite: bool = False,
     chunks: Sequence[int] = DEFAULT_CHUNKS,
+    copick_tomo_type: str | None = None,
 ) -> Collection:
     """Ingest tomograms (and aligned tilt series) into a collection store.
 
@@ -331,7 +357,9 @@ def ingest(
     sources : path or list of paths
         MiLoPYP manifests (``image_name rec_path [tilt_path angle_path]``), folders of
         ``.rec``/``.mrc`` (a ``<stem>.tlt`` plus a tilt stack ``<stem>.ali``/``<stem>_ali.mrc``/
-        ``<stem>.mrc`` beside a ``<stem>.rec`` is picked up as its tilt series), or single files.
+        ``<stem>.mrc`` beside a ``<stem>.rec`` is picked up as its tilt series), single files,
+        OME-NGFF image folders (Zarr v2/v3) or copick configs (one tomogram per run; the copick
+        tree is only read, never written).
     store : path, URL or Collection
         The collection store; created if missing.
     order : {"zxy", "xzy", "xyz", "yxz"}, optional
@@ -344,6 +372,8 @@ def ingest(
         Re-ingest tomograms whose source file changed since they were ingested.
     chunks : sequence of int
         Zarr chunk shape of the volumes.
+    copick_tomo_type : str, optional
+        Tomogram type taken from copick projects (default: the only or first type).
 
     Returns
     -------
@@ -358,7 +388,7 @@ def ingest(
     order = check_order(order)
     if voxel_size is not None and not (voxel_size > 0):
         raise InputError(f"--voxel-size must be positive, got {voxel_size}")
-    plans = _validate(collect_sources(sources), order, voxel_size)
+    plans = _validate(collect_sources(sources, copick_tomo_type), order, voxel_size)
     col = as_collection(store, mode="a")
     with writer_lock(col, TOMOGRAMS):  # one ingest at a time: they share staging/
         return _ingest_plans(col, plans, order, voxel_size, tilt_axis_angle, overwrite, chunks)
@@ -383,7 +413,7 @@ def _ingest_plans(col: Collection, plans: list[_Plan], order: str, voxel_size: f
         for i, plan in enumerate(todo):
             _check_stats(plan, stats[2 * i], stats[2 * i + 1])
         for i, plan in enumerate(todo):
-            _write_attrs(stage_root, plan, order, tilt_axis_angle, stats[2 * i], fps[i], tilt_fps.get(i))
+            _write_attrs(col, stage_root, plan, order, tilt_axis_angle, stats[2 * i], fps[i], tilt_fps.get(i))
         for plan in todo:  # every input was good: move the staged entries into place
             name = plan.src.name
             _replace(col, f"{STAGING}/{TOMOGRAMS}/{name}", f"{TOMOGRAMS}/{name}")
@@ -396,6 +426,7 @@ def _ingest_plans(col: Collection, plans: list[_Plan], order: str, voxel_size: f
         if STAGING in col.zarr_group:
             del col.zarr_group[STAGING]
         col.refresh()
+    col.consolidate()
     return col
 
 
@@ -410,8 +441,7 @@ def _copy_all(col: Collection, stage_root: zarr.Group, todo: list[_Plan], order:
     for plan in todo:
         name = plan.src.name
         g = stage_tomo.create_group(name, overwrite=True)
-        src = da.from_array(OrientedMRC(plan.src.rec_path, order), chunks=clip_chunks(plan.shape, chunks),
-                            name=f"mrc-{name}-{plan.mtime_ns}")
+        src = _source_array(plan, chunks)
         stats_tasks.append(_copy_lazy(src, _pyramid_targets(g, plan.shape, chunks)))
         if plan.tilt_shape is not None:
             tg = stage_tilt.create_group(name, overwrite=True)
@@ -422,9 +452,9 @@ def _copy_all(col: Collection, stage_root: zarr.Group, todo: list[_Plan], order:
             stats_tasks.append(_copy_lazy(tsrc, [ttarget]))
         else:
             stats_tasks.append(None)
-    fps = [dask.delayed(fingerprint)(p.src.rec_path) for p in todo]
+    fps = [dask.delayed(_fingerprint)(p.src.rec_path) for p in todo]
     with_tilt = [i for i, p in enumerate(todo) if p.tilt_shape is not None]
-    fps += [dask.delayed(fingerprint)(todo[i].src.tilt_path) for i in with_tilt]
+    fps += [dask.delayed(_fingerprint)(todo[i].src.tilt_path) for i in with_tilt]
     lazy = [t for t in stats_tasks if t is not None]
     log.info("ingesting %d tomograms into %s", len(todo), col.url)
     computed = _compute(lazy + fps)
@@ -443,7 +473,7 @@ def _check_stats(plan: _Plan, vol_stats: tuple | None, tilt_stats: tuple | None)
             raise InputError(f"{what} {path} is constant (an empty volume)")
 
 
-def _write_attrs(stage_root: zarr.Group, plan: _Plan, order: str, tilt_axis_angle: float, vol_stats: tuple,
+def _write_attrs(col: Collection, stage_root: zarr.Group, plan: _Plan, order: str, tilt_axis_angle: float, vol_stats: tuple,
                  fp: str, tilt_fp: str | None) -> None:
     """OME metadata and the ``milotile`` attributes (source, fingerprints, token, statistics)."""
     name = plan.src.name
@@ -451,7 +481,7 @@ def _write_attrs(stage_root: zarr.Group, plan: _Plan, order: str, tilt_axis_angl
     g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, len(list(g.array_keys())))
     _, mean, var, _ = vol_stats
     g.attrs["milotile"] = {
-        "source": plan.src.rec_path, "size_bytes": plan.size_bytes, "mtime_ns": plan.mtime_ns,
+        "source": col.relative_path(plan.src.rec_path), "size_bytes": plan.size_bytes, "mtime_ns": plan.mtime_ns,
         "quick_fingerprint": plan.quick, "fingerprint": fp, "token": make_token(fp, order, plan.voxel_size),
         "voxel_size": plan.voxel_size, "order": order, "shape": list(plan.shape),
         "stats": {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))}, "complete": True,
@@ -460,11 +490,30 @@ def _write_attrs(stage_root: zarr.Group, plan: _Plan, order: str, tilt_axis_angl
         return
     angles = [float(a) for a in plan.src.angles]
     stage_root[TILTS][name].attrs["milotile"] = {
-        "source": plan.src.tilt_path, "angle_file": plan.src.angle_path, "size_bytes": plan.tilt_size,
+        "source": col.relative_path(plan.src.tilt_path),
+        "angle_file": col.relative_path(plan.src.angle_path), "size_bytes": plan.tilt_size,
         "mtime_ns": plan.tilt_mtime, "quick_fingerprint": plan.tilt_quick, "fingerprint": tilt_fp,
         "token": make_token(tilt_fp, angles, float(tilt_axis_angle), plan.tilt_pixel), "angles": angles,
         "tilt_axis_angle": float(tilt_axis_angle), "pixel_size": plan.tilt_pixel, "complete": True,
     }
+
+
+def _fingerprint(path: str) -> str:
+    """Content fingerprint of a source: the MRC file, or every file of a zarr image's level-0 array."""
+    if os.path.isdir(path):
+        img = zarr_image(path)
+        return zarr_fingerprint(Path(img.path) / img.array)
+    return fingerprint(path)
+
+
+def _source_array(plan: _Plan, chunks: Sequence[int]) -> da.Array:
+    """The source volume as a dask array with the store's chunks (read-only, lazily)."""
+    zchunks = clip_chunks(plan.shape, chunks)
+    if plan.src.kind == "zarr":
+        arr = zarr_image(plan.src.rec_path).open()
+        return da.from_zarr(arr, name=f"zarr-{plan.src.name}-{plan.mtime_ns}").astype(np.float32).rechunk(zchunks)
+    return da.from_array(OrientedMRC(plan.src.rec_path, plan.order), chunks=zchunks,
+                         name=f"mrc-{plan.src.name}-{plan.mtime_ns}")
 
 
 def _same_file(meta: dict, size: int | None, mtime: int | None, quick: str | None, path: str | None) -> bool:
@@ -472,7 +521,7 @@ def _same_file(meta: dict, size: int | None, mtime: int | None, quick: str | Non
     agree, or (after a touch or a copy) the full content fingerprint does."""
     if meta.get("size_bytes") == size and meta.get("mtime_ns") == mtime and meta.get("quick_fingerprint") == quick:
         return True
-    return path is not None and meta.get("fingerprint") == fingerprint(path)
+    return path is not None and meta.get("fingerprint") == _fingerprint(path)
 
 
 def _decide(col: Collection, plans: list[_Plan], order: str, voxel_size: float | None, tilt_axis_angle: float,

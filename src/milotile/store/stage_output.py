@@ -37,7 +37,7 @@ import zarr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageOutput", "canonical", "file_token", "jsonable", "make_token", "output_status", "source_token", "writer_lock"]
+__all__ = ["StageOutput", "canonical", "file_source", "file_token", "jsonable", "make_token", "output_status", "source_token", "writer_lock"]
 
 
 def jsonable(value: Any) -> Any:
@@ -62,11 +62,30 @@ def make_token(*parts: Any) -> str:
 
 
 def file_token(path: str | os.PathLike | None) -> str | None:
-    """Token of a plain file outside the store (a checkpoint): path, size and modification time."""
+    """Token of a plain file outside the store (a checkpoint): file name, size and modification time.
+
+    The folder is left out so that moving the project (store and run folders together) keeps outputs
+    up to date.
+    """
     if path is None or not os.path.exists(path):
         return None
     st = os.stat(path)
-    return make_token(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    return make_token(os.path.basename(os.fspath(path)), st.st_size, st.st_mtime_ns)
+
+
+def file_source(col: Any, path: str | os.PathLike) -> tuple[str, str | None]:
+    """Source entry ``("file:<path relative to the store>", token)`` of a plain file (a checkpoint).
+
+    Relative, so that no local absolute path is stored in attributes (resolved again with
+    ``col.resolve_path`` when the status is checked).
+    """
+    rel = col.relative_path(path) if hasattr(col, "relative_path") else os.path.abspath(path)
+    return f"file:{rel}", file_token(path)
+
+
+def _file_path(col: Any, key: str) -> str:
+    rel = key[len("file:"):]
+    return col.resolve_path(rel) if hasattr(col, "resolve_path") else rel
 
 
 @contextlib.contextmanager
@@ -122,7 +141,7 @@ def output_status(col: Any, path: str) -> str:
             return "incomplete"
     for src, tok in (info.get("sources") or {}).items():
         if src.startswith("file:"):
-            if file_token(src[len("file:"):]) != tok:
+            if file_token(_file_path(col, src)) != tok:
                 return "stale"
         elif source_token(col, src) != tok:
             return "stale"
