@@ -226,5 +226,6 @@ def write_tomogram_labels(
         grp.attrs["ome"] = ome
         _register(col.zarr_group["tomograms"][image], name)
         out.finish(levels=len(levels))
+    col.consolidate()  # a labels image is a stage's last write: keep consolidated metadata current
     log.info("labels %s of %s written (%d levels)", name, image, len(levels))
     return path

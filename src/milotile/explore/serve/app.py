@@ -174,8 +174,9 @@ class AtlasApp:
             from milotile.formats import export
 
             with tempfile.TemporaryDirectory() as d:
-                (path,) = export(labels, "star", Path(d) / f"{name}.star", col=col)
-                return Path(path).read_bytes()
+                target = Path(d) / f"{name}.star"
+                export(labels, "star", target, col=col)  # also writes tomograms.star beside it
+                return target.read_bytes()
         raise KeyError(fmt)
 
 
