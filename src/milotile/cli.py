@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="milotile",
         description=(
             "Map and pick macromolecules across whole collections of cryo-electron tomograms. "
-            "Stages: synth -> ingest -> preprocess -> mine -> patches -> explore train/embed -> "
-            "refine train/pick -> export; `milotile demo` runs them end to end on generated data."
+            "Stages: synth -> ingest -> preprocess -> mine -> patches -> explore train/embed/atlas/serve/select -> "
+            "refine train/pick -> export; segments ingest/features/train/embed/cluster for segmented objects; "
+            "`milotile demo` runs them end to end on generated data."
         ),
     )
     parser.add_argument("--scheduler", metavar="ADDRESS", help="connect to a running Dask scheduler")

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     """Add the ``explore`` sub-command with ``train`` and ``embed``."""
     p = subparsers.add_parser(
         "explore",
-        help="train the SimSiam exploration model and embed candidate patches",
+        help="SimSiam exploration: train, embed, atlas (map + over-clusters), serve (selection app), select",
         description="Self-supervised exploration (MiLoPYP): train on a patch bank, then embed every patch.",
     )
     sub = p.add_subparsers(dest="explore_command", metavar="ACTION", required=True)
