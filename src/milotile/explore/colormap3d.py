@@ -93,14 +93,16 @@ def colour_map_3d(
         template = da.zeros(img.shape, dtype=np.uint16, chunks=img.chunks)
         lab = template.map_blocks(paint_block, zyx, radii, vals, dtype=np.uint16)
         path = write_tomogram_labels(col, name, f"atlas-{atlas.key}", lab, colors=colors,
-                            properties=[{"label-value": v, "cluster": (v - 1 if v <= len(colors) - 1 else -1)}
-                                        for v in sorted(colors)],
-                            params={"atlas": atlas.key, "radius": float(radius)},
-                            sources={f"tables/{atlas.table_name}": col.source_token(f"tables/{atlas.table_name}")})
+                                     properties=[{"label-value": v, "cluster": (v - 1 if v <= len(colors) - 1 else -1)}
+                                                 for v in sorted(colors)],
+                                     params={"atlas": atlas.key, "radius": float(radius)},
+                                     sources={f"tables/{atlas.table_name}": col.source_token(f"tables/{atlas.table_name}")})
         zs = _choose_slices(sub["z"].to_numpy(), img.shape[0], slices)
         pngs = render_slices(col, name, path, zs, colors, folder)
         result[name] = {"labels": path, "slices": [str(p) for p in pngs], "spheres": int(len(sub))}
         log.info("3D colour map of %s: %d spheres (r=%.1f) -> %s", name, len(sub), radius, path)
+    if todo:
+        col.consolidate()  # once at the stage end (each consolidation walks the whole store)
     return result
 
 

@@ -27,7 +27,7 @@ from milotile.store.arrays import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_labels", "write_labels", "write_tomogram_labels", "label_names", "label_attrs", "label_colors", "LABELS"]
+__all__ = ["create_labels", "write_labels", "write_tomogram_labels", "label_attrs", "label_colors", "LABELS"]
 
 LABELS = "labels"
 
@@ -151,14 +151,6 @@ def write_labels(
     return write_dask(labels, lab, "0", chunks=chunks, dimension_names=AXES_ZYX, compute=compute)
 
 
-def label_names(col: Any, image: str) -> list[str]:
-    """Label images listed under tomogram ``image`` of a collection."""
-    g = col.zarr_group["tomograms"][image]
-    if LABELS not in g:
-        return []
-    return list(dict(g[LABELS].attrs.get("ome", {})).get("labels", []))
-
-
 def write_tomogram_labels(
     col: Any,
     image: str,
@@ -226,6 +218,5 @@ def write_tomogram_labels(
         grp.attrs["ome"] = ome
         _register(col.zarr_group["tomograms"][image], name)
         out.finish(levels=len(levels))
-    col.consolidate()  # a labels image is a stage's last write: keep consolidated metadata current
     log.info("labels %s of %s written (%d levels)", name, image, len(levels))
     return path
