@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-score saved runs (run_s<seed>_<species>_<n>_<recipe> folders) with the current threshold code")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge earlier result files")
     ap.add_argument("--snr", type=float, default=None, help="override the preset's SNR (0.1)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 when sharing the machine)")
     ap.add_argument("--workdir", default="/tmp/refine_hard")
     ap.add_argument("--json", default=str(RESULTS / "refine_hard.json"))
     args = ap.parse_args(argv)
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     recipes = {}
     for spec in args.recipes:
         if "=" in spec:

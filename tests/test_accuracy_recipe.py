@@ -9,7 +9,7 @@ import pytest
 from milotile.errors import InputError
 from milotile.refine.prior import estimate_prior, positive_voxels_per_particle
 from milotile.refine.targets import target_geometry
-from milotile.refine.threshold import apply_auto_threshold, choose_threshold, otsu_logit
+from milotile.refine.threshold import apply_auto_threshold, choose_threshold, otsu_logit, pu_label_threshold
 from milotile.refine.tta import TTA_VIEWS, tta_average
 from milotile.synth import synth
 from milotile.synth.hard import HARD_RADII, add_gradient, hard_species
@@ -84,8 +84,9 @@ def test_threshold_valley_and_label_rule() -> None:
     lab = rng.choice(fg, 6, replace=False)  # labels: six particles picked at random
     t, src = choose_threshold(s, lab)
     assert src == "labels" and t > t_valley
-    lo = lab.min()
-    assert t == pytest.approx(1 / (1 + np.exp(-(np.log(lo / (1 - lo)) - 0.5))))
+    chosen = pu_label_threshold(lab, s[s >= 0.05])
+    assert chosen in lab  # the criterion picks one of the label scores, lowered by the margin
+    assert t == pytest.approx(1 / (1 + np.exp(-(np.log(chosen / (1 - chosen)) - 0.5))))
     truth = np.r_[np.zeros(len(bg) + len(crowd)), np.ones(len(fg))].astype(bool)
 
     def f1(thr: float) -> float:
@@ -98,6 +99,12 @@ def test_threshold_valley_and_label_rule() -> None:
     t2, src2 = choose_threshold(s, np.array([0.1, 0.2]))
     assert src2 == "valley" and t2 == pytest.approx(t_valley)
     assert choose_threshold(np.array([0.01, 0.02]))[1] == "floor"
+    # one weak label among the decoys does not pull the threshold down to the decoys (the weakest
+    # label's score would: F1 falls to the valley's)
+    weak = np.r_[lab[:5], 0.8]
+    t3, _ = choose_threshold(s, weak)
+    lo = 1 / (1 + np.exp(-(np.log(0.8 / 0.2) - 0.5)))
+    assert t3 > 0.9 and f1(t3) > f1(lo) + 0.1
 
 
 def test_apply_auto_threshold_uses_contract_labels() -> None:

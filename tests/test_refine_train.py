@@ -188,3 +188,45 @@ def test_validation_decodes_exactly_like_pick(data):
     assert len(picked) > 0
     cols = ["x", "y", "z", "score"]
     np.testing.assert_allclose(val[cols].to_numpy(), picked[cols].to_numpy(), atol=1e-5)
+
+
+def test_pseudo_labels_and_stopping_rule():
+    from milotile.refine.self_training import converged, pseudo_labels
+
+    labels = pd.DataFrame({"tomogram": ["t"] * 2, "x": [10.0, 50.0], "y": 10.0, "z": 5.0, "class": "p"})
+    picks = pd.DataFrame({"tomogram": ["t"] * 6 + ["u"], "x": [10.0, 50.0, 90.0, 130.0, 170.0, 52.0, 10.0],
+                          "y": 10.0, "z": 5.0, "score": [0.95, 0.9, 0.93, 0.92, 0.2, 0.85, 0.99], "class": "p"})
+    new = pseudo_labels(picks, labels, bbox=16)
+    # above the labels' PU threshold (0.9), away from the labels, only in labelled tomograms
+    assert sorted(new["x"]) == [90.0, 130.0] and set(new["tomogram"]) == {"t"}
+    assert len(pseudo_labels(picks, labels, bbox=16, max_ratio=0.5)) == 1  # capped per label, best first
+    assert not converged(None, new, 4.0) and converged(new, new, 4.0) and converged(new, new.iloc[:0], 4.0)
+    moved = new.assign(x=new["x"] + 20)
+    assert not converged(new, moved, 4.0)
+
+
+def test_self_training_round_adds_positives_and_keeps_user_labels(data, tmp_path):
+    root, col, gt = data
+    lab = gt[gt.tomogram == "tomo_000"].iloc[:4]
+    out = tmp_path / "st"
+    picker = train(col, lab, epochs=1, out=out, self_training=1, **FAST)
+    assert (out / "round-0" / "last.pt").is_file() and (out / "best.pt").is_file()
+    # the picker's own threshold labels are the user's labels, never its pseudo-labels
+    assert len(picker.contract["train_labels"]) == len(lab)
+    if (out / "round-1" / "last.pt").is_file():
+        assert picker.contract["n_extra_positives"] >= 1
+    with pytest.raises(InputError, match="self_training"):
+        train(col, lab, epochs=1, out=tmp_path / "st2", self_training=1, extra_positives=lab, **FAST)
+
+
+def test_head_z_dilation_widens_z_context():
+    from milotile.nn import registry
+
+    m1 = registry.create("unet4", **TINY).eval()
+    m2 = registry.create("unet4", z_dilation=2, **TINY).eval()
+    assert m2.receptive_field()[0] > m1.receptive_field()[0] and m2.head.z_context == 5
+    x = torch.randn(1, 14, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(m2(x)["hm"][0], m2.predict_volume(x[0]), atol=1e-5)
+    with pytest.raises(InputError, match="z_dilation"):
+        registry.create("unet4", z_dilation=0, **TINY)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from milotile.errors import InputError
 from milotile.nn.registry import register
 
 __all__ = ["UNet2D", "TomoUNet", "TomoResSmall", "unet4", "unet5", "ressmall", "HM_PRIOR_BIAS"]
@@ -99,18 +100,23 @@ class UNet2D(nn.Module):
 class _Head3D(nn.Module):
     """Dilated 3D feature head and the heatmap / feature heads shared by all architectures."""
 
-    def __init__(self, c_in: int, feat_dim: int, n_classes: int, dilation: int = 4, head_k: int = 3) -> None:
+    def __init__(self, c_in: int, feat_dim: int, n_classes: int, dilation: int = 4, head_k: int = 3,
+                 z_dilation: int = 1) -> None:
         super().__init__()
-        pad = (1, dilation, dilation)
+        if int(z_dilation) < 1:
+            raise InputError(f"z_dilation must be at least 1, got {z_dilation!r}.")
+        zd = int(z_dilation)
+        pad = (zd, dilation, dilation)
         self.body = nn.Sequential(
-            nn.Conv3d(c_in, feat_dim, 3, padding=pad, dilation=(1, dilation, dilation), bias=False),
+            nn.Conv3d(c_in, feat_dim, 3, padding=pad, dilation=(zd, dilation, dilation), bias=False),
             nn.ReLU(inplace=True),
-            nn.Conv3d(feat_dim, feat_dim, 3, padding=pad, dilation=(1, dilation, dilation), bias=False),
+            nn.Conv3d(feat_dim, feat_dim, 3, padding=pad, dilation=(zd, dilation, dilation), bias=False),
             nn.ReLU(inplace=True),
         )
         self.hm = nn.Conv3d(feat_dim, n_classes, (head_k, 1, 1), padding=(head_k // 2, 0, 0))
         self.proj = nn.Conv3d(feat_dim, feat_dim, (head_k, 1, 1), padding=(head_k // 2, 0, 0))
         self.dilation = dilation
+        self.z_dilation = zd
         self.head_k = head_k
         for m in self.body.modules():
             if isinstance(m, nn.Conv3d):
@@ -137,7 +143,7 @@ class _Head3D(nn.Module):
 
     def rf_add(self, jump_xy: int) -> tuple[int, int]:
         """Receptive-field growth (z, xy) of the head at xy spacing ``jump_xy``."""
-        z = 2 + 2 + (self.head_k - 1)
+        z = 2 * self.z_dilation + 2 * self.z_dilation + (self.head_k - 1)
         xy = 2 * (2 * self.dilation * jump_xy)
         return z, xy
 
@@ -221,6 +227,8 @@ class TomoUNet(_Base2p5D):
         Width of the 3D head and of the L2-normalised feature map (32).
     dilation : int
         In-plane dilation of the two 3D head convolutions (4).
+    z_dilation : int
+        Dilation of the head convolutions along z (1: seven slices of z context; 2: eleven).
     """
 
     def __init__(
@@ -231,11 +239,12 @@ class TomoUNet(_Base2p5D):
         stem_ch: int = 16,
         feat_dim: int = 32,
         dilation: int = 4,
+        z_dilation: int = 1,
     ) -> None:
         super().__init__()
         self.stem = self._stem(stem_ch)
         self.trunk = UNet2D(stem_ch, feat_dim, levels=levels, start_filts=start_filts)
-        self.head = _Head3D(feat_dim, feat_dim, n_classes, dilation=dilation)
+        self.head = _Head3D(feat_dim, feat_dim, n_classes, dilation=dilation, z_dilation=z_dilation)
         self.n_classes = n_classes
         self.xy_alignment = 2 * 2 ** (levels - 1)
 
@@ -297,7 +306,7 @@ class TomoResSmall(_Base2p5D):
         Heatmap channels.
     widths : tuple of int
         Channels of the two residual stages (64, 128 in MiLoPYP).
-    stem_ch, feat_dim, dilation
+    stem_ch, feat_dim, dilation, z_dilation
         As for :class:`TomoUNet`.
     """
 
@@ -308,11 +317,12 @@ class TomoResSmall(_Base2p5D):
         stem_ch: int = 32,
         feat_dim: int = 32,
         dilation: int = 4,
+        z_dilation: int = 1,
     ) -> None:
         super().__init__()
         self.stem = self._stem(stem_ch)
         self.trunk = _ResTrunk(stem_ch, tuple(widths), feat_dim)
-        self.head = _Head3D(feat_dim, feat_dim, n_classes, dilation=dilation)
+        self.head = _Head3D(feat_dim, feat_dim, n_classes, dilation=dilation, z_dilation=z_dilation)
         self.n_classes = n_classes
         self.xy_alignment = 8
         for m in self.trunk.modules():

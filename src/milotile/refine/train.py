@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from milotile.refine.losses import consistency_loss, debiased_contrastive_loss, 
 from milotile.refine.picker import Picker
 from milotile.refine.prior import estimate_prior
 from milotile.refine.targets import target_geometry
-from milotile.refine.threshold import label_records
+from milotile.refine.threshold import AUTO_FLOOR, label_records
 from milotile.refine.validation import regions_from_labels, split_validation, validate
 from milotile.stages.preprocess import volume_stats
 from milotile.store import as_collection
@@ -95,6 +96,8 @@ def train(
     amp: bool = True,
     cache_chunks: int = 8,
     tta: int = 1,
+    extra_positives: pd.DataFrame | None = None,
+    self_training: int = 0,
 ) -> Picker:
     """Train a PU picker from sparse labels.
 
@@ -159,16 +162,33 @@ def train(
         Decompressed storage chunks cached per tomogram reader.
     tta
         In-plane symmetries averaged at prediction (:mod:`milotile.refine.tta`; 1 = none).
+    extra_positives
+        More positives (``tomogram, x, y, z[, class]``) trained on like labels but not kept as the
+        picker's ``train_labels`` (which choose the automatic threshold): pseudo-labels, or
+        candidates chosen in the exploration map.
+    self_training
+        Rounds of self-training (:mod:`milotile.refine.self_training`): after each round the picks
+        that score like the labels in the labelled tomograms become ``extra_positives`` of the next
+        round, trained from scratch; stops early when the pseudo-labels stop changing. Round ``r`` is
+        written to ``<out>/round-<r>``; the final round's checkpoints are copied to ``<out>``.
 
     Returns
     -------
     Picker
         The best checkpoint (by validation F1; the last one without validation).
     """
+    if int(self_training) > 0:
+        options = {k: v for k, v in locals().items() if k not in ("col", "labels", "out", "self_training")}
+        return _self_train(as_collection(col), labels, out, int(self_training), options)
     col = as_collection(col)
     arch = ARCH_ALIASES.get(arch, arch)
     _check_options(arch, epochs, batch_size, tau, crop, bbox)
     df, vdf, regions, class_names = _labels(col, labels, val_labels, classes, bbox, val_fraction)
+    user_df = df
+    if extra_positives is not None and len(extra_positives):
+        extra, _ = class_index(load_label_table(extra_positives, col, "extra positives"),
+                               class_names if classes not in (None, False) else None)
+        df = pd.concat([df, extra], ignore_index=True)
     val_radius = float(val_radius) if val_radius is not None else float(bbox) / 4.0
     run_dir = _run_dir(col, out, resume)
     dev = pick_device(device)
@@ -190,7 +210,8 @@ def train(
     contract = picker_contract(arch=arch, model=model, classes=class_names, bbox=bbox, crop=crop, gauss=gauss,
                                compress=compress, compress_how=compress_how, clip=clip, thresh=thresh, tau=tau, geom=geom,
                                voxel_size=float(col[names[0]].voxel_size), train_stats=stats, val_radius=val_radius)
-    contract.update(tta=int(tta), prior=prior_info, train_labels=label_records(df, class_names))
+    contract.update(tta=int(tta), prior=prior_info, train_labels=label_records(user_df, class_names),
+                    n_extra_positives=len(df) - len(user_df))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     runlog = RunLog(run_dir)
     options = {k: v for k, v in locals().items() if k in _OPTION_KEYS}
@@ -223,6 +244,40 @@ def train(
     _plots(runlog, run_dir, bool(regions))
     best = run_dir / "best.pt"
     return Picker.load(best if best.exists() else run_dir / "last.pt", device=dev)
+
+
+def _self_train(col: Any, labels: Any, out: str | os.PathLike[str] | None, rounds: int, options: dict) -> Picker:
+    """Rounds of :func:`train` with the previous round's confident picks as extra positives."""
+    from milotile.refine.predict import pick
+    from milotile.refine.self_training import converged, pseudo_labels
+
+    if options.get("resume"):
+        raise InputError("resume is not supported with self_training; rerun into a new --out folder.")
+    if options.get("extra_positives") is not None:
+        raise InputError("self_training chooses the extra positives itself; pass extra_positives or self_training, not both.")
+    base = _run_dir(col, out, False)
+    user, _ = class_index(load_label_table(labels, col, "labels"), options.get("classes"))
+    previous: pd.DataFrame | None = None
+    extra = None
+    for r in range(rounds + 1):
+        picker = train(col, labels, out=base / f"round-{r}", **{**options, "extra_positives": extra})
+        if r == rounds:
+            break
+        names = sorted(set(user["tomogram"]))
+        picks = pick(col, picker, threshold=AUTO_FLOOR, names=names, write_heatmaps=False, table=None)
+        mine = user.assign(**{"class": [picker.classes[int(c)] for c in user["cls"]]})
+        extra = pseudo_labels(picks, mine, float(options["bbox"]))
+        if converged(previous, extra, float(options["bbox"]) / 4.0):
+            logger.info("self-training converged after round %d", r)
+            break
+        previous = extra
+    final = Path(picker.path).parent
+    base.mkdir(parents=True, exist_ok=True)
+    for f in ("best.pt", "last.pt"):
+        if (final / f).exists():
+            shutil.copy2(final / f, base / f)
+    logger.info("self-training: final picker from %s", final)
+    return Picker.load(base / ("best.pt" if (base / "best.pt").exists() else "last.pt"), device=options.get("device"))
 
 
 def _stats(col: Any, names: Sequence[str], gauss: float, compress: bool, compress_how: str) -> dict:
