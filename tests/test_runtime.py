@@ -134,3 +134,91 @@ def test_limit_threads_sets_torch_and_env(monkeypatch):
         assert os.environ["OMP_NUM_THREADS"] == "1"
     finally:
         torch.set_num_threads(before)
+
+
+# -- collection scale: store traffic per tomogram -------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory):
+    from milotile.synth import synth
+
+    root = tmp_path_factory.mktemp("scale")
+    res = synth(root / "syn", seed=2, n_tomograms=2, size=(24, 48, 48), snr=1.0, angles=(-60, 60, 20), n_particles=2)
+    return res.manifest
+
+
+def _manifest(src, n: int, dest):
+    """A manifest of ``n`` tomograms cycling through the source files (as benchmarks/collection.py)."""
+    rows = src.read_text().splitlines()
+    body = [r.split("\t") for r in rows[1:] if r.strip()]
+    dest.write_text("\n".join([rows[0], *("\t".join([f"t{i:03d}", *body[i % len(body)][1:]]) for i in range(n))]) + "\n")
+    return dest
+
+
+def _counted(fn):
+    import dask
+
+    iostats.enable()
+    iostats.reset()
+    with dask.config.set(scheduler="sync"):
+        out = fn()
+    return out, iostats.snapshot()
+
+
+@pytest.fixture(scope="module")
+def scale_runs(tiny_sources, tmp_path_factory):
+    """Ingest + preprocess of 6 and 12 tomograms with their store counters."""
+    root = tmp_path_factory.mktemp("scale_runs")
+    runs = {}
+    for n in (6, 12):
+        man = _manifest(tiny_sources, n, root / f"m{n}.txt")
+        col, ing = _counted(lambda man=man, n=n: mt.ingest(man, root / f"s{n}.zarr"))
+        _, pre = _counted(lambda n=n: mt.open(root / f"s{n}.zarr").preprocess(gauss=0.8))
+        runs[n] = {"store": root / f"s{n}.zarr", "ingest": ing, "preprocess": pre}
+    return runs
+
+
+def test_ingest_lists_the_store_a_constant_number_of_times(scale_runs):
+    # each ingested tomogram used to cost a listing of its group (and the consolidation walked the tree)
+    assert scale_runs[6]["ingest"]["listings"] == scale_runs[12]["ingest"]["listings"] <= 2
+    # a second ingest into the grown store: the new tomograms are not listed either
+    assert scale_runs[12]["ingest"]["writes"] > scale_runs[6]["ingest"]["writes"]
+
+
+def test_incremental_consolidation_equals_a_full_walk(scale_runs):
+    store = scale_runs[12]["store"]
+    # ingest's node-by-node update, then preprocess's full walk: same entries as zarr's own consolidation
+    col = mt.open(store, mode="r+")
+    col.consolidate([], drop=[])  # no node changed: the update keeps every entry
+    upd = zarr.open_group(str(store), mode="r", use_consolidated=True).metadata.consolidated_metadata
+    col.consolidate()
+    full = zarr.open_group(str(store), mode="r", use_consolidated=True).metadata.consolidated_metadata
+    assert set(upd.flattened_metadata) == set(full.flattened_metadata)
+    assert "tomograms/t011/2" in full.flattened_metadata and not any(k.startswith("staging") for k in full.flattened_metadata)
+    for k, v in full.flattened_metadata.items():
+        assert upd.flattened_metadata[k].to_dict()["attributes"] == v.to_dict()["attributes"], k
+    imgs = dict(zarr.open_group(str(store), mode="r").attrs["milotile"])["images"]
+    assert imgs["tomograms"] == [f"tomograms/t{i:03d}" for i in range(12)] and len(imgs["preprocessed"]) == 12
+
+
+def test_ingest_into_an_existing_store_updates_the_consolidated_metadata(scale_runs, tiny_sources, tmp_path):
+    import shutil
+
+    store = tmp_path / "grow.zarr"
+    shutil.copytree(scale_runs[6]["store"], store)
+    man = _manifest(tiny_sources, 8, tmp_path / "m8.txt")  # t000..t005 unchanged (skipped), t006, t007 new
+    _, st = _counted(lambda: mt.ingest(man, store))
+    assert st["listings"] <= 2
+    cons = zarr.open_group(str(store), mode="r", use_consolidated=True)
+    flat = cons.metadata.consolidated_metadata.flattened_metadata
+    assert {"tomograms/t007", "tomograms/t007/0", "tilts/t007/0", "derived/preprocessed/t005"} <= set(flat)
+    assert "tomograms/t007" in cons.attrs["milotile"]["images"]["tomograms"]
+    assert mt.open(store).names == [f"t{i:03d}" for i in range(8)]
+
+
+def test_preprocess_metadata_reads_per_tomogram_are_bounded(scale_runs):
+    per = {n: scale_runs[n]["preprocess"]["meta_reads"] / n for n in (6, 12)}
+    # measured 69 per tomogram before (the consolidation walked the tree twice, and every lookup
+    # of derived/preprocessed/<name> read each level's zarr.json); 52 after. What is left is mostly
+    # zarr's own check of every parent's zarr.json when it creates a node (5 nodes per tomogram).
+    assert per[12] < 56 and per[6] < 58
+    assert per[12] <= per[6]  # flat: nothing per tomogram walks the store

@@ -22,7 +22,7 @@ import io
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,9 @@ TABLES = "tables"
 RUNS = "runs"
 #: Folders of plain files inside the store, hidden from zarr behind an empty-array marker.
 OPAQUE = (TABLES, RUNS, LOCKS)
+#: Where ingest stages its writes (never part of the consolidated metadata).
+STAGING = "staging"
+LAYOUT_DOC = "docs/architecture.md#collection-store"
 
 
 def _attrs(node: zarr.Group | zarr.Array) -> dict:
@@ -181,6 +184,7 @@ class Collection:
         self.url = absolute_url(url, self.storage_options)
         self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         meta = _store_meta(self.fs, self._root, self.url, must_exist=mode == "r") or {}
+        created = not meta
         self.store_id: str | None = meta.get("store_id")
         if self.store_id is None and mode != "r":
             self.store_id = new_store_id()
@@ -195,6 +199,8 @@ class Collection:
         self._migrate_opaque(writable=mode != "r")
         if mode != "r":
             self._ensure_opaque(LOCKS)  # before any lock file appears, so zarr never lists them
+        if mode != "r" and created:
+            self.consolidate()  # a new store: consolidated metadata from the start (stages update it)
 
     # -- paths --------------------------------------------------------------------------------
     @property
@@ -262,55 +268,99 @@ class Collection:
         and other ``derived/<stage>`` outputs. Each path opens in napari
         (``napari --plugin napari-ome-zarr <store>/<path>``) and in ome-zarr-py.
         """
-        out: dict[str, list[str]] = {}
-        for path, node in self.zarr_group.members(max_depth=None):
-            if not isinstance(node, zarr.Group):
-                continue
-            ome = dict(node.attrs.get("ome", {}))
-            if "multiscales" not in ome:
-                continue
-            parts = path.split("/")
-            if "labels" in parts[:-1]:
-                kind = "labels"
-            elif parts[0] == DERIVED and len(parts) > 2:
-                kind = parts[1]
-            else:
-                kind = parts[0]
-            out.setdefault(kind, []).append(path)
-        return {k: sorted(v) for k, v in sorted(out.items())}
+        return _images({path: dict(node.attrs) for path, node in self.zarr_group.members(max_depth=None)
+                        if isinstance(node, zarr.Group)})
 
-    def consolidate(self) -> None:
+    def consolidate(self, nodes: Iterable[str] | None = None, drop: Iterable[str] = ()) -> None:
         """Write consolidated metadata (``zarr.json`` of the root) for remote readers.
 
         Called at the end of every stage; readers that open the store with
         ``zarr.open_group(..., use_consolidated=True)`` then need one request for the whole tree.
         The root attributes also list the images (:meth:`image_paths`) under
         ``milotile.images`` so that a reader sees what to open without walking the tree.
+
+        Parameters
+        ----------
+        nodes : iterable of str, optional
+            Update only these node paths (one metadata read each, no listing) in the consolidated
+            metadata already in the root, after removing every entry at or under ``drop``. For a
+            stage that knows exactly which nodes it wrote (ingest), so its cost does not grow with
+            the store. Default (or when the root holds no consolidated metadata yet): walk the
+            whole store once.
+        drop : iterable of str
+            Subtrees whose old entries are removed first (the nodes written replace them).
         """
+        if nodes is not None and self._consolidate_nodes(list(nodes), list(drop)):
+            return
         import warnings
 
-        meta = _attrs(self.zarr_group)
-        meta["images"] = self.image_paths()
-        meta["layout"] = "docs/architecture.md#collection-store"
-        self.zarr_group.attrs["milotile"] = meta
         with warnings.catch_warnings():
             # zarr-python notes that consolidated metadata is not (yet) in the v3 spec
             warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(self.zarr_group.store)
+            root = zarr.consolidate_metadata(self.zarr_group.store)  # the one walk of the tree
+        flat = root.metadata.consolidated_metadata.flattened_metadata
+        meta = _attrs(root)
+        meta["images"] = _images({k: v.attributes for k, v in flat.items() if v.node_type == "group"})
+        meta["layout"] = LAYOUT_DOC
+        root.attrs["milotile"] = meta  # rewrites the root with its consolidated metadata
+        self.zarr_group = self._open_root()
         log.debug("consolidated metadata of %s", self.url)
 
+    def _consolidate_nodes(self, nodes: list[str], drop: list[str]) -> bool:
+        """Update ``nodes`` in the root's consolidated metadata (JSON level); ``False`` when it has none."""
+        import json
+
+        store = self.zarr_group.store
+        root = json.loads(_get_bytes(store, "zarr.json") or b"{}")
+        cm = root.get("consolidated_metadata") or {}
+        if not isinstance(cm.get("metadata"), dict):
+            return False
+        flat = {k: v for k, v in cm["metadata"].items()
+                if not any(k == d or k.startswith(d + "/") for d in [STAGING, *drop])}
+        for path in nodes:
+            raw = _get_bytes(store, f"{path}/zarr.json")
+            if raw is None:
+                flat.pop(path, None)
+                continue
+            doc = json.loads(raw)
+            if doc.get("node_type") == "group":
+                doc.setdefault("consolidated_metadata", {"kind": "inline", "must_understand": False, "metadata": {}})
+            flat[path] = doc
+        cm["metadata"] = dict(sorted(flat.items()))
+        root["consolidated_metadata"] = cm
+        meta = dict(root.get("attributes", {}).get("milotile", {}))
+        meta["images"] = _images({k: v.get("attributes", {}) for k, v in flat.items() if v.get("node_type") == "group"})
+        meta["layout"] = LAYOUT_DOC
+        root.setdefault("attributes", {})["milotile"] = meta
+        _set_bytes(store, "zarr.json", json.dumps(root, indent=2).encode())
+        self.zarr_group = self._open_root()
+        log.debug("updated %d nodes of the consolidated metadata of %s", len(nodes), self.url)
+        return True
+
+    def _open_root(self) -> zarr.Group:
+        """The root group, read again (milotile lists the store itself, never the consolidated copy)."""
+        return zarr.open_group(store=self.zarr_group.store, mode="r" if self.zarr_group.read_only else "a",
+                               zarr_format=3, use_consolidated=False)
+
     def group(self, path: str, *, create: bool = False) -> zarr.Group | None:
-        """Sub-group at ``path`` (``"a/b/c"``); created when ``create`` is true, else ``None`` if missing."""
-        node = self.zarr_group
-        for part in [p for p in path.split("/") if p]:
-            if part in node:
-                node = node[part]
-                if not isinstance(node, zarr.Group):
-                    raise StoreError(f"{path} in {self.url} is an array, not a group")
-            elif create:
-                node = node.create_group(part)
-            else:
-                return None
+        """Sub-group at ``path`` (``"a/b/c"``); created when ``create`` is true, else ``None`` if missing.
+
+        An existing group costs one metadata read (its own ``zarr.json``), not one per level.
+        """
+        path = "/".join(p for p in path.split("/") if p)
+        if not path:
+            return self.zarr_group
+        try:
+            node = self.zarr_group[path]
+        except KeyError:
+            node = None
+        if node is None and create:
+            try:  # zarr writes the missing parents and refuses an array among them
+                node = self.zarr_group.require_group(path)
+            except ValueError as exc:  # an array among the parents
+                raise StoreError(f"{path} in {self.url} cannot be a group: {exc}") from None
+        if node is not None and not isinstance(node, zarr.Group):
+            raise StoreError(f"{path} in {self.url} is an array, not a group")
         return node
 
     # -- tomograms ----------------------------------------------------------------------------
@@ -524,6 +574,40 @@ def _outputs(node: zarr.Group, prefix: str = "") -> list[str]:
         else:
             out.extend(_outputs(sub, f"{prefix}{name}/"))
     return sorted(out)
+
+
+def _images(groups: dict[str, dict]) -> dict[str, list[str]]:
+    """OME-NGFF images by kind from ``{group path: attributes}`` (see :meth:`Collection.image_paths`)."""
+    out: dict[str, list[str]] = {}
+    for path, attrs in groups.items():
+        if "multiscales" not in dict(attrs.get("ome", {})):
+            continue
+        parts = path.split("/")
+        if "labels" in parts[:-1]:
+            kind = "labels"
+        elif parts[0] == DERIVED and len(parts) > 2:
+            kind = parts[1]
+        else:
+            kind = parts[0]
+        out.setdefault(kind, []).append(path)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _get_bytes(store: Any, key: str) -> bytes | None:
+    """One document of a zarr store (``None`` when missing), through the store (counted by iostats)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _set_bytes(store: Any, key: str, data: bytes) -> None:
+    """Write one document of a zarr store."""
+    from zarr.core.buffer import cpu
+    from zarr.core.sync import sync
+
+    sync(store.set(key, cpu.Buffer.from_bytes(data)))
 
 
 def _store_meta(fs: Any, root: str, url: str, *, must_exist: bool) -> dict | None:
