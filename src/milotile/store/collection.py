@@ -23,7 +23,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
@@ -109,6 +109,13 @@ class Tomogram:
     name: str
     group: zarr.Group
     collection: Collection
+    _arrays: dict[int, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
+
+    def _array(self, level: int) -> zarr.Array:
+        """Pyramid array ``level``, opened once per Tomogram object (one metadata read)."""
+        if level not in self._arrays:
+            self._arrays[level] = self.group[str(level)]
+        return self._arrays[level]
 
     @property
     def meta(self) -> dict:
@@ -123,7 +130,7 @@ class Tomogram:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Level-0 shape ``(z, y, x)``."""
-        return tuple(self.group["0"].shape)
+        return tuple(self._array(0).shape)
 
     @property
     def levels(self) -> list[int]:
@@ -135,7 +142,7 @@ class Tomogram:
         """Lazy dask array ``(z, y, x)`` float32 of pyramid ``level``, chunked like the store."""
         if level not in self.levels:
             raise InputError(f"tomogram {self.name} has no level {level}; levels are {self.levels}")
-        return da.from_zarr(self.group[str(level)])
+        return da.from_zarr(self._array(level))
 
     def volume(self, level: int = 0) -> xr.DataArray:
         """Lazy ``xarray.DataArray`` of ``level`` with ``z, y, x`` coordinates in Å.
@@ -179,6 +186,8 @@ class Collection:
 
     def __init__(self, url: str | os.PathLike, *, mode: str = "a", storage_options: dict | None = None):
         self._members: dict[str, list[str]] = {}
+        self._nodes: dict[str, dict[str, zarr.Group]] = {}
+        self._tomos: dict[str, Tomogram] = {}
         self.storage_options = storage_options or {}
         # absolute before any zarr object exists: a Dask worker elsewhere resolves it the same way
         self.url = absolute_url(url, self.storage_options)
@@ -370,17 +379,32 @@ class Collection:
         if cached is not None:
             return cached
         g = self.group(kind)
-        names = []
+        nodes = {}
         if g is not None:
             for name, node in g.members():
                 if isinstance(node, zarr.Group) and _attrs(node).get("complete"):
-                    names.append(name)
-        self._members[kind] = sorted(names)
+                    nodes[name] = node
+        self._nodes[kind] = nodes  # the groups just read: looking a tomogram up reads nothing again
+        self._members[kind] = sorted(nodes)
         return self._members[kind]
+
+    def node(self, path: str) -> zarr.Group | zarr.Array | None:
+        """The node at ``path`` (``None`` when missing); an ingested tomogram or tilt series of an
+        already listed kind comes from the listing, without another metadata read."""
+        kind, _, name = path.strip("/").partition("/")
+        cached = self._nodes.get(kind, {}).get(name) if "/" not in name else None
+        if cached is not None:
+            return cached
+        try:
+            return self.zarr_group[path]
+        except KeyError:
+            return None
 
     def refresh(self) -> None:
         """Forget the cached tomogram / tilt-series listings (after ingest wrote new ones)."""
         self._members.clear()
+        self._nodes.clear()
+        self._tomos.clear()
 
     @property
     def names(self) -> list[str]:
@@ -394,7 +418,9 @@ class Collection:
         if name not in self._complete_members(TOMOGRAMS):
             known = ", ".join(self.names[:8]) or "none"
             raise InputError(f"no tomogram named {name!r} in {self.url} (known: {known})")
-        return Tomogram(name, self.zarr_group[TOMOGRAMS][name], self)
+        if name not in self._tomos:  # one object per name: its arrays are opened once
+            self._tomos[name] = Tomogram(name, self._nodes[TOMOGRAMS][name], self)
+        return self._tomos[name]
 
     def __iter__(self) -> Iterator[Tomogram]:
         for name in self.names:
@@ -407,7 +433,7 @@ class Collection:
         """The tilt series stored for tomogram ``name``, or ``None``."""
         if name not in self._complete_members(TILTS):
             return None
-        return TiltSeries(name, self.zarr_group[TILTS][name])
+        return TiltSeries(name, self._nodes[TILTS][name])
 
     # -- tables -------------------------------------------------------------------------------
     def _table_path(self, name: str) -> str:

@@ -107,6 +107,8 @@ def _attrs(node: Any) -> dict:
 
 
 def _node(col: Any, path: str) -> zarr.Group | zarr.Array | None:
+    if hasattr(col, "node"):
+        return col.node(path)
     try:
         return col.zarr_group[path]
     except KeyError:
