@@ -219,7 +219,7 @@ def test_preprocess_metadata_reads_per_tomogram_are_bounded(scale_runs):
     per = {n: scale_runs[n]["preprocess"]["meta_reads"] / n for n in (6, 12)}
     # measured 69 per tomogram (12 tomograms) before: the consolidation walked the tree twice, every
     # lookup of derived/<stage>/<name> read the zarr.json of each level, each tomogram and its level-0
-    # array were opened again per use; 44 after. Most of what is left is zarr's own check of every
+    # array were opened again per use; 42 after. Most of what is left is zarr's own check of every
     # parent's zarr.json when it creates a node (5 nodes per tomogram at depth 3-4: ~20 reads).
     assert per[12] < 50 and per[6] < 52
     assert per[12] <= per[6]  # flat: nothing per tomogram walks the store

@@ -305,7 +305,7 @@ def _write_tilts(so: Any, name: str, ts: Any, gauss: float, clip: tuple[float, f
     y = ((g - off) * scale).clip(0.0, 1.0)
     if quantize:
         y = (y * np.float32(255)).round() / np.float32(255)
-    zchunks = tuple(ts.group["0"].chunks)
+    zchunks = tuple(ts.array.chunks)
     write_dask(y.astype(np.float32), group, "0", chunks=zchunks)
     so.finish(angles=[float(a) for a in ts.angles], tilt_axis_angle=ts.tilt_axis_angle, pixel_size=ts.pixel_size)
     logger.info("preprocess tilts %s: %d tilts", name, ts.shape[0])

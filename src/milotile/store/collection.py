@@ -70,6 +70,14 @@ class TiltSeries:
 
     name: str
     group: zarr.Group
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def array(self) -> zarr.Array:
+        """The stored tilt images (opened once per object)."""
+        if "0" not in self._arrays:
+            self._arrays["0"] = self.group["0"]
+        return self._arrays["0"]
 
     @property
     def meta(self) -> dict:
@@ -79,7 +87,7 @@ class TiltSeries:
     @property
     def data(self) -> da.Array:
         """The tilt images as a dask array ``(n_tilts, y, x)`` float32."""
-        return da.from_zarr(self.group["0"])
+        return da.from_zarr(self.array)
 
     @property
     def angles(self) -> np.ndarray:
@@ -99,7 +107,7 @@ class TiltSeries:
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(n_tilts, y, x)``."""
-        return tuple(self.group["0"].shape)
+        return tuple(self.array.shape)
 
 
 @dataclass
@@ -188,6 +196,7 @@ class Collection:
         self._members: dict[str, list[str]] = {}
         self._nodes: dict[str, dict[str, zarr.Group]] = {}
         self._tomos: dict[str, Tomogram] = {}
+        self._tilts: dict[str, TiltSeries] = {}
         self.storage_options = storage_options or {}
         # absolute before any zarr object exists: a Dask worker elsewhere resolves it the same way
         self.url = absolute_url(url, self.storage_options)
@@ -405,6 +414,7 @@ class Collection:
         self._members.clear()
         self._nodes.clear()
         self._tomos.clear()
+        self._tilts.clear()
 
     @property
     def names(self) -> list[str]:
@@ -433,7 +443,9 @@ class Collection:
         """The tilt series stored for tomogram ``name``, or ``None``."""
         if name not in self._complete_members(TILTS):
             return None
-        return TiltSeries(name, self._nodes[TILTS][name])
+        if name not in self._tilts:  # one object per name: its array is opened once
+            self._tilts[name] = TiltSeries(name, self._nodes[TILTS][name])
+        return self._tilts[name]
 
     # -- tables -------------------------------------------------------------------------------
     def _table_path(self, name: str) -> str:
