@@ -173,7 +173,8 @@ def scale_runs(tiny_sources, tmp_path_factory):
         man = _manifest(tiny_sources, n, root / f"m{n}.txt")
         col, ing = _counted(lambda man=man, n=n: mt.ingest(man, root / f"s{n}.zarr"))
         _, pre = _counted(lambda n=n: mt.open(root / f"s{n}.zarr").preprocess(gauss=0.8))
-        runs[n] = {"store": root / f"s{n}.zarr", "ingest": ing, "preprocess": pre}
+        _, again = _counted(lambda n=n: mt.open(root / f"s{n}.zarr").preprocess(gauss=0.8))  # all reused
+        runs[n] = {"store": root / f"s{n}.zarr", "ingest": ing, "preprocess": pre, "again": again}
     return runs
 
 
@@ -219,7 +220,17 @@ def test_preprocess_metadata_reads_per_tomogram_are_bounded(scale_runs):
     per = {n: scale_runs[n]["preprocess"]["meta_reads"] / n for n in (6, 12)}
     # measured 69 per tomogram (12 tomograms) before: the consolidation walked the tree twice, every
     # lookup of derived/<stage>/<name> read the zarr.json of each level, each tomogram and its level-0
-    # array were opened again per use; 42 after. Most of what is left is zarr's own check of every
+    # array were opened again per use; 36 after. Most of what is left is zarr's own check of every
     # parent's zarr.json when it creates a node (5 nodes per tomogram at depth 3-4: ~20 reads).
-    assert per[12] < 50 and per[6] < 52
+    assert per[12] < 42 and per[6] < 44
     assert per[12] <= per[6]  # flat: nothing per tomogram walks the store
+
+
+def test_preprocess_lists_only_what_it_wrote(scale_runs):
+    # the stage end updates the consolidated metadata from the outputs it wrote (a listing of each new
+    # output group, plus zarr's listing when it deletes the temporary array), not from a walk of the store
+    for n in (6, 12):
+        assert scale_runs[n]["preprocess"]["listings"] <= 3 * n + 2
+    # a rerun reuses every output: its listings do not grow with the collection
+    assert scale_runs[6]["again"]["listings"] == scale_runs[12]["again"]["listings"] <= 2
+    assert scale_runs[6]["again"]["writes"] == scale_runs[12]["again"]["writes"]

@@ -200,7 +200,7 @@ def preprocess(
         ts = t.tilt_series
         if ts is not None and tilts:
             _preprocess_tilts(col, name, ts, float(gauss), tuple(float(c) for c in tilt_clip), bool(quantize), overwrite)
-    col.consolidate()  # stage end: consolidated metadata for remote readers
+    col.consolidate(written_only=True)  # stage end: the outputs it wrote, for remote readers
     return out
 
 

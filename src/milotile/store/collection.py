@@ -197,6 +197,7 @@ class Collection:
         self._nodes: dict[str, dict[str, zarr.Group]] = {}
         self._tomos: dict[str, Tomogram] = {}
         self._tilts: dict[str, TiltSeries] = {}
+        self._written: list[str] = []  # stage outputs begun since the last consolidation
         self.storage_options = storage_options or {}
         # absolute before any zarr object exists: a Dask worker elsewhere resolves it the same way
         self.url = absolute_url(url, self.storage_options)
@@ -289,7 +290,8 @@ class Collection:
         return _images({path: dict(node.attrs) for path, node in self.zarr_group.members(max_depth=None)
                         if isinstance(node, zarr.Group)})
 
-    def consolidate(self, nodes: Iterable[str] | None = None, drop: Iterable[str] = ()) -> None:
+    def consolidate(self, nodes: Iterable[str] | None = None, drop: Iterable[str] = (), *,
+                    written_only: bool = False) -> None:
         """Write consolidated metadata (``zarr.json`` of the root) for remote readers.
 
         Called at the end of every stage; readers that open the store with
@@ -307,8 +309,15 @@ class Collection:
             whole store once.
         drop : iterable of str
             Subtrees whose old entries are removed first (the nodes written replace them).
+        written_only : bool
+            Update only the stage outputs this collection object began since the last
+            consolidation (:meth:`note_written`; each is walked, its parents are read), for a stage
+            that writes nothing else: outputs it reused cost nothing.
         """
-        if nodes is not None and self._consolidate_nodes(list(nodes), list(drop)):
+        walk = sorted(set(self._written)) if written_only and nodes is None else []
+        if written_only and nodes is None:
+            nodes = []
+        if nodes is not None and self._consolidate_nodes(list(nodes), list(drop), walk):
             return
         import warnings
 
@@ -322,10 +331,16 @@ class Collection:
         meta["layout"] = LAYOUT_DOC
         root.attrs["milotile"] = meta  # rewrites the root with its consolidated metadata
         self.zarr_group = self._open_root()
+        self._written.clear()
         log.debug("consolidated metadata of %s", self.url)
 
-    def _consolidate_nodes(self, nodes: list[str], drop: list[str]) -> bool:
-        """Update ``nodes`` in the root's consolidated metadata (JSON level); ``False`` when it has none."""
+    def note_written(self, path: str) -> None:
+        """Record that a stage output at ``path`` is being written (see ``consolidate(written_only=True)``)."""
+        self._written.append(path.strip("/"))
+
+    def _consolidate_nodes(self, nodes: list[str], drop: list[str], walk: list[str]) -> bool:
+        """Update ``nodes`` and the subtrees ``walk`` in the root's consolidated metadata (JSON level);
+        ``False`` when the root has none yet."""
         import json
 
         store = self.zarr_group.store
@@ -333,17 +348,17 @@ class Collection:
         cm = root.get("consolidated_metadata") or {}
         if not isinstance(cm.get("metadata"), dict):
             return False
-        flat = {k: v for k, v in cm["metadata"].items()
-                if not any(k == d or k.startswith(d + "/") for d in [STAGING, *drop])}
-        for path in nodes:
+        gone = [STAGING, *drop, *walk]
+        flat = {k: v for k, v in cm["metadata"].items() if not any(k == d or k.startswith(d + "/") for d in gone)}
+        parents = {"/".join(w.split("/")[:i]) for w in walk for i in range(1, w.count("/") + 1)}
+        for path in [*nodes, *sorted(parents - set(nodes))]:
             raw = _get_bytes(store, f"{path}/zarr.json")
             if raw is None:
                 flat.pop(path, None)
-                continue
-            doc = json.loads(raw)
-            if doc.get("node_type") == "group":
-                doc.setdefault("consolidated_metadata", {"kind": "inline", "must_understand": False, "metadata": {}})
-            flat[path] = doc
+            else:
+                flat[path] = _consolidated_doc(json.loads(raw))
+        for path in walk:
+            flat.update(self._walk_docs(path))
         cm["metadata"] = dict(sorted(flat.items()))
         root["consolidated_metadata"] = cm
         meta = dict(root.get("attributes", {}).get("milotile", {}))
@@ -352,8 +367,29 @@ class Collection:
         root.setdefault("attributes", {})["milotile"] = meta
         _set_bytes(store, "zarr.json", json.dumps(root, indent=2).encode())
         self.zarr_group = self._open_root()
-        log.debug("updated %d nodes of the consolidated metadata of %s", len(nodes), self.url)
+        self._written.clear()
+        log.debug("updated %d nodes and %d subtrees of the consolidated metadata of %s", len(nodes), len(walk),
+                  self.url)
         return True
+
+    def _walk_docs(self, path: str) -> dict[str, dict]:
+        """``{path: zarr.json document}`` of the node at ``path`` and everything below it."""
+        import json
+
+        from zarr.core.buffer import default_buffer_prototype
+
+        def doc(node: zarr.Group | zarr.Array) -> dict:
+            raw = node.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+            return _consolidated_doc(json.loads(raw))
+
+        try:
+            top = self.zarr_group[path]
+        except KeyError:
+            return {}
+        out = {path: doc(top)}
+        if isinstance(top, zarr.Group):
+            out.update({f"{path}/{sub}": doc(node) for sub, node in top.members(max_depth=None)})
+        return out
 
     def _open_root(self) -> zarr.Group:
         """The root group, read again (milotile lists the store itself, never the consolidated copy)."""
@@ -629,6 +665,13 @@ def _images(groups: dict[str, dict]) -> dict[str, list[str]]:
             kind = parts[0]
         out.setdefault(kind, []).append(path)
     return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _consolidated_doc(doc: dict) -> dict:
+    """A node's ``zarr.json`` as an entry of the consolidated metadata (groups carry an empty one)."""
+    if doc.get("node_type") == "group":
+        doc.setdefault("consolidated_metadata", {"kind": "inline", "must_understand": False, "metadata": {}})
+    return doc
 
 
 def _get_bytes(store: Any, key: str) -> bytes | None:

@@ -201,6 +201,8 @@ class StageOutput:
             self._lock = contextlib.ExitStack()
             self._lock.enter_context(writer_lock(self.col, self.path))
         self.node = node if node is not None else self.col.group(self.path, create=True)
+        if hasattr(self.col, "note_written"):  # for consolidate(written_only=True) at the stage end
+            self.col.note_written(self.path)
         self.node.attrs["milotile"] = {"params": self.params, "sources": self.sources, "complete": False}
         return self.node
 
