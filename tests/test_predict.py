@@ -249,6 +249,12 @@ def test_concurrent_pick_equals_serial_pick(tmp_path):
     pd.testing.assert_frame_equal(serial, conc)
     assert list(col.table_sources("conc")["sources"]) == [
         k.replace("serial", "conc") for k in col.table_sources("serial")["sources"]]
+    import zarr
+
+    # the stage end consolidated the heatmaps it wrote (from its own outputs, not a walk of the store)
+    flat = zarr.open_group(str(tmp_path / "s.zarr"), mode="r", use_consolidated=True).metadata.consolidated_metadata
+    assert all(flat.flattened_metadata[f"derived/heatmaps/conc/t{i}"].attributes["milotile"]["complete"]
+               for i in range(4))
     nohm = P.pick(col, picker, inflight=2, write_heatmaps=False, table=None, **kw)
     pd.testing.assert_frame_equal(serial, nohm)
     with pytest.raises(InputError, match="positive integer"):

@@ -166,7 +166,9 @@ def _counted(fn):
 
 @pytest.fixture(scope="module")
 def scale_runs(tiny_sources, tmp_path_factory):
-    """Ingest + preprocess of 6 and 12 tomograms with their store counters."""
+    """Ingest, preprocess (twice), mine and patches of 6 and 12 tomograms with their store counters."""
+    from milotile.stages.patches import extract_patches
+
     root = tmp_path_factory.mktemp("scale_runs")
     runs = {}
     for n in (6, 12):
@@ -174,7 +176,11 @@ def scale_runs(tiny_sources, tmp_path_factory):
         col, ing = _counted(lambda man=man, n=n: mt.ingest(man, root / f"s{n}.zarr"))
         _, pre = _counted(lambda n=n: mt.open(root / f"s{n}.zarr").preprocess(gauss=0.8))
         _, again = _counted(lambda n=n: mt.open(root / f"s{n}.zarr").preprocess(gauss=0.8))  # all reused
-        runs[n] = {"store": root / f"s{n}.zarr", "ingest": ing, "preprocess": pre, "again": again}
+        c = mt.open(root / f"s{n}.zarr")
+        _, mine = _counted(lambda c=c: c.mine(dog=(2, 3), threshold_std=0.5, nms_distance=4, border=4, border_z=2))
+        _, pat = _counted(lambda c=c: extract_patches(c, table="candidates", bbox=16, modes=("slab",)))
+        runs[n] = {"store": root / f"s{n}.zarr", "ingest": ing, "preprocess": pre, "again": again, "mine": mine,
+                   "patches": pat}
     return runs
 
 
@@ -187,7 +193,7 @@ def test_ingest_lists_the_store_a_constant_number_of_times(scale_runs):
 
 def test_incremental_consolidation_equals_a_full_walk(scale_runs):
     store = scale_runs[12]["store"]
-    # ingest's node-by-node update, then preprocess's full walk: same entries as zarr's own consolidation
+    # every stage updated only what it wrote: the same entries as zarr's own walk of the whole store
     col = mt.open(store, mode="r+")
     col.consolidate([], drop=[])  # no node changed: the update keeps every entry
     upd = zarr.open_group(str(store), mode="r", use_consolidated=True).metadata.consolidated_metadata
@@ -197,6 +203,8 @@ def test_incremental_consolidation_equals_a_full_walk(scale_runs):
     assert "tomograms/t011/2" in full.flattened_metadata and not any(k.startswith("staging") for k in full.flattened_metadata)
     for k, v in full.flattened_metadata.items():
         assert upd.flattened_metadata[k].to_dict()["attributes"] == v.to_dict()["attributes"], k
+    assert upd.flattened_metadata["patches/candidates-slab-b16"].to_dict()["attributes"]["milotile"]["complete"]
+    assert "tables" in upd.flattened_metadata
     imgs = dict(zarr.open_group(str(store), mode="r").attrs["milotile"])["images"]
     assert imgs["tomograms"] == [f"tomograms/t{i:03d}" for i in range(12)] and len(imgs["preprocessed"]) == 12
 
@@ -224,6 +232,12 @@ def test_preprocess_metadata_reads_per_tomogram_are_bounded(scale_runs):
     # parent's zarr.json when it creates a node (5 nodes per tomogram at depth 3-4: ~20 reads).
     assert per[12] < 42 and per[6] < 44
     assert per[12] <= per[6]  # flat: nothing per tomogram walks the store
+
+
+def test_mine_and_patches_do_not_list_per_tomogram(scale_runs):
+    for stage in ("mine", "patches"):
+        assert scale_runs[6][stage]["listings"] == scale_runs[12][stage]["listings"] <= 3, stage
+    assert scale_runs[12]["mine"]["meta_reads"] / 12 < 8 and scale_runs[12]["patches"]["meta_reads"] / 12 < 14
 
 
 def test_preprocess_lists_only_what_it_wrote(scale_runs):

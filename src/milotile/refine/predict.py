@@ -400,7 +400,7 @@ def pick(
     if table:
         params = {"threshold": float(threshold), "nms_distance": nms, "border": border, "max_picks": max_picks,
                   "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run}
-        col.write_table(table, picks, params=params, sources=sources)
+        col.write_table(table, picks, params=params, sources=sources, written_only=True)
     if out is not None:
         write_picks(picks, out)
     return picks

@@ -253,6 +253,7 @@ class Collection:
             "kind": name,
             "note": "plain files (not zarr data) live in this folder; see docs/architecture.md",
         }
+        self.note_written(name)
 
     def runs_dir(self, run: str) -> str:
         """Path of ``<store>/runs/<run>`` for training runs (the ``runs`` marker is created)."""
@@ -494,13 +495,15 @@ class Collection:
         return self.fs.exists(self._table_path(name))
 
     def write_table(self, name: str, df: pd.DataFrame, params: dict | None = None,
-                    sources: dict[str, str | None] | None = None) -> str:
+                    sources: dict[str, str | None] | None = None, *, written_only: bool = False) -> str:
         """Write ``df`` to ``tables/<name>.parquet`` atomically (temporary file, then rename).
 
         ``params`` (JSON-able: the stage parameters that made the table) are stored in the parquet
         metadata and come back from :meth:`table_params`; ``sources`` (``{store path: token}`` of
         the inputs, see :mod:`milotile.store.stage_output`) and the table's own token come back
-        from :meth:`table_sources`.
+        from :meth:`table_sources`. ``written_only``: the calling stage wrote its Zarr nodes only
+        through stage outputs, so the consolidated metadata is updated from those alone
+        (``consolidate(written_only=True)``) instead of a walk of the store.
         """
         import json
 
@@ -525,7 +528,7 @@ class Collection:
         self.fs.mv(tmp, path)
         log.info("wrote table %s (%d rows)", path, len(df))
         # a stage's table is its last output: refresh the consolidated metadata for remote readers
-        self.consolidate()
+        self.consolidate(written_only=written_only)
         return path
 
     def read_table(self, name: str) -> pd.DataFrame:

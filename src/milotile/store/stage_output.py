@@ -213,4 +213,6 @@ class StageOutput:
         attrs = canonical({**meta, "params": self.params, "sources": self.sources, "token": self.token})
         attrs["complete"] = True
         self.node.attrs["milotile"] = attrs
+        if hasattr(self.col, "note_written"):  # its attributes changed: consolidate them again
+            self.col.note_written(self.path)
         return attrs
