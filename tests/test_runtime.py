@@ -248,3 +248,27 @@ def test_preprocess_lists_only_what_it_wrote(scale_runs):
     # a rerun reuses every output: its listings do not grow with the collection
     assert scale_runs[6]["again"]["listings"] == scale_runs[12]["again"]["listings"] <= 2
     assert scale_runs[6]["again"]["writes"] == scale_runs[12]["again"]["writes"]
+
+
+def test_concurrent_consolidations_keep_every_entry(scale_runs, tmp_path):
+    import shutil
+    import threading
+
+    store = tmp_path / "conc.zarr"
+    shutil.copytree(scale_runs[6]["store"], store)
+    cols = [mt.open(store), mt.open(store)]
+
+    def writer(k: int) -> None:
+        for i in range(8):  # each update reads the root, adds its node and writes the root back
+            path = f"derived/extra{k}/n{i}"
+            cols[k].group(path, create=True).attrs["milotile"] = {"complete": True}
+            cols[k].consolidate([f"derived/extra{k}", path])
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = zarr.open_group(str(store), mode="r", use_consolidated=True).metadata.consolidated_metadata
+    assert {f"derived/extra{k}/n{i}" for k in (0, 1) for i in range(8)} <= set(flat.flattened_metadata)
+    assert not list((store / ".locks").glob("*.lock"))

@@ -18,6 +18,7 @@ after each stage; milotile itself always lists the store directly (never the con
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -35,7 +36,7 @@ import zarr
 
 from milotile.errors import InputError, StoreError
 from milotile.store.identity import absolute_url, new_store_id, open_store
-from milotile.store.lock import LOCKS
+from milotile.store.lock import LOCKS, StoreLockedError, writer_lock
 from milotile.store.stage_output import (
     StageOutput,
     canonical,
@@ -318,8 +319,13 @@ class Collection:
         walk = sorted(set(self._written)) if written_only and nodes is None else []
         if written_only and nodes is None:
             nodes = []
-        if nodes is not None and self._consolidate_nodes(list(nodes), list(drop), walk):
-            return
+        with self._root_lock():  # two processes updating the root at once would lose entries
+            if nodes is not None and self._consolidate_nodes(list(nodes), list(drop), walk):
+                return
+            self._consolidate_all()
+
+    def _consolidate_all(self) -> None:
+        """Walk the whole store once and write its consolidated metadata and image list."""
         import warnings
 
         with warnings.catch_warnings():
@@ -334,6 +340,23 @@ class Collection:
         self.zarr_group = self._open_root()
         self._written.clear()
         log.debug("consolidated metadata of %s", self.url)
+
+    @contextlib.contextmanager
+    def _root_lock(self, wait_s: float = 120.0) -> Iterator[None]:
+        """Hold the writer lock of the root ``zarr.json``, waiting while another process holds it."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        with contextlib.ExitStack() as stack:
+            while True:
+                try:
+                    stack.enter_context(writer_lock(self, "zarr.json", command="consolidate metadata"))
+                    break
+                except StoreLockedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            yield
 
     def note_written(self, path: str) -> None:
         """Record that a stage output at ``path`` is being written (see ``consolidate(written_only=True)``)."""
