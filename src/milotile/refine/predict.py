@@ -431,11 +431,15 @@ def _in_order(fn: Any, items: Sequence[Any], k: int) -> Any:
 
     with ThreadPoolExecutor(max_workers=k, thread_name_prefix="milotile-pick") as pool:
         pending = [pool.submit(fn, it) for it in items[:k]]
-        for i in range(len(items)):
-            res = pending.pop(0).result()
-            if i + k < len(items):
-                pending.append(pool.submit(fn, items[i + k]))
-            yield res
+        try:
+            for i in range(len(items)):
+                res = pending.pop(0).result()
+                if i + k < len(items):
+                    pending.append(pool.submit(fn, items[i + k]))
+                yield res
+        finally:  # an error or an interrupt: do not start the ones still queued
+            for f in pending:
+                f.cancel()
 
 
 def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: list[str], write_heatmaps: bool,
