@@ -229,3 +229,51 @@ def test_real_picker_tiled_equals_whole(tmp_path):
     assert hm.numblocks == (1, 1, 3, 3)
     whole = picker.predict_block(vol, stats)
     np.testing.assert_allclose(hm.compute(scheduler="threads"), whole, atol=1e-4, rtol=0)
+
+
+def test_concurrent_pick_equals_serial_pick(tmp_path):
+    """Tomograms predicted and decoded at the same time give the serial table, in the same order."""
+    shape = (16, 40, 44)
+    paths = []
+    for i in range(4):
+        vol = _blob_volume(shape, [(8 + 3 * i, 10, 5), (30, 14 + 2 * i, 9), (22, 30, 12)], seed=i)
+        write_mrc(tmp_path / f"t{i}.mrc", vol, voxel_size=5.0)
+        paths.append(tmp_path / f"t{i}.mrc")
+    col = mt.ingest(paths, tmp_path / "s.zarr", chunks=(8, 16, 16))
+    picker = ConvPicker(n_classes=2)
+    picker.path = None
+    kw = {"threshold": 0.5, "nms_distance": 4, "border": 0, "tile": (8, 16, 16)}
+    serial = P.pick(col, picker, inflight=1, run="serial", table="serial", **kw)
+    conc = P.pick(col, picker, inflight=3, run="conc", table="conc", **kw)
+    assert len(serial) > 8 and serial["tomogram"].nunique() == 4
+    pd.testing.assert_frame_equal(serial, conc)
+    assert list(col.table_sources("conc")["sources"]) == [
+        k.replace("serial", "conc") for k in col.table_sources("serial")["sources"]]
+    import zarr
+
+    # the stage end consolidated the heatmaps it wrote (from its own outputs, not a walk of the store)
+    flat = zarr.open_group(str(tmp_path / "s.zarr"), mode="r", use_consolidated=True).metadata.consolidated_metadata
+    assert all(flat.flattened_metadata[f"derived/heatmaps/conc/t{i}"].attributes["milotile"]["complete"]
+               for i in range(4))
+    nohm = P.pick(col, picker, inflight=2, write_heatmaps=False, table=None, **kw)
+    pd.testing.assert_frame_equal(serial, nohm)
+    with pytest.raises(InputError, match="positive integer"):
+        P.pick(col, picker, inflight=0, **kw)
+
+
+def test_in_order_keeps_order_and_bounds_the_work_in_flight():
+    running, peak, lock = [0], [0], threading.Lock()
+    first = threading.Barrier(3, timeout=120)  # the first three only finish once all three run at once
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        if i < 3:
+            first.wait()
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    assert list(P._in_order(work, list(range(10)), 3)) == [i * i for i in range(10)]
+    assert peak[0] == 3

@@ -134,3 +134,141 @@ def test_limit_threads_sets_torch_and_env(monkeypatch):
         assert os.environ["OMP_NUM_THREADS"] == "1"
     finally:
         torch.set_num_threads(before)
+
+
+# -- collection scale: store traffic per tomogram -------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory):
+    from milotile.synth import synth
+
+    root = tmp_path_factory.mktemp("scale")
+    res = synth(root / "syn", seed=2, n_tomograms=2, size=(24, 48, 48), snr=1.0, angles=(-60, 60, 20), n_particles=2)
+    return res.manifest
+
+
+def _manifest(src, n: int, dest):
+    """A manifest of ``n`` tomograms cycling through the source files (as benchmarks/collection.py)."""
+    rows = src.read_text().splitlines()
+    body = [r.split("\t") for r in rows[1:] if r.strip()]
+    dest.write_text("\n".join([rows[0], *("\t".join([f"t{i:03d}", *body[i % len(body)][1:]]) for i in range(n))]) + "\n")
+    return dest
+
+
+def _counted(fn):
+    import dask
+
+    iostats.enable()
+    iostats.reset()
+    with dask.config.set(scheduler="sync"):
+        out = fn()
+    return out, iostats.snapshot()
+
+
+@pytest.fixture(scope="module")
+def scale_runs(tiny_sources, tmp_path_factory):
+    """Ingest, preprocess (twice), mine and patches of 6 and 12 tomograms with their store counters."""
+    from milotile.stages.patches import extract_patches
+
+    root = tmp_path_factory.mktemp("scale_runs")
+    runs = {}
+    for n in (6, 12):
+        man = _manifest(tiny_sources, n, root / f"m{n}.txt")
+        col, ing = _counted(lambda man=man, n=n: mt.ingest(man, root / f"s{n}.zarr"))
+        _, pre = _counted(lambda n=n: mt.open(root / f"s{n}.zarr").preprocess(gauss=0.8))
+        _, again = _counted(lambda n=n: mt.open(root / f"s{n}.zarr").preprocess(gauss=0.8))  # all reused
+        c = mt.open(root / f"s{n}.zarr")
+        _, mine = _counted(lambda c=c: c.mine(dog=(2, 3), threshold_std=0.5, nms_distance=4, border=4, border_z=2))
+        _, pat = _counted(lambda c=c: extract_patches(c, table="candidates", bbox=16, modes=("slab",)))
+        runs[n] = {"store": root / f"s{n}.zarr", "ingest": ing, "preprocess": pre, "again": again, "mine": mine,
+                   "patches": pat}
+    return runs
+
+
+def test_ingest_lists_the_store_a_constant_number_of_times(scale_runs):
+    # each ingested tomogram used to cost a listing of its group (and the consolidation walked the tree)
+    assert scale_runs[6]["ingest"]["listings"] == scale_runs[12]["ingest"]["listings"] <= 2
+    # a second ingest into the grown store: the new tomograms are not listed either
+    assert scale_runs[12]["ingest"]["writes"] > scale_runs[6]["ingest"]["writes"]
+
+
+def test_incremental_consolidation_equals_a_full_walk(scale_runs):
+    store = scale_runs[12]["store"]
+    # every stage updated only what it wrote: the same entries as zarr's own walk of the whole store
+    col = mt.open(store, mode="r+")
+    col.consolidate([], drop=[])  # no node changed: the update keeps every entry
+    upd = zarr.open_group(str(store), mode="r", use_consolidated=True).metadata.consolidated_metadata
+    col.consolidate()
+    full = zarr.open_group(str(store), mode="r", use_consolidated=True).metadata.consolidated_metadata
+    assert set(upd.flattened_metadata) == set(full.flattened_metadata)
+    assert "tomograms/t011/2" in full.flattened_metadata and not any(k.startswith("staging") for k in full.flattened_metadata)
+    for k, v in full.flattened_metadata.items():
+        assert upd.flattened_metadata[k].to_dict()["attributes"] == v.to_dict()["attributes"], k
+    assert upd.flattened_metadata["patches/candidates-slab-b16"].to_dict()["attributes"]["milotile"]["complete"]
+    assert "tables" in upd.flattened_metadata
+    imgs = dict(zarr.open_group(str(store), mode="r").attrs["milotile"])["images"]
+    assert imgs["tomograms"] == [f"tomograms/t{i:03d}" for i in range(12)] and len(imgs["preprocessed"]) == 12
+
+
+def test_ingest_into_an_existing_store_updates_the_consolidated_metadata(scale_runs, tiny_sources, tmp_path):
+    import shutil
+
+    store = tmp_path / "grow.zarr"
+    shutil.copytree(scale_runs[6]["store"], store)
+    man = _manifest(tiny_sources, 8, tmp_path / "m8.txt")  # t000..t005 unchanged (skipped), t006, t007 new
+    _, st = _counted(lambda: mt.ingest(man, store))
+    assert st["listings"] <= 2
+    cons = zarr.open_group(str(store), mode="r", use_consolidated=True)
+    flat = cons.metadata.consolidated_metadata.flattened_metadata
+    assert {"tomograms/t007", "tomograms/t007/0", "tilts/t007/0", "derived/preprocessed/t005"} <= set(flat)
+    assert "tomograms/t007" in cons.attrs["milotile"]["images"]["tomograms"]
+    assert mt.open(store).names == [f"t{i:03d}" for i in range(8)]
+
+
+def test_preprocess_metadata_reads_per_tomogram_are_bounded(scale_runs):
+    per = {n: scale_runs[n]["preprocess"]["meta_reads"] / n for n in (6, 12)}
+    # measured 69 per tomogram (12 tomograms) before: the consolidation walked the tree twice, every
+    # lookup of derived/<stage>/<name> read the zarr.json of each level, each tomogram and its level-0
+    # array were opened again per use; 36 after. Most of what is left is zarr's own check of every
+    # parent's zarr.json when it creates a node (5 nodes per tomogram at depth 3-4: ~20 reads).
+    assert per[12] < 42 and per[6] < 44
+    assert per[12] <= per[6]  # flat: nothing per tomogram walks the store
+
+
+def test_mine_and_patches_do_not_list_per_tomogram(scale_runs):
+    for stage in ("mine", "patches"):
+        assert scale_runs[6][stage]["listings"] == scale_runs[12][stage]["listings"] <= 3, stage
+    assert scale_runs[12]["mine"]["meta_reads"] / 12 < 8 and scale_runs[12]["patches"]["meta_reads"] / 12 < 14
+
+
+def test_preprocess_lists_only_what_it_wrote(scale_runs):
+    # the stage end updates the consolidated metadata from the outputs it wrote (a listing of each new
+    # output group, plus zarr's listing when it deletes the temporary array), not from a walk of the store
+    for n in (6, 12):
+        assert scale_runs[n]["preprocess"]["listings"] <= 3 * n + 2
+    # a rerun reuses every output: its listings do not grow with the collection
+    assert scale_runs[6]["again"]["listings"] == scale_runs[12]["again"]["listings"] <= 2
+    assert scale_runs[6]["again"]["writes"] == scale_runs[12]["again"]["writes"]
+
+
+def test_concurrent_consolidations_keep_every_entry(scale_runs, tmp_path):
+    import shutil
+    import threading
+
+    store = tmp_path / "conc.zarr"
+    shutil.copytree(scale_runs[6]["store"], store)
+    cols = [mt.open(store), mt.open(store)]
+
+    def writer(k: int) -> None:
+        for i in range(8):  # each update reads the root, adds its node and writes the root back
+            path = f"derived/extra{k}/n{i}"
+            cols[k].group(path, create=True).attrs["milotile"] = {"complete": True}
+            cols[k].consolidate([f"derived/extra{k}", path])
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = zarr.open_group(str(store), mode="r", use_consolidated=True).metadata.consolidated_metadata
+    assert {f"derived/extra{k}/n{i}" for k in (0, 1) for i in range(8)} <= set(flat.flattened_metadata)
+    assert not list((store / ".locks").glob("*.lock"))

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t.add_argument("--epochs", type=int, default=20, help="number of epochs (default 20)")
     t.add_argument("--batch-size", type=int, default=None,
                    help="patches per step (default: 256 on a GPU; on the CPU the largest batch <= 256 whose "
-                   "activations fit MILOTILE_TRAIN_MEMORY_MB=400, i.e. < 1 GiB RSS)")
+                   "activations fit MILOTILE_TRAIN_MEMORY_MB=256, i.e. < 1 GiB RSS)")
     t.add_argument("--widths", type=partial(parse_ints, n=3, what="--widths"), default=None, metavar="W1,W2,W3",
                    help="trunk channels per stage (default 64,128,256 on a GPU as MiLoPYP; 32,64,128 on the CPU, "
                    "a quarter of the FLOPs with the same embedding accuracy in benchmarks/explore.py)")

@@ -341,7 +341,8 @@ def _embed_into(col: Any, out: Any, enc: Encoder, bank: PatchBank, grp: Any, out
         log.warning("store has no table %r; the embeddings table carries only embedding_index", bank.table_name)
         table = pd.DataFrame(index=range(bank.n))
     table["embedding_index"] = np.arange(bank.n, dtype=np.int64)
-    col.write_table(table_name, table)
+    col.write_table(table_name, table, written_only=True)
     out.finish()
+    col.consolidate(written_only=True)  # the output's complete flag, for remote readers
     log.info("embedded %d patches (%s, %.1f patches/s) -> %s", bank.n, where, bank.n / max(dt, 1e-9), out_path)
     return Embeddings(col, out_key, table)

@@ -85,7 +85,7 @@ def _auto_batch(arch: str, config: dict[str, Any], bank: Any, bbox: int, dev: to
 
     if dev.type != "cpu":
         return 256
-    budget = int(float(os.environ.get("MILOTILE_TRAIN_MEMORY_MB", "400")) * 2**20)
+    budget = int(float(os.environ.get("MILOTILE_TRAIN_MEMORY_MB", "256")) * 2**20)
     probe_model = registry.create(arch, **config).train()
     c = 1 if bank.mode == "3d" else 2
 
@@ -150,7 +150,7 @@ def train(
         Total number of epochs (a resumed run continues up to it).
     batch_size : int, optional
         Patches per step (reduced to the bank size for tiny banks). Default: 256 on a GPU; on the CPU
-        the largest batch up to 256 whose activations fit ``MILOTILE_TRAIN_MEMORY_MB`` (400 MiB),
+        the largest batch up to 256 whose activations fit ``MILOTILE_TRAIN_MEMORY_MB`` (256 MiB),
         which keeps the training process under ~1 GiB RSS (see :func:`milotile.nn.device.auto_batch_size`).
     lr : float
         Base learning rate.

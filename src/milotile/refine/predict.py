@@ -313,6 +313,7 @@ def pick(
     halo: Sequence[int] | None = None,
     run: str | None = None,
     table: str | None = "picks",
+    inflight: int | None = None,
 ) -> pd.DataFrame:
     """Pick particles in every tomogram of a collection.
 
@@ -346,6 +347,10 @@ def pick(
         Heatmap run id (default the checkpoint's run folder name).
     table : str or None
         Store table name for the picks (``tables/picks.parquet``); ``None`` skips it.
+    inflight : int, optional
+        Tomograms predicted and decoded at the same time (each holds at most one heatmap), so the
+        decoding of one overlaps the prediction of the next; default ``MILOTILE_PICK_INFLIGHT``
+        (2). The table is the same, in the same order, for every value.
 
     Returns
     -------
@@ -375,21 +380,16 @@ def pick(
     classes = list(getattr(picker, "classes", None) or contract.get("classes") or ["particle"])
     grid = picker_grid(contract)
     run = run or _run_id(picker)
-    tables, sources = [], dict(_picker_sources(col, picker))
-    for name in names:
-        t = col[name]
-        t0 = time.perf_counter()
-        hm = predict_heatmap(col, name, picker, tile=tile, halo=halo)
-        if write_heatmaps:
-            params = {"tile": list(tile) if tile else None, "halo": list(halo) if halo else None}
-            hm = _stored_heatmap(col, name, run, hm, picker, params, heatmap_metadata(name, t.voxel_size, grid, classes))
-            sources[f"{HEATMAPS}/{run}/{name}"] = col.source_token(f"{HEATMAPS}/{run}/{name}")
-        else:
-            sources.update(tomogram_sources(col, name))
-        df = decode_heatmap(hm, tomogram=name, shape=t.shape, voxel_size=t.voxel_size, grid=grid, classes=classes,
-                            threshold=float(threshold), nms_distance=nms, max_picks=max_picks, border=border)
-        log.info("%s: %d picks in %.1f s", name, len(df), time.perf_counter() - t0)
+    sources = dict(_picker_sources(col, picker))
+
+    def one(name: str) -> tuple[pd.DataFrame, dict[str, str | None]]:
+        return _pick_one(col, name, picker, run, grid, classes, write_heatmaps, tile, halo,
+                         {"threshold": float(threshold), "nms_distance": nms, "max_picks": max_picks, "border": border})
+
+    tables = []
+    for df, src in _in_order(one, names, _inflight(inflight)):
         tables.append(df)
+        sources.update(src)
     picks = pd.concat(tables, ignore_index=True) if any(len(d) for d in tables) else empty_picks()
     picks = picks[PICK_COLUMNS]
     if auto and len(picks):
@@ -400,10 +400,63 @@ def pick(
     if table:
         params = {"threshold": float(threshold), "nms_distance": nms, "border": border, "max_picks": max_picks,
                   "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run}
-        col.write_table(table, picks, params=params, sources=sources)
+        col.write_table(table, picks, params=params, sources=sources, written_only=True)
     if out is not None:
         write_picks(picks, out)
     return picks
+
+
+def _inflight(value: int | None) -> int:
+    """Tomograms picked at the same time: ``value`` or ``MILOTILE_PICK_INFLIGHT`` (default 2)."""
+    raw = value if value is not None else os.environ.get("MILOTILE_PICK_INFLIGHT", "2")
+    try:
+        k = int(raw)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise InputError(f"tomograms in flight (MILOTILE_PICK_INFLIGHT / inflight) must be a positive integer, got {raw!r}")
+    return k
+
+
+def _in_order(fn: Any, items: Sequence[Any], k: int) -> Any:
+    """Yield ``fn(item)`` in the order of ``items`` with at most ``k`` calls running (threads).
+
+    Each call submits its own Dask computations, so the scheduler overlaps them; a result is
+    yielded as soon as it and every earlier one are done, and no more than ``k`` are kept.
+    """
+    if k == 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=k, thread_name_prefix="milotile-pick") as pool:
+        pending = [pool.submit(fn, it) for it in items[:k]]
+        try:
+            for i in range(len(items)):
+                res = pending.pop(0).result()
+                if i + k < len(items):
+                    pending.append(pool.submit(fn, items[i + k]))
+                yield res
+        finally:  # an error or an interrupt: do not start the ones still queued
+            for f in pending:
+                f.cancel()
+
+
+def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: list[str], write_heatmaps: bool,
+              tile: Sequence[int] | None, halo: Sequence[int] | None, decode: dict) -> tuple[pd.DataFrame, dict]:
+    """Predict (and store) the heatmap of one tomogram and decode it; returns its picks and sources."""
+    t = col[name]
+    t0 = time.perf_counter()
+    hm = predict_heatmap(col, name, picker, tile=tile, halo=halo)
+    if write_heatmaps:
+        params = {"tile": list(tile) if tile else None, "halo": list(halo) if halo else None}
+        hm = _stored_heatmap(col, name, run, hm, picker, params, heatmap_metadata(name, t.voxel_size, grid, classes))
+        sources = {f"{HEATMAPS}/{run}/{name}": col.source_token(f"{HEATMAPS}/{run}/{name}")}
+    else:
+        sources = tomogram_sources(col, name)
+    df = decode_heatmap(hm, tomogram=name, shape=t.shape, voxel_size=t.voxel_size, grid=grid, classes=classes, **decode)
+    log.info("%s: %d picks in %.1f s", name, len(df), time.perf_counter() - t0)
+    return df, sources
 
 
 def write_picks(picks: pd.DataFrame, out: str | os.PathLike) -> Path:

@@ -117,5 +117,5 @@ def mine(
         "nms_distance": float(nms_distance), "border": int(border), "border_z": int(border_z),
         "invert": bool(invert), "footprint": [int(v) for v in footprint], "top_k": top_k, "names": names,
     }
-    col.write_table(table, result, params=params, sources=sources)
+    col.write_table(table, result, params=params, sources=sources, written_only=True)
     return result

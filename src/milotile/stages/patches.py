@@ -231,6 +231,8 @@ def _write_bank(col: Any, so: Any, df: pd.DataFrame, names: Sequence[str], ms: t
         out = df.iloc[:0].assign(source_index=pd.Series(dtype=np.int64), clipped=pd.Series(dtype=bool))
     out["patch_index"] = np.arange(len(out), dtype=np.int64)
     write_dask(data, so.node, "data", chunks=(max(1, min(chunk_n, max(len(out), 1))), n_s, n_c, int(bbox), int(bbox)))
-    col.write_table(f"patches-{key}", out.reset_index(drop=True), sources={f"patches/{key}": so.token})
+    col.write_table(f"patches-{key}", out.reset_index(drop=True), sources={f"patches/{key}": so.token},
+                    written_only=True)
     so.finish(tilt_sign=signs, geometry=geometry, preprocess=pre_params, n=len(out))
+    col.consolidate(written_only=True)  # the bank's complete flag, for remote readers
     logger.info("patches %s: bank %s written", key, tuple(data.shape))

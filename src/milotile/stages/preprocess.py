@@ -200,7 +200,7 @@ def preprocess(
         ts = t.tilt_series
         if ts is not None and tilts:
             _preprocess_tilts(col, name, ts, float(gauss), tuple(float(c) for c in tilt_clip), bool(quantize), overwrite)
-    col.consolidate()  # stage end: consolidated metadata for remote readers
+    col.consolidate(written_only=True)  # stage end: the outputs it wrote, for remote readers
     return out
 
 
@@ -305,7 +305,7 @@ def _write_tilts(so: Any, name: str, ts: Any, gauss: float, clip: tuple[float, f
     y = ((g - off) * scale).clip(0.0, 1.0)
     if quantize:
         y = (y * np.float32(255)).round() / np.float32(255)
-    zchunks = tuple(ts.group["0"].chunks)
+    zchunks = tuple(ts.array.chunks)
     write_dask(y.astype(np.float32), group, "0", chunks=zchunks)
     so.finish(angles=[float(a) for a in ts.angles], tilt_axis_angle=ts.tilt_axis_angle, pixel_size=ts.pixel_size)
     logger.info("preprocess tilts %s: %d tilts", name, ts.shape[0])

@@ -18,12 +18,13 @@ after each stage; milotile itself always lists the store directly (never the con
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
@@ -35,7 +36,7 @@ import zarr
 
 from milotile.errors import InputError, StoreError
 from milotile.store.identity import absolute_url, new_store_id, open_store
-from milotile.store.lock import LOCKS
+from milotile.store.lock import LOCKS, StoreLockedError, writer_lock
 from milotile.store.stage_output import (
     StageOutput,
     canonical,
@@ -55,6 +56,9 @@ TABLES = "tables"
 RUNS = "runs"
 #: Folders of plain files inside the store, hidden from zarr behind an empty-array marker.
 OPAQUE = (TABLES, RUNS, LOCKS)
+#: Where ingest stages its writes (never part of the consolidated metadata).
+STAGING = "staging"
+LAYOUT_DOC = "docs/architecture.md#collection-store"
 
 
 def _attrs(node: zarr.Group | zarr.Array) -> dict:
@@ -67,6 +71,14 @@ class TiltSeries:
 
     name: str
     group: zarr.Group
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def array(self) -> zarr.Array:
+        """The stored tilt images (opened once per object)."""
+        if "0" not in self._arrays:
+            self._arrays["0"] = self.group["0"]
+        return self._arrays["0"]
 
     @property
     def meta(self) -> dict:
@@ -76,7 +88,7 @@ class TiltSeries:
     @property
     def data(self) -> da.Array:
         """The tilt images as a dask array ``(n_tilts, y, x)`` float32."""
-        return da.from_zarr(self.group["0"])
+        return da.from_zarr(self.array)
 
     @property
     def angles(self) -> np.ndarray:
@@ -96,7 +108,7 @@ class TiltSeries:
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(n_tilts, y, x)``."""
-        return tuple(self.group["0"].shape)
+        return tuple(self.array.shape)
 
 
 @dataclass
@@ -106,6 +118,13 @@ class Tomogram:
     name: str
     group: zarr.Group
     collection: Collection
+    _arrays: dict[int, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
+
+    def _array(self, level: int) -> zarr.Array:
+        """Pyramid array ``level``, opened once per Tomogram object (one metadata read)."""
+        if level not in self._arrays:
+            self._arrays[level] = self.group[str(level)]
+        return self._arrays[level]
 
     @property
     def meta(self) -> dict:
@@ -120,7 +139,7 @@ class Tomogram:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Level-0 shape ``(z, y, x)``."""
-        return tuple(self.group["0"].shape)
+        return tuple(self._array(0).shape)
 
     @property
     def levels(self) -> list[int]:
@@ -132,7 +151,7 @@ class Tomogram:
         """Lazy dask array ``(z, y, x)`` float32 of pyramid ``level``, chunked like the store."""
         if level not in self.levels:
             raise InputError(f"tomogram {self.name} has no level {level}; levels are {self.levels}")
-        return da.from_zarr(self.group[str(level)])
+        return da.from_zarr(self._array(level))
 
     def volume(self, level: int = 0) -> xr.DataArray:
         """Lazy ``xarray.DataArray`` of ``level`` with ``z, y, x`` coordinates in Å.
@@ -176,11 +195,16 @@ class Collection:
 
     def __init__(self, url: str | os.PathLike, *, mode: str = "a", storage_options: dict | None = None):
         self._members: dict[str, list[str]] = {}
+        self._nodes: dict[str, dict[str, zarr.Group]] = {}
+        self._tomos: dict[str, Tomogram] = {}
+        self._tilts: dict[str, TiltSeries] = {}
+        self._written: list[str] = []  # stage outputs begun since the last consolidation
         self.storage_options = storage_options or {}
         # absolute before any zarr object exists: a Dask worker elsewhere resolves it the same way
         self.url = absolute_url(url, self.storage_options)
         self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         meta = _store_meta(self.fs, self._root, self.url, must_exist=mode == "r") or {}
+        created = not meta
         self.store_id: str | None = meta.get("store_id")
         if self.store_id is None and mode != "r":
             self.store_id = new_store_id()
@@ -195,6 +219,8 @@ class Collection:
         self._migrate_opaque(writable=mode != "r")
         if mode != "r":
             self._ensure_opaque(LOCKS)  # before any lock file appears, so zarr never lists them
+        if mode != "r" and created:
+            self.consolidate()  # a new store: consolidated metadata from the start (stages update it)
 
     # -- paths --------------------------------------------------------------------------------
     @property
@@ -228,6 +254,7 @@ class Collection:
             "kind": name,
             "note": "plain files (not zarr data) live in this folder; see docs/architecture.md",
         }
+        self.note_written(name)
 
     def runs_dir(self, run: str) -> str:
         """Path of ``<store>/runs/<run>`` for training runs (the ``runs`` marker is created)."""
@@ -262,55 +289,156 @@ class Collection:
         and other ``derived/<stage>`` outputs. Each path opens in napari
         (``napari --plugin napari-ome-zarr <store>/<path>``) and in ome-zarr-py.
         """
-        out: dict[str, list[str]] = {}
-        for path, node in self.zarr_group.members(max_depth=None):
-            if not isinstance(node, zarr.Group):
-                continue
-            ome = dict(node.attrs.get("ome", {}))
-            if "multiscales" not in ome:
-                continue
-            parts = path.split("/")
-            if "labels" in parts[:-1]:
-                kind = "labels"
-            elif parts[0] == DERIVED and len(parts) > 2:
-                kind = parts[1]
-            else:
-                kind = parts[0]
-            out.setdefault(kind, []).append(path)
-        return {k: sorted(v) for k, v in sorted(out.items())}
+        return _images({path: dict(node.attrs) for path, node in self.zarr_group.members(max_depth=None)
+                        if isinstance(node, zarr.Group)})
 
-    def consolidate(self) -> None:
+    def consolidate(self, nodes: Iterable[str] | None = None, drop: Iterable[str] = (), *,
+                    written_only: bool = False) -> None:
         """Write consolidated metadata (``zarr.json`` of the root) for remote readers.
 
         Called at the end of every stage; readers that open the store with
         ``zarr.open_group(..., use_consolidated=True)`` then need one request for the whole tree.
         The root attributes also list the images (:meth:`image_paths`) under
         ``milotile.images`` so that a reader sees what to open without walking the tree.
+
+        Parameters
+        ----------
+        nodes : iterable of str, optional
+            Update only these node paths (one metadata read each, no listing) in the consolidated
+            metadata already in the root, after removing every entry at or under ``drop``. For a
+            stage that knows exactly which nodes it wrote (ingest), so its cost does not grow with
+            the store. Default (or when the root holds no consolidated metadata yet): walk the
+            whole store once.
+        drop : iterable of str
+            Subtrees whose old entries are removed first (the nodes written replace them).
+        written_only : bool
+            Update only the stage outputs this collection object began since the last
+            consolidation (:meth:`note_written`; each is walked, its parents are read), for a stage
+            that writes nothing else: outputs it reused cost nothing.
         """
+        walk = sorted(set(self._written)) if written_only and nodes is None else []
+        if written_only and nodes is None:
+            nodes = []
+        with self._root_lock():  # two processes updating the root at once would lose entries
+            if nodes is not None and self._consolidate_nodes(list(nodes), list(drop), walk):
+                return
+            self._consolidate_all()
+
+    def _consolidate_all(self) -> None:
+        """Walk the whole store once and write its consolidated metadata and image list."""
         import warnings
 
-        meta = _attrs(self.zarr_group)
-        meta["images"] = self.image_paths()
-        meta["layout"] = "docs/architecture.md#collection-store"
-        self.zarr_group.attrs["milotile"] = meta
         with warnings.catch_warnings():
             # zarr-python notes that consolidated metadata is not (yet) in the v3 spec
             warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(self.zarr_group.store)
+            root = zarr.consolidate_metadata(self.zarr_group.store)  # the one walk of the tree
+        flat = root.metadata.consolidated_metadata.flattened_metadata
+        meta = _attrs(root)
+        meta["images"] = _images({k: v.attributes for k, v in flat.items() if v.node_type == "group"})
+        meta["layout"] = LAYOUT_DOC
+        root.attrs["milotile"] = meta  # rewrites the root with its consolidated metadata
+        self.zarr_group = self._open_root()
+        self._written.clear()
         log.debug("consolidated metadata of %s", self.url)
 
-    def group(self, path: str, *, create: bool = False) -> zarr.Group | None:
-        """Sub-group at ``path`` (``"a/b/c"``); created when ``create`` is true, else ``None`` if missing."""
-        node = self.zarr_group
-        for part in [p for p in path.split("/") if p]:
-            if part in node:
-                node = node[part]
-                if not isinstance(node, zarr.Group):
-                    raise StoreError(f"{path} in {self.url} is an array, not a group")
-            elif create:
-                node = node.create_group(part)
+    @contextlib.contextmanager
+    def _root_lock(self, wait_s: float = 120.0) -> Iterator[None]:
+        """Hold the writer lock of the root ``zarr.json``, waiting while another process holds it."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        with contextlib.ExitStack() as stack:
+            while True:
+                try:
+                    stack.enter_context(writer_lock(self, "zarr.json", command="consolidate metadata"))
+                    break
+                except StoreLockedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            yield
+
+    def note_written(self, path: str) -> None:
+        """Record that a stage output at ``path`` is being written (see ``consolidate(written_only=True)``)."""
+        self._written.append(path.strip("/"))
+
+    def _consolidate_nodes(self, nodes: list[str], drop: list[str], walk: list[str]) -> bool:
+        """Update ``nodes`` and the subtrees ``walk`` in the root's consolidated metadata (JSON level);
+        ``False`` when the root has none yet."""
+        import json
+
+        store = self.zarr_group.store
+        root = json.loads(_get_bytes(store, "zarr.json") or b"{}")
+        cm = root.get("consolidated_metadata") or {}
+        if not isinstance(cm.get("metadata"), dict):
+            return False
+        gone = [STAGING, *drop, *walk]
+        flat = {k: v for k, v in cm["metadata"].items() if not any(k == d or k.startswith(d + "/") for d in gone)}
+        parents = {"/".join(w.split("/")[:i]) for w in walk for i in range(1, w.count("/") + 1)}
+        for path in [*nodes, *sorted(parents - set(nodes))]:
+            raw = _get_bytes(store, f"{path}/zarr.json")
+            if raw is None:
+                flat.pop(path, None)
             else:
-                return None
+                flat[path] = _consolidated_doc(json.loads(raw))
+        for path in walk:
+            flat.update(self._walk_docs(path))
+        cm["metadata"] = dict(sorted(flat.items()))
+        root["consolidated_metadata"] = cm
+        meta = dict(root.get("attributes", {}).get("milotile", {}))
+        meta["images"] = _images({k: v.get("attributes", {}) for k, v in flat.items() if v.get("node_type") == "group"})
+        meta["layout"] = LAYOUT_DOC
+        root.setdefault("attributes", {})["milotile"] = meta
+        _set_bytes(store, "zarr.json", json.dumps(root, indent=2).encode())
+        self.zarr_group = self._open_root()
+        self._written.clear()
+        log.debug("updated %d nodes and %d subtrees of the consolidated metadata of %s", len(nodes), len(walk),
+                  self.url)
+        return True
+
+    def _walk_docs(self, path: str) -> dict[str, dict]:
+        """``{path: zarr.json document}`` of the node at ``path`` and everything below it."""
+        import json
+
+        from zarr.core.buffer import default_buffer_prototype
+
+        def doc(node: zarr.Group | zarr.Array) -> dict:
+            raw = node.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+            return _consolidated_doc(json.loads(raw))
+
+        try:
+            top = self.zarr_group[path]
+        except KeyError:
+            return {}
+        out = {path: doc(top)}
+        if isinstance(top, zarr.Group):
+            out.update({f"{path}/{sub}": doc(node) for sub, node in top.members(max_depth=None)})
+        return out
+
+    def _open_root(self) -> zarr.Group:
+        """The root group, read again (milotile lists the store itself, never the consolidated copy)."""
+        return zarr.open_group(store=self.zarr_group.store, mode="r" if self.zarr_group.read_only else "a",
+                               zarr_format=3, use_consolidated=False)
+
+    def group(self, path: str, *, create: bool = False) -> zarr.Group | None:
+        """Sub-group at ``path`` (``"a/b/c"``); created when ``create`` is true, else ``None`` if missing.
+
+        An existing group costs one metadata read (its own ``zarr.json``), not one per level.
+        """
+        path = "/".join(p for p in path.split("/") if p)
+        if not path:
+            return self.zarr_group
+        try:
+            node = self.zarr_group[path]
+        except KeyError:
+            node = None
+        if node is None and create:
+            try:  # zarr writes the missing parents and refuses an array among them
+                node = self.zarr_group.require_group(path)
+            except ValueError as exc:  # an array among the parents
+                raise StoreError(f"{path} in {self.url} cannot be a group: {exc}") from None
+        if node is not None and not isinstance(node, zarr.Group):
+            raise StoreError(f"{path} in {self.url} is an array, not a group")
         return node
 
     # -- tomograms ----------------------------------------------------------------------------
@@ -320,17 +448,33 @@ class Collection:
         if cached is not None:
             return cached
         g = self.group(kind)
-        names = []
+        nodes = {}
         if g is not None:
             for name, node in g.members():
                 if isinstance(node, zarr.Group) and _attrs(node).get("complete"):
-                    names.append(name)
-        self._members[kind] = sorted(names)
+                    nodes[name] = node
+        self._nodes[kind] = nodes  # the groups just read: looking a tomogram up reads nothing again
+        self._members[kind] = sorted(nodes)
         return self._members[kind]
+
+    def node(self, path: str) -> zarr.Group | zarr.Array | None:
+        """The node at ``path`` (``None`` when missing); an ingested tomogram or tilt series of an
+        already listed kind comes from the listing, without another metadata read."""
+        kind, _, name = path.strip("/").partition("/")
+        cached = self._nodes.get(kind, {}).get(name) if "/" not in name else None
+        if cached is not None:
+            return cached
+        try:
+            return self.zarr_group[path]
+        except KeyError:
+            return None
 
     def refresh(self) -> None:
         """Forget the cached tomogram / tilt-series listings (after ingest wrote new ones)."""
         self._members.clear()
+        self._nodes.clear()
+        self._tomos.clear()
+        self._tilts.clear()
 
     @property
     def names(self) -> list[str]:
@@ -344,7 +488,9 @@ class Collection:
         if name not in self._complete_members(TOMOGRAMS):
             known = ", ".join(self.names[:8]) or "none"
             raise InputError(f"no tomogram named {name!r} in {self.url} (known: {known})")
-        return Tomogram(name, self.zarr_group[TOMOGRAMS][name], self)
+        if name not in self._tomos:  # one object per name: its arrays are opened once
+            self._tomos[name] = Tomogram(name, self._nodes[TOMOGRAMS][name], self)
+        return self._tomos[name]
 
     def __iter__(self) -> Iterator[Tomogram]:
         for name in self.names:
@@ -357,7 +503,9 @@ class Collection:
         """The tilt series stored for tomogram ``name``, or ``None``."""
         if name not in self._complete_members(TILTS):
             return None
-        return TiltSeries(name, self.zarr_group[TILTS][name])
+        if name not in self._tilts:  # one object per name: its array is opened once
+            self._tilts[name] = TiltSeries(name, self._nodes[TILTS][name])
+        return self._tilts[name]
 
     # -- tables -------------------------------------------------------------------------------
     def _table_path(self, name: str) -> str:
@@ -370,13 +518,15 @@ class Collection:
         return self.fs.exists(self._table_path(name))
 
     def write_table(self, name: str, df: pd.DataFrame, params: dict | None = None,
-                    sources: dict[str, str | None] | None = None) -> str:
+                    sources: dict[str, str | None] | None = None, *, written_only: bool = False) -> str:
         """Write ``df`` to ``tables/<name>.parquet`` atomically (temporary file, then rename).
 
         ``params`` (JSON-able: the stage parameters that made the table) are stored in the parquet
         metadata and come back from :meth:`table_params`; ``sources`` (``{store path: token}`` of
         the inputs, see :mod:`milotile.store.stage_output`) and the table's own token come back
-        from :meth:`table_sources`.
+        from :meth:`table_sources`. ``written_only``: the calling stage wrote its Zarr nodes only
+        through stage outputs, so the consolidated metadata is updated from those alone
+        (``consolidate(written_only=True)``) instead of a walk of the store.
         """
         import json
 
@@ -401,7 +551,7 @@ class Collection:
         self.fs.mv(tmp, path)
         log.info("wrote table %s (%d rows)", path, len(df))
         # a stage's table is its last output: refresh the consolidated metadata for remote readers
-        self.consolidate()
+        self.consolidate(written_only=written_only)
         return path
 
     def read_table(self, name: str) -> pd.DataFrame:
@@ -524,6 +674,47 @@ def _outputs(node: zarr.Group, prefix: str = "") -> list[str]:
         else:
             out.extend(_outputs(sub, f"{prefix}{name}/"))
     return sorted(out)
+
+
+def _images(groups: dict[str, dict]) -> dict[str, list[str]]:
+    """OME-NGFF images by kind from ``{group path: attributes}`` (see :meth:`Collection.image_paths`)."""
+    out: dict[str, list[str]] = {}
+    for path, attrs in groups.items():
+        if "multiscales" not in dict(attrs.get("ome", {})):
+            continue
+        parts = path.split("/")
+        if "labels" in parts[:-1]:
+            kind = "labels"
+        elif parts[0] == DERIVED and len(parts) > 2:
+            kind = parts[1]
+        else:
+            kind = parts[0]
+        out.setdefault(kind, []).append(path)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _consolidated_doc(doc: dict) -> dict:
+    """A node's ``zarr.json`` as an entry of the consolidated metadata (groups carry an empty one)."""
+    if doc.get("node_type") == "group":
+        doc.setdefault("consolidated_metadata", {"kind": "inline", "must_understand": False, "metadata": {}})
+    return doc
+
+
+def _get_bytes(store: Any, key: str) -> bytes | None:
+    """One document of a zarr store (``None`` when missing), through the store (counted by iostats)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _set_bytes(store: Any, key: str, data: bytes) -> None:
+    """Write one document of a zarr store."""
+    from zarr.core.buffer import cpu
+    from zarr.core.sync import sync
+
+    sync(store.set(key, cpu.Buffer.from_bytes(data)))
 
 
 def _store_meta(fs: Any, root: str, url: str, *, must_exist: bool) -> dict | None:

@@ -34,7 +34,7 @@ from milotile.store.arrays import (
     downsample_block,
     multiscale_metadata,
 )
-from milotile.store.collection import TILTS, TOMOGRAMS, Collection, as_collection
+from milotile.store.collection import STAGING, TILTS, TOMOGRAMS, Collection, as_collection
 from milotile.store.copick_tree import (
     copick_tomograms,
     is_copick_config,
@@ -55,7 +55,6 @@ from milotile.store.stage_output import make_token
 log = logging.getLogger(__name__)
 
 TOMO_SUFFIXES = (".rec", ".mrc")
-STAGING = "staging"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -323,17 +322,20 @@ def _merge_stats(rows: np.ndarray) -> tuple[float, float, float, int]:
     return n, mean, var, int(rows[:, 3].sum())
 
 
+def _n_levels(shape: Sequence[int], n_levels: int = 3) -> int:
+    """Pyramid levels of a volume: up to ``n_levels``, each at least one voxel along every axis."""
+    return next((lv for lv in range(n_levels) if min(s // 2**lv for s in shape) < 1), n_levels)
+
+
 def _pyramid_targets(group: zarr.Group, shape: Sequence[int], chunks: Sequence[int], n_levels: int = 3) -> list[zarr.Array]:
     """Create the arrays ``0, 1, 2`` of a multiscale image whose chunks halve level by level."""
     chunks = clip_chunks(shape, chunks)
     if any(c % 2 ** (n_levels - 1) for c, s in zip(chunks, shape, strict=True) if c < s):
         raise InputError(f"chunk shape {tuple(chunks)} must be a multiple of {2 ** (n_levels - 1)} for the pyramid")
     targets = []
-    for level in range(n_levels):
+    for level in range(_n_levels(shape, n_levels)):
         f = 2**level
         lshape = [s // f for s in shape]
-        if min(lshape) < 1:
-            break
         lchunks = [max(1, c // f) for c in chunks]
         targets.append(create_array(group, str(level), lshape, chunks=lchunks, dimension_names=AXES_ZYX))
     return targets
@@ -426,8 +428,19 @@ def _ingest_plans(col: Collection, plans: list[_Plan], order: str, voxel_size: f
         if STAGING in col.zarr_group:
             del col.zarr_group[STAGING]
         col.refresh()
-    col.consolidate()
+    col.consolidate(_written_nodes(todo), drop=[f"{kind}/{p.src.name}" for p in todo for kind in (TOMOGRAMS, TILTS)])
     return col
+
+
+def _written_nodes(todo: list[_Plan]) -> list[str]:
+    """Every node an ingest call wrote (for the consolidated metadata, read without listing the store)."""
+    nodes = [TOMOGRAMS, TILTS]
+    for p in todo:
+        name = p.src.name
+        nodes += [f"{TOMOGRAMS}/{name}", *(f"{TOMOGRAMS}/{name}/{lv}" for lv in range(_n_levels(p.shape)))]
+        if p.tilt_shape is not None:
+            nodes += [f"{TILTS}/{name}", f"{TILTS}/{name}/0"]
+    return nodes
 
 
 def _copy_all(col: Collection, stage_root: zarr.Group, todo: list[_Plan], order: str,
@@ -478,7 +491,7 @@ def _write_attrs(col: Collection, stage_root: zarr.Group, plan: _Plan, order: st
     """OME metadata and the ``milotile`` attributes (source, fingerprints, token, statistics)."""
     name = plan.src.name
     g = stage_root[TOMOGRAMS][name]
-    g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, len(list(g.array_keys())))
+    g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, _n_levels(plan.shape))  # no listing
     _, mean, var, _ = vol_stats
     g.attrs["milotile"] = {
         "source": col.relative_path(plan.src.rec_path), "size_bytes": plan.size_bytes, "mtime_ns": plan.mtime_ns,
@@ -532,15 +545,16 @@ def _decide(col: Collection, plans: list[_Plan], order: str, voxel_size: float |
     tilt_root = col.group(TILTS)
     for plan in plans:
         name = plan.src.name
-        if name not in tomo_root:
+        try:
+            meta = dict(tomo_root[name].attrs.get("milotile", {}))  # one read; no listing
+        except KeyError:
             continue
-        meta = dict(tomo_root[name].attrs.get("milotile", {}))
         if not meta.get("complete"):
             plan.action = "overwrite"  # left over from a crash: redo
             continue
         same_opts = meta.get("order") == order and (voxel_size is None or meta.get("voxel_size") == plan.voxel_size)
         same = same_opts and _same_file(meta, plan.size_bytes, plan.mtime_ns, plan.quick, plan.src.rec_path)
-        tmeta = dict(tilt_root[name].attrs.get("milotile", {})) if tilt_root is not None and name in tilt_root else {}
+        tmeta = _node_meta(tilt_root, name)
         if plan.tilt_shape is None:
             same_tilt = not tmeta
         else:
@@ -560,6 +574,14 @@ def _decide(col: Collection, plans: list[_Plan], order: str, voxel_size: float |
                 f"tomogram {name} is already in {col.url} and its {what} changed "
                 f"({plan.src.rec_path}); pass --overwrite to replace it"
             )
+
+
+def _node_meta(group: zarr.Group | None, name: str) -> dict:
+    """The ``milotile`` attributes of ``group[name]`` (empty when either is missing)."""
+    try:
+        return dict(group[name].attrs.get("milotile", {})) if group is not None else {}
+    except KeyError:
+        return {}
 
 
 def _replace(col: Collection, src: str, dst: str) -> None:

@@ -107,6 +107,8 @@ def _attrs(node: Any) -> dict:
 
 
 def _node(col: Any, path: str) -> zarr.Group | zarr.Array | None:
+    if hasattr(col, "node"):
+        return col.node(path)
     try:
         return col.zarr_group[path]
     except KeyError:
@@ -199,6 +201,8 @@ class StageOutput:
             self._lock = contextlib.ExitStack()
             self._lock.enter_context(writer_lock(self.col, self.path))
         self.node = node if node is not None else self.col.group(self.path, create=True)
+        if hasattr(self.col, "note_written"):  # for consolidate(written_only=True) at the stage end
+            self.col.note_written(self.path)
         self.node.attrs["milotile"] = {"params": self.params, "sources": self.sources, "complete": False}
         return self.node
 
@@ -209,4 +213,6 @@ class StageOutput:
         attrs = canonical({**meta, "params": self.params, "sources": self.sources, "token": self.token})
         attrs["complete"] = True
         self.node.attrs["milotile"] = attrs
+        if hasattr(self.col, "note_written"):  # its attributes changed: consolidate them again
+            self.col.note_written(self.path)
         return attrs
