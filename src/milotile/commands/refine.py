@@ -45,17 +45,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--order", choices=("xyz", "xzy", "zxy", "yxz"), help="column order of bare txt coordinate files")
     p.add_argument("--out", metavar="RUN", help="run folder (default STORE/runs/refine-<time>)")
     p.add_argument("--bbox", type=float, default=16, help="particle box in level-0 voxels (default 16)")
-    p.add_argument("--epochs", type=int, default=6, help="epochs (default 6)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
     p.add_argument("--arch", default="unet4", choices=("unet4", "unet5", "ressmall", "unet_4", "unet_5", "ressmall_18"),
                    help="architecture (default unet4)")
     p.add_argument("--start-filts", type=int, default=None, help="U-Net width of the first level (default 16)")
+    p.add_argument("--z-dilation", type=int, default=None,
+                   help="z dilation of the 3D head: 1 = 7 slices of z context, 2 = 11 (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="crops per step (default 4)")
-    p.add_argument("--crop", type=partial(parse_ints, n=3, what="--crop"), default=(8, 64, 64), metavar="Z,Y,X",
-                   help="model-input crop (default 8,64,64; z in compressed slices with --compress)")
+    p.add_argument("--crop", type=partial(parse_ints, n=3, what="--crop"), default=(12, 64, 64), metavar="Z,Y,X",
+                   help="model-input crop (default 12,64,64; z in compressed slices with --compress)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--tau", type=_tau, default=0.01,
                    help="PU class prior (default 0.01), or 'auto': estimated from the labelled tomograms")
-    p.add_argument("--tta", type=int, default=1, help="in-plane symmetries averaged when predicting (1-8, default 1 = none)")
+    p.add_argument("--tta", type=int, default=4, help="in-plane symmetries averaged when predicting (1-8, default 4; 1 = none)")
     p.add_argument("--temp", type=float, default=0.07, help="InfoNCE temperature (default 0.07)")
     p.add_argument("--cr-weight", type=float, default=0.1, help="contrastive weight (default 0.1)")
     p.set_defaults(no_contrastive=True)
@@ -70,6 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--compress", action="store_true", help="max-compress slice pairs along z")
     p.add_argument("--val-fraction", type=float, default=None, help="labels held out when no --val-labels")
     p.add_argument("--repeats", type=int, default=5, help="crops per labelled particle and epoch (default 5)")
+    p.add_argument("--self-training", type=int, default=0, metavar="ROUNDS",
+                   help="rounds in which confident picks of the labelled tomograms become extra positives (default 0)")
+    p.add_argument("--extra-positives", metavar="FILE",
+                   help="more positives trained on like labels but not used to choose the pick threshold "
+                        "(e.g. `explore select` output)")
     p.add_argument("--debug-slices", type=partial(parse_ints, what="--debug-slices"), default=None, metavar="Z1,Z2",
                    help="draw these z slices of the validation regions as PNGs")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
@@ -80,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     from milotile.commands.refine_pick import register_pick
 
     register_pick(sub)
+
+
+def _arch_config(args: argparse.Namespace) -> dict | None:
+    cfg = {k: v for k, v in (("start_filts", args.start_filts), ("z_dilation", args.z_dilation)) if v is not None}
+    return cfg or None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,12 +116,13 @@ def run(args: argparse.Namespace) -> int:
         classes = [c for c in args.classes.split(",") if c]
     picker = train(
         col, labels, val_labels=val, bbox=args.bbox, epochs=args.epochs, arch=args.arch,
-        arch_config={"start_filts": args.start_filts} if args.start_filts else None, batch_size=args.batch_size,
+        arch_config=_arch_config(args), batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, tau=args.tau, temp=args.temp, cr_weight=args.cr_weight,
         contrastive=not args.no_contrastive, thresh=args.thresh, classes=classes, gauss=args.gauss,
         compress=args.compress, out=args.out, resume=args.resume, seed=args.seed, device=args.device,
         val_fraction=args.val_fraction, repeats=args.repeats, tta=args.tta, debug_slices=args.debug_slices,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, self_training=args.self_training,
+        extra_positives=load_label_table(args.extra_positives, col, "extra positives") if args.extra_positives else None,
     )
     logger.info("trained picker %s -> %s", picker, picker.path)
     return 0

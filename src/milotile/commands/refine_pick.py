@@ -37,6 +37,8 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--halo", type=partial(parse_ints, n=3, what="--halo"), default=None, metavar="Z,Y,X",
                    help="context read around each tile (default: the model's full receptive field, which makes "
                    "the tiled heatmap equal a whole-volume pass; smaller is faster)")
+    p.add_argument("--tta", type=int, default=None, metavar="N",
+                   help="in-plane symmetries averaged when predicting, 1-8 (default: the checkpoint's, 4 for new pickers)")
     p.add_argument("--no-heatmaps", action="store_true", help="do not store the heatmaps")
     p.add_argument("--out", default=None, help="also write the picks here (.parquet or .csv)")
     f = p.add_argument_group("fiber mode")
@@ -63,8 +65,13 @@ def run(args: argparse.Namespace) -> int:
         border = args.border[0] if len(args.border) == 1 else tuple(args.border)
     col = open_collection(args.store)
     names = [n for n in args.names.split(",") if n] if args.names else None
+    picker = Picker.load(args.model)
+    if args.tta is not None:
+        if not 1 <= args.tta <= 8:
+            raise InputError(f"--tta must be between 1 and 8, got {args.tta}")
+        picker.contract["tta"] = int(args.tta)
     picks = pick(
-        col, Picker.load(args.model), threshold=args.threshold, max_picks=args.max_picks, nms_distance=args.nms_distance,
+        col, picker, threshold=args.threshold, max_picks=args.max_picks, nms_distance=args.nms_distance,
         border=border, names=names, tile=args.tile, halo=args.halo, write_heatmaps=not args.no_heatmaps,
         out=None if args.fiber else args.out,
     )

@@ -449,7 +449,8 @@ def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: l
     t0 = time.perf_counter()
     hm = predict_heatmap(col, name, picker, tile=tile, halo=halo)
     if write_heatmaps:
-        params = {"tile": list(tile) if tile else None, "halo": list(halo) if halo else None}
+        params = {"tile": list(tile) if tile else None, "halo": list(halo) if halo else None,
+                  "tta": int((getattr(picker, "contract", None) or {}).get("tta", 1))}
         hm = _stored_heatmap(col, name, run, hm, picker, params, heatmap_metadata(name, t.voxel_size, grid, classes))
         sources = {f"{HEATMAPS}/{run}/{name}": col.source_token(f"{HEATMAPS}/{run}/{name}")}
     else:

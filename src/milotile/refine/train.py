@@ -52,8 +52,9 @@ ARCH_ALIASES = {"unet_4": "unet4", "unet_5": "unet5", "ressmall_18": "ressmall"}
 _LOSS_KEYS = ("loss", "hm_loss", "cr_loss", "consis_loss", "r_pos", "r_neg")
 
 
-#: First U-Net width of the default recipe (the one measured on benchmarks/refine_hard.py, issue 15).
-DEFAULT_START_FILTS = 16
+#: Network of the default recipe (the one measured on benchmarks/refine_hard.py, issue 15): a 16-filter
+#: U-Net whose 3D head sees 11 slices of z context (z dilation 2).
+DEFAULT_UNET = {"start_filts": 16, "z_dilation": 2}
 
 
 def train(
@@ -62,11 +63,11 @@ def train(
     *,
     val_labels: pd.DataFrame | str | os.PathLike[str] | None = None,
     bbox: float = 16,
-    epochs: int = 6,
+    epochs: int = 20,
     arch: str = "unet4",
     arch_config: dict[str, Any] | None = None,
     batch_size: int = 4,
-    crop: Sequence[int] = (8, 64, 64),
+    crop: Sequence[int] = (12, 64, 64),
     lr: float = 1e-3,
     tau: float | str = 0.01,
     temp: float = 0.07,
@@ -95,7 +96,7 @@ def train(
     n_unlabeled: int = 256,
     amp: bool = True,
     cache_chunks: int = 8,
-    tta: int = 1,
+    tta: int = 4,
     extra_positives: pd.DataFrame | None = None,
     self_training: int = 0,
 ) -> Picker:
@@ -204,8 +205,8 @@ def train(
     ds = CropDataset(readers, stats, df, geom, crop, n_classes=len(class_names), thresh=thresh, gauss=gauss,
                      clip=tuple(clip), compress=compress, compress_how=compress_how, random_fraction=random_fraction,
                      seed=seed, repeats=repeats)
-    unet_width = {"start_filts": DEFAULT_START_FILTS} if arch.startswith("unet") else {}
-    cfg = {"n_classes": len(class_names), **unet_width, **(arch_config or {})}
+    defaults = DEFAULT_UNET if arch.startswith("unet") else {"z_dilation": DEFAULT_UNET["z_dilation"]}
+    cfg = {"n_classes": len(class_names), **defaults, **(arch_config or {})}
     model = registry.create(arch, **cfg).to(dev)
     contract = picker_contract(arch=arch, model=model, classes=class_names, bbox=bbox, crop=crop, gauss=gauss,
                                compress=compress, compress_how=compress_how, clip=clip, thresh=thresh, tau=tau, geom=geom,
