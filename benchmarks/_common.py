@@ -103,6 +103,13 @@ def machine() -> dict:
     }
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a time budget) into ``SystemExit`` so ``finally`` blocks remove temporary stores."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def result_path(name: str) -> Path:
     """``benchmarks/results/<name><suffix>.json``; the suffix comes from ``MILOTILE_BENCH_SUFFIX`` (e.g. ``_quiet``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

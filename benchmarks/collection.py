@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, result_path, threads  # noqa: E402
+from _common import exit_on_sigterm, machine, result_path, threads  # noqa: E402
 
 log = logging.getLogger("bench.collection")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--scheduler", default=None, help="force --local-scheduler (default: the CLI's auto choice)")
     p.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="sizes 4,8, 2 distinct volumes, naive 2: checks the script")
+    exit_on_sigterm()
     a = p.parse_args()
     if a.quick:
         a.sizes, a.distinct, a.naive = "4,8", 2, 2

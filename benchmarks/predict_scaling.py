@@ -42,7 +42,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, result_path, threads  # noqa: E402
+from _common import exit_on_sigterm, machine, result_path, threads  # noqa: E402
 from _peak import cpu_peak, model_flops  # noqa: E402
 
 log = logging.getLogger("bench.predict_scaling")
@@ -251,6 +251,7 @@ def main() -> None:
     p.add_argument("--old-max-mvox", type=float, default=40.0,
                    help="run the old tiling only up to this many M voxels (default 40)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (32,128,128 and 48,256,256), start_filts 8")
+    exit_on_sigterm()
     a = p.parse_args()
     if a.quick:
         a.sizes, a.start_filts = ["32,128,128", "48,256,256"], 8

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_measured, threads, write_results  # noqa: E402
+from _common import exit_on_sigterm, run_measured, threads, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CHILDREN[a.variant](a)))
         return 0
 
+    exit_on_sigterm()
     import pandas as pd
 
     load_start = os.getloadavg()

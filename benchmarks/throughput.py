@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, result_path, run_measured, threads  # noqa: E402
+from _common import exit_on_sigterm, machine, result_path, run_measured, threads  # noqa: E402
 from _peak import cpu_peak, gpu_peak, model_flops  # noqa: E402
 
 log = logging.getLogger("bench.throughput")
@@ -308,6 +308,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: train,embed,refine,memory,io")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    exit_on_sigterm()
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if a.quick:
