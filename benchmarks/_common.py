@@ -67,21 +67,58 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
     return wall, rss.peak, out
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MILOTILE_TORCH_THREADS")
+
+
+def threads() -> dict:
+    """Thread settings of this process: torch intra/inter-op threads (if torch is imported) and the env vars."""
+    out: dict = {k: os.environ.get(k) for k in _THREAD_VARS}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        out["torch_threads"] = torch.get_num_threads()
+        out["torch_interop_threads"] = torch.get_num_interop_threads()
+    try:
+        out["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    out["nice"] = os.nice(0)
+    return out
+
+
 def machine() -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on: CPU, memory, load average (1, 5, 15 min), threads, CPU peak."""
+    from _peak import cpu_peak
+
+    vm = psutil.virtual_memory()
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "memory_gib": round(vm.total / 2**30, 1),
+        "available_gib": round(vm.available / 2**30, 1),
         "load_avg_1m": os.getloadavg()[0],
+        "load_avg": list(os.getloadavg()),
+        "threads": threads(),
+        "cpu_peak": cpu_peak(),
     }
 
 
-def write_results(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>.json`` and return its path."""
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a time budget) into ``SystemExit`` so ``finally`` blocks remove temporary stores."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def result_path(name: str) -> Path:
+    """``benchmarks/results/<name><suffix>.json``; the suffix comes from ``MILOTILE_BENCH_SUFFIX`` (e.g. ``_quiet``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    return RESULTS / f"{name}{os.environ.get('MILOTILE_BENCH_SUFFIX', '')}.json"
+
+
+def write_results(name: str, payload: dict) -> Path:
+    """Write ``benchmarks/results/<name><suffix>.json`` (see :func:`result_path`) and return its path."""
+    path = result_path(name)
     payload = {"benchmark": name, "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=float))
     return path

@@ -15,7 +15,7 @@ Naive counterpart in the same run: ``milotile preprocess --names <one>`` called 
 ``--naive`` tomograms (what a per-tomogram script does), per-tomogram cost against the collection call.
 
     python benchmarks/collection.py                      # ~10 min on 2 busy cores
-    python benchmarks/collection.py --sizes 10,40 --naive 3    # quick
+    python benchmarks/collection.py --quick              # sizes 4,8: checks the script
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine  # noqa: E402
+from _common import exit_on_sigterm, machine, result_path, threads  # noqa: E402
 
 log = logging.getLogger("bench.collection")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -151,7 +151,11 @@ def main() -> None:
     p.add_argument("--naive", type=int, default=5, help="tomograms for the one-call-per-tomogram baseline")
     p.add_argument("--scheduler", default=None, help="force --local-scheduler (default: the CLI's auto choice)")
     p.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    p.add_argument("--quick", action="store_true", help="sizes 4,8, 2 distinct volumes, naive 2: checks the script")
+    exit_on_sigterm()
     a = p.parse_args()
+    if a.quick:
+        a.sizes, a.distinct, a.naive = "4,8", 2, 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="milotile-collection-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -160,8 +164,12 @@ def main() -> None:
     src = make_sources(work, a)
     models = train_models(work, src, a)
     sizes = [int(s) for s in a.sizes.split(",")]
-    results = {n: run_collection(work, n, src, models, a) for n in sizes}
-    naive = naive_per_tomogram(work, src, a.naive)
+    try:
+        results = {n: run_collection(work, n, src, models, a) for n in sizes}
+        naive = naive_per_tomogram(work, src, a.naive)
+    finally:
+        if not a.work:  # a temporary work folder goes; one given with --work stays
+            shutil.rmtree(work, ignore_errors=True)
     lo, hi = min(sizes), max(sizes)
     flat = {st: results[hi][st]["per_tomogram_s"] / results[lo][st]["per_tomogram_s"] for st in STAGES}
     meta_flat = {st: (results[hi][st]["meta_reads_per_tomogram"] / results[lo][st]["meta_reads_per_tomogram"]
@@ -176,17 +184,23 @@ def main() -> None:
         "naive_one_call_per_tomogram": naive,
         "naive_vs_collection_preprocess_per_tomogram": naive["preprocess_per_tomogram_s"] / coll_pre,
         "total_run_s": time.perf_counter() - t_all,
+        "threads": {"note": "every stage is its own `milotile` CLI process with the CLI's default threads "
+                            "(--local-scheduler auto: in-process threads below MILOTILE_SMALL_JOB_MB)", **threads()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "collection.json").write_text(json.dumps(out, indent=1))
-    print(f"\nper-tomogram seconds (whole CLI command incl. start-up), N={lo} -> N={hi}:")
+    path = result_path("collection")
+    path.write_text(json.dumps(out, indent=1))
+    print(f"\nper-tomogram cost (whole CLI command incl. start-up), N={lo} -> N={hi}:")
+    print(f"  {'stage':14s} {'s/tomo N=' + str(lo):>12s} {'N=' + str(hi):>8s} {'ratio':>6s} {'start-up s':>11s} "
+          f"{'meta reads/tomo':>16s} {'listings/tomo':>14s}")
     for st in STAGES:
         r0, r1 = results[lo][st], results[hi][st]
-        print(f"  {st:14s} {r0['per_tomogram_s']:7.3f} -> {r1['per_tomogram_s']:7.3f}  ratio {flat[st]:.2f}   "
-              f"metadata reads/tomogram {r0['meta_reads_per_tomogram']:.1f} -> {r1['meta_reads_per_tomogram']:.1f}")
+        print(f"  {st:14s} {r0['per_tomogram_s']:12.3f} {r1['per_tomogram_s']:8.3f} {flat[st]:6.2f} "
+              f"{r0['startup_s'] or 0:5.1f}/{r1['startup_s'] or 0:<5.1f} "
+              f"{r0['meta_reads_per_tomogram']:7.1f}->{r1['meta_reads_per_tomogram']:<7.1f} "
+              f"{r0['listings_per_tomogram']:6.2f}->{r1['listings_per_tomogram']:<6.2f}")
     print(f"naive: preprocess once per tomogram {naive['preprocess_per_tomogram_s']:.2f} s/tomogram vs "
           f"{coll_pre:.3f} in one collection call ({out['naive_vs_collection_preprocess_per_tomogram']:.0f}x)")
-    print(f"load average {load0} -> {os.getloadavg()}; results in {RESULTS / 'collection.json'}")
+    print(f"load average {load0} -> {os.getloadavg()}; {out['total_run_s']:.0f} s; results in {path}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ subprocess's whole process tree (driver + Dask workers, sampled every 50 ms by
   mean + k·std of the positive values, greedy NMS over *all voxels* sorted by value with
   linear-index sphere offsets (MiLoPYP §1.2–2.1);
 * ``milotile N``: ``milotile.cluster(workers=N, threads_per_worker=1)`` (what the CLI starts),
-  ``preprocess(col, gauss)`` + ``mine(col, dog, ...)`` on the store.
+  ``preprocess(col, gauss)`` + ``mine(col, dog, ...)`` on the store;
+* ``cli`` (``--cli``): ``milotile preprocess`` + ``milotile mine`` as two commands with the CLI's defaults,
+  on a store holding the tomogram alone (issue 12: what a user pays, start-up included).
 
 "total" is the subprocess wall time from launch to exit (interpreter start, imports, cluster start
 and shutdown included); "compute" is the time inside the process from the first byte read to the
@@ -25,6 +27,7 @@ Usage::
     python benchmarks/preprocess.py                 # 256 x 512 x 512 (the issue's size)
     python benchmarks/preprocess.py --quick         # 64 x 128 x 128, seconds (-> preprocess_quick.json)
     python benchmarks/preprocess.py --repeats 3     # interleaved repeats, medians reported
+    python benchmarks/preprocess.py --cli --workers 2 --skip-extras   # issue 12: whole CLI vs whole-volume script
 
 Writes ``benchmarks/results/preprocess.json`` (``--out`` to change).
 """
@@ -42,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_measured, write_results  # noqa: E402
+from _common import exit_on_sigterm, run_measured, threads, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,6 +66,8 @@ def child_prepare(a: argparse.Namespace) -> dict:
     t1 = time.perf_counter()
     with mt.cluster(workers=2, threads_per_worker=1, dashboard_address=None):
         mt.ingest(res.manifest, work / "store.zarr", chunks=chunks)
+        if a.cli:  # the tomogram alone (no tilt series): the same work as the whole-volume script
+            mt.ingest([res.rec_paths[0]], work / "store_cli.zarr", chunks=chunks)
     return {"synth_s": t1 - t0, "ingest_s": time.perf_counter() - t1, "rec": str(res.rec_paths[0]),
             "n_particles": len(res.ground_truth)}
 
@@ -279,6 +284,8 @@ def child_cmd(a: argparse.Namespace, variant: str, **extra) -> list[str]:
            "--border", str(a.border), "--border-z", str(a.border_z), "--bbox", str(a.bbox), "--snr", str(a.snr)]
     if a.mine_chunks:
         cmd += ["--mine-chunks", a.mine_chunks]
+    if a.cli:
+        cmd.append("--cli")
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     return cmd
@@ -299,6 +306,61 @@ def measured(a: argparse.Namespace, variant: str, **extra) -> dict:
     return res
 
 
+def measured_cli(a: argparse.Namespace) -> dict:
+    """``milotile preprocess`` + ``milotile mine`` as a user runs them: two CLI processes with the CLI's
+    default scheduler choice (a 256x512x512 float32 tomogram is above ``MILOTILE_SMALL_JOB_MB``, so each
+    starts a LocalCluster), on a store holding the tomogram alone (no tilt series, as the naive script).
+
+    ``total_s`` = both commands' wall time, start-up included; ``compute_s`` = their I/O + compute
+    (the CLI's own report, ``MILOTILE_REPORT_JSON``), i.e. without interpreter and cluster start-up.
+    """
+    import resource
+
+    import numpy as np
+
+    import milotile as mt
+
+    store, rep = Path(a.workdir) / "store_cli.zarr", Path(a.workdir) / "cli_report.jsonl"
+    rep.unlink(missing_ok=True)
+    src = str(HERE.parent / "src")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+           "MILOTILE_REPORT_JSON": str(rep), "MILOTILE_PROGRESS": "0"}
+    base = [sys.executable, "-m", "milotile.cli"]
+    cmds = {"preprocess": base + ["preprocess", str(store), "--gauss", str(a.gauss), "--overwrite"],
+            "mine": base + ["mine", str(store), "--dog", ",".join(map(str, a.dog)), "--threshold-std",
+                            str(a.threshold_std), "--min-distance", str(a.min_distance), "--border", str(a.border),
+                            "--border-z", str(a.border_z)]}
+    load = os.getloadavg()[0]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    walls, peaks = {}, []
+    for k, cmd in cmds.items():
+        walls[k], pk, _ = run_measured(cmd, env=env)
+        peaks.append(pk)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reports = [json.loads(line) for line in rep.read_text().splitlines()] if rep.exists() else []
+    cands = mt.open(store).read_table("candidates")
+    np.save(Path(a.workdir) / "cands_cli.npy", cands[["x", "y", "z"]].to_numpy(np.float64))
+    total = sum(walls.values())
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"total_s": total, "compute_s": sum(r["io_s"] + r["compute_s"] for r in reports) if reports else total,
+            "startup_s": sum(r["startup_s"] for r in reports), "commands_s": walls, "peak_rss_mb": max(peaks) / 2**20,
+            "cpu_s": cpu, "cpu_share": cpu / total, "n": len(cands), "reports": reports,
+            "commands": [" ".join(c[3:]) for c in cmds.values()],
+            "load_avg_1m_before": load, "load_avg_1m_after": os.getloadavg()[0]}
+
+
+def extras(a: argparse.Namespace, workers: list[int]) -> tuple[dict, dict]:
+    """The lazy Gaussian alone and patch extraction, each in its own subprocess."""
+    gauss = measured(a, "gaussian")
+    print(f"lazy Gaussian sigma {a.gauss} on {gauss['shape']} (2 threads, median of 3): former own wrapper "
+          f"{gauss['milotile_s']:.2f} s, dask-image {gauss['dask_image_s']:.2f} s "
+          f"(ratio {gauss['dask_image_s'] / gauss['milotile_s']:.2f}), max |diff| {gauss['max_abs_diff']:.2e}")
+    patches = measured(a, "patches", workers=max(workers))
+    print(f"patch extraction (slab, bbox {a.bbox}, 4 shifts, {max(workers)} workers): {patches['n']} candidates "
+          f"in {patches['patches_s']:.1f} s = {patches['candidates_per_s']:.0f} candidates/s")
+    return gauss, patches
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="256,512,512", help="Z,Y,X of the synthetic tomogram")
@@ -316,6 +378,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", default="64,256,256", help="store chunks (z,y,x)")
     p.add_argument("--mine-chunks", default="", help="mining block shape z,y,x (default: milotile's)")
     p.add_argument("--skip-milopyp", action="store_true", help="only time milotile")
+    p.add_argument("--cli", action="store_true",
+                   help="also time `milotile preprocess` + `milotile mine` as two CLI commands (issue 12)")
+    p.add_argument("--skip-extras", action="store_true", help="skip the lazy-Gaussian and patch-extraction timings")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--reuse", action="store_true", help="reuse the data already in --workdir")
     p.add_argument("--out", default="preprocess", help="results name: benchmarks/results/<out>.json")
@@ -337,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CHILDREN[a.variant](a)))
         return 0
 
+    exit_on_sigterm()
     import pandas as pd
 
     load_start = os.getloadavg()
@@ -354,11 +420,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{prep['n_particles']} particles")
         gt = pd.read_parquet(a.workdir / "synth" / "ground_truth.parquet")
         workers = [int(v) for v in str(a.workers).split(",")]
-        variants = ([] if a.skip_milopyp else ["milopyp"]) + [f"milotile{n}" for n in workers]
+        variants = ([] if a.skip_milopyp else ["milopyp"]) + [f"milotile{n}" for n in workers] + (["cli"] if a.cli else [])
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for rep in range(a.repeats):
             for v in variants:
-                r = (measured(a, "milopyp", rec=prep["rec"]) if v == "milopyp"
+                r = (measured(a, "milopyp", rec=prep["rec"]) if v == "milopyp" else measured_cli(a) if v == "cli"
                      else measured(a, "milotile", workers=int(v[len("milotile"):])))
                 runs[v].append(r)
                 print(f"[{rep + 1}/{a.repeats}] {v:10s} total {r['total_s']:6.1f} s  compute {r['compute_s']:6.1f} s  "
@@ -384,14 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                 c = np.load(a.workdir / f"cands_{v}.npy")
                 s["candidates_near_milopyp"] = agreement(c, ref)
                 s["milopyp_near_candidates"] = agreement(ref, c)
-        gauss = measured(a, "gaussian")
-        print(f"lazy Gaussian sigma {a.gauss} on {gauss['shape']} (2 threads, median of 3): former own wrapper "
-              f"{gauss['milotile_s']:.2f} s, dask-image {gauss['dask_image_s']:.2f} s "
-              f"(ratio {gauss['dask_image_s'] / gauss['milotile_s']:.2f}), max |diff| {gauss['max_abs_diff']:.2e}")
-        patches = measured(a, "patches", workers=max(workers))
-        print(f"patch extraction (slab, bbox {a.bbox}, 4 shifts, {max(workers)} workers): {patches['n']} candidates "
-              f"in {patches['patches_s']:.1f} s = {patches['candidates_per_s']:.0f} candidates/s")
-
+        gauss = patches = None
+        if not a.skip_extras:
+            gauss, patches = extras(a, workers)
         print(f"\n{'variant':12s} {'total s':>8s} {'compute s':>10s} {'CPU s':>6s} {'peak MiB':>9s} {'cands':>6s} "
               f"{'speed x (total/compute)':>24s} {'memory':>7s}  recall per species")
         for v, s in summary.items():
@@ -411,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ntarget on 2 workers (>= 2x faster, <= 1/4 of the peak memory): {target}")
         for v in variants[1:]:
             w = runs[v][-1]
+            if v == "cli":
+                print("cli: " + ", ".join(f"`milotile {c}` {t:.1f} s" for c, t in zip(w["commands"], w["commands_s"].values(), strict=True))
+                      + "; " + "; ".join(f"{r['command']}: start-up {r['startup_s']:.1f} s + I/O {r['io_s']:.1f} s + "
+                                         f"compute {r['compute_s']:.1f} s" for r in w["reports"]))
+                continue
             print(f"{v}: import {w['import_s']:.1f} s, cluster start {w['cluster_start_s']:.1f} s, preprocess "
                   f"{w['preprocess_s']:.1f} s, mine {w['mine_s']:.1f} s, close {w['cluster_close_s']:.1f} s; CPU client "
                   f"{w['client_cpu_s']:.1f} s + workers {w['workers_cpu_s']:.1f} s; "
@@ -423,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                        if k not in ("workdir", "variant", "out")},
             "prepare": prep, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
             "results": summary, "patches": patches, "gaussian": gauss,
+            "threads": {"milopyp": "one process, numpy/scipy (single-threaded filters)",
+                        **{f"milotile{n}": f"LocalCluster of {n} worker processes x 1 thread" for n in workers},
+                        "cli": "`milotile` CLI defaults: --local-scheduler auto (LocalCluster above 96 MiB, one "
+                               "worker per core x 1 thread)", "parent": threads()},
             "target": target, "best": best,
         }
         path = write_results(a.out, payload)

@@ -15,8 +15,8 @@ stages against a plain sequential read of the same store.
 (d) I/O: ``preprocess`` and ``mine`` on a generated tomogram, input bytes/s vs a sequential read of
     the same store's level-0 chunk files (both with a warm page cache).
 
-    python benchmarks/throughput.py            # ~5 min on 2 cores
-    python benchmarks/throughput.py --quick    # fewer steps
+    python benchmarks/throughput.py            # ~6 min on 2 idle cores (estimate)
+    python benchmarks/throughput.py --quick    # tiny sizes: checks the script
 """
 
 from __future__ import annotations
@@ -36,19 +36,29 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, run_measured  # noqa: E402
+from _common import exit_on_sigterm, machine, result_path, run_measured, threads  # noqa: E402
 from _peak import cpu_peak, gpu_peak, model_flops  # noqa: E402
 
 log = logging.getLogger("bench.throughput")
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _time(fn, steps: int) -> float:
-    fn()  # warm-up (allocations, oneDNN primitive cache)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+def _time(fn, min_s: float, min_steps: int = 1, warm: bool = True) -> float:
+    """Seconds per call of ``fn``: one warm-up call (allocations, oneDNN primitive cache; skipped with
+    ``warm=False`` when the caller made one), then calls until ``min_s`` seconds and ``min_steps`` calls."""
+    if warm:
         fn()
-    return (time.perf_counter() - t0) / steps
+    n, t0 = 0, time.perf_counter()
+    while n < min_steps or time.perf_counter() - t0 < min_s:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def _flops_per_sample(make_step, probe: int = 2) -> float:
+    """Model FLOPs per sample, counted on a ``probe``-sample batch (convolutions and matmuls grow linearly
+    with the batch, so counting a small batch avoids one more slow step at the timed batch)."""
+    return model_flops(make_step(probe)) / probe
 
 
 def _row(name: str, samples: int, flops: int, dt: float, peak: dict, dtype: str, **extra) -> dict:
@@ -71,45 +81,47 @@ def _ctx(dev: torch.device, bf16: bool):
 def explore_train_rows(a, dev, peak) -> list[dict]:
     from milotile.explore.model import SimSiam, simsiam_loss
 
+    sb = a.train_batch
+    narrow = (32, 64, 128)
+    # (name, widths, batch, bf16, channels-last, compile); the naive row is MiLoPYP's trunk (the old default)
+    variants = [(f"naive: widths 64,128,256 batch {sb} fp32", (64, 128, 256), sb, False, False, False),
+                (f"widths 32,64,128 batch {a.auto_batch} (CLI auto batch) fp32", narrow, a.auto_batch, False, False, False),
+                (f"widths 32,64,128 batch {sb} fp32", narrow, sb, False, False, False),
+                (f"widths 32,64,128 batch {sb} fp32 channels-last", narrow, sb, False, True, False),
+                (f"widths 32,64,128 batch {sb} bf16", narrow, sb, True, False, False),
+                (f"widths 32,64,128 batch {sb} bf16 channels-last", narrow, sb, True, True, False)]
+    if a.compile:
+        variants.append((f"widths 32,64,128 batch {sb} bf16 torch.compile", narrow, sb, True, False, True))
     rows = []
-    # the naive row uses the same batch: per-patch speed does not depend on it on the CPU, and a
-    # 256-batch step of the wide trunk takes minutes here (its memory is measured in (c))
-    sb = a.speed_batch or a.auto_batch
-    variants = [(f"naive: widths 64,128,256 batch {sb} fp32", (64, 128, 256), sb, False, False, False)]
-    for bs_name, bs in (("auto" if sb == a.auto_batch else "speed", sb),):
-        variants += [
-            (f"widths 32,64,128 batch {bs} ({bs_name}) fp32", (32, 64, 128), bs, False, False, False),
-            (f"widths 32,64,128 batch {bs} ({bs_name}) bf16 ", (32, 64, 128), bs, True, False, False),
-            (f"widths 32,64,128 batch {bs} ({bs_name}) bf16 channels-last", (32, 64, 128), bs, True, True, False),
-        ]
-        if a.compile:
-            variants.append((f"widths 32,64,128 batch {bs} bf16 torch.compile", (32, 64, 128), bs, True, False, True))
     for name, widths, bs, bf16, cl, comp in variants:
         torch.manual_seed(0)
         m = SimSiam("3d", widths=widths).to(dev)
-        x1 = torch.randn(bs, 1, a.bbox, a.bbox, device=dev)
-        x2 = torch.randn(bs, 1, a.bbox, a.bbox, device=dev)
         if cl:
             m = m.to(memory_format=torch.channels_last)
-            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
         net = torch.compile(m) if comp else m
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
 
-        def step(net=net, opt=opt, x1=x1, x2=x2, bf16=bf16):
-            with _ctx(dev, bf16):
-                p1, p2, z1, z2 = net(x1, x2)
-                loss = simsiam_loss(p1, p2, z1, z2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def make_step(n, net=net, opt=opt, bf16=bf16, cl=cl):
+            x1, x2 = (torch.randn(n, 1, a.bbox, a.bbox, device=dev) for _ in range(2))
+            if cl:
+                x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
 
+            def step():
+                with _ctx(dev, bf16):
+                    p1, p2, z1, z2 = net(x1, x2)
+                    loss = simsiam_loss(p1, p2, z1, z2)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return step
+
+        fps = _flops_per_sample(make_step)
+        timed = make_step(bs)
         t0 = time.perf_counter()
-        step()  # compile happens here
+        timed()  # the warm-up call (torch.compile compiles here)
         first = time.perf_counter() - t0
-        flops = model_flops(step)
-        steps = a.steps
-        rows.append(_row("explore train: " + name, bs, flops, _time(step, steps), peak, "bf16" if bf16 else "fp32",
-                         first_step_s=first))
+        rows.append(_row("explore train: " + name, bs, int(fps * bs), _time(timed, a.min_seconds, warm=False), peak,
+                         "bf16" if bf16 else "fp32", first_step_s=first, batch=bs))
     return rows
 
 
@@ -129,42 +141,53 @@ def explore_embed_rows(a, dev, peak) -> list[dict]:
             with grad_ctx(), _ctx(dev, bf16):
                 m.features(x, "pred")
 
-        rows.append(_row("explore embed: " + name, x.shape[0], flops, _time(call, a.steps), peak,
-                         "bf16" if bf16 else "fp32"))
+        rows.append(_row("explore embed: " + name, x.shape[0], flops, _time(call, a.min_seconds), peak,
+                         "bf16" if bf16 else "fp32", batch=x.shape[0]))
     return rows
 
 
 def refine_rows(a, dev, peak) -> list[dict]:
     from milotile.refine.model import unet4
+    from milotile.refine.train import DEFAULT_START_FILTS
 
-    torch.manual_seed(0)
     rows = []
-    m = unet4(start_filts=32).to(dev)
-    # training step: batch 4 crops 8 x 64 x 64 (the CLI default), heatmap BCE as a stand-in loss
-    xb = torch.randn(4, 8, 64, 64, device=dev)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    for bf16 in (False, True):
-        def tstep(bf16=bf16):
-            with _ctx(dev, bf16):
-                loss = m(xb)["hm"].float().sigmoid().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    rb, (cz, cy, cx) = a.refine_batch, (8, 64, 64)  # crops of the CLI default 8 x 64 x 64
+    for bf16, cl in ((False, False), (False, True), (True, False)):
+        torch.manual_seed(0)
+        m = unet4(start_filts=DEFAULT_START_FILTS).to(dev)
+        if cl:  # the 2D stem and trunk only (the 3D head's weights are rank 5)
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                    mod.to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        tag = ("bf16" if bf16 else "fp32") + (" channels-last" if cl else "")
 
-        rows.append(_row(f"refine train step 4x8x64x64 {'bf16' if bf16 else 'fp32'}", 4 * 8 * 64 * 64,
-                         model_flops(tstep), _time(tstep, a.steps), peak, "bf16" if bf16 else "fp32",
-                         unit="input voxels"))
-    m.eval()
-    xs = torch.randn(1, 16, a.slab_xy, a.slab_xy, device=dev)
-    flops = model_flops(lambda: m(xs))
-    for bf16 in (False, True):
-        def pstep(bf16=bf16):
+        def make_step(n, m=m, opt=opt, bf16=bf16, cl=cl):
+            xb = torch.randn(n, cz, cy, cx, device=dev)
+
+            def tstep():  # heatmap BCE stand-in loss: the same forward and backward work
+                with _ctx(dev, bf16):
+                    loss = m(xb)["hm"].float().sigmoid().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return tstep
+
+        fps = _flops_per_sample(make_step, probe=1)
+        rows.append(_row(f"refine train step {rb}x{cz}x{cy}x{cx} {tag}", rb * cz * cy * cx, int(fps * rb),
+                         _time(make_step(rb), a.min_seconds), peak, "bf16" if bf16 else "fp32", unit="input voxels",
+                         start_filts=DEFAULT_START_FILTS, batch=rb))
+        m.eval()
+        xs = torch.randn(1, 16, a.slab_xy, a.slab_xy, device=dev)
+        flops = model_flops(lambda m=m, xs=xs: m(xs))
+
+        def pstep(m=m, xs=xs, bf16=bf16):
             with torch.no_grad(), _ctx(dev, bf16):
                 m(xs)
 
-        rows.append(_row(f"refine predict 16x{a.slab_xy}x{a.slab_xy} {'bf16' if bf16 else 'fp32'}",
-                         16 * a.slab_xy**2, flops, _time(pstep, max(1, a.steps // 2)), peak,
-                         "bf16" if bf16 else "fp32", unit="input voxels"))
+        rows.append(_row(f"refine predict 16x{a.slab_xy}x{a.slab_xy} {tag}", 16 * a.slab_xy**2, flops,
+                         _time(pstep, a.min_seconds), peak, "bf16" if bf16 else "fp32", unit="input voxels",
+                         start_filts=DEFAULT_START_FILTS))
     return rows
 
 
@@ -244,67 +267,18 @@ def io_rows(a, work: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--bbox", type=int, default=36, help="explore patch side (default 36, the CLI default)")
-    p.add_argument("--auto-batch", type=int, default=None, help="batch of the CPU default (default: computed)")
-    p.add_argument("--speed-batch", type=int, default=None,
-                   help="batch of the timed train steps (default: the automatic batch; smaller is quicker on a busy machine)")
-    p.add_argument("--slab-xy", type=int, default=256)
-    p.add_argument("--embed-batch", type=int, default=512)
-    p.add_argument("--bank-n", type=int, default=512)
-    p.add_argument("--io-size", default="128,256,256")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: train,embed,refine,memory,io")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if a.quick:
-        a.steps, a.bank_n = 1, 256
-    dev = torch.device(a.device)
-    peak = gpu_peak() if dev.type == "cuda" else cpu_peak()
-    peak = peak or cpu_peak()
-    log.info("peak: %.1f GFLOP/s fp32, %.1f GFLOP/s bf16 (%s)", peak["fp32_flops"] / 1e9, peak["bf16_flops"] / 1e9,
-             peak["assumptions"])
-    if a.auto_batch is None:
-        from milotile.explore.train import _auto_batch
-
-        class _Bank:
-            mode = "3d"
-
-        a.auto_batch = _auto_batch("simsiam-3d", {"dim": 128, "widths": [32, 64, 128]}, _Bank(), a.bbox, dev, True)
-    skip = set(a.skip.split(","))
-    load0 = os.getloadavg()
-    t_all = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="milotile-throughput-"))
-    out = {"benchmark": "throughput", "command": " ".join([sys.executable, *sys.argv]), "machine": machine(),
-           "load_avg_at_start": load0, "device": str(dev), "torch_threads": torch.get_num_threads(),
-           "peak": peak, "auto_batch": a.auto_batch}
-    try:
-        if "train" not in skip:
-            out["explore_train"] = explore_train_rows(a, dev, peak)
-        if "embed" not in skip:
-            out["explore_embed"] = explore_embed_rows(a, dev, peak)
-        if "refine" not in skip:
-            out["refine"] = refine_rows(a, dev, peak)
-        if "memory" not in skip:
-            out["memory"] = memory_rows(a, work)
-        if "io" not in skip:
-            out["io"] = io_rows(a, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def _save(out: dict, path: Path) -> None:
+    """Write the JSON (after every part, so a run stopped by a time budget keeps what it measured)."""
     out["load_avg_at_end"] = os.getloadavg()
-    out["total_run_s"] = time.perf_counter() - t_all
-    RESULTS.mkdir(exist_ok=True)
-    name = "throughput.json" if dev.type == "cpu" else "throughput_gpu.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=1, default=str))
+    path.write_text(json.dumps(out, indent=1, default=str))
+
+
+def _print_table(out: dict, peak: dict, path: Path) -> None:
     print(f"\nfraction of peak (fp32 peak {peak['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 peak "
-          f"{peak['bf16_flops'] / 1e9:.0f} GFLOP/s; {peak['assumptions']}):")
+          f"{peak['bf16_flops'] / 1e9:.0f} GFLOP/s; {peak['assumptions']}; torch threads {out['torch_threads']}):")
     for part in ("explore_train", "explore_embed", "refine"):
         for r in out.get(part, []):
-            print(f"  {r['name']:62s} {r['samples_per_s']:10.1f}/s {r['gflop_per_s']:7.1f} GFLOP/s "
+            print(f"  {r['name']:66s} {r['samples_per_s']:10.1f}/s {r['gflop_per_s']:7.1f} GFLOP/s "
                   f"{100 * r['fraction_of_fp32_peak']:5.1f} % fp32"
                   + (f" {100 * r['fraction_of_bf16_peak']:5.2f} % bf16" if "fraction_of_bf16_peak" in r else ""))
     for r in out.get("memory", []):
@@ -312,8 +286,73 @@ def main() -> None:
               f"{r['patches_per_s']:6.1f} patches/s batch {r['batch_size']} widths {r['widths']}")
     for r in out.get("io", []):
         print(f"  {r['stage']:10s} {r['store_bytes_per_s'] / 2**20:7.1f} MiB/s = "
-              f"{r['fraction_of_sequential_read']:.3f} of sequential read")
-    print(f"load average {load0} -> {out['load_avg_at_end']}; {RESULTS / name}")
+              f"{r['fraction_of_sequential_read']:.3f} of sequential read "
+              f"({r['sequential_read_bytes_per_s'] / 2**20:.0f} MiB/s)")
+    print(f"load average {out['load_avg_at_start']} -> {out['load_avg_at_end']}; {out['total_run_s']:.0f} s; {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny batches and sizes: checks the script in about a minute")
+    p.add_argument("--min-seconds", type=float, default=3.0,
+                   help="time each row for at least this long after one warm-up call (default 3)")
+    p.add_argument("--bbox", type=int, default=36, help="explore patch side (default 36, the CLI default)")
+    p.add_argument("--auto-batch", type=int, default=None, help="batch of the CPU default (default: computed)")
+    p.add_argument("--train-batch", type=int, default=128,
+                   help="batch of the timed explore train steps (default 128: per-op latency dominates at 16-32)")
+    p.add_argument("--refine-batch", type=int, default=16, help="crops per refine train step (default 16)")
+    p.add_argument("--slab-xy", type=int, default=256, help="refine predict slab 16 x N x N (default 256)")
+    p.add_argument("--embed-batch", type=int, default=256)
+    p.add_argument("--bank-n", type=int, default=256, help="patches of the CLI memory runs (one old-default batch)")
+    p.add_argument("--io-size", default="128,256,256")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: train,embed,refine,memory,io")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    exit_on_sigterm()
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if a.quick:
+        a.min_seconds, a.train_batch, a.refine_batch, a.slab_xy, a.embed_batch = 0.0, 8, 2, 64, 16
+        a.bank_n, a.io_size, a.bbox = 64, "32,96,96", 24
+    dev = torch.device(a.device)
+    peak = gpu_peak() if dev.type == "cuda" else cpu_peak()
+    peak = peak or cpu_peak()
+    log.info("peak: %.1f GFLOP/s fp32, %.1f GFLOP/s bf16 (%s)", peak["fp32_flops"] / 1e9, peak["bf16_flops"] / 1e9,
+             peak["assumptions"])
+    if a.auto_batch is None:
+        from milotile.explore.train import _auto_batch
+        from milotile.nn.device import cpu_bf16_supported
+
+        class _Bank:
+            mode = "3d"
+
+        amp = dev.type == "cuda" or cpu_bf16_supported()  # as explore.train decides
+        a.auto_batch = _auto_batch("simsiam-3d", {"dim": 128, "widths": [32, 64, 128]}, _Bank(), a.bbox, dev, amp)
+    skip = set(a.skip.split(","))
+    load0 = os.getloadavg()
+    t_all = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="milotile-throughput-"))
+    path = result_path("throughput" if dev.type == "cpu" else "throughput_gpu")
+    out = {"benchmark": "throughput", "command": " ".join([sys.executable, *sys.argv]), "machine": machine(),
+           "load_avg_at_start": load0, "device": str(dev), "torch_threads": torch.get_num_threads(),
+           "threads": threads(), "peak": peak, "auto_batch": a.auto_batch,
+           "settings": {k: v for k, v in vars(a).items()}}
+    parts = (("explore_train", "train", explore_train_rows, (a, dev, peak)),
+             ("explore_embed", "embed", explore_embed_rows, (a, dev, peak)),
+             ("refine", "refine", refine_rows, (a, dev, peak)),
+             ("memory", "memory", memory_rows, (a, work)), ("io", "io", io_rows, (a, work)))
+    try:
+        for key, part, fn, args in parts:
+            if part in skip:
+                continue
+            out[key] = fn(*args)
+            out["total_run_s"] = time.perf_counter() - t_all
+            _save(out, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out["total_run_s"] = time.perf_counter() - t_all
+    _save(out, path)
+    _print_table(out, peak, path)
 
 
 if __name__ == "__main__":
