@@ -55,6 +55,8 @@ RECIPES: dict[str, dict] = {
                                   "contrastive": True, "legacy": True}, "pick": {"threshold": 0.25}},
     "demo_v0": {"train": {"epochs": 10, "tau": 0.01, "repeats": 10, "arch_config": {"start_filts": 16},
                           "contrastive": True, "legacy": True}, "pick": {"threshold": 0.25}},
+    # session 2's defaults (6 epochs, 8-slice crops, head z dilation 1, no TTA), threshold by the current rule
+    "defaults_v1": {"train": {"epochs": 6, "tta": 1, "crop": [8, 64, 64], "arch_config": {"z_dilation": 1}}, "pick": {}},
     "defaults": {"train": {}, "pick": {}},
 }
 

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--order", choices=("xyz", "xzy", "zxy", "yxz"), help="column order of bare txt coordinate files")
     p.add_argument("--out", metavar="RUN", help="run folder (default STORE/runs/refine-<time>)")
     p.add_argument("--bbox", type=float, default=16, help="particle box in level-0 voxels (default 16)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs (default: about 600 labelled crops, 6-20 epochs: 20 for 6 labels, 7 for 18)")
     p.add_argument("--arch", default="unet4", choices=("unet4", "unet5", "ressmall", "unet_4", "unet_5", "ressmall_18"),
                    help="architecture (default unet4)")
     p.add_argument("--start-filts", type=int, default=None, help="U-Net width of the first level (default 16)")
