@@ -55,7 +55,11 @@ log = logging.getLogger("bench.explore")
 
 # --------------------------------------------------------------------------- data
 def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object, dict]:
-    """synth -> ingest -> preprocess -> mine -> extract_patches; reused when ``work`` holds the same setting."""
+    """synth -> ingest -> preprocess -> mine -> extract_patches; reused when ``work`` holds the same setting.
+
+    The data (synth, store, candidates) are keyed by the data options; each patch bank by its modes and
+    bbox, so the ``3d`` and ``2d3d`` runs of one setting share the tomograms and candidates.
+    """
     import pandas as pd
 
     import milotile as mt
@@ -65,12 +69,21 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     from milotile.synth import synth
 
     params = {"n_tomograms": a.n_tomograms, "size": a.size, "snr": a.snr, "n_particles": a.n_particles,
-              "data_seed": a.data_seed, "bbox": a.bbox, "border": a.border, "border_z": a.border_z,
-              "preset": a.preset, "modes": a.modes}
+              "data_seed": a.data_seed, "border": a.border, "border_z": a.border_z, "preset": a.preset}
+    bank_params = {"bbox": a.bbox, "modes": a.modes}
     stamp = work / "data.json"
     if stamp.exists() and json.loads(stamp.read_text())["params"] == params:
-        info = json.loads(stamp.read_text())["info"]
+        state = json.loads(stamp.read_text())
         col = mt.open(work / "store.zarr")
+        banks = state.setdefault("banks", {})
+        bkey = json.dumps(bank_params, sort_keys=True)
+        if bkey not in banks:  # same data, another bank (the other mode or patch size)
+            t0 = time.perf_counter()
+            with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
+                key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=True, chunk_n=128)
+            banks[bkey] = {"key": key, "patches_s": time.perf_counter() - t0}
+            stamp.write_text(json.dumps(state))
+        info = {**state["info"], **banks[bkey]}
         return col, info["key"], pd.read_parquet(work / "gt.parquet"), info
     for p in ("synth", "store.zarr"):
         shutil.rmtree(work / p, ignore_errors=True)
@@ -80,20 +93,25 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     res = synth(work / "synth", n_tomograms=a.n_tomograms, size=size, seed=a.data_seed, snr=a.snr,
                 filament=hard, n_particles=None if hard else a.n_particles, preset=a.preset)
     t1 = time.perf_counter()
-    with mt.cluster(workers=2, threads_per_worker=1, dashboard_address=None):
+    with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
         col = mt.ingest(res.manifest, work / "store.zarr")
         preprocess(col)
         cands = mine(col, border=a.border, border_z=a.border_z)
+        t2 = time.perf_counter()
         key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=True, chunk_n=128)
     res.ground_truth.to_parquet(work / "gt.parquet")
-    info = {"key": key, "synth_s": t1 - t0, "pipeline_s": time.perf_counter() - t1, "n_candidates": len(cands)}
-    stamp.write_text(json.dumps({"params": params, "info": info}))
-    return col, key, res.ground_truth, info
+    info = {"synth_s": t1 - t0, "pipeline_s": t2 - t1, "n_candidates": len(cands)}
+    bank = {"key": key, "patches_s": time.perf_counter() - t2}
+    stamp.write_text(json.dumps({"params": params, "info": info,
+                                 "banks": {json.dumps(bank_params, sort_keys=True): bank}}))
+    return col, key, res.ground_truth, {**info, **bank}
 
 
-def label_candidates(table, gt, radius: float) -> np.ndarray:
-    """Species per candidate row: the particle whose nearest candidate (within ``radius``) it is, else ''.
+def label_candidates(table, gt, radius: float, frac: float = 0.0) -> np.ndarray:
+    """Species per candidate row: the particle whose nearest candidate it is, else ''.
 
+    A particle of radius ``r`` (ground-truth column ``radius``, when present) matches within
+    ``max(radius, frac * r)`` voxels: DoG candidates of large particles sit off-centre (on a lump).
     One candidate per particle; a candidate nearest to two particles keeps the closer one.
     """
     from scipy.spatial import cKDTree
@@ -104,9 +122,12 @@ def label_candidates(table, gt, radius: float) -> np.ndarray:
         if g.empty:
             continue
         d, i = cKDTree(sub[["x", "y", "z"]].to_numpy()).query(g[["x", "y", "z"]].to_numpy())
+        r = np.full(len(g), float(radius))
+        if frac and "radius" in g.columns:
+            r = np.maximum(r, frac * g["radius"].to_numpy(dtype=float))
         best: dict[int, tuple[float, str]] = {}
-        for dist, row, sp in zip(d, i, g["species"].astype(str), strict=True):
-            if dist <= radius and (row not in best or dist < best[row][0]):
+        for dist, row, sp, lim in zip(d, i, g["species"].astype(str), r, strict=True):
+            if dist <= lim and (row not in best or dist < best[row][0]):
                 best[row] = (dist, sp)
         for row, (_, sp) in best.items():
             labels[sub.index[row]] = sp
@@ -223,7 +244,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--border", type=int, default=16, help="mining exclusion band in y/x (half a patch)")
     ap.add_argument("--border-z", type=int, default=8, help="mining exclusion band in z")
     ap.add_argument("--bbox", type=int, default=32)
-    ap.add_argument("--match-radius", type=float, default=4.0)
+    ap.add_argument("--match-radius", type=float, default=4.0, help="candidate-particle match distance (voxels)")
+    ap.add_argument("--match-frac", type=float, default=0.5,
+                    help="... or this fraction of the particle radius when larger (big species: DoG peaks off-centre)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -232,6 +255,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--crop", type=int, default=None, help="centre crop the model sees (train bbox; default the patch)")
     ap.add_argument("--strong-aug", default=None, help="JSON overrides of the strong view's AugmentConfig")
     ap.add_argument("--weak-aug", default=None, help="JSON overrides of the weak view's AugmentConfig")
+    ap.add_argument("--feature", default="trunk", choices=("pred", "proj", "fc", "trunk"),
+                    help="the headline (stored) embedding output")
+    ap.add_argument("--tta", action="store_true", help="headline embedding averaged over the 8 flips/rot90")
     ap.add_argument("--seeds", default="0,1", help="training seeds (same data)")
     ap.add_argument("--pca", default="4,8,16,32,64", help="PCA component counts of the baseline")
     ap.add_argument("--cv-repeats", type=int, default=3)
@@ -258,7 +284,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
     col, key, gt, prep = build_store(work, a)
     bank = open_bank(col, key)
     table = col.read_table(f"patches-{key}")
-    labels = label_candidates(table, gt, a.match_radius)
+    labels = label_candidates(table, gt, a.match_radius, a.match_frac)
     on_gt = labels != ""
     y = labels[on_gt].astype(str)
     counts = {str(k): int(v) for k, v in zip(*np.unique(y, return_counts=True), strict=True)}
@@ -271,15 +297,21 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
     allx = bank.read(0, bank.n)  # (n, S, 1, b, b)
     raw_all = allx[:, 0].reshape(bank.n, -1).astype(np.float64)
     base_feats = {"raw_pixels": raw_all[on_gt]}
-    for nc in (int(v) for v in a.pca.split(",")):
-        if nc < min(raw_all.shape):
-            base_feats[f"pca_{nc}"] = PCA(nc, random_state=0).fit(raw_all).transform(raw_all[on_gt])
+    raws = {"": raw_all}
+    if a.crop and a.crop < allx.shape[-1]:  # also PCA of the centre crop the model sees (generous to the baseline)
+        o = (allx.shape[-1] - a.crop) // 2
+        raws[f"_crop{a.crop}"] = allx[:, 0, :, o : o + a.crop, o : o + a.crop].reshape(bank.n, -1).astype(np.float64)
+    for suffix, raw in raws.items():
+        for nc in (int(v) for v in a.pca.split(",")):
+            if nc < min(raw.shape):
+                base_feats[f"pca_{nc}{suffix}"] = PCA(nc, random_state=0).fit(raw).transform(raw[on_gt])
     baseline = score_all(base_feats, y, a.cv_repeats)
     best_pca = max((v[m]["mean"], k, m) for k, v in baseline.items() if k.startswith("pca") for m in ("std", "cos"))
     log.info("SNR %g baseline: best PCA %.3f (%s, %s); raw pixels %s; chance %.3f", snr, *best_pca,
              baseline["raw_pixels"], chance)
 
     cfg = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": a.optimizer, "bbox": a.crop,
+           "feature": a.feature, "tta": a.tta,
            "model_config": {"widths": [int(w) for w in a.widths.split(",")]},
            "strong_aug": json.loads(a.strong_aug) if a.strong_aug else None,
            "weak_aug": json.loads(a.weak_aug) if a.weak_aug else None}
@@ -292,11 +324,14 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         t_train = time.perf_counter() - t0
         recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         t0 = time.perf_counter()
-        emb = embed(col, model=enc, key=key, feature="pred", overwrite=True)
+        emb = embed(col, model=enc, key=key, overwrite=True)
         t_embed = time.perf_counter() - t0
-        feats = {"pred": emb.values()[on_gt]}
-        for kind in ("proj", "fc", "trunk"):
-            feats[kind] = enc.transform(allx[on_gt], feature=kind)
+        feats = {a.feature: emb.values()[on_gt]}
+        for kind in ("pred", "proj", "fc", "trunk"):
+            if kind != a.feature:
+                feats[kind] = enc.transform(allx[on_gt], feature=kind)
+            feats[f"{kind}_tta" if not a.tta else f"{kind}_plain"] = enc.transform(allx[on_gt], feature=kind,
+                                                                                   tta=not a.tta)
         q = score_all(feats, y, a.cv_repeats)
         runs.append({
             "seed": seed, "knn5": q, "train_s": round(t_train, 1), "embed_s": round(t_embed, 2),
@@ -305,10 +340,10 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             "loss_first_last": [round(recs[0]["loss"], 4), round(recs[-1]["loss"], 4)],
             "output_std_last": round(recs[-1]["output_std"], 4),
         })
-        log.info("SNR %g seed %d: pred %.3f (std) / %.3f (cos); best %s; train %.0f s", snr, seed,
-                 q["pred"]["std"]["mean"], q["pred"]["cos"]["mean"],
+        log.info("SNR %g seed %d: %s %.3f (std) / %.3f (cos) purity %.3f; best %s; train %.0f s", snr, seed,
+                 a.feature, q[a.feature]["std"]["mean"], q[a.feature]["cos"]["mean"], q[a.feature]["purity"],
                  max((v[m]["mean"], k, m) for k, v in q.items() for m in ("std", "cos")), t_train)
-    headline = [r["knn5"]["pred"]["std"]["mean"] for r in runs]
+    headline = [r["knn5"][a.feature]["std"]["mean"] for r in runs]
     return {
         "snr": snr,
         "data": {"n_tomograms": a.n_tomograms, "size_zyx": a.size, "n_particles_per_tomogram": a.n_particles,
@@ -320,16 +355,20 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         "simsiam_runs": runs,
         "summary": {
             "snr": snr,
-            "simsiam_pred_std_per_seed": headline,
-            "simsiam_pred_std_mean": float(np.mean(headline)) if headline else None,
+            "headline_feature": a.feature + ("_tta" if a.tta else ""),
+            "simsiam_std_per_seed": headline,
+            "simsiam_std_mean": float(np.mean(headline)) if headline else None,
             "simsiam_best_setting_per_seed": [max(v[m]["mean"] for v in r["knn5"].values() for m in ("std", "cos"))
                                               for r in runs],
             "best_pca": best_pca[0],
-            "simsiam_pred_purity_per_seed": [r["knn5"]["pred"]["purity"] for r in runs],
+            "simsiam_purity_per_seed": [r["knn5"][a.feature]["purity"] for r in runs],
             "best_pca_purity": max(v["purity"] for k, v in baseline.items() if k.startswith("pca")),
             "raw_pixels_best": max(baseline["raw_pixels"][m]["mean"] for m in ("std", "cos")),
             "chance": round(chance, 4),
             "learned_beats_best_pca_every_seed": bool(headline and min(headline) > best_pca[0]),
+            "learned_purity_beats_best_pca_every_seed": bool(
+                runs and min(r["knn5"][a.feature]["purity"] for r in runs)
+                > max(v["purity"] for k, v in baseline.items() if k.startswith("pca"))),
         },
         "_bank": bank,
     }
@@ -376,10 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python benchmarks/explore.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
         "device": str(dev), "torch_threads": torch.get_num_threads(),
-        "common": {"bbox": a.bbox, "mine_border_yx_z": [a.border, a.border_z], "match_radius": a.match_radius,
+        "common": {"bbox": a.bbox, "mine_border_yx_z": [a.border, a.border_z], "match_radius": a.match_radius, "match_frac": a.match_frac,
                    "data_seed": a.data_seed, "pca_components": a.pca,
                    "recipe": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": a.optimizer,
-                              "widths": a.widths, "crop": a.crop, "strong_aug": a.strong_aug, "weak_aug": a.weak_aug,
+                              "widths": a.widths, "crop": a.crop, "feature": a.feature, "tta": a.tta, "strong_aug": a.strong_aug, "weak_aug": a.weak_aug,
                               "seeds": seeds}},
         "knn": f"k=5, stratified 5-fold CV repeated {a.cv_repeats} times (mean, std over repeats); "
                "'std' = standardised Euclidean, 'cos' = L2-normalised",
