@@ -4,25 +4,37 @@ Pipeline (the real one): ``milotile.synth`` tomograms (default 4 x 64 x 256 x 25
 three species in equal parts, no filament) -> ingest -> preprocess -> mine (DoG candidates; exclusion
 band half a patch) -> extract_patches (slab mode, bbox 32, MiLoPYP's four neighbour shifts) ->
 ``explore.train`` (SimSiam) -> ``explore.embed``. One store per tilt-series SNR (``--snr``, default
-0.04 and 0.15: at the old 0.5 raw-pixel PCA already reached 0.99), built once and reused from ``--work``.
+0.04 and 0.15: at the old 0.5 raw-pixel PCA already reached 0.99), built once and reused from ``--work``;
+the ``3d`` (``--modes slab``) and ``2d3d`` (``--modes tiltsum,slice``) banks of one setting share it.
+
+Hard setting (issue 15): ``--preset hard --size 128,256,256`` -- four species of radius 12/9/7/5 voxels
+(20 each per tomogram), crowders, membranes, gold, a filament, an intensity gradient, CTF and the
+missing wedge (see :mod:`milotile.synth.hard`). Its default SNR 0.1 (and 0.05) leaves raw-pixel PCA at
+0.98-1.00 k-NN accuracy (species differ in size), so the learned embedding can only tie there;
+SNR 0.02 is where the two part. See ``results/explore_hard.json`` for the commands.
 
 (a) quality. Each ground-truth particle is matched to its nearest candidate within
-    ``--match-radius`` voxels (one candidate per particle, so no near-duplicate rows leak between
+    ``max(--match-radius, --match-frac x particle radius)`` voxels (DoG candidates of large particles sit
+    off-centre; one candidate per particle, so no near-duplicate rows leak between
     CV folds); that candidate gets the particle's species. Reported: 5-NN species accuracy
     (stratified 5-fold CV, repeated ``--cv-repeats`` times with different shuffles; mean and std
     over the repeats) of
 
-    * the learned embedding for every training seed in ``--seeds``: ``pred`` (MiLoPYP's choice and
-      the pipeline default) is the headline; ``proj``/``fc``/``trunk`` are reported too;
+    * the learned embedding for every training seed in ``--seeds``: ``--feature`` (default ``trunk``,
+      the pipeline default) is the headline; the other outputs (``pred`` is MiLoPYP's choice) and
+      each output averaged over the 8 flips/rot90 (``*_tta``) are reported too;
     * raw-pixel PCA of the same patches (the original, unshifted patch, per-patch min-max as
       stored in the bank), PCA fitted on ALL candidates (as unsupervised as the embedding), for
-      every component count in ``--pca`` -- and the raw pixels themselves;
+      every component count in ``--pca``, also on the centre crop the model sees when ``--crop`` is
+      set -- and the raw pixels themselves;
     * chance (the majority-class fraction).
 
     Every feature set is scored twice: standardised features + Euclidean k-NN ('std'), and
     L2-normalised features (cosine k-NN, 'cos'). The PCA baseline is the best of ALL its component
     counts and both metrics (chosen with hindsight -- generous to the baseline); the embedding is
-    judged on its pre-declared setting (``pred``, 'std'), its best setting is listed for reference.
+    judged on its pre-declared setting (``--feature``, 'std'), its best setting is listed for reference.
+    Cluster purity: k-means with twice as many clusters as species on standardised features, share
+    of points in their cluster's majority species (best PCA component count, again with hindsight).
 (b) speed. Patches per second of training (median epoch) and of embedding on CPU, and the
     two-view augmentation alone: torch batch augmentation vs a MiLoPYP-style per-sample PIL loop
     (8-bit image, flips, brightness/contrast jitter, random resized crop, rot90, to tensor,
@@ -233,26 +245,30 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run (3 tomograms, 5 epochs, 1 seed)")
     ap.add_argument("--n-tomograms", type=int, default=4)
-    ap.add_argument("--size", default="64,256,256", help="Z,Y,X of each synthetic tomogram")
+    ap.add_argument("--size", default=None, help="Z,Y,X of each synthetic tomogram (64,256,256; hard 128,256,256)")
     ap.add_argument("--n-particles", type=int, default=90, help="particles per tomogram (3 species)")
-    ap.add_argument("--snr", default="0.04,0.15",
-                    help="tilt-series SNR(s), comma-separated (one store each); every seed runs at every SNR")
+    ap.add_argument("--snr", default=None,
+                    help="tilt-series SNR(s), comma-separated (one store each; default 0.04,0.15; hard 0.02,0.1); "
+                    "every seed runs at every SNR")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--preset", choices=("easy", "hard"), default="easy",
                     help="synth preset; hard = issue 15's setting (use with --snr 0.1 --size 128,256,256)")
-    ap.add_argument("--modes", default="slab", help="patch modes: slab (3d) or tiltsum,slice (2d3d)")
+    ap.add_argument("--modes", default=None,
+                    help="patch modes: slab (3d) or tiltsum,slice (2d3d); several runs separated by ';' "
+                    "(default slab; hard 'slab;tiltsum,slice')")
     ap.add_argument("--border", type=int, default=16, help="mining exclusion band in y/x (half a patch)")
     ap.add_argument("--border-z", type=int, default=8, help="mining exclusion band in z")
     ap.add_argument("--bbox", type=int, default=32)
     ap.add_argument("--match-radius", type=float, default=4.0, help="candidate-particle match distance (voxels)")
     ap.add_argument("--match-frac", type=float, default=0.5,
                     help="... or this fraction of the particle radius when larger (big species: DoG peaks off-centre)")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=None, help="default 20; hard 12")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--optimizer", default="sgd")
-    ap.add_argument("--widths", default="32,64,128", help="trunk widths (MiLoPYP: 64,128,256)")
-    ap.add_argument("--crop", type=int, default=None, help="centre crop the model sees (train bbox; default the patch)")
+    ap.add_argument("--widths", default=None, help="trunk widths (default 32,64,128; hard 16,32,64; MiLoPYP: 64,128,256)")
+    ap.add_argument("--crop", type=int, default=None,
+                    help="centre crop the model sees (train bbox; default the patch; hard 24, the largest species' diameter)")
     ap.add_argument("--strong-aug", default=None, help="JSON overrides of the strong view's AugmentConfig")
     ap.add_argument("--weak-aug", default=None, help="JSON overrides of the weak view's AugmentConfig")
     ap.add_argument("--feature", default="trunk", choices=("pred", "proj", "fc", "trunk"),
@@ -267,10 +283,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=None, help="work folder, the store is reused (default: a temporary one)")
     ap.add_argument("--out", default=None, help="JSON path (default results/explore[_quick].json)")
     a = ap.parse_args(argv)
+    hard = a.preset == "hard"  # the recipe chosen on the hard setting (see results/explore_hard.json)
+    for name, easy_val, hard_val in (("size", "64,256,256", "128,256,256"), ("snr", "0.04,0.15", "0.02,0.1"),
+                                     ("epochs", 20, 12), ("widths", "32,64,128", "16,32,64"), ("crop", None, 24),
+                                     ("modes", "slab", "slab;tiltsum,slice")):
+        if getattr(a, name) is None:
+            setattr(a, name, hard_val if hard else easy_val)
     if a.quick:
         a.n_tomograms, a.size, a.n_particles, a.epochs, a.seeds, a.snr = 3, "64,192,192", 45, 5, "0", "0.04"
     if a.out is None:
-        a.out = str(Path(__file__).parent / "results" / ("explore_quick.json" if a.quick else "explore.json"))
+        name = "explore_quick.json" if a.quick else "explore_hard.json" if hard else "explore.json"
+        a.out = str(Path(__file__).parent / "results" / name)
     return a
 
 
@@ -391,10 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     snrs = [float(v) for v in str(a.snr).split(",")]
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else []
     settings = []
-    for snr in snrs:
-        wd = work / f"snr{snr:g}"
-        wd.mkdir(parents=True, exist_ok=True)
-        settings.append(evaluate_setting(a, snr, seeds, wd, dev))
+    for modes in a.modes.split(";"):  # e.g. "slab;tiltsum,slice": the 3d and the 2d3d bank of the same data
+        for snr in snrs:
+            wd = work / f"snr{snr:g}"
+            wd.mkdir(parents=True, exist_ok=True)
+            a.modes = modes
+            settings.append(evaluate_setting(a, snr, seeds, wd, dev))
+            settings[-1]["summary"]["modes"] = modes
 
     speed: dict = {}
     if not a.no_speed:
