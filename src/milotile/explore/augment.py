@@ -82,14 +82,15 @@ def default_config(mode: str, view: str) -> AugmentConfig:
     views keep it), ColorJitter(0.2, 0.2), and Gaussian noise of 0.5 × the patch std on the strong
     view. MiLoPYP's chain (RRC 0.8–1.0 / 0.9–1.0, ColorJitter(0.5, 0.2), rot90, no noise) is
     ``replace(AugmentConfig(), ...)`` of the dataclass defaults.
-    ``2d3d``: flips, rotation ±30° (strong only), corner erasing (p 0.5), rot90; no jitter.
+    ``2d3d``: flips, any in-plane rotation (both views), corner erasing (p 0.5), noise 0.5 on the
+    strong view; no jitter, no crop (MiLoPYP: rotation ±30° on the strong view only, no noise).
     """
     if mode == "3d":
         base = AugmentConfig(rotate_deg=180.0, crop_scale=(1.0, 1.0), brightness=0.2, contrast=0.2)
         return replace(base, noise=0.5) if view == "strong" else base
     if mode == "2d3d":
-        base = AugmentConfig(rotate_deg=30.0, crop_scale=(1.0, 1.0), brightness=0.0, contrast=0.0, erase_p=0.5)
-        return base if view == "strong" else replace(base, rotate_deg=0.0)
+        base = AugmentConfig(rotate_deg=180.0, crop_scale=(1.0, 1.0), brightness=0.0, contrast=0.0, erase_p=0.5)
+        return replace(base, noise=0.5) if view == "strong" else base
     raise ValueError(f"unknown mode {mode!r}")
 
 
