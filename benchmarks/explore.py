@@ -4,25 +4,37 @@ Pipeline (the real one): ``milotile.synth`` tomograms (default 4 x 64 x 256 x 25
 three species in equal parts, no filament) -> ingest -> preprocess -> mine (DoG candidates; exclusion
 band half a patch) -> extract_patches (slab mode, bbox 32, MiLoPYP's four neighbour shifts) ->
 ``explore.train`` (SimSiam) -> ``explore.embed``. One store per tilt-series SNR (``--snr``, default
-0.04 and 0.15: at the old 0.5 raw-pixel PCA already reached 0.99), built once and reused from ``--work``.
+0.04 and 0.15: at the old 0.5 raw-pixel PCA already reached 0.99), built once and reused from ``--work``;
+the ``3d`` (``--modes slab``) and ``2d3d`` (``--modes tiltsum,slice``) banks of one setting share it.
+
+Hard setting (issue 15): ``--preset hard --size 128,256,256`` -- four species of radius 12/9/7/5 voxels
+(20 each per tomogram), crowders, membranes, gold, a filament, an intensity gradient, CTF and the
+missing wedge (see :mod:`milotile.synth.hard`). Its default SNR 0.1 (and 0.05) leaves raw-pixel PCA at
+0.98-1.00 k-NN accuracy (species differ in size), so the learned embedding can only tie there;
+SNR 0.02 is where the two part. See ``results/explore_hard.json`` for the commands.
 
 (a) quality. Each ground-truth particle is matched to its nearest candidate within
-    ``--match-radius`` voxels (one candidate per particle, so no near-duplicate rows leak between
+    ``max(--match-radius, --match-frac x particle radius)`` voxels (DoG candidates of large particles sit
+    off-centre; one candidate per particle, so no near-duplicate rows leak between
     CV folds); that candidate gets the particle's species. Reported: 5-NN species accuracy
     (stratified 5-fold CV, repeated ``--cv-repeats`` times with different shuffles; mean and std
     over the repeats) of
 
-    * the learned embedding for every training seed in ``--seeds``: ``pred`` (MiLoPYP's choice and
-      the pipeline default) is the headline; ``proj``/``fc``/``trunk`` are reported too;
+    * the learned embedding for every training seed in ``--seeds``: ``--feature`` (default ``trunk``,
+      the pipeline default) is the headline; the other outputs (``pred`` is MiLoPYP's choice) and
+      each output averaged over the 8 flips/rot90 (``*_tta``) are reported too;
     * raw-pixel PCA of the same patches (the original, unshifted patch, per-patch min-max as
       stored in the bank), PCA fitted on ALL candidates (as unsupervised as the embedding), for
-      every component count in ``--pca`` -- and the raw pixels themselves;
+      every component count in ``--pca``, also on the centre crop the model sees when ``--crop`` is
+      set -- and the raw pixels themselves;
     * chance (the majority-class fraction).
 
     Every feature set is scored twice: standardised features + Euclidean k-NN ('std'), and
     L2-normalised features (cosine k-NN, 'cos'). The PCA baseline is the best of ALL its component
     counts and both metrics (chosen with hindsight -- generous to the baseline); the embedding is
-    judged on its pre-declared setting (``pred``, 'std'), its best setting is listed for reference.
+    judged on its pre-declared setting (``--feature``, 'std'), its best setting is listed for reference.
+    Cluster purity: k-means with twice as many clusters as species on standardised features, share
+    of points in their cluster's majority species (best PCA component count, again with hindsight).
 (b) speed. Patches per second of training (median epoch) and of embedding on CPU, and the
     two-view augmentation alone: torch batch augmentation vs a MiLoPYP-style per-sample PIL loop
     (8-bit image, flips, brightness/contrast jitter, random resized crop, rot90, to tensor,
@@ -55,7 +67,11 @@ log = logging.getLogger("bench.explore")
 
 # --------------------------------------------------------------------------- data
 def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object, dict]:
-    """synth -> ingest -> preprocess -> mine -> extract_patches; reused when ``work`` holds the same setting."""
+    """synth -> ingest -> preprocess -> mine -> extract_patches; reused when ``work`` holds the same setting.
+
+    The data (synth, store, candidates) are keyed by the data options; each patch bank by its modes and
+    bbox, so the ``3d`` and ``2d3d`` runs of one setting share the tomograms and candidates.
+    """
     import pandas as pd
 
     import milotile as mt
@@ -65,12 +81,21 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     from milotile.synth import synth
 
     params = {"n_tomograms": a.n_tomograms, "size": a.size, "snr": a.snr, "n_particles": a.n_particles,
-              "data_seed": a.data_seed, "bbox": a.bbox, "border": a.border, "border_z": a.border_z,
-              "preset": a.preset, "modes": a.modes}
+              "data_seed": a.data_seed, "border": a.border, "border_z": a.border_z, "preset": a.preset}
+    bank_params = {"bbox": a.bbox, "modes": a.modes}
     stamp = work / "data.json"
     if stamp.exists() and json.loads(stamp.read_text())["params"] == params:
-        info = json.loads(stamp.read_text())["info"]
+        state = json.loads(stamp.read_text())
         col = mt.open(work / "store.zarr")
+        banks = state.setdefault("banks", {})
+        bkey = json.dumps(bank_params, sort_keys=True)
+        if bkey not in banks:  # same data, another bank (the other mode or patch size)
+            t0 = time.perf_counter()
+            with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
+                key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=True, chunk_n=128)
+            banks[bkey] = {"key": key, "patches_s": time.perf_counter() - t0}
+            stamp.write_text(json.dumps(state))
+        info = {**state["info"], **banks[bkey]}
         return col, info["key"], pd.read_parquet(work / "gt.parquet"), info
     for p in ("synth", "store.zarr"):
         shutil.rmtree(work / p, ignore_errors=True)
@@ -80,20 +105,25 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     res = synth(work / "synth", n_tomograms=a.n_tomograms, size=size, seed=a.data_seed, snr=a.snr,
                 filament=hard, n_particles=None if hard else a.n_particles, preset=a.preset)
     t1 = time.perf_counter()
-    with mt.cluster(workers=2, threads_per_worker=1, dashboard_address=None):
+    with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
         col = mt.ingest(res.manifest, work / "store.zarr")
         preprocess(col)
         cands = mine(col, border=a.border, border_z=a.border_z)
+        t2 = time.perf_counter()
         key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=True, chunk_n=128)
     res.ground_truth.to_parquet(work / "gt.parquet")
-    info = {"key": key, "synth_s": t1 - t0, "pipeline_s": time.perf_counter() - t1, "n_candidates": len(cands)}
-    stamp.write_text(json.dumps({"params": params, "info": info}))
-    return col, key, res.ground_truth, info
+    info = {"synth_s": t1 - t0, "pipeline_s": t2 - t1, "n_candidates": len(cands)}
+    bank = {"key": key, "patches_s": time.perf_counter() - t2}
+    stamp.write_text(json.dumps({"params": params, "info": info,
+                                 "banks": {json.dumps(bank_params, sort_keys=True): bank}}))
+    return col, key, res.ground_truth, {**info, **bank}
 
 
-def label_candidates(table, gt, radius: float) -> np.ndarray:
-    """Species per candidate row: the particle whose nearest candidate (within ``radius``) it is, else ''.
+def label_candidates(table, gt, radius: float, frac: float = 0.0) -> np.ndarray:
+    """Species per candidate row: the particle whose nearest candidate it is, else ''.
 
+    A particle of radius ``r`` (ground-truth column ``radius``, when present) matches within
+    ``max(radius, frac * r)`` voxels: DoG candidates of large particles sit off-centre (on a lump).
     One candidate per particle; a candidate nearest to two particles keeps the closer one.
     """
     from scipy.spatial import cKDTree
@@ -104,9 +134,12 @@ def label_candidates(table, gt, radius: float) -> np.ndarray:
         if g.empty:
             continue
         d, i = cKDTree(sub[["x", "y", "z"]].to_numpy()).query(g[["x", "y", "z"]].to_numpy())
+        r = np.full(len(g), float(radius))
+        if frac and "radius" in g.columns:
+            r = np.maximum(r, frac * g["radius"].to_numpy(dtype=float))
         best: dict[int, tuple[float, str]] = {}
-        for dist, row, sp in zip(d, i, g["species"].astype(str), strict=True):
-            if dist <= radius and (row not in best or dist < best[row][0]):
+        for dist, row, sp, lim in zip(d, i, g["species"].astype(str), r, strict=True):
+            if dist <= lim and (row not in best or dist < best[row][0]):
                 best[row] = (dist, sp)
         for row, (_, sp) in best.items():
             labels[sub.index[row]] = sp
@@ -212,26 +245,35 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run (3 tomograms, 5 epochs, 1 seed)")
     ap.add_argument("--n-tomograms", type=int, default=4)
-    ap.add_argument("--size", default="64,256,256", help="Z,Y,X of each synthetic tomogram")
+    ap.add_argument("--size", default=None, help="Z,Y,X of each synthetic tomogram (64,256,256; hard 128,256,256)")
     ap.add_argument("--n-particles", type=int, default=90, help="particles per tomogram (3 species)")
-    ap.add_argument("--snr", default="0.04,0.15",
-                    help="tilt-series SNR(s), comma-separated (one store each); every seed runs at every SNR")
+    ap.add_argument("--snr", default=None,
+                    help="tilt-series SNR(s), comma-separated (one store each; default 0.04,0.15; hard 0.02,0.1); "
+                    "every seed runs at every SNR")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--preset", choices=("easy", "hard"), default="easy",
                     help="synth preset; hard = issue 15's setting (use with --snr 0.1 --size 128,256,256)")
-    ap.add_argument("--modes", default="slab", help="patch modes: slab (3d) or tiltsum,slice (2d3d)")
+    ap.add_argument("--modes", default=None,
+                    help="patch modes: slab (3d) or tiltsum,slice (2d3d); several runs separated by ';' "
+                    "(default slab; hard 'slab;tiltsum,slice')")
     ap.add_argument("--border", type=int, default=16, help="mining exclusion band in y/x (half a patch)")
     ap.add_argument("--border-z", type=int, default=8, help="mining exclusion band in z")
     ap.add_argument("--bbox", type=int, default=32)
-    ap.add_argument("--match-radius", type=float, default=4.0)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--match-radius", type=float, default=4.0, help="candidate-particle match distance (voxels)")
+    ap.add_argument("--match-frac", type=float, default=0.5,
+                    help="... or this fraction of the particle radius when larger (big species: DoG peaks off-centre)")
+    ap.add_argument("--epochs", type=int, default=None, help="default 20; hard 12")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--optimizer", default="sgd")
-    ap.add_argument("--widths", default="32,64,128", help="trunk widths (MiLoPYP: 64,128,256)")
-    ap.add_argument("--crop", type=int, default=None, help="centre crop the model sees (train bbox; default the patch)")
+    ap.add_argument("--widths", default=None, help="trunk widths (default 32,64,128; hard 16,32,64; MiLoPYP: 64,128,256)")
+    ap.add_argument("--crop", type=int, default=None,
+                    help="centre crop the model sees (train bbox; default the patch; hard 24, the largest species' diameter)")
     ap.add_argument("--strong-aug", default=None, help="JSON overrides of the strong view's AugmentConfig")
     ap.add_argument("--weak-aug", default=None, help="JSON overrides of the weak view's AugmentConfig")
+    ap.add_argument("--feature", default="trunk", choices=("pred", "proj", "fc", "trunk"),
+                    help="the headline (stored) embedding output")
+    ap.add_argument("--tta", action="store_true", help="headline embedding averaged over the 8 flips/rot90")
     ap.add_argument("--seeds", default="0,1", help="training seeds (same data)")
     ap.add_argument("--pca", default="4,8,16,32,64", help="PCA component counts of the baseline")
     ap.add_argument("--cv-repeats", type=int, default=3)
@@ -241,10 +283,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=None, help="work folder, the store is reused (default: a temporary one)")
     ap.add_argument("--out", default=None, help="JSON path (default results/explore[_quick].json)")
     a = ap.parse_args(argv)
+    hard = a.preset == "hard"  # the recipe chosen on the hard setting (see results/explore_hard.json)
+    for name, easy_val, hard_val in (("size", "64,256,256", "128,256,256"), ("snr", "0.04,0.15", "0.02,0.1"),
+                                     ("epochs", 20, 12), ("widths", "32,64,128", "16,32,64"), ("crop", None, 24),
+                                     ("modes", "slab", "slab;tiltsum,slice")):
+        if getattr(a, name) is None:
+            setattr(a, name, hard_val if hard else easy_val)
     if a.quick:
         a.n_tomograms, a.size, a.n_particles, a.epochs, a.seeds, a.snr = 3, "64,192,192", 45, 5, "0", "0.04"
     if a.out is None:
-        a.out = str(Path(__file__).parent / "results" / ("explore_quick.json" if a.quick else "explore.json"))
+        name = "explore_quick.json" if a.quick else "explore_hard.json" if hard else "explore.json"
+        a.out = str(Path(__file__).parent / "results" / name)
     return a
 
 
@@ -258,7 +307,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
     col, key, gt, prep = build_store(work, a)
     bank = open_bank(col, key)
     table = col.read_table(f"patches-{key}")
-    labels = label_candidates(table, gt, a.match_radius)
+    labels = label_candidates(table, gt, a.match_radius, a.match_frac)
     on_gt = labels != ""
     y = labels[on_gt].astype(str)
     counts = {str(k): int(v) for k, v in zip(*np.unique(y, return_counts=True), strict=True)}
@@ -271,15 +320,21 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
     allx = bank.read(0, bank.n)  # (n, S, 1, b, b)
     raw_all = allx[:, 0].reshape(bank.n, -1).astype(np.float64)
     base_feats = {"raw_pixels": raw_all[on_gt]}
-    for nc in (int(v) for v in a.pca.split(",")):
-        if nc < min(raw_all.shape):
-            base_feats[f"pca_{nc}"] = PCA(nc, random_state=0).fit(raw_all).transform(raw_all[on_gt])
+    raws = {"": raw_all}
+    if a.crop and a.crop < allx.shape[-1]:  # also PCA of the centre crop the model sees (generous to the baseline)
+        o = (allx.shape[-1] - a.crop) // 2
+        raws[f"_crop{a.crop}"] = allx[:, 0, :, o : o + a.crop, o : o + a.crop].reshape(bank.n, -1).astype(np.float64)
+    for suffix, raw in raws.items():
+        for nc in (int(v) for v in a.pca.split(",")):
+            if nc < min(raw.shape):
+                base_feats[f"pca_{nc}{suffix}"] = PCA(nc, random_state=0).fit(raw).transform(raw[on_gt])
     baseline = score_all(base_feats, y, a.cv_repeats)
     best_pca = max((v[m]["mean"], k, m) for k, v in baseline.items() if k.startswith("pca") for m in ("std", "cos"))
     log.info("SNR %g baseline: best PCA %.3f (%s, %s); raw pixels %s; chance %.3f", snr, *best_pca,
              baseline["raw_pixels"], chance)
 
     cfg = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": a.optimizer, "bbox": a.crop,
+           "feature": a.feature, "tta": a.tta,
            "model_config": {"widths": [int(w) for w in a.widths.split(",")]},
            "strong_aug": json.loads(a.strong_aug) if a.strong_aug else None,
            "weak_aug": json.loads(a.weak_aug) if a.weak_aug else None}
@@ -292,11 +347,14 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         t_train = time.perf_counter() - t0
         recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         t0 = time.perf_counter()
-        emb = embed(col, model=enc, key=key, feature="pred", overwrite=True)
+        emb = embed(col, model=enc, key=key, overwrite=True)
         t_embed = time.perf_counter() - t0
-        feats = {"pred": emb.values()[on_gt]}
-        for kind in ("proj", "fc", "trunk"):
-            feats[kind] = enc.transform(allx[on_gt], feature=kind)
+        feats = {a.feature: emb.values()[on_gt]}
+        for kind in ("pred", "proj", "fc", "trunk"):
+            if kind != a.feature:
+                feats[kind] = enc.transform(allx[on_gt], feature=kind)
+            feats[f"{kind}_tta" if not a.tta else f"{kind}_plain"] = enc.transform(allx[on_gt], feature=kind,
+                                                                                   tta=not a.tta)
         q = score_all(feats, y, a.cv_repeats)
         runs.append({
             "seed": seed, "knn5": q, "train_s": round(t_train, 1), "embed_s": round(t_embed, 2),
@@ -305,10 +363,10 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             "loss_first_last": [round(recs[0]["loss"], 4), round(recs[-1]["loss"], 4)],
             "output_std_last": round(recs[-1]["output_std"], 4),
         })
-        log.info("SNR %g seed %d: pred %.3f (std) / %.3f (cos); best %s; train %.0f s", snr, seed,
-                 q["pred"]["std"]["mean"], q["pred"]["cos"]["mean"],
+        log.info("SNR %g seed %d: %s %.3f (std) / %.3f (cos) purity %.3f; best %s; train %.0f s", snr, seed,
+                 a.feature, q[a.feature]["std"]["mean"], q[a.feature]["cos"]["mean"], q[a.feature]["purity"],
                  max((v[m]["mean"], k, m) for k, v in q.items() for m in ("std", "cos")), t_train)
-    headline = [r["knn5"]["pred"]["std"]["mean"] for r in runs]
+    headline = [r["knn5"][a.feature]["std"]["mean"] for r in runs]
     return {
         "snr": snr,
         "data": {"n_tomograms": a.n_tomograms, "size_zyx": a.size, "n_particles_per_tomogram": a.n_particles,
@@ -320,16 +378,20 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         "simsiam_runs": runs,
         "summary": {
             "snr": snr,
-            "simsiam_pred_std_per_seed": headline,
-            "simsiam_pred_std_mean": float(np.mean(headline)) if headline else None,
+            "headline_feature": a.feature + ("_tta" if a.tta else ""),
+            "simsiam_std_per_seed": headline,
+            "simsiam_std_mean": float(np.mean(headline)) if headline else None,
             "simsiam_best_setting_per_seed": [max(v[m]["mean"] for v in r["knn5"].values() for m in ("std", "cos"))
                                               for r in runs],
             "best_pca": best_pca[0],
-            "simsiam_pred_purity_per_seed": [r["knn5"]["pred"]["purity"] for r in runs],
+            "simsiam_purity_per_seed": [r["knn5"][a.feature]["purity"] for r in runs],
             "best_pca_purity": max(v["purity"] for k, v in baseline.items() if k.startswith("pca")),
             "raw_pixels_best": max(baseline["raw_pixels"][m]["mean"] for m in ("std", "cos")),
             "chance": round(chance, 4),
             "learned_beats_best_pca_every_seed": bool(headline and min(headline) > best_pca[0]),
+            "learned_purity_beats_best_pca_every_seed": bool(
+                runs and min(r["knn5"][a.feature]["purity"] for r in runs)
+                > max(v["purity"] for k, v in baseline.items() if k.startswith("pca"))),
         },
         "_bank": bank,
     }
@@ -352,10 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     snrs = [float(v) for v in str(a.snr).split(",")]
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else []
     settings = []
-    for snr in snrs:
-        wd = work / f"snr{snr:g}"
-        wd.mkdir(parents=True, exist_ok=True)
-        settings.append(evaluate_setting(a, snr, seeds, wd, dev))
+    for modes in a.modes.split(";"):  # e.g. "slab;tiltsum,slice": the 3d and the 2d3d bank of the same data
+        for snr in snrs:
+            wd = work / f"snr{snr:g}"
+            wd.mkdir(parents=True, exist_ok=True)
+            a.modes = modes
+            settings.append(evaluate_setting(a, snr, seeds, wd, dev))
+            settings[-1]["summary"]["modes"] = modes
 
     speed: dict = {}
     if not a.no_speed:
@@ -376,10 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python benchmarks/explore.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
         "device": str(dev), "torch_threads": torch.get_num_threads(),
-        "common": {"bbox": a.bbox, "mine_border_yx_z": [a.border, a.border_z], "match_radius": a.match_radius,
+        "common": {"bbox": a.bbox, "mine_border_yx_z": [a.border, a.border_z], "match_radius": a.match_radius, "match_frac": a.match_frac,
                    "data_seed": a.data_seed, "pca_components": a.pca,
                    "recipe": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": a.optimizer,
-                              "widths": a.widths, "crop": a.crop, "strong_aug": a.strong_aug, "weak_aug": a.weak_aug,
+                              "widths": a.widths, "crop": a.crop, "feature": a.feature, "tta": a.tta, "strong_aug": a.strong_aug, "weak_aug": a.weak_aug,
                               "seeds": seeds}},
         "knn": f"k=5, stratified 5-fold CV repeated {a.cv_repeats} times (mean, std over repeats); "
                "'std' = standardised Euclidean, 'cos' = L2-normalised",

@@ -138,6 +138,17 @@ def test_corner_erasing_avoids_centre_band():
     assert area.min() >= 0.005 and area.max() <= 0.06
 
 
+def test_augment_gaussian_noise_scales_with_sample_std():
+    x = torch.randn(64, 2, 24, 24) * torch.linspace(0.5, 4.0, 64).view(64, 1, 1, 1)
+    plain = AugmentConfig(flip=False, rot90=False, crop_scale=(1.0, 1.0), brightness=0.0, contrast=0.0)
+    noisy = AugmentConfig(**{**plain.to_dict(), "noise": 0.5})
+    assert torch.equal(augment(x, plain, torch.Generator().manual_seed(0)), x)  # noise 0: untouched
+    y = augment(x, noisy, torch.Generator().manual_seed(0))
+    ratio = (y - x).std(dim=(2, 3)) / x.std(dim=(2, 3))  # per sample and channel
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.5), atol=0.08)
+    assert torch.equal(y, augment(x, noisy, torch.Generator().manual_seed(0)))  # seeded
+
+
 def test_make_views_pair_from_shifts():
     g = torch.Generator().manual_seed(0)
     batch = torch.zeros(10, 5, 1, 8, 8)
@@ -310,7 +321,8 @@ def test_train_resume_embed_3d(tmp_path, bank3d):
     # embedding in process: aligned with the bank table, deterministic, stats from the checkpoint
     emb = enc.embed(col, batch_size=10)
     vals = emb.values()
-    assert vals.shape == (48, 128) and vals.dtype == np.float32 and np.isfinite(vals).all()
+    assert vals.shape == (48, enc.embedding_dim()) == (48, TINY["widths"][-1])  # default output: trunk
+    assert vals.dtype == np.float32 and np.isfinite(vals).all()
     tab = col.read_table("embeddings-k")
     assert list(tab["embedding_index"]) == list(range(48))
     np.testing.assert_array_equal(tab["x"].to_numpy(), col.read_table("patches-k")["x"].to_numpy())
@@ -323,6 +335,23 @@ def test_train_resume_embed_3d(tmp_path, bank3d):
     emb_b = embed(col_b, model=run / "last.pt")
     expect = Encoder.from_checkpoint(run / "last.pt").transform(data_b)
     np.testing.assert_allclose(emb_b.values(), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_tta_embedding_is_orientation_invariant(tmp_path, bank3d):
+    col, data, _ = bank3d
+    enc = train(col, epochs=1, batch_size=16, device="cpu", model_config=TINY, out=tmp_path / "run", tta=True)
+    assert enc.contract["tta"] is True
+    x = data[:6, 0]
+    for feature in ("trunk", "pred"):
+        base = enc.transform(x, feature=feature)
+        turned = enc.transform(np.ascontiguousarray(np.rot90(x, 1, (-2, -1))[..., ::-1]), feature=feature)
+        np.testing.assert_allclose(turned, base, rtol=1e-4, atol=1e-5)
+        plain = enc.transform(x, feature=feature, tta=False)  # the override
+        assert not np.allclose(plain, base, atol=1e-5)
+    emb = embed(col, model=tmp_path / "run" / "last.pt", feature="trunk")
+    np.testing.assert_allclose(emb.values()[:6], enc.transform(x, feature="trunk"), rtol=1e-4, atol=1e-5)
+    plain = embed(col, model=tmp_path / "run" / "last.pt", feature="trunk", tta=False, out_key="plain")
+    assert not np.allclose(plain.values()[:6], emb.values()[:6], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -361,9 +390,18 @@ def test_cli_train_embed_and_errors(tmp_path, capsys):
 
     write_bank(tmp_path / "s.zarr", n=24)
     rc = main(["-q", "explore", "train", str(tmp_path / "s.zarr"), "--mode", "3d", "--bbox", "12",
-               "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"), "--device", "cpu"])
+               "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"), "--device", "cpu",
+               "--strong-aug", '{"noise": 0.3, "crop_scale": [0.9, 1.0]}', "--tta"])
     assert rc == 0 and (tmp_path / "run" / "last.pt").is_file()
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["contract"]["bbox"] == 12
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["contract"]["bbox"] == 12 and ck["contract"]["tta"] is True and ck["contract"]["feature"] == "trunk"
+    opts = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert opts["strong_aug"]["noise"] == 0.3 and opts["strong_aug"]["crop_scale"] == [0.9, 1.0]
+    assert opts["weak_aug"]["noise"] == 0.0  # the weak view keeps the mode's recipe
+    with pytest.raises(SystemExit):  # not JSON: argparse error
+        main(["explore", "train", str(tmp_path / "s.zarr"), "--strong-aug", "noise=1"])
+    rc = main(["explore", "train", str(tmp_path / "s.zarr"), "--weak-aug", '{"nosie": 1}', "--out", str(tmp_path / "r3")])
+    assert rc == 2 and "invalid augmentation option" in capsys.readouterr().err
     from milotile.commands.explore import run_embed
 
     ns = __import__("argparse").Namespace(

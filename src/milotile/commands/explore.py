@@ -52,8 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t.add_argument("--seed", type=int, default=317, help="random seed (default 317)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     t.add_argument("--weights", default=None, metavar="PATH", help="local weights file for initialisation")
-    t.add_argument("--feature", choices=["pred", "proj", "fc", "trunk"], default="pred",
-                   help="default embedding output stored with the model (default pred, as MiLoPYP)")
+    t.add_argument("--feature", choices=["pred", "proj", "fc", "trunk"], default="trunk",
+                   help="default embedding output stored with the model (default trunk: the backbone features, "
+                   "best on the hard benchmark; MiLoPYP stores pred)")
+    t.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help="embeddings average over the 8 flips/90° rotations of each patch by default (default: no)")
+    for view in ("strong", "weak"):
+        t.add_argument(f"--{view}-aug", type=_json_object, default=None, metavar="JSON",
+                       help=f"overrides of the {view} view's augmentation, e.g. '{{\"noise\": 0.5, \"rotate_deg\": 180}}' "
+                       "(fields of milotile.explore.AugmentConfig; default: the mode's recipe)")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes (DDP: one per GPU, or gloo CPU processes); "
                    "under torchrun the group is taken from its environment instead")
@@ -71,11 +78,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.add_argument("--batch-size", type=int, default=512, help="patches per forward pass (default 512)")
     e.add_argument("--feature", choices=["pred", "proj", "fc", "trunk"], default=None,
                    help="embedding output (default: the model's)")
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each embedding over the 8 flips/90° rotations of its patch (default: the model's)")
     e.add_argument("--out-key", default=None, help="output name (default: the bank key)")
     e.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     e.add_argument("--overwrite", action="store_true", help="recompute even if up to date")
     e.set_defaults(handler=run, needs_cluster=True)
     _register_atlas(sub)
+
+
+def _json_object(text: str) -> dict:
+    """Parse a JSON object option (argparse type)."""
+    import json
+
+    try:
+        val = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc.msg})") from exc
+    if not isinstance(val, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return val
 
 
 def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -214,6 +236,7 @@ def run_train(args: argparse.Namespace) -> int:
         cosine=not args.no_cosine, out=args.out, seed=args.seed, resume=args.resume,
         save_every=args.save_every, device=args.device, weights=args.weights, feature=args.feature,
         model_config={"widths": list(args.widths)} if args.widths else None,
+        strong_aug=args.strong_aug, weak_aug=args.weak_aug, tta=args.tta,
     )
     ddp.init_from_env()  # under torchrun: join its process group
     if args.nproc > 1 and not ddp.is_distributed():
@@ -230,7 +253,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
     emb = embed(
         args.store, model=args.model, key=args.key, batch_size=args.batch_size, feature=args.feature,
-        out_key=args.out_key, device=args.device, overwrite=args.overwrite,
+        out_key=args.out_key, device=args.device, overwrite=args.overwrite, tta=getattr(args, "tta", None),
     )
     log.info("embeddings: %d x %d in embeddings/%s", len(emb), emb.array.shape[1], emb.key)
     return 0

@@ -42,7 +42,7 @@ from milotile.store.stage_output import file_source
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Encoder", "Embeddings", "embed", "load_encoder", "EMBEDDINGS"]
+__all__ = ["Encoder", "Embeddings", "dihedral", "embed", "load_encoder", "EMBEDDINGS"]
 
 EMBEDDINGS = "embeddings"
 
@@ -90,8 +90,21 @@ class Encoder:
         return int(self.contract["bbox"])
 
     @torch.no_grad()
-    def transform(self, patches: np.ndarray | torch.Tensor, feature: str | None = None, batch_size: int = 512) -> np.ndarray:
+    def transform(self, patches: np.ndarray | torch.Tensor, feature: str | None = None, batch_size: int = 512,
+                  tta: bool | None = None) -> np.ndarray:
         """Embed raw patches ``(n, C, bbox, bbox)`` (or bank rows ``(n, S, C, b, b)``, shift 0 used).
+
+        Parameters
+        ----------
+        patches : array
+            Raw (un-normalised) patches; larger ones are centre-cropped to the model's bbox.
+        feature : {"pred", "proj", "fc", "trunk"}, optional
+            Default: the contract's.
+        batch_size : int
+            Patches per forward pass.
+        tta : bool, optional
+            Average the embedding over the 8 flips/90° rotations of each patch (in-plane orientation
+            is a nuisance for particles); default: the contract's (``False`` for older models).
 
         Returns
         -------
@@ -99,6 +112,7 @@ class Encoder:
             ``(n, D)`` float32.
         """
         feature = feature or self.contract.get("feature", "pred")
+        tta = bool(self.contract.get("tta", False)) if tta is None else bool(tta)
         x = torch.as_tensor(np.asarray(patches, dtype=np.float32))
         if x.ndim == 5:
             x = x[:, 0]
@@ -116,8 +130,9 @@ class Encoder:
         out = []
         for i in range(0, x.shape[0], batch_size):
             xb = normalize(x[i : i + batch_size].to(self.device), self.contract["mean"], self.contract["std"])
+            views = dihedral(xb) if tta else [xb]
             with autocast(self.device, cpu=True):
-                f = self.model.features(xb, feature)
+                f = sum(self.model.features(v, feature).float() for v in views) / len(views)
             out.append(f.float().cpu().numpy())
         if not out:
             return np.zeros((0, self.embedding_dim(feature)), np.float32)
@@ -156,6 +171,11 @@ class Embeddings:
         return len(self.table)
 
 
+def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/90° rotations of a batch ``(n, C, h, w)`` (identity first)."""
+    return [torch.rot90(v, k, (-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+
+
 def load_encoder(model: Encoder | str | os.PathLike[str], device: str | torch.device | None = None) -> Encoder:
     """An :class:`Encoder` from an encoder or a checkpoint path."""
     if isinstance(model, Encoder):
@@ -179,6 +199,7 @@ def _embed_block(
     batch_size: int,
     feature: str,
     encoder: Encoder | None = None,
+    tta: bool = False,
 ) -> int:
     """Embed bank rows ``start:stop`` and write them to the output array (one task)."""
     enc = encoder if encoder is not None else cache.cached(_load_encoder, checkpoint, str(pick_device(device)))
@@ -186,7 +207,7 @@ def _embed_block(
     src = zarr.open_array(url, path=bank_path, mode="r", storage_options=so)
     dst = zarr.open_array(url, path=out_path, mode="r+", storage_options=so)
     x = np.asarray(src[start:stop, 0], dtype=np.float32)  # (n, C, b, b), originals only
-    dst[start:stop] = enc.transform(x, feature=feature, batch_size=batch_size)
+    dst[start:stop] = enc.transform(x, feature=feature, batch_size=batch_size, tta=tta)
     return stop - start
 
 
@@ -228,6 +249,7 @@ def embed(
     client: Any | None = None,
     rows_per_task: int | None = None,
     overwrite: bool = False,
+    tta: bool | None = None,
 ) -> Embeddings:
     """Embed every patch of a bank and write ``embeddings/<key>`` and ``tables/embeddings-<key>``.
 
@@ -242,7 +264,8 @@ def embed(
     batch_size : int
         Patches per forward pass.
     feature : {"pred", "proj", "fc", "trunk"}, optional
-        Which output is the embedding (default: the contract's, ``"pred"`` as in MiLoPYP).
+        Which output is the embedding (default: the contract's; ``"trunk"`` for models trained with
+        the defaults, ``"pred"`` for older ones, as in MiLoPYP).
     out_key : str, optional
         Output name (default: the bank key).
     device : str, optional
@@ -253,6 +276,8 @@ def embed(
         Rows per task (rounded up to whole bank chunks; default about 2048).
     overwrite : bool
         Recompute even if a complete output with the same parameters exists.
+    tta : bool, optional
+        Average each embedding over the 8 flips/90° rotations of its patch (default: the contract's).
 
     Returns
     -------
@@ -278,7 +303,8 @@ def embed(
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")
     dim = enc.embedding_dim(feature)
-    params = {"bank": bank.key, "feature": feature, "n": bank.n, "dim": dim}
+    tta = bool(enc.contract.get("tta", False)) if tta is None else bool(tta)
+    params = {"bank": bank.key, "feature": feature, "n": bank.n, "dim": dim, "tta": tta}
     grp = col.zarr_group.require_group(EMBEDDINGS)
     table_name = f"embeddings-{out_key}"
     so = col.stage_output(f"{EMBEDDINGS}/{out_key}", params, _sources(col, enc, bank))
@@ -286,12 +312,14 @@ def embed(
         log.info("embeddings/%s is up to date; skipping (overwrite=True recomputes)", out_key)
         return Embeddings(col, out_key, col.read_table(table_name))
     with so:
-        return _embed_into(col, so, enc, bank, grp, out_key, table_name, feature, dim, batch_size, device, client,
-                           rows_per_task)
+        return _embed_into(col, so, enc, bank, grp, out_key, table_name, (feature, tta), dim, batch_size, device,
+                           client, rows_per_task)
 
 
 def _embed_into(col: Any, out: Any, enc: Encoder, bank: PatchBank, grp: Any, out_key: str, table_name: str,
-                feature: str, dim: int, batch_size: int, device: str | None, client: Any, rows_per_task: int | None) -> Embeddings:
+                output: tuple[str, bool], dim: int, batch_size: int, device: str | None, client: Any,
+                rows_per_task: int | None) -> Embeddings:
+    feature, tta = output
     cr = bank.chunk_rows
     want = int(rows_per_task or 2048)
     step = max(cr, -(-want // cr) * cr)
@@ -314,7 +342,7 @@ def _embed_into(col: Any, out: Any, enc: Encoder, bank: PatchBank, grp: Any, out
         # partial: Client.map has its own batch_size/key keywords
         fn = functools.partial(
             _embed_block, col.url, so, bank_path, out_path,
-            checkpoint=str(enc.path), device=dev, batch_size=batch_size, feature=feature,
+            checkpoint=str(enc.path), device=dev, batch_size=batch_size, feature=feature, tta=tta,
         )
         futs = client.map(fn, starts, stops, pure=False, key=[f"embed-{out_key}-{token}-{s}" for s in starts], **kw)
         done = sum(client.gather(futs))
@@ -324,7 +352,8 @@ def _embed_into(col: Any, out: Any, enc: Encoder, bank: PatchBank, grp: Any, out
             log.info("encoder has no checkpoint file; embedding in this process")
         done = 0
         for s, e in zip(starts, stops, strict=True):
-            done += _embed_block(col.url, so, bank_path, out_path, s, e, "", None, batch_size, feature, encoder=enc)
+            done += _embed_block(col.url, so, bank_path, out_path, s, e, "", None, batch_size, feature, encoder=enc,
+                                 tta=tta)
         where = "in process"
     dt = time.perf_counter() - t0
     if done != bank.n:  # pragma: no cover - defensive

@@ -126,7 +126,8 @@ def train(
     device: str | None = None,
     weights: str | os.PathLike[str] | None = None,
     dim: int = 128,
-    feature: str = "pred",
+    feature: str = "trunk",
+    tta: bool = False,
     amp: bool = True,
     model_config: dict[str, Any] | None = None,
     strong_aug: dict[str, Any] | None = None,
@@ -174,7 +175,11 @@ def train(
     dim : int
         Embedding width (128 as in MiLoPYP).
     feature : {"pred", "proj", "fc", "trunk"}
-        Which output :meth:`Encoder.embed` returns by default (stored in the contract).
+        Which output :meth:`Encoder.embed` returns by default (stored in the contract). ``trunk`` (the
+        pooled backbone features) separates species best on the hard benchmark; MiLoPYP stores ``pred``.
+    tta : bool
+        Whether embeddings average over the 8 flips/90° rotations of each patch by default (stored
+        in the contract; :func:`milotile.explore.embed` can override it).
     amp : bool
         Mixed precision: bf16/fp16 on CUDA; bf16 on CPUs with native bf16 when ``MILOTILE_CPU_BF16=1``.
     model_config : dict, optional
@@ -210,7 +215,7 @@ def train(
         "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
         "cosine": cosine, "seed": seed, "save_every": save_every, "device": str(dev),
         "weights": None if weights is None else os.fspath(weights), "arch": arch, "config": config,
-        "feature": feature, "amp": amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
+        "feature": feature, "tta": bool(tta), "amp": amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
     }
     resume_ckpt, start_epoch, mean, std = _start(run_dir, bank, mode, bbox, epochs, resume, runlog if main else None)
     if resume_ckpt is not None:
@@ -225,7 +230,8 @@ def train(
         "mode": mode, "bbox": bbox, "channels": bank.channels, "mean": mean, "std": std,
         "n_shifts": bank.n_shifts, "bank_key": bank.key, "bank_bbox": bank.bbox,
         **bank_preprocessing(bp), "patch_modes": bp.get("modes"),
-        "shifts": bp.get("shifts"), "bank_params": bp, "feature": feature, "embedding_dim": int(config["dim"]),
+        "shifts": bp.get("shifts"), "bank_params": bp, "feature": feature, "tta": bool(tta),
+        "embedding_dim": int(config["dim"]),
         "n_train": bank.n, "store": col.url,
     }
     loader = PatchLoader(bank, batch_size, shuffle=True, drop_last=True, seed=seed, crop=bbox)
@@ -287,13 +293,19 @@ def _batch_size(batch_size: int | None, arch: str, config: dict[str, Any], bank:
 
 
 def _augment_configs(mode: str, strong_aug: dict | None, weak_aug: dict | None) -> tuple[Any, Any]:
+    """The mode's two view configurations with the given overrides (JSON lists become tuples)."""
     from dataclasses import replace
 
-    strong, weak = default_config(mode, "strong"), default_config(mode, "weak")
-    try:
-        return (replace(strong, **strong_aug) if strong_aug else strong), (replace(weak, **weak_aug) if weak_aug else weak)
-    except TypeError as exc:
-        raise InputError(f"invalid augmentation option: {exc}.") from exc
+    def apply(base: Any, over: dict | None) -> Any:
+        if not over:
+            return base
+        over = {k: tuple(v) if isinstance(v, list) else v for k, v in over.items()}
+        try:
+            return replace(base, **over)
+        except TypeError as exc:
+            raise InputError(f"invalid augmentation option: {exc}.") from exc
+
+    return apply(default_config(mode, "strong"), strong_aug), apply(default_config(mode, "weak"), weak_aug)
 
 
 def _start(run_dir: Path, bank: PatchBank, mode: str, bbox: int, epochs: int, resume: bool,
