@@ -148,13 +148,13 @@ def explore_embed_rows(a, dev, peak) -> list[dict]:
 
 def refine_rows(a, dev, peak) -> list[dict]:
     from milotile.refine.model import unet4
-    from milotile.refine.train import DEFAULT_START_FILTS
+    from milotile.refine.train import DEFAULT_UNET
 
     rows = []
-    rb, (cz, cy, cx) = a.refine_batch, (8, 64, 64)  # crops of the CLI default 8 x 64 x 64
+    rb, (cz, cy, cx) = a.refine_batch, (12, 64, 64)  # crops of the CLI default 12 x 64 x 64
     for bf16, cl in ((False, False), (False, True), (True, False)):
         torch.manual_seed(0)
-        m = unet4(start_filts=DEFAULT_START_FILTS).to(dev)
+        m = unet4(**DEFAULT_UNET).to(dev)
         if cl:  # the 2D stem and trunk only (the 3D head's weights are rank 5)
             for mod in m.modules():
                 if isinstance(mod, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
@@ -176,7 +176,7 @@ def refine_rows(a, dev, peak) -> list[dict]:
         fps = _flops_per_sample(make_step, probe=1)
         rows.append(_row(f"refine train step {rb}x{cz}x{cy}x{cx} {tag}", rb * cz * cy * cx, int(fps * rb),
                          _time(make_step(rb), a.min_seconds), peak, "bf16" if bf16 else "fp32", unit="input voxels",
-                         start_filts=DEFAULT_START_FILTS, batch=rb))
+                         start_filts=DEFAULT_UNET["start_filts"], batch=rb))
         m.eval()
         xs = torch.randn(1, 16, a.slab_xy, a.slab_xy, device=dev)
         flops = model_flops(lambda m=m, xs=xs: m(xs))
@@ -187,7 +187,7 @@ def refine_rows(a, dev, peak) -> list[dict]:
 
         rows.append(_row(f"refine predict 16x{a.slab_xy}x{a.slab_xy} {tag}", 16 * a.slab_xy**2, flops,
                          _time(pstep, a.min_seconds), peak, "bf16" if bf16 else "fp32", unit="input voxels",
-                         start_filts=DEFAULT_START_FILTS))
+                         start_filts=DEFAULT_UNET["start_filts"]))
     return rows
 
 
