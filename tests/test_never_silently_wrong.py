@@ -386,6 +386,17 @@ def test_garbage_checkpoint_cli(tmp_path):
     assert mt.open(tmp_path / "s.zarr", mode="r").derived(status=True).get("heatmaps") in (None, {})
 
 
+def test_pick_tta_out_of_range_is_one_sentence_and_writes_nothing(tmp_path):
+    write_mrc(tmp_path / "a.rec", _blobs(), voxel_size=10.0)
+    mt.ingest(tmp_path / "a.rec", tmp_path / "s.zarr", chunks=CHUNKS)
+    r = _cli(["--workers", "1", "refine", "pick", str(tmp_path / "s.zarr"), "--model", str(tmp_path / "none.pt"),
+              "--tta", "9"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--tta must be between 1 and 8, got 9" in r.stderr and "Traceback" not in r.stderr
+    col = mt.open(tmp_path / "s.zarr", mode="r")
+    assert col.derived(status=True).get("heatmaps") in (None, {}) and "picks" not in col.tables()
+
+
 @pytest.mark.slow
 def test_successful_run_prints_no_traceback(tmp_path):
     write_mrc(tmp_path / "a.rec", _blobs(), voxel_size=10.0)

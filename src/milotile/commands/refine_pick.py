@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
         border = args.border[0] if len(args.border) == 1 else tuple(args.border)
     col = open_collection(args.store)
     names = [n for n in args.names.split(",") if n] if args.names else None
+    if args.tta is not None and not 1 <= args.tta <= 8:
+        raise InputError(f"--tta must be between 1 and 8, got {args.tta}")
     picker = Picker.load(args.model)
     if args.tta is not None:
-        if not 1 <= args.tta <= 8:
-            raise InputError(f"--tta must be between 1 and 8, got {args.tta}")
         picker.contract["tta"] = int(args.tta)
     picks = pick(
         col, picker, threshold=args.threshold, max_picks=args.max_picks, nms_distance=args.nms_distance,

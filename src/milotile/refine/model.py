@@ -157,10 +157,6 @@ class _Head3D(nn.Module):
         feat = F.normalize(self.proj(x), dim=1, eps=1e-6)
         return {"hm": hm, "feat": feat}
 
-    def heatmap(self, x: torch.Tensor) -> torch.Tensor:
-        """Heatmap logits only (prediction needs no feature head)."""
-        return self.hm(self.body(x))
-
     @property
     def z_context(self) -> int:
         """Slices of context the head needs on each side of an output slice."""

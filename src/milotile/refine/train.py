@@ -268,14 +268,15 @@ def _self_train(col: Any, labels: Any, out: str | os.PathLike[str] | None, round
     if options.get("extra_positives") is not None:
         raise InputError("self_training chooses the extra positives itself; pass extra_positives or self_training, not both.")
     base = _run_dir(col, out, False)
-    user, _ = class_index(load_label_table(labels, col, "labels"), options.get("classes"))
+    table = load_label_table(labels, col, "labels")  # read once; every round trains on the same table
+    user, _ = class_index(table, options.get("classes"))
+    names = sorted(set(user["tomogram"]))
     previous: pd.DataFrame | None = None
     extra = None
     for r in range(rounds + 1):
-        picker = train(col, labels, out=base / f"round-{r}", **{**options, "extra_positives": extra})
+        picker = train(col, table, out=base / f"round-{r}", **{**options, "extra_positives": extra})
         if r == rounds:
             break
-        names = sorted(set(user["tomogram"]))
         picks = pick(col, picker, threshold=AUTO_FLOOR, names=names, write_heatmaps=False, table=None)
         mine = user.assign(**{"class": [picker.classes[int(c)] for c in user["cls"]]})
         extra = pseudo_labels(picks, mine, float(options["bbox"]))

@@ -316,9 +316,9 @@ class Collection:
             consolidation (:meth:`note_written`; each is walked, its parents are read), for a stage
             that writes nothing else: outputs it reused cost nothing.
         """
-        walk = sorted(set(self._written)) if written_only and nodes is None else []
+        walk: list[str] = []
         if written_only and nodes is None:
-            nodes = []
+            walk, nodes = sorted(set(self._written)), []
         with self._root_lock():  # two processes updating the root at once would lose entries
             if nodes is not None and self._consolidate_nodes(list(nodes), list(drop), walk):
                 return
