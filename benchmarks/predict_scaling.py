@@ -56,7 +56,6 @@ def make_picker(start_filts: int):
     from milotile.refine.contract import picker_contract
     from milotile.refine.model import unet4
     from milotile.refine.picker import Picker
-
     from milotile.refine.train import DEFAULT_UNET
 
     torch.manual_seed(0)
