@@ -158,6 +158,10 @@ def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recip
     else:
         auto = float(thr)
     res = scores(allp, true, r / 2, auto)
+    if "score_model" in allp:  # the same peaks without the shape check (paired ablation)
+        raw = allp.assign(score=allp["score_model"])
+        raw_auto = float(apply_auto_threshold(raw, picker.contract)[1]["particle"]["threshold"]) if thr is None else auto
+        res.update({f"{k}_noshape": v for k, v in scores(raw, true, r / 2, raw_auto).items()})
     res.update(train_s=round(t_train, 1), s_per_epoch=round(s_epoch, 2), pick_s=round(t_pick, 1),
                n_epochs=len(recs), threshold_source="fixed" if thr is not None else "auto")
     return res

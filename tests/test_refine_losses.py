@@ -55,6 +55,24 @@ def test_non_negative_correction_stops_negative_risk_gradient():
     assert torch.all(z.grad[t < 0] == 0)  # clipped: no gradient through R_U
 
 
+def test_nnpu_steps_back_and_pn_treats_unlabeled_as_negatives():
+    t = _target()
+    z = torch.full_like(t, -8.0)
+    z[t == 1] = 4.0  # the same over-confident state: R_neg < 0
+    z.requires_grad_(True)
+    loss, parts = pu_focal_loss(z, t, tau=0.5, risk="nnpu")
+    assert parts["r_neg"] < 0 and float(loss.detach()) == pytest.approx(-parts["r_neg"], rel=1e-5)
+    loss.backward()
+    assert (z.grad[t == 1] > 0).all()  # descending -R_neg lowers the over-confident positives
+    assert (z.grad[t < 0] < 0).all()  # and no longer ignores the unlabeled voxels
+    z2 = z.detach().clone().requires_grad_(True)
+    loss2, _ = pu_focal_loss(z2, t, tau=0.5, risk="pn")
+    loss2.backward()
+    assert float(loss2.detach()) > 0 and (z2.grad[t < 0] > 0).all()  # unlabeled pushed down like negatives
+    with pytest.raises(ValueError, match="unknown PU risk"):
+        pu_focal_loss(z, t, tau=0.5, risk="upu")
+
+
 def test_channel_without_positives_contributes_unlabeled_risk():
     t = _target(c=2)
     t[:, 1] = -1.0

@@ -146,7 +146,7 @@ def test_nan_loss_names_epoch_and_tomogram(data, monkeypatch):
     root, col, gt = data
     lab = gt[gt.tomogram == "tomo_000"]
 
-    def nan_loss(logits, target, tau, beta=0.0):
+    def nan_loss(logits, target, tau, beta=0.0, risk="clip"):
         return logits.sum() * float("nan"), {"r_pos": 0.0, "r_neg": 0.0}
 
     monkeypatch.setattr(train_mod, "pu_focal_loss", nan_loss)

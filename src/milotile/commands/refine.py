@@ -78,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--extra-positives", metavar="FILE",
                    help="more positives trained on like labels but not used to choose the pick threshold "
                         "(e.g. `explore select` output)")
+    p.add_argument("--no-shape-check", dest="shape_check", action="store_false",
+                   help="do not fit the shape check (radial profiles of the labels, used by `refine pick` to lower "
+                        "the scores of peaks unlike them)")
+    p.add_argument("--pu-risk", choices=("clip", "nnpu", "pn"), default="clip",
+                   help="non-negative correction of the PU risk (default clip, as MiLoPYP)")
     p.add_argument("--debug-slices", type=partial(parse_ints, what="--debug-slices"), default=None, metavar="Z1,Z2",
                    help="draw these z slices of the validation regions as PNGs")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
@@ -122,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         contrastive=not args.no_contrastive, thresh=args.thresh, classes=classes, gauss=args.gauss,
         compress=args.compress, out=args.out, resume=args.resume, seed=args.seed, device=args.device,
         val_fraction=args.val_fraction, repeats=args.repeats, tta=args.tta, debug_slices=args.debug_slices,
-        num_workers=args.num_workers, self_training=args.self_training,
-        extra_positives=load_label_table(args.extra_positives, col, "extra positives") if args.extra_positives else None,
+        num_workers=args.num_workers, self_training=args.self_training, shape_check=args.shape_check,
+        pu_risk=args.pu_risk, extra_positives=load_label_table(args.extra_positives, col, "extra positives") if args.extra_positives else None,
     )
     logger.info("trained picker %s -> %s", picker, picker.path)
     return 0

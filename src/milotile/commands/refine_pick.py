@@ -40,6 +40,8 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", type=int, default=None, metavar="N",
                    help="in-plane symmetries averaged when predicting, 1-8 (default: the checkpoint's, 4 for new pickers)")
     p.add_argument("--no-heatmaps", action="store_true", help="do not store the heatmaps")
+    p.add_argument("--no-shape-check", dest="shape_check", action="store_false",
+                   help="keep the network's scores (skip the picker's shape check of each peak)")
     p.add_argument("--out", default=None, help="also write the picks here (.parquet or .csv)")
     f = p.add_argument_group("fiber mode")
     f.add_argument("--fiber", action="store_true", help="link picks into fibres and resample them along curves")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     picks = pick(
         col, picker, threshold=args.threshold, max_picks=args.max_picks, nms_distance=args.nms_distance,
         border=border, names=names, tile=args.tile, halo=args.halo, write_heatmaps=not args.no_heatmaps,
-        out=None if args.fiber else args.out,
+        out=None if args.fiber else args.out, shape_check=args.shape_check,
     )
     if args.fiber:
         from milotile.refine.fiber import trace_fibers

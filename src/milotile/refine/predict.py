@@ -44,6 +44,7 @@ from milotile.refine.decode import (
     empty_picks,
     picker_grid,
 )
+from milotile.refine.shape import SHAPE_COLUMNS, shape_checked
 from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold
 from milotile.runtime import gpu_resources
 from milotile.stages.preprocess import tomogram_sources, volume_stats
@@ -314,6 +315,7 @@ def pick(
     run: str | None = None,
     table: str | None = "picks",
     inflight: int | None = None,
+    shape_check: bool = True,
 ) -> pd.DataFrame:
     """Pick particles in every tomogram of a collection.
 
@@ -351,11 +353,17 @@ def pick(
         Tomograms predicted and decoded at the same time (each holds at most one heatmap), so the
         decoding of one overlaps the prediction of the next; default ``MILOTILE_PICK_INFLIGHT``
         (2). The table is the same, in the same order, for every value.
+    shape_check : bool
+        Lower the scores of peaks whose radial profile is unlike the training labels'
+        (:mod:`milotile.refine.shape`; pickers trained with ``shape_check=True``, the default).
+        ``False`` keeps the network's scores.
 
     Returns
     -------
     pandas.DataFrame
-        ``tomogram, x, y, z, x_A, y_A, z_A, score, class`` in level-0 voxels / Å.
+        ``tomogram, x, y, z, x_A, y_A, z_A, score, class`` in level-0 voxels / Å; with the shape
+        check also ``score_model`` (the network's score) and ``shape_d2`` (distance of the peak's
+        profile to the labels', about 1 for a typical labelled particle).
     """
     col = as_collection(col)
     picker = _check_picker(picker)
@@ -382,16 +390,19 @@ def pick(
     run = run or _run_id(picker)
     sources = dict(_picker_sources(col, picker))
 
+    checked = bool(shape_check) and bool(contract.get("shape"))
+
     def one(name: str) -> tuple[pd.DataFrame, dict[str, str | None]]:
         return _pick_one(col, name, picker, run, grid, classes, write_heatmaps, tile, halo,
-                         {"threshold": float(threshold), "nms_distance": nms, "max_picks": max_picks, "border": border})
+                         {"threshold": float(threshold), "nms_distance": nms, "max_picks": max_picks, "border": border},
+                         checked)
 
     tables = []
     for df, src in _in_order(one, names, _inflight(inflight)):
         tables.append(df)
         sources.update(src)
     picks = pd.concat(tables, ignore_index=True) if any(len(d) for d in tables) else empty_picks()
-    picks = picks[PICK_COLUMNS]
+    picks = picks[PICK_COLUMNS + [c for c in SHAPE_COLUMNS if c in picks]]
     if auto and len(picks):
         picks, info = apply_auto_threshold(picks, contract)
         picks = picks.reset_index(drop=True)
@@ -399,7 +410,7 @@ def pick(
         threshold = min((v["threshold"] for v in info.values()), default=float(threshold))
     if table:
         params = {"threshold": float(threshold), "nms_distance": nms, "border": border, "max_picks": max_picks,
-                  "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run}
+                  "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run, "shape_check": checked}
         col.write_table(table, picks, params=params, sources=sources, written_only=True)
     if out is not None:
         write_picks(picks, out)
@@ -443,8 +454,10 @@ def _in_order(fn: Any, items: Sequence[Any], k: int) -> Any:
 
 
 def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: list[str], write_heatmaps: bool,
-              tile: Sequence[int] | None, halo: Sequence[int] | None, decode: dict) -> tuple[pd.DataFrame, dict]:
-    """Predict (and store) the heatmap of one tomogram and decode it; returns its picks and sources."""
+              tile: Sequence[int] | None, halo: Sequence[int] | None, decode: dict,
+              checked: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Predict (and store) the heatmap of one tomogram, decode it and apply the shape check; returns its
+    picks and sources."""
     t = col[name]
     t0 = time.perf_counter()
     hm = predict_heatmap(col, name, picker, tile=tile, halo=halo)
@@ -456,6 +469,8 @@ def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: l
     else:
         sources = tomogram_sources(col, name)
     df = decode_heatmap(hm, tomogram=name, shape=t.shape, voxel_size=t.voxel_size, grid=grid, classes=classes, **decode)
+    if checked:
+        df = shape_checked(col, name, df, picker.contract, threshold=decode["threshold"])
     log.info("%s: %d picks in %.1f s", name, len(df), time.perf_counter() - t0)
     return df, sources
 

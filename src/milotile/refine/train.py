@@ -35,9 +35,10 @@ from milotile.nn.runlog import RunLog
 from milotile.refine.contract import picker_contract
 from milotile.refine.data import CropDataset, VolumeReader
 from milotile.refine.labels import class_index, load_label_table
-from milotile.refine.losses import consistency_loss, debiased_contrastive_loss, pu_focal_loss
+from milotile.refine.losses import PU_RISKS, consistency_loss, debiased_contrastive_loss, pu_focal_loss
 from milotile.refine.picker import Picker
 from milotile.refine.prior import estimate_prior
+from milotile.refine.shape import fit_shape_models
 from milotile.refine.targets import target_geometry
 from milotile.refine.threshold import AUTO_FLOOR, label_records
 from milotile.refine.validation import regions_from_labels, split_validation, validate
@@ -72,6 +73,7 @@ def train(
     crop: Sequence[int] = (12, 64, 64),
     lr: float = 1e-3,
     tau: float | str = 0.01,
+    pu_risk: str = "clip",
     temp: float = 0.07,
     cr_weight: float = 0.1,
     unsup_weight: float = 0.1,
@@ -101,6 +103,7 @@ def train(
     tta: int = 4,
     extra_positives: pd.DataFrame | None = None,
     self_training: int = 0,
+    shape_check: bool = True,
 ) -> Picker:
     """Train a PU picker from sparse labels.
 
@@ -130,6 +133,9 @@ def train(
         Crops per step and model-input crop ``(z, y, x)`` (z in compressed slices with ``compress``).
     lr
         Adam learning rate.
+    pu_risk
+        Non-negative correction of the PU risk (:func:`milotile.refine.losses.pu_focal_loss`:
+        ``"clip"`` as MiLoPYP, the default; ``"nnpu"``; ``"pn"``).
     tau, temp, cr_weight, unsup_weight, consistency_weight, contrastive
         PU prior (``"auto"``: estimated from the labelled tomograms by
         :func:`milotile.refine.prior.estimate_prior`), InfoNCE temperature and loss weights; ``contrastive=False`` trains the PU focal
@@ -177,6 +183,10 @@ def train(
         that score like the labels in the labelled tomograms become ``extra_positives`` of the next
         round, trained from scratch; stops early when the pseudo-labels stop changing. Round ``r`` is
         written to ``<out>/round-<r>``; the final round's checkpoints are copied to ``<out>``.
+    shape_check
+        Fit the shape check of :mod:`milotile.refine.shape` to the labels (radial profiles at
+        ``bbox / 2``; classes with at least 4 labels) and keep it in the picker's contract, so that
+        ``pick`` lowers the scores of peaks unlike the labels.
 
     Returns
     -------
@@ -190,7 +200,7 @@ def train(
     arch = ARCH_ALIASES.get(arch, arch)
     df, vdf, regions, class_names = _labels(col, labels, val_labels, classes, bbox, val_fraction)
     epochs = default_epochs(len(df), repeats) if epochs is None else epochs
-    _check_options(arch, epochs, batch_size, tau, crop, bbox)
+    _check_options(arch, epochs, batch_size, tau, crop, bbox, pu_risk)
     user_df = df
     if extra_positives is not None and len(extra_positives):
         extra, _ = class_index(load_label_table(extra_positives, col, "extra positives"),
@@ -219,6 +229,9 @@ def train(
                                voxel_size=float(col[names[0]].voxel_size), train_stats=stats, val_radius=val_radius)
     contract.update(tta=int(tta), prior=prior_info, train_labels=label_records(user_df, class_names),
                     n_extra_positives=len(df) - len(user_df))
+    if shape_check:
+        contract["shape"] = fit_shape_models(readers, {n: volume_stats(col, n)[1] for n in set(user_df["tomogram"])},
+                                             user_df, class_names, float(bbox) / 2.0)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     runlog = RunLog(run_dir)
     options = {k: v for k, v in locals().items() if k in _OPTION_KEYS}
@@ -226,7 +239,7 @@ def train(
                    store=str(col.url), device=str(dev), started=_dt.datetime.now().isoformat(timespec="seconds"))
     start_epoch, best_f1 = _resume(run_dir, model, opt, contract, runlog, dev) if resume else (0, -1.0)
     runlog.save_options(options)
-    step = _Step(model, opt, dev, amp, contrastive, tau=tau, temp=temp, cr_weight=cr_weight, unsup_weight=unsup_weight,
+    step = _Step(model, opt, dev, amp, contrastive, tau=tau, pu_risk=pu_risk, temp=temp, cr_weight=cr_weight, unsup_weight=unsup_weight,
                  consistency_weight=consistency_weight, max_pos=max_pos, n_unlabeled=n_unlabeled, seed=seed)
     loader = DataLoader(ds, batch_size=int(batch_size), shuffle=True, drop_last=len(ds) > int(batch_size),
                         num_workers=int(num_workers), generator=step.gen, persistent_workers=False)
@@ -307,8 +320,11 @@ def _log_epoch(rec: dict, epochs: int) -> None:
                 rec["hm_loss"], rec["cr_loss"], rec["consis_loss"], rec["seconds"], val)
 
 
-def _check_options(arch: str, epochs: int, batch_size: int, tau: float | str, crop: Sequence[int], bbox: float) -> None:
+def _check_options(arch: str, epochs: int, batch_size: int, tau: float | str, crop: Sequence[int], bbox: float,
+                   pu_risk: str = "clip") -> None:
     registry.get_builder(arch)  # unknown names -> InputError before any work
+    if pu_risk not in PU_RISKS:
+        raise InputError(f"pu_risk must be one of {', '.join(PU_RISKS)}, got {pu_risk!r}.")
     if int(epochs) < 1:
         raise InputError(f"epochs must be at least 1, got {epochs!r}.")
     if int(batch_size) < 1:
@@ -422,7 +438,7 @@ class _Step:
         if not self.contrastive:
             with autocast(self.dev, enabled=self.use_amp):
                 hm = self.model(x)["hm"].float()
-            loss, parts = pu_focal_loss(hm, tgt, tau)
+            loss, parts = pu_focal_loss(hm, tgt, tau, risk=w["pu_risk"])
             return loss, loss, torch.zeros(()), torch.zeros(()), parts
         axis = -1 if self.flip_rng.random() < 0.5 else -2
         with autocast(self.dev, enabled=self.use_amp):
@@ -430,8 +446,8 @@ class _Step:
         b = x.shape[0]
         hm1, hm2 = outp["hm"][:b].float(), torch.flip(outp["hm"][b:], dims=(axis,)).float()
         f1, f2 = outp["feat"][:b], torch.flip(outp["feat"][b:], dims=(axis,))
-        l1, parts = pu_focal_loss(hm1, tgt, tau)
-        l2, _ = pu_focal_loss(hm2, tgt, tau)
+        l1, parts = pu_focal_loss(hm1, tgt, tau, risk=w["pu_risk"])
+        l2, _ = pu_focal_loss(hm2, tgt, tau, risk=w["pu_risk"])
         hm_loss = 0.5 * (l1 + l2)
         p1, p2 = torch.sigmoid(hm1), torch.sigmoid(hm2)
         cr = debiased_contrastive_loss(f1, f2, tgt, p1.detach(), p2.detach(), tau=tau, temp=w["temp"],
@@ -462,8 +478,8 @@ class _Step:
 
 
 _OPTION_KEYS = {
-    "bbox", "epochs", "arch", "arch_config", "batch_size", "crop", "lr", "tau", "temp", "cr_weight", "unsup_weight",
-    "consistency_weight", "contrastive", "thresh", "gauss", "compress", "compress_how", "clip", "seed", "val_fraction",
+    "bbox", "epochs", "arch", "arch_config", "batch_size", "crop", "lr", "tau", "pu_risk", "temp", "cr_weight", "unsup_weight",
+    "consistency_weight", "contrastive", "shape_check", "thresh", "gauss", "compress", "compress_how", "clip", "seed", "val_fraction",
     "val_radius", "val_every", "debug_slices", "num_workers", "random_fraction", "repeats", "max_pos", "n_unlabeled",
     "amp", "resume",
 }

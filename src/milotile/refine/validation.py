@@ -22,6 +22,7 @@ from milotile.metrics import average_precision, evaluate, pr_curve
 from milotile.refine.debug import debug_png
 from milotile.refine.decode import decode_heatmap, decode_options
 from milotile.refine.predict import predict_heatmap, region_grid
+from milotile.refine.shape import shape_checked
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def predict_region_picks(picker: Any, col: Any, reg: dict, stats: tuple[float, f
     nms, border = decode_options(picker.contract)
     pk = decode_heatmap(prob, tomogram=name, shape=t.shape, voxel_size=t.voxel_size, grid=grid, classes=picker.classes,
                         threshold=MIN_SCORE, nms_distance=nms, max_picks=None, border=border)
+    pk = shape_checked(col, name, pk, picker.contract, threshold=MIN_SCORE)
     return _inside(pk, reg["start"], reg["stop"]), prob, grid
 
 
