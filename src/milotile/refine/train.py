@@ -35,7 +35,12 @@ from milotile.nn.runlog import RunLog
 from milotile.refine.contract import picker_contract
 from milotile.refine.data import CropDataset, VolumeReader
 from milotile.refine.labels import class_index, load_label_table
-from milotile.refine.losses import PU_RISKS, consistency_loss, debiased_contrastive_loss, pu_focal_loss
+from milotile.refine.losses import (
+    PU_RISKS,
+    consistency_loss,
+    debiased_contrastive_loss,
+    pu_focal_loss,
+)
 from milotile.refine.picker import Picker
 from milotile.refine.prior import estimate_prior
 from milotile.refine.shape import fit_shape_models
