@@ -59,7 +59,7 @@ def make_picker(start_filts: int):
     from milotile.refine.train import DEFAULT_UNET
 
     torch.manual_seed(0)
-    model = unet4(**{**DEFAULT_UNET, "start_filts": start_filts})  # the default picker network (head z dilation 2)
+    model = unet4(**{**DEFAULT_UNET, "z_dilation": 2, "start_filts": start_filts})  # the default picker network for a 10-voxel box
     contract = picker_contract(arch="unet4", model=model, classes=["particle"], bbox=12, crop=(8, 64, 64), gauss=0.0,
                                compress=False, clip=(-3, 3), thresh=0.8, tau=0.1, geom=_Geom(), voxel_size=10.0,
                                train_stats={}, val_radius=3.0)

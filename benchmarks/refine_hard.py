@@ -197,7 +197,7 @@ def run_multi(col, gt: pd.DataFrame, species: list[str], seed: int, run: Path) -
 def summarise(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(records)
     keys = ["species", "n_labels", "method"]
-    vals = [c for c in ("f1_auto", "f1_best", "p_auto", "r_auto") if c in df]
+    vals = [c for c in ("f1_auto", "f1_best", "p_auto", "r_auto", "f1_auto_noshape", "f1_best_noshape") if c in df]
     g = df.groupby(keys)[vals]
     mean, std = g.mean(), g.std().fillna(0.0)
     out = mean.round(3).astype(str) + " ± " + std.round(3).astype(str)
@@ -205,25 +205,48 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def rescore(runs: list[str], work: Path, out_json: str) -> int:
+def rescore(runs: list[str], out_json: str, refit_shape: bool = False) -> int:
     """Scores of saved runs (their ``picks_all.parquet``, labels and checkpoint) with the current
-    automatic-threshold code; the same numbers :func:`run_learned` prints, without retraining."""
+    automatic-threshold code; the same numbers :func:`run_learned` prints, without retraining.
+
+    The data are read from the run's folder (``<run>/../hard_s<seed>``). With ``refit_shape`` (or a
+    checkpoint without one) the shape check is fitted to the run's labels with the library's
+    :func:`milotile.refine.shape.fit_shape_models` and applied to the network's saved scores with
+    :func:`milotile.refine.shape.apply_shape_check`, as ``pick`` does."""
+    from milotile.nn.checkpoint import load_checkpoint
+    from milotile.refine.data import VolumeReader
+    from milotile.refine.shape import apply_shape_check, fit_shape_models
+    from milotile.stages.preprocess import volume_stats
+
     records = []
     for r in runs:
         run = Path(r)
         _, seed, species, n, name = run.name.split("_", 4)
-        gt = pd.read_parquet(work / f"hard_{seed}" / "ground_truth.parquet")
+        data = run.parent / f"hard_{seed}"
+        gt = pd.read_parquet(data / "ground_truth.parquet")
         sp = gt[gt["species"] == species]
-        from milotile.nn.checkpoint import load_checkpoint
-
+        true, rad = sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0])
         contract = load_checkpoint(run / ("best.pt" if (run / "best.pt").exists() else "last.pt"))["contract"]
         allp = pd.read_parquet(run / "picks_all.parquet")
+        raw = allp.assign(score=allp["score_model"]) if "score_model" in allp else allp
+        raw = raw.drop(columns=[c for c in ("score_model", "shape_d2") if c in raw])
+        if refit_shape or not contract.get("shape"):
+            col = mt.open(data / "store.zarr")
+            labels = pd.read_parquet(run / "labels.parquet")
+            names = sorted(set(raw["tomogram"]) | set(labels["tomogram"]))
+            readers = {t: VolumeReader(col[t].data(0), t) for t in names}
+            stds = {t: volume_stats(col, t)[1] for t in names}
+            contract = {**contract, "shape": fit_shape_models(readers, stds, labels, contract["classes"],
+                                                              float(contract["bbox"]) / 2)}
+            allp = pd.concat([apply_shape_check(g, readers[t], stds[t], contract["shape"])
+                              for t, g in raw.groupby("tomogram", sort=False)], ignore_index=True)
         auto = float(apply_auto_threshold(allp, contract)[1]["particle"]["threshold"])
-        res = scores(allp, sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0]) / 2, auto)
-        res["f1_at_0.25"] = scores(allp, sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0]) / 2, 0.25)["f1_auto"]
+        res = scores(allp, true, rad / 2, auto)
+        raw_auto = float(apply_auto_threshold(raw, contract)[1]["particle"]["threshold"])
+        res.update({f"{k}_noshape": v for k, v in scores(raw, true, rad / 2, raw_auto).items()})
         recs = mt.nn.RunLog(run).records()
         res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
-                   rescored_from=str(run))
+                   rescored_from=str(run), shape_refitted=bool(refit_shape or "shape_d2" not in allp))
         records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res})
         print(records[-1], flush=True)
     out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),
@@ -257,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multi", default=None, metavar="A,B", help="also train one picker for these species")
     ap.add_argument("--rescore", nargs="+", default=None, metavar="RUN",
                     help="re-score saved runs (run_s<seed>_<species>_<n>_<recipe> folders) with the current threshold code")
+    ap.add_argument("--refit-shape", action="store_true",
+                    help="with --rescore: fit the shape check to the run's labels again (runs saved before it existed)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge earlier result files")
     ap.add_argument("--snr", type=float, default=None, help="override the preset's SNR (0.1)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 when sharing the machine)")
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge(args.merge, args.json)
     if args.rescore:
-        return rescore(args.rescore, Path(args.workdir), args.json)
+        return rescore(args.rescore, args.json, args.refit_shape)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     import torch
 

@@ -154,7 +154,7 @@ def refine_rows(a, dev, peak) -> list[dict]:
     rb, (cz, cy, cx) = a.refine_batch, (12, 64, 64)  # crops of the CLI default 12 x 64 x 64
     for bf16, cl in ((False, False), (False, True), (True, False)):
         torch.manual_seed(0)
-        m = unet4(**DEFAULT_UNET).to(dev)
+        m = unet4(**DEFAULT_UNET, z_dilation=2).to(dev)  # the default network for a 10-voxel box
         if cl:  # the 2D stem and trunk only (the 3D head's weights are rank 5)
             for mod in m.modules():
                 if isinstance(mod, torch.nn.Conv2d | torch.nn.ConvTranspose2d):

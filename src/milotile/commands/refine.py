@@ -51,10 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="architecture (default unet4)")
     p.add_argument("--start-filts", type=int, default=None, help="U-Net width of the first level (default 16)")
     p.add_argument("--z-dilation", type=int, default=None,
-                   help="z dilation of the 3D head: 1 = 7 slices of z context, 2 = 11 (default 2)")
+                   help="z dilation of the 3D head: 1 = 7 slices of z context, 2 = 11, 4 = 19 "
+                        "(default from --bbox: clip(round(bbox/6), 2, 4))")
     p.add_argument("--batch-size", type=int, default=4, help="crops per step (default 4)")
-    p.add_argument("--crop", type=partial(parse_ints, n=3, what="--crop"), default=(12, 64, 64), metavar="Z,Y,X",
-                   help="model-input crop (default 12,64,64; z in compressed slices with --compress)")
+    p.add_argument("--crop", type=partial(parse_ints, n=3, what="--crop"), default=None, metavar="Z,Y,X",
+                   help="model-input crop (default DEPTH,64,64 with DEPTH = 4 z-dilation + 4: 12 for --bbox 10, "
+                        "20 for --bbox 24; z in compressed slices with --compress)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--tau", type=_tau, default=0.01,
                    help="PU class prior (default 0.01), or 'auto': estimated from the labelled tomograms")

@@ -52,15 +52,16 @@ from milotile.store import as_collection
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARCH_ALIASES", "train"]
+__all__ = ["ARCH_ALIASES", "default_epochs", "default_z_context", "train"]
 
 ARCH_ALIASES = {"unet_4": "unet4", "unet_5": "unet5", "ressmall_18": "ressmall"}
 _LOSS_KEYS = ("loss", "hm_loss", "cr_loss", "consis_loss", "r_pos", "r_neg")
 
 
 #: Network of the default recipe (the one measured on benchmarks/refine_hard.py, issue 15): a 16-filter
-#: U-Net whose 3D head sees 11 slices of z context (z dilation 2).
-DEFAULT_UNET = {"start_filts": 16, "z_dilation": 2}
+#: U-Net; the z dilation of its 3D head (and the crop depth) follow the particle size, see
+#: :func:`default_z_context`.
+DEFAULT_UNET = {"start_filts": 16}
 #: Labelled crops (labels × repeats × epochs) the default number of epochs aims at.
 LABELLED_CROP_BUDGET = 600
 
@@ -75,7 +76,7 @@ def train(
     arch: str = "unet4",
     arch_config: dict[str, Any] | None = None,
     batch_size: int = 4,
-    crop: Sequence[int] = (12, 64, 64),
+    crop: Sequence[int] | None = None,
     lr: float = 1e-3,
     tau: float | str = 0.01,
     pu_risk: str = "clip",
@@ -135,7 +136,8 @@ def train(
     arch, arch_config
         ``unet4``, ``unet5`` or ``ressmall`` and extra builder keywords (e.g. ``start_filts``).
     batch_size, crop
-        Crops per step and model-input crop ``(z, y, x)`` (z in compressed slices with ``compress``).
+        Crops per step and model-input crop ``(z, y, x)`` (z in compressed slices with ``compress``);
+        default ``(depth, 64, 64)`` with the depth of :func:`default_z_context`.
     lr
         Adam learning rate.
     pu_risk
@@ -205,6 +207,8 @@ def train(
     arch = ARCH_ALIASES.get(arch, arch)
     df, vdf, regions, class_names = _labels(col, labels, val_labels, classes, bbox, val_fraction)
     epochs = default_epochs(len(df), repeats) if epochs is None else epochs
+    z_dil, depth = default_z_context(bbox, compress)
+    crop = (depth, 64, 64) if crop is None else tuple(int(c) for c in crop)
     _check_options(arch, epochs, batch_size, tau, crop, bbox, pu_risk)
     user_df = df
     if extra_positives is not None and len(extra_positives):
@@ -226,7 +230,7 @@ def train(
     ds = CropDataset(readers, stats, df, geom, crop, n_classes=len(class_names), thresh=thresh, gauss=gauss,
                      clip=tuple(clip), compress=compress, compress_how=compress_how, random_fraction=random_fraction,
                      seed=seed, repeats=repeats)
-    defaults = DEFAULT_UNET if arch.startswith("unet") else {"z_dilation": DEFAULT_UNET["z_dilation"]}
+    defaults = {**(DEFAULT_UNET if arch.startswith("unet") else {}), "z_dilation": z_dil}
     cfg = {"n_classes": len(class_names), **defaults, **(arch_config or {})}
     model = registry.create(arch, **cfg).to(dev)
     contract = picker_contract(arch=arch, model=model, classes=class_names, bbox=bbox, crop=crop, gauss=gauss,
@@ -269,6 +273,22 @@ def train(
     _plots(runlog, run_dir, bool(regions))
     best = run_dir / "best.pt"
     return Picker.load(best if best.exists() else run_dir / "last.pt", device=dev)
+
+
+def default_z_context(bbox: float, compress: bool = False) -> tuple[int, int]:
+    """Head z dilation and crop depth of the default recipe for particles of box ``bbox``.
+
+    The 3D head sees ``4 · z_dilation + 3`` slices, so ``z_dilation = clip(round(bbox / 6), 2, 4)``
+    lets it cover most of the particle's depth (the missing wedge stretches it further): 2 (11 slices)
+    for a 10-voxel box, 4 (19 slices) for a 24-voxel box; the crop depth ``4 · z_dilation + 4`` keeps a
+    few slices of it valid. On the hard benchmark (radius-12 species, 18 labels, three seeds, with the
+    shape check) z dilation 4 with 20-slice crops gave F1 0.905 / 0.877 / 0.789 against 0.870 / 0.859 /
+    0.776 with 2 and 12 slices, at 2.3× the training time. With ``compress`` the box counts in
+    compressed slices (half).
+    """
+    b = float(bbox) / (2.0 if compress else 1.0)
+    zd = int(np.clip(round(b / 6.0), 2, 4))
+    return zd, 4 * zd + 4
 
 
 def default_epochs(n_labels: int, repeats: int) -> int:
