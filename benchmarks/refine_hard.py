@@ -13,6 +13,10 @@ score all particles of that species (Hungarian matching within half the particle
   0.25 for the old recipes, the checkpoint's validation-chosen threshold for the new one);
 * **best** — F1 at the best threshold (an oracle, for reference).
 
+A picker with the shape check (:mod:`milotile.refine.shape`, the default) also gets ``*_noshape``
+figures: the same peaks with the network's scores (``score_model``), the paired ablation of
+``pick --no-shape-check``.
+
 Baselines in the same run: a DoG of the particle's size told the true number of particles per
 tomogram (sigmas ``r/2, r``; dark blobs), MiLoPYP's default DoG (sigmas 3, 5; threshold mean + 0.5 std;
 NMS radius 7), and the previous milotile recipes (CLI defaults; the demo's ``tau 0.01, repeats 10,
