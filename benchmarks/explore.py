@@ -83,6 +83,13 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     params = {"n_tomograms": a.n_tomograms, "size": a.size, "snr": a.snr, "n_particles": a.n_particles,
               "data_seed": a.data_seed, "border": a.border, "border_z": a.border_z, "preset": a.preset}
     bank_params = {"bbox": a.bbox, "modes": a.modes}
+    shifts: bool | list = True
+    bank_key = None
+    if getattr(a, "shifts", None):  # other positive-pair offsets than MiLoPYP's (dx, dy, dz)
+        shifts = [list(map(int, s)) for s in json.loads(a.shifts)]
+        bank_params["shifts"] = shifts
+        bank_key = "candidates-" + a.modes.replace(",", "+") + f"-b{a.bbox}-sh" + "_".join(
+            "".join(f"{v:+d}" for v in s) for s in shifts).replace("+", "p").replace("-", "m")
     stamp = work / "data.json"
     if stamp.exists() and json.loads(stamp.read_text())["params"] == params:
         state = json.loads(stamp.read_text())
@@ -92,7 +99,8 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         if bkey not in banks:  # same data, another bank (the other mode or patch size)
             t0 = time.perf_counter()
             with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
-                key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=True, chunk_n=128)
+                key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128,
+                                      key=bank_key)
             banks[bkey] = {"key": key, "patches_s": time.perf_counter() - t0}
             stamp.write_text(json.dumps(state))
         info = {**state["info"], **banks[bkey]}
@@ -110,7 +118,7 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         preprocess(col)
         cands = mine(col, border=a.border, border_z=a.border_z)
         t2 = time.perf_counter()
-        key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=True, chunk_n=128)
+        key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128, key=bank_key)
     res.ground_truth.to_parquet(work / "gt.parquet")
     info = {"synth_s": t1 - t0, "pipeline_s": t2 - t1, "n_candidates": len(cands)}
     bank = {"key": key, "patches_s": time.perf_counter() - t2}
@@ -267,6 +275,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--optimizer", default="sgd")
     ap.add_argument("--widths", default=None, help="trunk widths (default 32,64,128; hard 16,32,64; MiLoPYP: 64,128,256)")
+    ap.add_argument("--shifts", default=None, metavar="JSON",
+                    help="positive-pair offsets [[dx,dy,dz],...] of the patch bank (default MiLoPYP's four)")
     ap.add_argument("--crop", type=int, default=None,
                     help="centre crop the model sees (train bbox; default the patch; hard 24, the largest species' diameter)")
     ap.add_argument("--strong-aug", default=None, help="JSON overrides of the strong view's AugmentConfig")
@@ -441,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python benchmarks/explore.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
         "device": str(dev), "torch_threads": torch.get_num_threads(),
-        "common": {"bbox": a.bbox, "mine_border_yx_z": [a.border, a.border_z], "match_radius": a.match_radius, "match_frac": a.match_frac,
+        "common": {"bbox": a.bbox, "shifts": a.shifts or "milopyp", "mine_border_yx_z": [a.border, a.border_z], "match_radius": a.match_radius, "match_frac": a.match_frac,
                    "data_seed": a.data_seed, "pca_components": a.pca,
                    "recipe": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": a.optimizer,
                               "widths": a.widths, "crop": a.crop, "feature": a.feature, "tta": a.tta, "strong_aug": a.strong_aug, "weak_aug": a.weak_aug,
