@@ -81,6 +81,24 @@ def test_train_resume_and_picker(data):
     assert mt.nn.load_checkpoint(out / "last.pt")["epoch"] == 2
 
 
+def test_resume_keeps_the_runs_z_context(data):
+    """A run started with other z context / crop than today's defaults resumes with its own; asking for
+    another z dilation is refused (same weight shapes, a different network)."""
+    root, col, gt = data
+    lab = gt[gt.tomogram == "tomo_000"]
+    out = root / "zctx"
+    kw = {k: v for k, v in FAST.items() if k not in ("crop", "arch_config")}
+    train(col, lab, epochs=1, out=out, val_fraction=0.0, crop=(5, 32, 32), arch_config={**TINY, "z_dilation": 3}, **kw)
+    assert train_mod.default_z_context(12) == (2, 12)  # today's defaults differ from the run's
+    picker = train(col, lab, epochs=2, out=out, val_fraction=0.0, resume=True, arch_config=TINY, **kw)
+    assert tuple(picker.contract["crop"]) == (5, 33, 33)  # the run's model crop (x, y made odd)
+    assert mt.nn.load_checkpoint(out / "last.pt")["config"]["z_dilation"] == 3
+    with pytest.raises(InputError, match="z_dilation=3"):
+        train(col, lab, epochs=3, out=out, val_fraction=0.0, resume=True, arch_config={**TINY, "z_dilation": 2}, **kw)
+    with pytest.raises(InputError, match="bbox must be positive"):
+        train_mod.default_z_context(0)
+
+
 def _fresh_picker(compress: bool) -> Picker:
     torch.manual_seed(0)
     model = mt.nn.create("unet4", **TINY).eval()

@@ -208,7 +208,10 @@ def train(
     df, vdf, regions, class_names = _labels(col, labels, val_labels, classes, bbox, val_fraction)
     epochs = default_epochs(len(df), repeats) if epochs is None else epochs
     z_dil, depth = default_z_context(bbox, compress)
-    crop = (depth, 64, 64) if crop is None else tuple(int(c) for c in crop)
+    default_crop: tuple[int, ...] = (depth, 64, 64)
+    if resume and out is not None and (Path(out) / "last.pt").is_file():  # the run's own defaults, not today's
+        z_dil, default_crop = _resumed_z_context(Path(out) / "last.pt", z_dil, default_crop)
+    crop = default_crop if crop is None else tuple(int(c) for c in crop)
     _check_options(arch, epochs, batch_size, tau, crop, bbox, pu_risk)
     user_df = df
     if extra_positives is not None and len(extra_positives):
@@ -246,7 +249,7 @@ def train(
     options = {k: v for k, v in locals().items() if k in _OPTION_KEYS}
     options.update(classes=class_names, n_train_labels=len(df), n_val_labels=len(vdf), val_regions=regions,
                    store=str(col.url), device=str(dev), started=_dt.datetime.now().isoformat(timespec="seconds"))
-    start_epoch, best_f1 = _resume(run_dir, model, opt, contract, runlog, dev) if resume else (0, -1.0)
+    start_epoch, best_f1 = _resume(run_dir, model, opt, contract, runlog, dev, cfg) if resume else (0, -1.0)
     runlog.save_options(options)
     step = _Step(model, opt, dev, amp, contrastive, tau=tau, pu_risk=pu_risk, temp=temp, cr_weight=cr_weight, unsup_weight=unsup_weight,
                  consistency_weight=consistency_weight, max_pos=max_pos, n_unlabeled=n_unlabeled, seed=seed)
@@ -287,6 +290,8 @@ def default_z_context(bbox: float, compress: bool = False) -> tuple[int, int]:
     compressed slices (half).
     """
     b = float(bbox) / (2.0 if compress else 1.0)
+    if not b > 0:
+        raise InputError(f"bbox must be positive, got {bbox!r}.")
     zd = int(np.clip(round(b / 6.0), 2, 4))
     return zd, 4 * zd + 4
 
@@ -394,14 +399,26 @@ def _run_dir(col: Any, out: str | os.PathLike[str] | None, resume: bool) -> Path
     return run_dir
 
 
+def _resumed_z_context(last: Path, z_dil: int, crop: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """Z dilation and crop of the run being resumed (the defaults may have changed since it started)."""
+    ck = load_checkpoint(last, map_location="cpu")
+    old_crop = (ck.get("contract") or {}).get("crop")
+    return (int((ck.get("config") or {}).get("z_dilation", z_dil)),
+            tuple(int(c) for c in old_crop) if old_crop else crop)
+
+
 def _resume(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, contract: dict, runlog: RunLog,
-            dev: torch.device) -> tuple[int, float]:
+            dev: torch.device, cfg: dict | None = None) -> tuple[int, float]:
     last = run_dir / "last.pt"
     ck = load_checkpoint(last, map_location=dev)
     old = ck.get("contract", {})
     for key in ("arch", "bbox", "classes", "compress", "gauss", "crop", "preprocessing"):
         if old.get(key) != contract.get(key):
             raise InputError(f"Cannot resume {str(last)!r}: its {key} is {old.get(key)!r}, now {contract.get(key)!r}.")
+    old_cfg = ck.get("config") or {}
+    for key, value in (cfg or {}).items():  # e.g. z dilation: same weight shapes, a different network
+        if key in old_cfg and old_cfg[key] != value:
+            raise InputError(f"Cannot resume {str(last)!r}: its network has {key}={old_cfg[key]!r}, now {value!r}.")
     model.load_state_dict(ck["state_dict"])
     if "optimizer" in ck:
         opt.load_state_dict(ck["optimizer"])
