@@ -36,6 +36,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert (out / "project.zarr" / "tables" / f"labels-explore-{report['refine']['species']}.parquet").exists()
     hard = report["pick_hard"]
     assert 0.0 <= hard["f1_all"] <= 1.0 and 0.0 <= hard["f1_dog_told_count"] <= 1.0 and hard["labelled"] >= 3
+    assert 0.0 <= hard["f1_without_shape_check"] <= 1.0
     picks = pd.read_parquet(out / "picks.parquet")
     assert {"tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "class"} <= set(picks.columns)
     for fmt in ("milopyp", "imod", "star", "copick", "ndjson"):
