@@ -113,6 +113,18 @@ def test_threshold_valley_and_label_rule() -> None:
     assert t3 > 0.85 and f1(t3) > f1(lo) + 0.1
 
 
+def test_valley_does_not_split_clean_particles() -> None:
+    """Clean data: nearly every peak is a particle (scores 0.55-0.97, no background mode). Otsu then
+    splits the particles; labels the network scores as particles overrule it."""
+    rng = np.random.default_rng(1)
+    s = np.clip(rng.normal(0.84, 0.08, 45), 0.5, 0.99)
+    t_valley = otsu_logit(s)
+    lab = np.sort(s)[[8, 15, 22, 30]]  # four labels, a random sample of the particles
+    assert t_valley > np.median(lab)  # the valley would drop most particles
+    t, src = choose_threshold(s, lab)
+    assert src == "labels" and t < lab.min() and (s >= t).mean() > 0.8
+
+
 def test_apply_auto_threshold_uses_contract_labels() -> None:
     picks = pd.DataFrame({"tomogram": ["t"] * 6, "x": [10, 30, 50, 70, 90.0, 110.0], "y": 10.0, "z": 10.0,
                           "score": [0.97, 0.9, 0.8, 0.06, 0.07, 0.08], "class": "particle"})
