@@ -234,7 +234,8 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False) -> int:
         allp = pd.read_parquet(run / "picks_all.parquet")
         raw = allp.assign(score=allp["score_model"]) if "score_model" in allp else allp
         raw = raw.drop(columns=[c for c in ("score_model", "shape_d2") if c in raw])
-        if refit_shape or not contract.get("shape"):
+        refit = refit_shape or not contract.get("shape")
+        if refit:
             col = mt.open(data / "store.zarr")
             labels = pd.read_parquet(run / "labels.parquet")
             names = sorted(set(raw["tomogram"]) | set(labels["tomogram"]))
@@ -250,7 +251,7 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False) -> int:
         res.update({f"{k}_noshape": v for k, v in scores(raw, true, rad / 2, raw_auto).items()})
         recs = mt.nn.RunLog(run).records()
         res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
-                   rescored_from=str(run), shape_refitted=bool(refit_shape or "shape_d2" not in allp))
+                   rescored_from=str(run), shape_refitted=bool(refit))
         records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res})
         print(records[-1], flush=True)
     out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),

@@ -65,7 +65,7 @@ def test_model_separates_the_particles_from_larger_decoys() -> None:
     d_decoy = model.d2(radial_profiles(rd2, decoys2, R_PART, float(vol2.std()))) / model.scale
     assert np.median(d_part) < 3.0
     assert d_decoy.min() > np.median(d_part) * 3  # every decoy is further than a typical particle
-    pen = model.penalty(radial_profiles(rd2, decoys2, R_PART, float(vol2.std())))
+    pen = model.penalty(model.d2(radial_profiles(rd2, decoys2, R_PART, float(vol2.std()))))
     assert (pen > 0.5 * SHAPE_WEIGHT * SHAPE_CAP).mean() > 0.8 and pen.max() <= SHAPE_WEIGHT * SHAPE_CAP + 1e-9
 
 

@@ -163,9 +163,9 @@ class ShapeModel:
         v = np.asarray(profiles, np.float64) - self.mean
         return np.einsum("ij,jk,ik->i", v, self.precision, v)
 
-    def penalty(self, profiles: np.ndarray, d2: np.ndarray | None = None) -> np.ndarray:
-        """Logit units each peak loses (from its profile, or from given distances ``d2``)."""
-        rel = (self.d2(profiles) if d2 is None else np.asarray(d2, np.float64)) / self.scale - 1.0
+    def penalty(self, d2: np.ndarray) -> np.ndarray:
+        """Logit units each peak loses, from its distance ``d2`` (:meth:`d2` or :meth:`peak_d2`)."""
+        rel = np.asarray(d2, np.float64) / self.scale - 1.0
         return self.weight * np.clip(rel, 0.0, self.cap)
 
     def peak_d2(self, profiles: np.ndarray, tomogram: str, points_zyx: np.ndarray) -> np.ndarray:
@@ -252,7 +252,7 @@ def apply_shape_check(picks: pd.DataFrame, reader: Any, std: float, models: Mapp
         prof = radial_profiles(reader, pts, model.radius, std)
         d2 = model.peak_d2(prof, tomogram, pts)
         s = np.clip(g["score"].to_numpy(np.float64), 1e-7, 1 - 1e-7)
-        logit = np.log(s / (1 - s)) - model.penalty(prof, d2)
+        logit = np.log(s / (1 - s)) - model.penalty(d2)
         out.loc[g.index, "score"] = 1.0 / (1.0 + np.exp(-logit))
         out.loc[g.index, "shape_d2"] = d2 / model.scale
     return out

@@ -103,13 +103,11 @@ def choose_threshold(
         lab_peaks = s if labelled_peak_scores is None else np.asarray(labelled_peak_scores, np.float64)
         m = LABEL_MARGIN if margin is None else float(margin)
         cap = _logit_shift(pu_label_threshold(label_scores, lab_peaks, floor=floor), -m)
-        med = float(np.median(label_scores))
-        if src == "valley" and t > med >= 0.5:
-            # the "valley" cuts through labelled particles the network itself calls particles: the
-            # scores are not bimodal (few or no background peaks, e.g. clean data), so Otsu split the
-            # particles themselves
-            t, src = cap, "labels"
-        elif cap > t:
+        # a "valley" above the median label score, with the network calling most labels particles,
+        # cuts through them: the scores are not bimodal (few or no background peaks, e.g. clean
+        # data), so Otsu split the particles themselves and the labels decide
+        splits_labels = src == "valley" and t > float(np.median(label_scores)) >= 0.5
+        if cap > t or splits_labels:
             t, src = cap, "labels"
     if t < floor:
         t, src = floor, "floor"
