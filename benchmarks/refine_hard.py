@@ -209,14 +209,16 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def rescore(runs: list[str], out_json: str, refit_shape: bool = False) -> int:
+def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: list[float] | None = None) -> int:
     """Scores of saved runs (their ``picks_all.parquet``, labels and checkpoint) with the current
     automatic-threshold code; the same numbers :func:`run_learned` prints, without retraining.
 
     The data are read from the run's folder (``<run>/../hard_s<seed>``). With ``refit_shape`` (or a
     checkpoint without one) the shape check is fitted to the run's labels with the library's
     :func:`milotile.refine.shape.fit_shape_models` and applied to the network's saved scores with
-    :func:`milotile.refine.shape.apply_shape_check`, as ``pick`` does."""
+    :func:`milotile.refine.shape.apply_shape_check`, as ``pick`` does. ``margins``: also F1 at the
+    automatic threshold for each of these label margins (``f1_margin_<m>``; the default is
+    :data:`milotile.refine.threshold.LABEL_MARGIN`), and their means."""
     from milotile.nn.checkpoint import load_checkpoint
     from milotile.refine.data import VolumeReader
     from milotile.refine.shape import apply_shape_check, fit_shape_models
@@ -249,6 +251,9 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False) -> int:
         res = scores(allp, true, rad / 2, auto)
         raw_auto = float(apply_auto_threshold(raw, contract)[1]["particle"]["threshold"])
         res.update({f"{k}_noshape": v for k, v in scores(raw, true, rad / 2, raw_auto).items()})
+        for m in margins or []:
+            t_m = float(apply_auto_threshold(allp, contract, margin=m)[1]["particle"]["threshold"])
+            res[f"f1_margin_{m:g}"] = scores(allp, true, rad / 2, t_m)["f1_auto"]
         recs = mt.nn.RunLog(run).records()
         res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
                    rescored_from=str(run), shape_refitted=bool(refit))
@@ -256,6 +261,10 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False) -> int:
         print(records[-1], flush=True)
     out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),
            "wall_s": 0.0, "recipes": {}, "records": records, "summary": summarise(records).to_dict(orient="records")}
+    if margins:
+        out["margin_means"] = {f"{m:g}": round(float(np.mean([r[f"f1_margin_{m:g}"] for r in records])), 3)
+                               for m in margins}
+        print("mean F1 per label margin:", out["margin_means"], flush=True)
     Path(out_json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0
 
@@ -287,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-score saved runs (run_s<seed>_<species>_<n>_<recipe> folders) with the current threshold code")
     ap.add_argument("--refit-shape", action="store_true",
                     help="with --rescore: fit the shape check to the run's labels again (runs saved before it existed)")
+    ap.add_argument("--margins", type=float, nargs="+", default=None, metavar="M",
+                    help="with --rescore: also F1 at the automatic threshold for these label margins (logit units)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge earlier result files")
     ap.add_argument("--snr", type=float, default=None, help="override the preset's SNR (0.1)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 when sharing the machine)")
@@ -296,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         return merge(args.merge, args.json)
     if args.rescore:
-        return rescore(args.rescore, args.json, args.refit_shape)
+        return rescore(args.rescore, args.json, args.refit_shape, args.margins)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     import torch
 

@@ -103,6 +103,10 @@ def test_round_trip_and_too_few_labels() -> None:
     assert fit_shape_models({"t": rd}, {"t": 1.0}, few, ["particle"], R_PART) == {}  # logged, not checked
     with pytest.raises(InputError, match="radius"):
         radial_profiles(rd, parts, 0.0, 1.0)
+    two = pd.DataFrame({"tomogram": ["t", "u"], "z": parts[:2, 0], "y": parts[:2, 1], "x": parts[:2, 2], "score": 0.9,
+                        "class": "particle"})
+    with pytest.raises(InputError, match="one tomogram, got 2"):
+        apply_shape_check(two, rd, 1.0, {"particle": m.to_dict()})
 
 
 def test_peaks_on_labels_get_their_leave_one_out_distance() -> None:

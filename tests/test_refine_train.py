@@ -97,6 +97,9 @@ def test_resume_keeps_the_runs_z_context(data):
         train(col, lab, epochs=3, out=out, val_fraction=0.0, resume=True, arch_config={**TINY, "z_dilation": 2}, **kw)
     with pytest.raises(InputError, match="bbox must be positive"):
         train_mod.default_z_context(0)
+    with pytest.raises(InputError, match="pu_risk must be one of clip, nnpu, pn"):
+        train(col, lab, epochs=1, out=root / "badrisk", pu_risk="upu", **kw)
+    assert not (root / "badrisk").exists()  # refused before the run folder is made
 
 
 def _fresh_picker(compress: bool) -> Picker:

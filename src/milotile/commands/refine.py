@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "refine",
         help="train a picker from sparse labels, pick particles",
         description="MiLoPYP's refinement module: a 2.5D U-Net trained with a positive-unlabeled focal loss, "
-        "debiased voxel contrastive regularisation and flip consistency from a few labelled particles.",
+        "debiased voxel contrastive regularisation and flip consistency from a few labelled particles; "
+        "picks are checked against the labels' radial density profiles (the shape check).",
     )
     sub = grp.add_subparsers(dest="refine_command", metavar="ACTION", required=True)
     p = sub.add_parser(

@@ -168,8 +168,10 @@ def label_scores(picks: pd.DataFrame, labels: pd.DataFrame, radius: float) -> np
     return np.asarray(out, np.float64)
 
 
-def apply_auto_threshold(picks: pd.DataFrame, contract: dict) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """Keep the picks above the threshold chosen per class by :func:`choose_threshold`.
+def apply_auto_threshold(picks: pd.DataFrame, contract: dict,
+                         margin: float | None = None) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Keep the picks above the threshold chosen per class by :func:`choose_threshold` (``margin``:
+    its label margin, default :data:`LABEL_MARGIN`).
 
     ``picks`` must be decoded at :data:`AUTO_FLOOR` or lower; the labels come from the picker's
     contract (``train_labels``), matched within half the particle radius (``bbox / 4``).
@@ -182,7 +184,8 @@ def apply_auto_threshold(picks: pd.DataFrame, contract: dict) -> tuple[pd.DataFr
         lab = labels[(labels["class"] == cls) & labels["tomogram"].isin(set(g["tomogram"]))]
         ls = label_scores(g, lab, radius) if len(lab) else None
         lab_peaks = g.loc[g["tomogram"].isin(set(lab["tomogram"])), "score"].to_numpy()
-        t, src = choose_threshold(g["score"].to_numpy(), ls, labelled_peak_scores=lab_peaks, floor=AUTO_FLOOR)
+        t, src = choose_threshold(g["score"].to_numpy(), ls, labelled_peak_scores=lab_peaks, floor=AUTO_FLOOR,
+                                  margin=margin)
         info[str(cls)] = {"threshold": t, "source": src, "n_labels_seen": 0 if ls is None else int(len(ls))}
         logger.info("class %s: automatic threshold %.3f (%s)", cls, t, src)
         keep.append(g[g["score"] >= t])
