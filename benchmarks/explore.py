@@ -5,7 +5,8 @@ three species in equal parts, no filament) -> ingest -> preprocess -> mine (DoG 
 band half a patch) -> extract_patches (slab mode, bbox 32, MiLoPYP's four neighbour shifts) ->
 ``explore.train`` (SimSiam) -> ``explore.embed``. One store per tilt-series SNR (``--snr``, default
 0.04 and 0.15: at the old 0.5 raw-pixel PCA already reached 0.99), built once and reused from ``--work``;
-the ``3d`` (``--modes slab``) and ``2d3d`` (``--modes tiltsum,slice``) banks of one setting share it.
+the ``3d`` (``--modes slab``) and ``2d3d`` (``--modes tilthalves,slice``, the default; MiLoPYP's
+``tiltsum,slice`` for comparison) banks of one setting share it.
 
 Hard setting (issue 15): ``--preset hard --size 128,256,256`` -- four species of radius 12/9/7/5 voxels
 (20 each per tomogram), crowders, membranes, gold, a filament, an intensity gradient, CTF and the
@@ -20,11 +21,13 @@ SNR 0.02 is where the two part. See ``results/explore_hard.json`` for the comman
     (stratified 5-fold CV, repeated ``--cv-repeats`` times with different shuffles; mean and std
     over the repeats) of
 
-    * the learned embedding for every training seed in ``--seeds``: ``--feature`` (default ``trunk``,
-      the pipeline default) is the headline; the other outputs (``pred`` is MiLoPYP's choice) and
-      each output averaged over the 8 flips/rot90 (``*_tta``) are reported too;
+    * the learned embedding for every training seed in ``--seeds``: ``--feature`` with ``--tta``
+      (default ``centre`` averaged over the 8 flips/rot90, the pipeline default) is the headline; the
+      other outputs (``pred`` is MiLoPYP's choice, ``trunk`` the globally pooled backbone) with and
+      without the average (``*_tta`` / ``*_plain``) are reported too;
     * raw-pixel PCA of the same patches (the original, unshifted patch, per-patch min-max as
-      stored in the bank), PCA fitted on ALL candidates (as unsupervised as the embedding), for
+      stored in the bank; for a ``tilthalves`` bank the tilt sum of both halves, i.e. exactly the
+      ``tiltsum,slice`` patch), PCA fitted on ALL candidates (as unsupervised as the embedding), for
       every component count in ``--pca``, also on the centre crop the model sees when ``--crop`` is
       set -- and the raw pixels themselves;
     * chance (the majority-class fraction).
@@ -85,6 +88,14 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     bank_params = {"bbox": a.bbox, "modes": a.modes}
     shifts: bool | list = True
     bank_key = None
+    extra = {}
+    if "tilt" in a.modes:  # the tilt window is part of a tilt bank's identity (stage default -60,60; MiLoPYP -20,20)
+        from milotile.stages.patches import DEFAULT_TILT_WINDOW
+
+        extra["tilt_window"] = tuple(float(v) for v in a.tilt_window.split(",")) if a.tilt_window else DEFAULT_TILT_WINDOW
+        bank_params["tilt_window"] = list(extra["tilt_window"])
+        if extra["tilt_window"] != DEFAULT_TILT_WINDOW:
+            bank_key = "candidates-" + a.modes.replace(",", "+") + f"-b{a.bbox}-shifts-w{a.tilt_window.replace(',', '_')}"
     if getattr(a, "shifts", None):  # other positive-pair offsets than MiLoPYP's (dx, dy, dz)
         shifts = [list(map(int, s)) for s in json.loads(a.shifts)]
         bank_params["shifts"] = shifts
@@ -100,7 +111,7 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
             t0 = time.perf_counter()
             with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
                 key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128,
-                                      key=bank_key)
+                                      key=bank_key, **extra)
             banks[bkey] = {"key": key, "patches_s": time.perf_counter() - t0}
             stamp.write_text(json.dumps(state))
         info = {**state["info"], **banks[bkey]}
@@ -118,7 +129,8 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         preprocess(col)
         cands = mine(col, border=a.border, border_z=a.border_z)
         t2 = time.perf_counter()
-        key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128, key=bank_key)
+        key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128, key=bank_key,
+                              **extra)
     res.ground_truth.to_parquet(work / "gt.parquet")
     info = {"synth_s": t1 - t0, "pipeline_s": t2 - t1, "n_candidates": len(cands)}
     bank = {"key": key, "patches_s": time.perf_counter() - t2}
@@ -262,8 +274,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--preset", choices=("easy", "hard"), default="easy",
                     help="synth preset; hard = issue 15's setting (use with --snr 0.1 --size 128,256,256)")
     ap.add_argument("--modes", default=None,
-                    help="patch modes: slab (3d) or tiltsum,slice (2d3d); several runs separated by ';' "
-                    "(default slab; hard 'slab;tiltsum,slice')")
+                    help="patch modes: slab (3d) or tilthalves,slice / tiltsum,slice (2d3d); several runs separated "
+                    "by ';' (default slab; hard 'slab;tilthalves,slice')")
     ap.add_argument("--border", type=int, default=16, help="mining exclusion band in y/x (half a patch)")
     ap.add_argument("--border-z", type=int, default=8, help="mining exclusion band in z")
     ap.add_argument("--bbox", type=int, default=32)
@@ -277,13 +289,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--widths", default=None, help="trunk widths (default 32,64,128; hard 16,32,64; MiLoPYP: 64,128,256)")
     ap.add_argument("--shifts", default=None, metavar="JSON",
                     help="positive-pair offsets [[dx,dy,dz],...] of the patch bank (default MiLoPYP's four)")
+    ap.add_argument("--tilt-window", default=None, metavar="LOW,HIGH",
+                    help="tilt angles of the tilt-sum modes (default: the patch stage's, -60,60; MiLoPYP's: "
+                    "--tilt-window=-20,20, with '=' since the value starts with '-')")
     ap.add_argument("--crop", type=int, default=None,
                     help="centre crop the model sees (train bbox; default the patch; hard 24, the largest species' diameter)")
     ap.add_argument("--strong-aug", default=None, help="JSON overrides of the strong view's AugmentConfig")
     ap.add_argument("--weak-aug", default=None, help="JSON overrides of the weak view's AugmentConfig")
-    ap.add_argument("--feature", default="trunk", choices=("pred", "proj", "fc", "trunk"),
-                    help="the headline (stored) embedding output")
-    ap.add_argument("--tta", action="store_true", help="headline embedding averaged over the 8 flips/rot90")
+    ap.add_argument("--feature", default="centre", choices=("pred", "proj", "fc", "trunk", "centre"),
+                    help="the headline (stored) embedding output (default centre, the pipeline default)")
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                    help="headline embedding averaged over the 8 flips/rot90 (default: yes, the pipeline default)")
     ap.add_argument("--seeds", default="0,1", help="training seeds (same data)")
     ap.add_argument("--pca", default="4,8,16,32,64", help="PCA component counts of the baseline")
     ap.add_argument("--cv-repeats", type=int, default=3)
@@ -296,7 +312,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     hard = a.preset == "hard"  # the recipe chosen on the hard setting (see results/explore_hard.json)
     for name, easy_val, hard_val in (("size", "64,256,256", "128,256,256"), ("snr", "0.04,0.15", "0.02,0.1"),
                                      ("epochs", 20, 12), ("widths", "32,64,128", "16,32,64"), ("crop", None, 24),
-                                     ("modes", "slab", "slab;tiltsum,slice")):
+                                     ("modes", "slab", "slab;tilthalves,slice")):
         if getattr(a, name) is None:
             setattr(a, name, hard_val if hard else easy_val)
     if a.quick:
@@ -312,6 +328,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
     from sklearn.decomposition import PCA
 
     from milotile.explore import embed, open_bank, train
+    from milotile.explore.data import model_channels
 
     a.snr = snr
     col, key, gt, prep = build_store(work, a)
@@ -326,14 +343,16 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
              gt_counts)
     chance = float(max(counts.values()) / len(y))
 
-    # raw-pixel baselines on the same patches (the original copy, per-patch min-max as in the bank)
-    allx = bank.read(0, bank.n)  # (n, S, 1, b, b)
-    raw_all = allx[:, 0].reshape(bank.n, -1).astype(np.float64)
+    # raw-pixel baselines on the same patches (the original copy, per-patch min-max as in the bank; a
+    # tilt-halves bank gives the model's input: the tilt sum of both halves and the slice)
+    allx = bank.read(0, bank.n)  # (n, S, C, b, b)
+    x0 = model_channels(allx[:, 0], bank.layout)
+    raw_all = x0.reshape(bank.n, -1).astype(np.float64)
     base_feats = {"raw_pixels": raw_all[on_gt]}
     raws = {"": raw_all}
     if a.crop and a.crop < allx.shape[-1]:  # also PCA of the centre crop the model sees (generous to the baseline)
         o = (allx.shape[-1] - a.crop) // 2
-        raws[f"_crop{a.crop}"] = allx[:, 0, :, o : o + a.crop, o : o + a.crop].reshape(bank.n, -1).astype(np.float64)
+        raws[f"_crop{a.crop}"] = x0[:, :, o : o + a.crop, o : o + a.crop].reshape(bank.n, -1).astype(np.float64)
     for suffix, raw in raws.items():
         for nc in (int(v) for v in a.pca.split(",")):
             if nc < min(raw.shape):
@@ -360,7 +379,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         emb = embed(col, model=enc, key=key, overwrite=True)
         t_embed = time.perf_counter() - t0
         feats = {a.feature: emb.values()[on_gt]}
-        for kind in ("pred", "proj", "fc", "trunk"):
+        for kind in ("pred", "proj", "fc", "trunk", "centre"):
             if kind != a.feature:
                 feats[kind] = enc.transform(allx[on_gt], feature=kind)
             feats[f"{kind}_tta" if not a.tta else f"{kind}_plain"] = enc.transform(allx[on_gt], feature=kind,
@@ -391,6 +410,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             "headline_feature": a.feature + ("_tta" if a.tta else ""),
             "simsiam_std_per_seed": headline,
             "simsiam_std_mean": float(np.mean(headline)) if headline else None,
+            "simsiam_cos_per_seed": [r["knn5"][a.feature]["cos"]["mean"] for r in runs],
             "simsiam_best_setting_per_seed": [max(v[m]["mean"] for v in r["knn5"].values() for m in ("std", "cos"))
                                               for r in runs],
             "best_pca": best_pca[0],
@@ -424,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     snrs = [float(v) for v in str(a.snr).split(",")]
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else []
     settings = []
-    for modes in a.modes.split(";"):  # e.g. "slab;tiltsum,slice": the 3d and the 2d3d bank of the same data
+    for modes in a.modes.split(";"):  # e.g. "slab;tilthalves,slice": the 3d and the 2d3d bank of the same data
         for snr in snrs:
             wd = work / f"snr{snr:g}"
             wd.mkdir(parents=True, exist_ok=True)

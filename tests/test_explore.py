@@ -25,7 +25,8 @@ from milotile.explore import (
     simsiam_loss,
     train,
 )
-from milotile.explore.model import SimSiam
+from milotile.explore.data import minmax_unit, model_channels
+from milotile.explore.model import SimSiam, centre_ring_pool, centre_side
 from milotile.nn import create, load_checkpoint
 
 TINY = {"widths": [8, 16, 32], "blocks": [1, 1, 1]}
@@ -71,7 +72,7 @@ def write_bank(
     g = col.zarr_group.require_group("patches").require_group(key)
     arr = g.create_array("data", shape=data.shape, chunks=(chunk, s, channels, b, b), dtype="float32", overwrite=True)
     arr[:] = data
-    modes = ["slab"] if channels == 1 else ["tilt_sum", "slice"]
+    modes = {1: ["slab"], 2: ["tilt_sum", "slice"], 3: ["tilthalves", "slice"]}[channels]
     g.attrs["milotile"] = {
         "complete": True,
         "params": {"bbox": b, "shifts": offs[1:s], "modes": modes, "gauss": 0.8, "dog": [3, 5]},
@@ -164,7 +165,70 @@ def test_make_views_pair_from_shifts():
     assert torch.allclose(v1n, torch.full_like(v1n, -0.5))
 
 
+def test_make_views_tilt_halves_share_no_tilt_noise():
+    """A halves bank (even tilts, odd tilts, slice): the two views never hold the same tilt half."""
+    g = torch.Generator().manual_seed(0)
+    n, b = 64, 8
+    rng = np.random.default_rng(0)
+    batch = torch.from_numpy(rng.random((n, 5, 3, b, b)).astype(np.float32))
+    ident = AugmentConfig(flip=False, rot90=False, crop_scale=(1.0, 1.0), brightness=0.0, contrast=0.0)
+    v1, v2 = make_views(batch, g, ident, ident, halves=True)
+    assert v1.shape == (n, 2, b, b) and v2.shape == (n, 2, b, b)
+    mm = minmax_unit
+    src_a, src_b = mm(batch[:, :, 0]), mm(batch[:, :, 1])  # (n, S, b, b)
+    first_a = torch.tensor([torch.allclose(v1[i, 0], src_a[i, 0]) for i in range(n)])
+    first_b = torch.tensor([torch.allclose(v1[i, 0], src_b[i, 0]) for i in range(n)])
+    assert torch.all(first_a ^ first_b)  # view 1: exactly one half of the original patch
+    assert 10 < int(first_a.sum()) < n - 10  # which half is random per sample
+    for i in range(n):
+        j = next(k for k in range(1, 5) if torch.equal(v2[i, 1], batch[i, k, 2]))  # view 2's shift, by its slice
+        other = src_b[i, j] if first_a[i] else src_a[i, j]
+        torch.testing.assert_close(v2[i, 0], other)  # ... and the other half, at that shift
+        torch.testing.assert_close(v1[i, 1], batch[i, 0, 2])
+
+
+def test_model_channels_of_halves_is_the_tilt_sum():
+    rng = np.random.default_rng(1)
+    a, b_, sl = (rng.random((4, 6, 6)).astype(np.float32) for _ in range(3))
+    lo = np.minimum(a, b_).min(axis=(1, 2), keepdims=True)
+    hi = np.maximum(a, b_).max(axis=(1, 2), keepdims=True)
+    joint = np.stack([(a - lo) / (hi - lo), (b_ - lo) / (hi - lo), sl], 1)  # the bank's joint min-max
+    out = model_channels(joint, "halves")
+    s = a + b_
+    ref = (s - s.min(axis=(1, 2), keepdims=True)) / np.ptp(s, axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(out[:, 0], ref, atol=1e-5)
+    np.testing.assert_array_equal(out[:, 1], sl)
+    assert model_channels(joint[:, :2], "2d3d") is not None and model_channels(joint, "3d") is joint
+    np.testing.assert_array_equal(minmax_unit(torch.ones(2, 3, 3)), torch.zeros(2, 3, 3))  # constant -> 0
+
+
 # -- model ----------------------------------------------------------------------------------------
+
+
+def test_centre_ring_pooling():
+    fmap = torch.zeros(2, 3, 6, 6)
+    fmap[:, :, 2:4, 2:4] = 4.0  # the central third (2x2 of 6x6)
+    fmap[1, 1] += 1.0
+    out = centre_ring_pool(fmap)
+    assert out.shape == (2, 6)
+    torch.testing.assert_close(out[0], torch.tensor([4.0, 4, 4, 0, 0, 0]))
+    torch.testing.assert_close(out[1, [1, 4]], torch.tensor([5.0, 1.0]))
+    assert [centre_side(s) for s in (2, 4, 5, 6, 7, 8, 9)] == [2, 2, 1, 2, 3, 2, 3]
+    torch.testing.assert_close(centre_ring_pool(torch.ones(1, 2, 2, 2)), torch.ones(1, 4))  # no ring: the mean
+    m = create("simsiam-2d3d", **TINY).eval()
+    x = torch.randn(3, 2, 16, 16)
+    f = m.features(x, "centre")
+    assert f.shape == (3, 4 * 32)
+    torch.testing.assert_close(f[:, :64], centre_ring_pool(m.trunk.feature_map(x[:, :1])))
+    # the trunk's global mean is the area-weighted mix of the centre and the ring (4 of 16 cells)
+    torch.testing.assert_close(m.features(x, "trunk")[:, :32], (f[:, :32] * 4 + f[:, 32:64] * 12) / 16)
+    mc = create("simsiam-3d", pool="centre", **TINY)
+    assert mc.fc.in_features == 2 * 32
+    p1, _, z1, _ = mc(torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16))
+    assert p1.shape == (4, 128)
+    with pytest.raises(InputError, match="pooling"):
+        create("simsiam-3d", pool="max", **TINY)
+
 
 
 def test_simsiam_models_and_loss():
@@ -321,7 +385,8 @@ def test_train_resume_embed_3d(tmp_path, bank3d):
     # embedding in process: aligned with the bank table, deterministic, stats from the checkpoint
     emb = enc.embed(col, batch_size=10)
     vals = emb.values()
-    assert vals.shape == (48, enc.embedding_dim()) == (48, TINY["widths"][-1])  # default output: trunk
+    assert vals.shape == (48, enc.embedding_dim()) == (48, 2 * TINY["widths"][-1])  # default output: centre + ring
+    assert c["feature"] == "centre" and c["tta"] is True and c["layout"] == "3d"
     assert vals.dtype == np.float32 and np.isfinite(vals).all()
     tab = col.read_table("embeddings-k")
     assert list(tab["embedding_index"]) == list(range(48))
@@ -342,7 +407,7 @@ def test_tta_embedding_is_orientation_invariant(tmp_path, bank3d):
     enc = train(col, epochs=1, batch_size=16, device="cpu", model_config=TINY, out=tmp_path / "run", tta=True)
     assert enc.contract["tta"] is True
     x = data[:6, 0]
-    for feature in ("trunk", "pred"):
+    for feature in ("trunk", "pred", "centre"):
         base = enc.transform(x, feature=feature)
         turned = enc.transform(np.ascontiguousarray(np.rot90(x, 1, (-2, -1))[..., ::-1]), feature=feature)
         np.testing.assert_allclose(turned, base, rtol=1e-4, atol=1e-5)
@@ -352,6 +417,39 @@ def test_tta_embedding_is_orientation_invariant(tmp_path, bank3d):
     np.testing.assert_allclose(emb.values()[:6], enc.transform(x, feature="trunk"), rtol=1e-4, atol=1e-5)
     plain = embed(col, model=tmp_path / "run" / "last.pt", feature="trunk", tta=False, out_key="plain")
     assert not np.allclose(plain.values()[:6], emb.values()[:6], atol=1e-5)
+
+
+def test_train_on_tilt_halves_and_embed_their_sum(tmp_path):
+    """A tilthalves,slice bank trains a 2d3d model whose contract records the layout; embedding the halves
+    bank equals embedding the tilt-sum bank of the same patches (the model sees the halves' sum)."""
+    col, data, _ = write_bank(tmp_path / "s.zarr", key="h", n=32, channels=3, chunk=8)
+    bank = open_bank(col, "h")
+    assert (bank.layout, bank.mode, bank.channels) == ("halves", "2d3d", 3)
+    assert open_bank(col, mode="2d3d").key == "h"  # found by mode although it holds 3 channels
+    mean, std = channel_stats(bank)
+    halves = minmax_unit(torch.from_numpy(data[:, 0, :2])).numpy()
+    np.testing.assert_allclose(mean, [halves.mean(), data[:, 0, 2].mean()], rtol=1e-4)
+    enc = train(col, key="h", epochs=1, batch_size=16, device="cpu", model_config=TINY, out=tmp_path / "run")
+    c = enc.contract
+    assert (c["mode"], c["channels"], c["layout"], len(c["mean"])) == ("2d3d", 3, "halves", 2)
+    summed = model_channels(data[:, 0], "halves")  # (n, 2): tilt sum of both halves, slice
+    np.testing.assert_allclose(enc.transform(data), enc.transform(summed), rtol=1e-4, atol=1e-5)
+    emb = embed(col, model=tmp_path / "run" / "last.pt")
+    np.testing.assert_allclose(emb.values(), enc.transform(summed), rtol=1e-4, atol=1e-5)
+    # the same patches as a MiLoPYP tilt-sum bank: the halves model embeds it too, identically
+    from milotile.store import open_collection
+
+    g = col.zarr_group["patches"].require_group("ts")
+    arr = g.create_array("data", shape=(32, 1, 2, 16, 16), chunks=(8, 1, 2, 16, 16), dtype="float32")
+    arr[:] = summed[:, None]
+    g.attrs["milotile"] = {"complete": True, "params": {"bbox": 16, "shifts": [], "modes": ["tiltsum", "slice"]}}
+    col.write_table("patches-ts", col.read_table("patches-h"))
+    col = open_collection(tmp_path / "s.zarr", mode="a")
+    emb_ts = embed(col, model=tmp_path / "run" / "last.pt", key="ts")
+    np.testing.assert_allclose(emb_ts.values(), emb.values(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"1-channel \(3d\) patches but mode '2d3d'"):  # refused by the 2d3d model
+        write_bank(tmp_path / "s.zarr", key="one", n=8, channels=1, chunk=8)
+        embed(open_collection(tmp_path / "s.zarr", mode="a"), model=tmp_path / "run" / "last.pt", key="one")
 
 
 @pytest.mark.slow
@@ -391,10 +489,10 @@ def test_cli_train_embed_and_errors(tmp_path, capsys):
     write_bank(tmp_path / "s.zarr", n=24)
     rc = main(["-q", "explore", "train", str(tmp_path / "s.zarr"), "--mode", "3d", "--bbox", "12",
                "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"), "--device", "cpu",
-               "--strong-aug", '{"noise": 0.3, "crop_scale": [0.9, 1.0]}', "--tta"])
+               "--strong-aug", '{"noise": 0.3, "crop_scale": [0.9, 1.0]}', "--no-tta", "--feature", "trunk"])
     assert rc == 0 and (tmp_path / "run" / "last.pt").is_file()
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert ck["contract"]["bbox"] == 12 and ck["contract"]["tta"] is True and ck["contract"]["feature"] == "trunk"
+    assert ck["contract"]["bbox"] == 12 and ck["contract"]["tta"] is False and ck["contract"]["feature"] == "trunk"
     opts = json.loads((tmp_path / "run" / "options.json").read_text())
     assert opts["strong_aug"]["noise"] == 0.3 and opts["strong_aug"]["crop_scale"] == [0.9, 1.0]
     assert opts["weak_aug"]["noise"] == 0.0  # the weak view keeps the mode's recipe

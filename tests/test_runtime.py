@@ -109,7 +109,7 @@ def test_cpu_defaults_of_explore_train(tmp_path):
     opts = json.loads((tmp_path / "run" / "options.json").read_text())
     assert opts["config"]["widths"] == [32, 64, 128]  # CPU trunk
     assert opts["batch_size"] == 32  # auto batch (<= 256), clipped to the bank
-    assert enc.transform(np.zeros((2, 1, 1, 16, 16), np.float32)).shape == (2, 128)
+    assert enc.transform(np.zeros((2, 1, 1, 16, 16), np.float32)).shape == (2, 256)  # centre + ring of 128
     assert amp_dtype(torch.device("cpu")) is None  # CPU autocast only when asked for
     assert amp_dtype(torch.device("cpu"), cpu=True) == (torch.bfloat16 if cpu_bf16_supported() else None)
 

@@ -41,7 +41,7 @@ class DemoConfig:
     workers: int | None = None
     segments_epochs: int = 3  # point-cloud AE epochs of the segments stage (0: hand-crafted features only)
     atlas_method: str = "pca"  # the map only; clusters come from the embeddings (UMAP costs ~40 s numba compile)
-    atlas_feature: str = "trunk"  # embedding output feeding the atlas (benchmarks/atlas.py)
+    atlas_feature: str = "centre"  # embedding output feeding the atlas (the model's default, benchmarks/explore.py)
     atlas_clusters: int = 8
     hard: bool = True  # also pick on a small collection of the hard synthetic preset (issue 15)
     hard_size: tuple[int, int, int] = (64, 160, 160)
@@ -122,9 +122,10 @@ def _explore_only_picker(col: Any, atl: Any, cand_species: Any, species: str, gt
                          radius: float, bbox: int, n_manual: int, out: Path, cfg: DemoConfig) -> dict[str, Any]:
     """MiLoPYP without manual labels: clusters enriched in ``species`` -> labels -> picker -> picks -> F1.
 
-    The cluster rule (the demo cannot click): every cluster whose candidates are mostly (>= 50 %) on
-    particles of the species, see :func:`milotile.explore.evaluate.enriched_clusters` -- what a user does
-    by choosing the gallery rows that show the target. Crops per label and epoch are scaled so the picker
+    The cluster rule (the demo cannot click): every cluster whose candidates are mostly (>= 50 %) on the
+    centres of particles of the species (``cand_species``), see
+    :func:`milotile.explore.evaluate.enriched_clusters` -- what a user does by choosing the gallery rows
+    that show the target. Crops per label and epoch are scaled so the picker
     sees about as many crops per epoch as the manual-label run.
     """
     from milotile.explore import select
@@ -228,8 +229,8 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         bbox = 24
         bank3d, s = _timed(lambda: cands.patches(bbox=bbox, modes=("slab",), shifts=True))
         report.add("patches", s, key=bank3d.key, rows=bank3d.n, bbox=bbox, mode="slab")
-        bank2d3d, s = _timed(lambda: cands.patches(bbox=bbox, modes=("tiltsum", "slice"), shifts=True))
-        report.add("patches2d3d", s, key=bank2d3d.key, mode="tiltsum+slice")
+        bank2d3d, s = _timed(lambda: cands.patches(bbox=bbox, modes=("tilthalves", "slice"), shifts=True))
+        report.add("patches2d3d", s, key=bank2d3d.key, mode="tilthalves+slice")
 
         # 5. exploration: SimSiam ----------------------------------------------------------------
         encoder, s = _timed(lambda: explore_train(col, bank3d, epochs=cfg.explore_epochs, batch_size=128,
@@ -271,7 +272,11 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         scores = evaluate(picks, gt, radius=radius / 2 + 1.0, by="tomogram")
         f1 = scores.set_index("group")["f1"].round(3).to_dict()
         report.add("pick", s, picks=len(picks), f1_per_tomogram=f1, f1_all=float(f1["all"]))
-        facts, s = _timed(lambda: _explore_only_picker(col, atl, cand_species, species, gt, radius, bbox_r,
+        # the cluster choice counts a candidate as the species' when it lies on a particle's centre (within the
+        # radius the picks are scored with): what a user sees in the gallery, where a candidate on the top or
+        # bottom of a particle (DoG peaks of large particles sit there) shows an off-centre cross-section
+        centred = candidate_species(atl.table, truth, radius=radius / 2 + 1.0)
+        facts, s = _timed(lambda: _explore_only_picker(col, atl, centred, species, gt, radius, bbox_r,
                                                     len(labels), out, cfg))
         report.add("explore_pick", s, f1_manual=float(f1["all"]), **facts)
 

@@ -11,6 +11,9 @@ from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
 
+#: milotile.explore.model.FEATURES, spelled out so that parsing the command line does not import torch
+_FEATURES = ("pred", "proj", "fc", "trunk", "centre")
+
 __all__ = ["register", "run", "run_train", "run_embed", "run_atlas", "run_serve", "run_select"]
 
 
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     t.add_argument("store", help="collection store (path or URL)")
     t.add_argument("--mode", choices=["3d", "2d3d"], default=None,
-                   help="3d: slab patches; 2d3d: tilt-sum + slice patches (default: from the bank)")
+                   help="3d: slab patches; 2d3d: tilt halves (or MiLoPYP's tilt sum) + slice patches (default: from the bank)")
     t.add_argument("--key", default=None, help="patch bank key (default: the only bank)")
     t.add_argument("--bbox", type=int, default=None, help="patch side in pixels; smaller than the bank = centre crop")
     t.add_argument("--epochs", type=int, default=20, help="number of epochs (default 20)")
@@ -52,11 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t.add_argument("--seed", type=int, default=317, help="random seed (default 317)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     t.add_argument("--weights", default=None, metavar="PATH", help="local weights file for initialisation")
-    t.add_argument("--feature", choices=["pred", "proj", "fc", "trunk"], default="trunk",
-                   help="default embedding output stored with the model (default trunk: the backbone features, "
-                   "best on the hard benchmark; MiLoPYP stores pred)")
-    t.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
-                   help="embeddings average over the 8 flips/90° rotations of each patch by default (default: no)")
+    t.add_argument("--feature", choices=_FEATURES, default="centre",
+                   help="default embedding output stored with the model (default centre: the backbone's last map "
+                   "pooled over its central third and over the ring around it, best on the hard benchmark; trunk: "
+                   "globally pooled; MiLoPYP stores pred)")
+    t.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="embeddings average over the 8 flips/90° rotations of each patch by default (default: yes; "
+                   "--no-tta embeds 8x faster)")
     for view in ("strong", "weak"):
         t.add_argument(f"--{view}-aug", type=_json_object, default=None, metavar="JSON",
                        help=f"overrides of the {view} view's augmentation, e.g. '{{\"noise\": 0.5, \"rotate_deg\": 180}}' "
@@ -76,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.add_argument("--model", required=True, metavar="CKPT", help="checkpoint written by `explore train`")
     e.add_argument("--key", default=None, help="patch bank key (default: the only / the trained bank)")
     e.add_argument("--batch-size", type=int, default=512, help="patches per forward pass (default 512)")
-    e.add_argument("--feature", choices=["pred", "proj", "fc", "trunk"], default=None,
+    e.add_argument("--feature", choices=_FEATURES, default=None,
                    help="embedding output (default: the model's)")
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average each embedding over the 8 flips/90° rotations of its patch (default: the model's)")

@@ -20,18 +20,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "patches",
         help="extract a patch bank for a coordinate table",
         description="Patches grouped by chunk and cut on workers into patches/<key>/data (N, S, C, bbox, bbox) "
-        "with the aligned rows in tables/patches-<key>.parquet. 'tiltsum' checks the tilt geometry first.",
+        "with the aligned rows in tables/patches-<key>.parquet. 'tiltsum'/'tilthalves' check the tilt geometry first.",
     )
     p._negative_number_matcher = re.compile(r"^-\.?\d[\d.,:eE+-]*$")
     p.add_argument("store", help="collection store (path or URL)")
     p.add_argument("--table", default="candidates", help="coordinate table (default candidates)")
     p.add_argument("--bbox", type=int, default=36, help="patch side in pixels (default 36)")
-    p.add_argument("--mode", default="slab", help="slab|slice|cube|tiltsum, comma-separated for channels (default slab)")
+    p.add_argument("--mode", default="slab", help="slab|slice|cube|tiltsum|tilthalves, comma-separated for channels (default slab; "
+                   "2d3d: tilthalves,slice)")
     p.add_argument("--shifts", action="store_true", help="add MiLoPYP's four neighbour-shifted copies")
     p.add_argument("--no-normalize", dest="normalize", action="store_const", const=None, default="minmax",
                    help="keep raw values instead of per-patch min-max")
-    p.add_argument("--tilt-window", type=partial(parse_floats, n=2, what="--tilt-window"), default=(-20.0, 20.0),
-                   metavar="LOW,HIGH", help="tilt angles summed by tiltsum (default -20,20)")
+    p.add_argument("--tilt-window", type=partial(parse_floats, n=2, what="--tilt-window"), default=(-60.0, 60.0),
+                   metavar="LOW,HIGH", help="tilt angles summed by tiltsum/tilthalves (default -60,60, every tilt of a "
+                   "usual series; MiLoPYP: -20,20)")
     p.add_argument("--tilt-sign", default="auto", choices=("auto", "1", "-1", "+1"),
                    help="projection handedness; auto checks it per tomogram (default)")
     p.add_argument("--out-of-bounds", choices=("pad", "drop"), default="pad",

@@ -245,17 +245,30 @@ def make_views(
     weak: AugmentConfig,
     mean: torch.Tensor | list[float] | None = None,
     std: torch.Tensor | list[float] | None = None,
+    halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SimSiam positive pair from a bank batch ``(n, S, C, h, w)``.
 
     View 1 is the original patch (shift 0) under the strong chain; view 2 is one randomly chosen
     neighbour-shifted copy (shift 1..S-1; the original itself if S == 1) under the weak chain.
+    ``halves``: the bank holds the even- and odd-tilt sums and the tomogram slice (C = 3); each view
+    gets the slice and *one* tilt half, the other view the other half (which one is random per
+    sample), min-maxed, so the two views' tilt channels share no noise.
     """
     n, s = batch.shape[:2]
+    dev = batch.device
     v1 = batch[:, 0]
     if s > 1:
-        pick = torch.randint(1, s, (n,), generator=g, device=batch.device)
-        v2 = batch[torch.arange(n, device=batch.device), pick]
+        pick = torch.randint(1, s, (n,), generator=g, device=dev)
+        v2 = batch[torch.arange(n, device=dev), pick]
     else:
         v2 = v1
+    if halves:
+        from milotile.explore.data import minmax_unit
+
+        swap = _coin(n, 0.5, g, dev)[:, None, None, None]
+        t1 = torch.where(swap, v1[:, 1:2], v1[:, 0:1])
+        t2 = torch.where(swap, v2[:, 0:1], v2[:, 1:2])
+        v1 = torch.cat([minmax_unit(t1), v1[:, 2:3]], dim=1)
+        v2 = torch.cat([minmax_unit(t2), v2[:, 2:3]], dim=1)
     return augment(v1, strong, g, mean, std), augment(v2, weak, g, mean, std)

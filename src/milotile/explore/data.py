@@ -1,9 +1,13 @@
 """Patch-bank access for exploration: resolve the bank, stream row blocks, channel statistics.
 
 The bank (written by the patch stage) is ``patches/<key>/data`` with shape ``(N, S, C, b, b)``
-float32: S = 1 + neighbour shifts (index 0 is the original patch), C = 1 (``3d`` slab mode) or
-2 (``2d3d``: channel 0 tilt-sum, channel 1 tomogram slice). Rows align with
-``tables/patches-<key>.parquet``. Nothing here holds more than a few zarr chunks in memory.
+float32: S = 1 + neighbour shifts (index 0 is the original patch), C = 1 (``3d`` slab mode),
+2 (``2d3d``, MiLoPYP's layout: channel 0 tilt-sum, channel 1 tomogram slice) or 3 (``2d3d`` with
+tilt halves: channels 0 and 1 the even- and odd-tilt sums, channel 2 the tomogram slice). The
+model always sees 1 (``3d``) or 2 (``2d3d``: tilt sum, slice) channels; :func:`model_channels`
+turns a halves bank into that input (the tilt sum is the min-max of the two halves' sum).
+Rows align with ``tables/patches-<key>.parquet``. Nothing here holds more than a few zarr chunks
+in memory.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
 from milotile.errors import InputError
@@ -29,11 +34,49 @@ __all__ = [
     "PatchLoader",
     "open_bank",
     "channel_stats",
+    "minmax_unit",
+    "model_channels",
 ]
 
-#: exploration modes and the number of channels their banks carry
+#: exploration modes and the number of channels their models see
 MODES: dict[str, int] = {"3d": 1, "2d3d": 2}
+#: bank layouts: channels of the bank, and the mode of the model trained on it
+LAYOUTS: dict[str, tuple[int, str]] = {"3d": (1, "3d"), "2d3d": (2, "2d3d"), "halves": (3, "2d3d")}
 PATCHES = "patches"
+
+
+def bank_layout(modes: Any, channels: int) -> str:
+    """``"3d"``, ``"2d3d"`` or ``"halves"`` (``tilthalves`` + one tomogram channel) from a bank's modes and channel count."""
+    ms = [str(m) for m in (modes or [])]
+    if channels == 3 and ms and ms[0] == "tilthalves" and len(ms) == 2:
+        return "halves"
+    if channels == 1:
+        return "3d"
+    if channels == 2 and "tilthalves" not in ms:
+        return "2d3d"
+    raise InputError(
+        f"a patch bank of modes {ms or '?'} with {channels} channels is not an exploration bank; use "
+        "slab (3d), tiltsum,slice or tilthalves,slice (2d3d)."
+    )
+
+
+def minmax_unit(x: torch.Tensor) -> torch.Tensor:
+    """Min-max of every image of ``(..., h, w)`` to ``[0, 1]`` (a constant image becomes 0)."""
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    span = x.amax(dim=(-2, -1), keepdim=True) - lo
+    return torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+
+
+def model_channels(x: Any, layout: str) -> Any:
+    """Bank channels ``(n, C, h, w)`` → the model's input channels (a halves bank: tilt sum, slice).
+
+    Works on numpy arrays and torch tensors (returned as given). Other layouts pass through.
+    """
+    if layout != "halves":
+        return x
+    t = torch.as_tensor(x)
+    out = torch.cat([minmax_unit(t[:, 0:1] + t[:, 1:2]), t[:, 2:3]], dim=1)
+    return out.numpy() if isinstance(x, np.ndarray) else out
 
 
 def _bank_keys(col: Any) -> list[str]:
@@ -88,9 +131,14 @@ class PatchBank:
         return int(self.array.shape[-1])
 
     @property
+    def layout(self) -> str:
+        """``"3d"``, ``"2d3d"`` (tilt sum, slice) or ``"halves"`` (even tilts, odd tilts, slice)."""
+        return bank_layout(self.params.get("modes"), self.channels)
+
+    @property
     def mode(self) -> str:
-        """``"3d"`` or ``"2d3d"`` from the channel count."""
-        return "2d3d" if self.channels == 2 else "3d"
+        """``"3d"`` or ``"2d3d"``: the model a bank trains."""
+        return LAYOUTS[self.layout][1]
 
     @property
     def chunk_rows(self) -> int:
@@ -109,6 +157,15 @@ class PatchBank:
             o = (self.bbox - crop) // 2
             sl = sl + (slice(None), slice(None), slice(o, o + crop), slice(o, o + crop))
         return np.asarray(self.array[sl], dtype=np.float32)
+
+
+def _group_mode(grp: Any) -> str | None:
+    """The exploration mode of a bank group (None when no model reads it)."""
+    meta = dict(grp.attrs.get("milotile", {}) or {})
+    try:
+        return LAYOUTS[bank_layout(dict(meta.get("params", {})).get("modes"), int(grp["data"].shape[2]))][1]
+    except InputError:
+        return None
 
 
 def open_bank(col: Any, key: str | PatchBank | None = None, mode: str | None = None) -> PatchBank:
@@ -141,7 +198,7 @@ def open_bank(col: Any, key: str | PatchBank | None = None, mode: str | None = N
     if key is None:
         cand = keys
         if mode is not None and len(keys) > 1:
-            cand = [k for k in keys if col.zarr_group[PATCHES][k]["data"].shape[2] == MODES[mode]]
+            cand = [k for k in keys if _group_mode(col.zarr_group[PATCHES][k]) == mode]
         if len(cand) != 1:
             raise InputError(
                 f"store {col.url} holds patch banks {keys}; choose one with key=/--key."
@@ -155,8 +212,8 @@ def open_bank(col: Any, key: str | PatchBank | None = None, mode: str | None = N
         raise InputError(
             f"patch bank {key!r} has shape {arr.shape}; expected (N, S, C, bbox, bbox)."
         )
-    if arr.shape[2] not in (1, 2):
-        raise InputError(f"patch bank {key!r} has {arr.shape[2]} channels; expected 1 (3d) or 2 (2d3d).")
+    if arr.shape[2] not in (1, 2, 3):
+        raise InputError(f"patch bank {key!r} has {arr.shape[2]} channels; expected 1 (3d), 2 or 3 (2d3d).")
     meta = dict(grp.attrs.get("milotile", {}) or dict(arr.attrs.get("milotile", {})))
     if meta.get("complete") is False:
         raise InputError(f"patch bank {key!r} in {col.url} is incomplete (a previous run stopped); re-run it.")
@@ -167,6 +224,7 @@ def open_bank(col: Any, key: str | PatchBank | None = None, mode: str | None = N
     params = {**dict(meta.get("params", {})),
               **{k: meta[k] for k in ("tilt_sign", "geometry", "preprocess", "n") if k in meta}}
     bank = PatchBank(key, arr, params, str(col.url), dict(getattr(col, "storage_options", {}) or {}))
+    bank_layout(params.get("modes"), bank.channels)  # a clear error for banks no model reads
     if mode is not None and bank.mode != mode:
         raise InputError(
             f"patch bank {key!r} holds {bank.channels}-channel ({bank.mode}) patches but mode {mode!r} was requested."
@@ -191,7 +249,10 @@ def check_crop(bank: PatchBank, bbox: int | None) -> int:
 
 
 def channel_stats(bank: PatchBank, crop: int | None = None, rows: int | None = None) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std over the original patches (shift 0), streamed chunk by chunk.
+    """Per-channel mean and std of the model's input over the original patches (shift 0), streamed chunk by chunk.
+
+    For a halves bank the tilt channel's statistics are those of the min-maxed halves (what the
+    training views hold); one value per model channel.
 
     Parameters
     ----------
@@ -207,13 +268,18 @@ def channel_stats(bank: PatchBank, crop: int | None = None, rows: int | None = N
         One value per channel.
     """
     step = rows or max(bank.chunk_rows, (256 // bank.chunk_rows + 1) * bank.chunk_rows)
-    parts: list[list[np.ndarray]] = [[] for _ in range(bank.channels)]
+    n_model = MODES[bank.mode]
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_model)]
     for start in range(0, bank.n, step):
         x = bank.read(start, min(start + step, bank.n), crop)[:, 0]  # (n, C, b, b)
         if not np.isfinite(x).all():
             raise InputError(f"patch bank {bank.key!r} contains NaN/inf values in rows {start}..{start + len(x)}.")
-        for ch in range(bank.channels):  # the one moments accumulator (float64, pairwise merge)
-            parts[ch].append(block_moments(x[:, ch]))
+        if bank.layout == "halves":
+            chans = [minmax_unit(torch.from_numpy(x[:, :2])).numpy(), x[:, 2]]
+        else:
+            chans = [x[:, ch] for ch in range(n_model)]
+        for ch, xc in enumerate(chans):  # the one moments accumulator (float64, pairwise merge)
+            parts[ch].append(block_moments(xc))
     stats = [merge_moments(p) for p in parts]
     mean = [float(m) for _, m, _ in stats]
     std = [float(np.sqrt(max(v, 0.0))) for _, _, v in stats]

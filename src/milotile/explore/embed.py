@@ -27,9 +27,11 @@ import zarr
 from milotile.errors import InputError
 from milotile.explore.augment import normalize
 from milotile.explore.data import (
+    LAYOUTS,
     PatchBank,
     bank_preprocessing,
     check_crop,
+    model_channels,
     open_bank,
 )
 from milotile.explore.model import FEATURES, SimSiam
@@ -98,7 +100,7 @@ class Encoder:
         ----------
         patches : array
             Raw (un-normalised) patches; larger ones are centre-cropped to the model's bbox.
-        feature : {"pred", "proj", "fc", "trunk"}, optional
+        feature : {"pred", "proj", "fc", "trunk", "centre"}, optional
             Default: the contract's.
         batch_size : int
             Patches per forward pass.
@@ -116,10 +118,14 @@ class Encoder:
         x = torch.as_tensor(np.asarray(patches, dtype=np.float32))
         if x.ndim == 5:
             x = x[:, 0]
-        if x.ndim != 4 or x.shape[1] != self.contract["channels"]:
+        n_model = self.model.in_channels
+        halves = self.mode == "2d3d" and x.ndim == 4 and x.shape[1] == LAYOUTS["halves"][0]
+        if x.ndim != 4 or not (x.shape[1] == n_model or halves):
             raise InputError(
                 f"expected patches (n, {self.contract['channels']}, h, w) for a {self.mode} model, got {tuple(x.shape)}."
             )
+        if halves:  # even/odd tilt sums + slice: the model embeds the tilt sum (their sum)
+            x = model_channels(x, "halves")
         b = self.bbox
         if x.shape[-1] != b:
             if x.shape[-1] < b:
@@ -143,6 +149,8 @@ class Encoder:
         feature = feature or self.contract.get("feature", "pred")
         if feature == "trunk":
             return self.model.trunk.out_dim * self.model.in_channels
+        if feature == "centre":
+            return 2 * self.model.trunk.out_dim * self.model.in_channels
         return self.model.dim
 
     def embed(self, col: Any, key: str | None = None, batch_size: int = 512, **kwargs: Any) -> Embeddings:
@@ -222,9 +230,9 @@ def _sources(col: Any, enc: Encoder, bank: PatchBank) -> dict[str, str | None]:
 
 def _check_bank(enc: Encoder, bank: PatchBank) -> None:
     c = enc.contract
-    if bank.channels != c["channels"]:
+    if bank.mode != enc.mode:
         raise InputError(
-            f"patch bank {bank.key!r} holds {bank.channels}-channel patches but the model is a "
+            f"patch bank {bank.key!r} is a {bank.mode} bank ({bank.channels}-channel patches) but the model is a "
             f"{c['mode']} model ({c['channels']} channel(s))."
         )
     check_crop(bank, c["bbox"])
@@ -263,9 +271,9 @@ def embed(
         Bank key (default: the bank the model was trained on if present, else the only bank).
     batch_size : int
         Patches per forward pass.
-    feature : {"pred", "proj", "fc", "trunk"}, optional
-        Which output is the embedding (default: the contract's; ``"trunk"`` for models trained with
-        the defaults, ``"pred"`` for older ones, as in MiLoPYP).
+    feature : {"pred", "proj", "fc", "trunk", "centre"}, optional
+        Which output is the embedding (default: the contract's; ``"centre"`` for models trained with
+        the defaults, ``"pred"`` for models without one, as in MiLoPYP).
     out_key : str, optional
         Output name (default: the bank key).
     device : str, optional

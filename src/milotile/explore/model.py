@@ -19,7 +19,34 @@ log = logging.getLogger(__name__)
 __all__ = ["SimSiam", "simsiam_loss", "output_std", "load_weights", "FEATURES"]
 
 #: what :meth:`SimSiam.features` can return
-FEATURES = ("pred", "proj", "fc", "trunk")
+FEATURES = ("pred", "proj", "fc", "trunk", "centre")
+#: how the trunk's last map is pooled before the fc head (training)
+POOLS = ("mean", "centre")
+
+
+def centre_side(side: int) -> int:
+    """Side of the central window of a ``side × side`` map: about a third, same parity (centred), >= 1."""
+    c = max(1, round(side / 3))
+    if (side - c) % 2:
+        c = c + 1 if abs(side / 3 - (c + 1)) < abs(side / 3 - (c - 1)) or c == 1 else c - 1
+    return min(c, side)
+
+
+def centre_ring_pool(fmap: torch.Tensor) -> torch.Tensor:
+    """``(n, d, s, s)`` map → ``(n, 2d)``: mean over the central window, mean over the rest (the ring).
+
+    The candidate sits at the patch centre; global pooling mixes it with its neighbours (crowders,
+    membranes), the centre/ring split keeps the two apart. On a map too small for a ring (side <= 2)
+    the ring is the global mean.
+    """
+    s = fmap.shape[-1]
+    c = centre_side(s)
+    o = (s - c) // 2
+    centre = fmap[..., o : o + c, o : o + c].mean(dim=(2, 3))
+    if c >= s:
+        return torch.cat([centre, centre], dim=1)
+    ring = (fmap.sum(dim=(2, 3)) - centre * (c * c)) / (s * s - c * c)
+    return torch.cat([centre, ring], dim=1)
 
 
 def _projector(dim: int) -> nn.Sequential:
@@ -67,14 +94,18 @@ class SimSiam(nn.Module):
         pred_dim: int = 128,
         widths: tuple[int, ...] | list[int] = (64, 128, 256),
         blocks: tuple[int, ...] | list[int] = (2, 2, 2),
+        pool: str = "mean",
     ) -> None:
         super().__init__()
         if mode not in ("3d", "2d3d"):
             raise InputError(f"unknown exploration mode {mode!r}; use '3d' or '2d3d'.")
+        if pool not in POOLS:
+            raise InputError(f"unknown trunk pooling {pool!r}; use one of {', '.join(POOLS)}.")
         self.mode = mode
+        self.pool = pool
         self.in_channels = 1 if mode == "3d" else 2
         self.trunk = ResNetTrunk(1, widths, blocks)
-        feat = self.trunk.out_dim * self.in_channels
+        feat = self.trunk.out_dim * self.in_channels * (2 if pool == "centre" else 1)
         self.fc = nn.Linear(feat, dim)
         self.projector = _projector(dim)
         self.predictor = _predictor(dim, pred_dim)
@@ -82,22 +113,31 @@ class SimSiam(nn.Module):
         nn.init.normal_(self.fc.weight, std=0.001)  # MiLoPYP's fill_fc_weights
         nn.init.constant_(self.fc.bias, 0.001)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk features ``(n, 256·C)`` of a batch ``(n, C, h, w)`` (channels share the trunk)."""
+    def encode(self, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Pooled trunk features of a batch ``(n, C, h, w)`` (channels share the trunk).
+
+        ``pool="mean"``: global average, ``(n, 256·C)``; ``"centre"``: :func:`centre_ring_pool`,
+        ``(n, 2·256·C)``.
+        """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise InputError(
                 f"{self.mode} model expects batches (n, {self.in_channels}, h, w), got {tuple(x.shape)}."
             )
         n = x.shape[0]
-        if self.in_channels == 1:
-            return self.trunk(x)
+
+        def pooled(fmap: torch.Tensor) -> torch.Tensor:
+            return fmap.mean(dim=(2, 3)) if pool == "mean" else centre_ring_pool(fmap)
+
         # shared backbone: stack channels along the batch, split after pooling, fuse late
-        f = self.trunk(x.transpose(0, 1).reshape(self.in_channels * n, 1, *x.shape[2:]))
+        xs = x if self.in_channels == 1 else x.transpose(0, 1).reshape(self.in_channels * n, 1, *x.shape[2:])
+        f = pooled(self.trunk.feature_map(xs))
+        if self.in_channels == 1:
+            return f
         return f.view(self.in_channels, n, -1).transpose(0, 1).reshape(n, -1)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Projector output z."""
-        return self.projector(self.fc(self.encode(x)))
+        return self.projector(self.fc(self.encode(x, self.pool)))
 
     def forward(
         self, x1: torch.Tensor, x2: torch.Tensor
@@ -110,13 +150,16 @@ class SimSiam(nn.Module):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, kind: str = "pred") -> torch.Tensor:
-        """Embedding of a batch: ``"pred"`` (MiLoPYP's choice), ``"proj"``, ``"fc"`` or ``"trunk"``."""
+        """Embedding of a batch: ``"pred"`` (MiLoPYP's choice), ``"proj"``, ``"fc"``, ``"trunk"`` or ``"centre"``.
+
+        ``trunk`` is the globally pooled backbone, ``centre`` the backbone's last map pooled over its
+        central third and over the ring around it (twice as wide; see :func:`centre_ring_pool`).
+        """
         if kind not in FEATURES:
             raise InputError(f"unknown embedding feature {kind!r}; use one of {', '.join(FEATURES)}.")
-        h = self.encode(x)
-        if kind == "trunk":
-            return h
-        h = self.fc(h)
+        if kind in ("trunk", "centre"):
+            return self.encode(x, pool="mean" if kind == "trunk" else "centre")
+        h = self.fc(self.encode(x, self.pool))
         if kind == "fc":
             return h
         z = self.projector(h)

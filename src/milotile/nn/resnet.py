@@ -98,8 +98,12 @@ class ResNetTrunk(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's map ``(N, out_dim, h/4, w/4)`` (before pooling)."""
+        return self.layers(self.stem(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.stem(x))
+        x = self.feature_map(x)
         if self.pool:
             return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return x

@@ -9,6 +9,11 @@ Modes (channel order = order of the requested modes)
              ``window`` degrees with :func:`milotile.ops.geometry.project_points` (tilt axis angle,
              handedness ``sign``, pixel ratio, per-tilt shifts), the crops are cut with *bilinear*
              interpolation (MiLoPYP truncates to int) and summed (1 channel).
+``tilthalves`` the same tilt sum split in two (2 channels): the even- and the odd-indexed tilts of the
+             window (alternating in angle, so both halves span it). The two halves carry independent
+             noise: the ``2d3d`` exploration model pairs one half with the other as its SimSiam views
+             (matching the views cannot rely on shared noise) and embeds their sum, which is the
+             ``tiltsum`` patch.
 
 Crops are ``[c - bbox//2, c - bbox//2 + bbox)`` around the centre ``c`` (MiLoPYP's convention);
 volume modes use the centre rounded to the nearest voxel of the volume grid.
@@ -17,7 +22,8 @@ Neighbour shifts: ``shifts`` is a list of ``(dx, dy, dz)`` offsets in voxels of 
 MiLoPYP's SimSiam positives are :data:`MILOPYP_SHIFTS`. Shift ``s`` is stored at index ``s + 1``.
 
 Normalisation: ``normalize="minmax"`` scales every patch of every mode (and shift) to ``[0, 1]``
-(a ``cube`` as one unit); a constant patch becomes 0. ``normalize=None`` keeps the values.
+(a ``cube`` or the two ``tilthalves`` as one unit, so that min-max of their sum is the ``tiltsum``
+patch); a constant patch becomes 0. ``normalize=None`` keeps the values.
 
 Outside the volume: a patch that would leave the volume (or a tilt crop that would leave its tilt
 image) is padded by repeating the edge voxel (the one boundary convention,
@@ -48,6 +54,7 @@ from milotile.ops.grid import Grid
 __all__ = [
     "MILOPYP_SHIFTS",
     "MODES",
+    "TILT_MODES",
     "PatchResult",
     "n_channels",
     "extract_patches",
@@ -55,7 +62,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODES = ("slab", "slice", "cube", "tiltsum")
+MODES = ("slab", "slice", "cube", "tiltsum", "tilthalves")
+#: modes cut from the tilt series
+TILT_MODES = ("tiltsum", "tilthalves")
 #: MiLoPYP's neighbour offsets ``(dx, dy, dz)`` for SimSiam positive pairs.
 MILOPYP_SHIFTS: tuple[tuple[int, int, int], ...] = ((0, 0, 1), (0, 0, -1), (-1, 0, -1), (0, 1, -1))
 
@@ -75,8 +84,8 @@ class PatchResult:
 
 
 def n_channels(modes: Sequence[str], bbox: int) -> int:
-    """Number of channels of a bank with ``modes`` (``cube`` contributes ``bbox``)."""
-    return sum(bbox if m == "cube" else 1 for m in modes)
+    """Number of channels of a bank with ``modes`` (``cube`` contributes ``bbox``, ``tilthalves`` 2)."""
+    return sum(bbox if m == "cube" else 2 if m == "tilthalves" else 1 for m in modes)
 
 
 def _check_modes(modes: Sequence[str] | str) -> tuple[str, ...]:
@@ -122,12 +131,13 @@ def _cut_task(groups: list[dict], n_rows: int, n_shifts: int, n_ch: int, bbox: i
                 cz, cy, cx = (int(v) for v in g["centres"][k, s])
                 c = 0
                 for m in modes:
-                    if m == "tiltsum":
-                        acc = np.zeros((bbox, bbox))
+                    if m in TILT_MODES:
+                        nc = 1 if m == "tiltsum" else 2
+                        acc = np.zeros((nc, bbox, bbox))
                         for t in range(tilt.shape[0]):
                             u, v = g["uv"][k, s, t]
-                            acc += _bilinear_crop(tilt[t], (torigin[1], torigin[2]), float(u), float(v), bbox)
-                        p, nc = acc[None], 1
+                            acc[t % nc] += _bilinear_crop(tilt[t], (torigin[1], torigin[2]), float(u), float(v), bbox)
+                        p = acc
                     elif m == "cube":
                         p = pad_box(vol, vorigin, (cz - h, cy - h, cx - h), (cz - h + bbox, cy - h + bbox, cx - h + bbox))
                         nc = bbox
@@ -183,7 +193,7 @@ def extract_patches(
         Centres ``(x, y, z)`` in full-resolution voxels.
     bbox : int
         Patch side in pixels.
-    modes : sequence of {"slab", "slice", "cube", "tiltsum"}
+    modes : sequence of {"slab", "slice", "cube", "tiltsum", "tilthalves"}
         Channels, in this order.
     grid : Grid, optional
         How ``volume`` maps to full resolution (compression/binning); identity by default.
@@ -192,7 +202,7 @@ def extract_patches(
     normalize : {"minmax", None}
         Per-patch min-max to ``[0, 1]`` (MiLoPYP) or raw values.
     tilts : TiltGeometry, optional
-        Required for ``tiltsum``.
+        Required for ``tiltsum`` and ``tilthalves``.
     chunk_n : int
         Rows per task (and per output chunk).
     out_of_bounds : {"pad", "drop"}
@@ -211,8 +221,9 @@ def extract_patches(
         raise InputError(f"normalize must be 'minmax' or None, got {normalize!r}")
     if out_of_bounds not in ("pad", "drop"):
         raise InputError(f"out_of_bounds must be 'pad' or 'drop', got {out_of_bounds!r}")
-    if "tiltsum" in ms and tilts is None:
-        raise InputError("mode 'tiltsum' needs a tilt series, but none was given for this tomogram")
+    tilt_modes = [m for m in ms if m in TILT_MODES]
+    if tilt_modes and tilts is None:
+        raise InputError(f"mode {tilt_modes[0]!r} needs a tilt series, but none was given for this tomogram")
     grid = grid or Grid()
     sh = list(MILOPYP_SHIFTS) if shifts is True else [tuple(int(v) for v in s) for s in (shifts or [])]
     offsets = np.array([(0, 0, 0)] + [(s[2], s[1], s[0]) for s in sh], dtype=np.int64)  # (dz, dy, dx)
@@ -228,15 +239,18 @@ def extract_patches(
     allc = centres[:, None, :] + offsets[None, :, :]  # (N, S, 3)
     lo, hi = _boxes(allc, ms, bbox)
     clipped = np.zeros(n, bool)
-    vol_modes = any(m != "tiltsum" for m in ms)
+    vol_modes = any(m not in TILT_MODES for m in ms)
     if vol_modes:
         clipped |= ((lo < 0) | (hi > shape)).any(axis=(1, 2))
 
     uv = None
     tidx = None
-    if "tiltsum" in ms:
+    if tilt_modes:
         assert tilts is not None
         tidx = tilt_window(tilts.angles, *tilts.window)
+        if "tilthalves" in ms and len(tidx) < 2:
+            raise InputError(f"mode 'tilthalves' needs at least 2 tilts inside the window {tilts.window}, "
+                             f"found {len(tidx)}")
         full_shift = grid.to_level0(allc.reshape(-1, 3).astype(np.float64))[:, ::-1]  # x, y, z
         # the unshifted centre is the exact coordinate, not the rounded grid voxel
         full_shift.reshape(n, n_s, 3)[:, 0] = xyz

@@ -4,14 +4,15 @@ Bank layout (read by the exploration stage)::
 
     patches/<key>/data   (N, S, C, bbox, bbox) float32, zarr chunks (chunk_n, S, C, bbox, bbox)
                          S = 1 + number of neighbour shifts (index 0 = original);
-                         C = channels in the order of the modes (cube: bbox channels)
+                         C = channels in the order of the modes (cube: bbox channels, tilthalves 2)
     attrs["milotile"]["params"] = {modes, bbox, shifts, normalize, tilt_window, tilt_sign (per
                          tomogram), geometry (per tomogram), source table, preprocess params, complete}
     tables/patches-<key>.parquet   the source rows in bank order, plus patch_index, source_index, clipped
 
 Rows are grouped by tomogram and by volume chunk so that each task reads one small region; the
 table says which source row each bank row is. Volume modes are cut from the preprocessed volume
-(``derived/preprocessed``) when it exists, the tilt sum from the preprocessed tilt series.
+(``derived/preprocessed``) when it exists, the tilt sums (``tiltsum``, ``tilthalves``) from the
+preprocessed tilt series.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pandas as pd
 from milotile.errors import InputError
 from milotile.ops.geometry import TiltGeometry
 from milotile.ops.grid import Grid
-from milotile.ops.patches import MILOPYP_SHIFTS, n_channels
+from milotile.ops.patches import MILOPYP_SHIFTS, TILT_MODES, n_channels
 from milotile.ops.patches import extract_patches as extract_ops
 from milotile.ops.tilt_check import check_tilt_geometry
 from milotile.stages.preprocess import (
@@ -39,7 +40,10 @@ from milotile.stages.preprocess import (
 )
 from milotile.store import write_dask
 
-__all__ = ["extract_patches", "patch_key"]
+__all__ = ["extract_patches", "patch_key", "DEFAULT_TILT_WINDOW"]
+
+#: tilt angles (degrees) summed by the tilt-sum patch modes by default (MiLoPYP: ±20°)
+DEFAULT_TILT_WINDOW = (-60.0, 60.0)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ def _tilt_geometry(col: Any, name: str, window: tuple[float, float], sources: di
     t = col[name]
     ts = t.tilt_series
     if ts is None:
-        raise InputError(f"tomogram {name} has no tilt series in {col.url}; mode 'tiltsum' needs one (ingest it with its .tlt)")
+        raise InputError(f"tomogram {name} has no tilt series in {col.url}; modes {'/'.join(TILT_MODES)} need one (ingest it with its .tlt)")
     path = f"{PREPROCESSED_TILTS}/{name}"
     g = col.group(path)
     if g is not None and "0" in g and col.output_status(path) == "complete":
@@ -90,7 +94,7 @@ def extract_patches(
     modes: Sequence[str] | str = ("slab",),
     shifts: bool | Sequence[Sequence[int]] = False,
     normalize: str | None = "minmax",
-    tilt_window: tuple[float, float] = (-20.0, 20.0),
+    tilt_window: tuple[float, float] = DEFAULT_TILT_WINDOW,
     tilt_sign: str | int = "auto",
     min_correlation: float = 0.3,
     out_of_bounds: str = "pad",
@@ -108,14 +112,19 @@ def extract_patches(
         Coordinate table (columns ``tomogram, x, y, z`` in full-resolution voxels).
     bbox : int
         Patch side.
-    modes : sequence of {"slab", "slice", "cube", "tiltsum"} or comma-separated str
-        Channels (2d3d: ``("tiltsum", "slice")``).
+    modes : sequence of {"slab", "slice", "cube", "tiltsum", "tilthalves"} or comma-separated str
+        Channels (2d3d: ``("tilthalves", "slice")``, or MiLoPYP's ``("tiltsum", "slice")``).
     shifts : bool or sequence of (dx, dy, dz)
         Neighbour-shifted copies (``True``: MiLoPYP's four).
     normalize : {"minmax", None}
         Per-patch min-max to ``[0, 1]`` or raw values.
     tilt_window : (low, high)
-        Tilt angles summed by ``tiltsum`` (degrees).
+        Tilt angles summed by ``tiltsum`` / ``tilthalves`` (degrees). Default ±60°, every tilt of a
+        usual series: particles away from the patch's depth are displaced differently in every tilt and
+        blur out, the particle stays registered, so a wide window separates it from the clutter above
+        and below (on ``benchmarks/explore.py --preset hard`` at SNR 0.02, 5-NN species accuracy of
+        the 2d3d embedding 0.87 → 0.92 → 0.94 for ±20° → ±40° → ±60°, one seed). MiLoPYP's
+        hard-coded window is ±20°.
     tilt_sign : {"auto", 1, -1}
         Projection handedness; ``"auto"`` checks each tomogram against its tilt series.
     min_correlation : float
@@ -161,7 +170,7 @@ def extract_patches(
     if mining.get("dog") is not None:  # the DoG sigmas travel on into the exploration model's contract
         params["dog"] = mining["dog"]
     names = [n for n in col.names if n in set(df["tomogram"].astype(str))]
-    sources = _sources(col, table, names, "tiltsum" in ms)
+    sources = _sources(col, table, names, any(m in TILT_MODES for m in ms))
     so = col.stage_output(f"patches/{key}", params, sources)
     if not overwrite and so.reusable and col.has_table(f"patches-{key}"):
         logger.info("patches %s: unchanged, reusing", key)
@@ -203,7 +212,7 @@ def _write_bank(col: Any, so: Any, df: pd.DataFrame, names: Sequence[str], ms: t
             vol, grid, meta = pre
             pre_params[name] = meta.get("params")
         geom = None
-        if "tiltsum" in ms:
+        if any(m in TILT_MODES for m in ms):
             geom = _tilt_geometry(col, name, tuple(tilt_window), {})
             if sign_opt == "auto":
                 info = _geometry_check(col, name, geom, params["min_correlation"])

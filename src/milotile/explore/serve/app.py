@@ -102,11 +102,14 @@ class AtlasApp:
         return self._bank
 
     def thumbnail(self, i: int) -> bytes:
-        """PNG of candidate ``i`` (shift 0, all channels)."""
+        """PNG of candidate ``i`` (shift 0, the channels the model sees: a halves bank shows the tilt sum)."""
+        from milotile.explore.data import model_channels
+
         bank = self.bank()
         if bank is None or not 0 <= i < bank.n:
             raise KeyError(i)
-        return patch_png(bank.array[i, 0], self.thumb_px)
+        patch = np.asarray(bank.array[i : i + 1, 0], np.float32)
+        return patch_png(model_channels(patch, bank.layout)[0], self.thumb_px)
 
     def nearest(self, x: float, y: float, r: float) -> dict[str, Any]:
         """The nearest point to ``(x, y)`` within ``r`` (map units), or ``{}``."""
