@@ -304,3 +304,23 @@ def test_knn_transform_places_new_points_with_their_group(tmp_path):
     sample[np.sort(np.random.default_rng(42).choice(len(t), 400, replace=False))] = True
     _, j = cKDTree(t.loc[sample, ["map_x", "map_y"]].to_numpy()).query(t.loc[~sample, ["map_x", "map_y"]].to_numpy())
     assert (sp[sample][j] == sp[~sample]).mean() > 0.95
+
+
+def test_app_thumbnail_of_a_tilt_halves_bank_shows_tilt_sum_and_slice(tmp_path):
+    """A 2d3d halves bank holds 3 channels (even tilts, odd tilts, slice); the gallery shows what the model sees."""
+    import io
+
+    from PIL import Image
+
+    from milotile.explore.serve.app import AtlasApp
+
+    col, _ = write_embedding_store(tmp_path / "s.zarr", n=60, d=8, bank=False)
+    rng = np.random.default_rng(0)
+    data = rng.random((60, 1, 3, 16, 16)).astype(np.float32)
+    pg = col.zarr_group.require_group("patches").require_group("k")
+    pg.create_array("data", shape=data.shape, chunks=(60, 1, 3, 16, 16), dtype="float32")[:] = data
+    pg.attrs["milotile"] = {"complete": True, "params": {"bbox": 16, "shifts": [], "modes": ["tilthalves", "slice"]}}
+    a = atlas(col, method="pca", n_clusters=2, overcluster=6, fit_sample=60)
+    png = AtlasApp(a, thumb_px=32).thumbnail(3)
+    img = Image.open(io.BytesIO(png))
+    assert img.size == (2 * 32, 32)  # two panels (tilt sum, slice), not three
