@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from milotile.explore.data import minmax_unit
+
 __all__ = ["AugmentConfig", "default_config", "augment", "add_noise", "make_views", "normalize"]
 
 
@@ -264,8 +266,6 @@ def make_views(
     else:
         v2 = v1
     if halves:
-        from milotile.explore.data import minmax_unit
-
         swap = _coin(n, 0.5, g, dev)[:, None, None, None]
         t1 = torch.where(swap, v1[:, 1:2], v1[:, 0:1])
         t2 = torch.where(swap, v2[:, 0:1], v2[:, 1:2])

@@ -25,11 +25,10 @@ POOLS = ("mean", "centre")
 
 
 def centre_side(side: int) -> int:
-    """Side of the central window of a ``side × side`` map: about a third, same parity (centred), >= 1."""
-    c = max(1, round(side / 3))
-    if (side - c) % 2:
-        c = c + 1 if abs(side / 3 - (c + 1)) < abs(side / 3 - (c - 1)) or c == 1 else c - 1
-    return min(c, side)
+    """Side of the central window of a ``side × side`` map: the one nearest a third of it with the
+    parity of ``side`` (so that the window is centred), at least 1."""
+    same_parity = range(2 - side % 2, side + 1, 2)
+    return min(same_parity, key=lambda c: (abs(c - side / 3), c))
 
 
 def centre_ring_pool(fmap: torch.Tensor) -> torch.Tensor:
