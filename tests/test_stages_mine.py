@@ -151,6 +151,22 @@ def test_tiltsum_sign_auto_override_and_mismatch(col, synth_dir):
         extract_patches(col, bbox=12, modes=("tiltsum",), key="wrong")
 
 
+def test_tilthalves_window_checked_before_anything_is_written(col):
+    """Too few tilts in the window for two halves: a clear error, and a bank already under that key stays intact."""
+    mine(col, **MINE)
+    key = extract_patches(col, bbox=12, modes=("tilthalves", "slice"), key="halves")
+    grp = col.zarr_group[f"patches/{key}"]
+    assert grp["data"].shape[2] == 3 and grp.attrs["milotile"]["complete"] is True
+    before = grp["data"][:]
+    with pytest.raises(InputError, match=r"tilthalves' needs at least 2 tilts inside the window \[-1, 1\]"):
+        extract_patches(col, bbox=12, modes=("tilthalves", "slice"), key="halves", tilt_window=(-1.0, 1.0))
+    with pytest.raises(InputError, match="no tilt angle lies inside the window"):
+        extract_patches(col, bbox=12, modes=("tiltsum",), key="halves", tilt_window=(80.0, 85.0))
+    grp = col.zarr_group[f"patches/{key}"]
+    assert grp.attrs["milotile"]["complete"] is True
+    np.testing.assert_array_equal(grp["data"][:], before)
+
+
 def test_cli_handlers(col):
     from milotile.cli import build_parser
 

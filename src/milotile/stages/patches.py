@@ -27,6 +27,7 @@ import pandas as pd
 
 from milotile.errors import InputError
 from milotile.ops.geometry import TiltGeometry
+from milotile.ops.geometry import tilt_window as tilts_in_window
 from milotile.ops.grid import Grid
 from milotile.ops.patches import MILOPYP_SHIFTS, TILT_MODES, n_channels
 from milotile.ops.patches import extract_patches as extract_ops
@@ -75,6 +76,19 @@ def _tilt_geometry(col: Any, name: str, window: tuple[float, float], sources: di
         data=data, angles=ts.angles, full_shape=t.shape, tilt_axis_angle=ts.tilt_axis_angle,
         pixel_ratio=t.voxel_size / ts.pixel_size, window=window,
     )
+
+
+def _check_tilt_window(col: Any, names: Sequence[str], ms: Sequence[str], window: tuple[float, float]) -> None:
+    """Every tomogram has enough tilts inside ``window`` (``tilthalves`` needs 2, one per half)."""
+    need = 2 if "tilthalves" in ms else 1
+    for name in names:
+        try:
+            n = len(tilts_in_window(col[name].tilt_series.angles, *window))
+        except ValueError as exc:
+            raise InputError(f"tomogram {name}: {exc}") from None
+        if n < need:
+            raise InputError(f"tomogram {name}: mode 'tilthalves' needs at least 2 tilts inside the window "
+                             f"[{window[0]:g}, {window[1]:g}] degrees, found {n}")
 
 
 def _geometry_check(col: Any, name: str, geom: TiltGeometry, min_correlation: float) -> dict:
@@ -170,7 +184,10 @@ def extract_patches(
     if mining.get("dog") is not None:  # the DoG sigmas travel on into the exploration model's contract
         params["dog"] = mining["dog"]
     names = [n for n in col.names if n in set(df["tomogram"].astype(str))]
-    sources = _sources(col, table, names, any(m in TILT_MODES for m in ms))
+    tilts = any(m in TILT_MODES for m in ms)
+    sources = _sources(col, table, names, tilts)
+    if tilts:  # before the bank is marked incomplete: a bad window must not touch a bank already written
+        _check_tilt_window(col, names, ms, tuple(tilt_window))
     so = col.stage_output(f"patches/{key}", params, sources)
     if not overwrite and so.reusable and col.has_table(f"patches-{key}"):
         logger.info("patches %s: unchanged, reusing", key)
