@@ -86,21 +86,22 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     params = {"n_tomograms": a.n_tomograms, "size": a.size, "snr": a.snr, "n_particles": a.n_particles,
               "data_seed": a.data_seed, "border": a.border, "border_z": a.border_z, "preset": a.preset}
     bank_params = {"bbox": a.bbox, "modes": a.modes}
-    shifts: bool | list = True
-    bank_key = None
-    extra = {}
-    if "tilt" in a.modes:  # the tilt window is part of a tilt bank's identity (stage default -60,60; MiLoPYP -20,20)
-        from milotile.stages.patches import DEFAULT_TILT_WINDOW
+    from milotile.ops.patches import TILT_MODES
+    from milotile.stages.patches import DEFAULT_TILT_WINDOW
 
-        extra["tilt_window"] = tuple(float(v) for v in a.tilt_window.split(",")) if a.tilt_window else DEFAULT_TILT_WINDOW
-        bank_params["tilt_window"] = list(extra["tilt_window"])
-        if extra["tilt_window"] != DEFAULT_TILT_WINDOW:
-            bank_key = "candidates-" + a.modes.replace(",", "+") + f"-b{a.bbox}-shifts-w{a.tilt_window.replace(',', '_')}"
+    shifts: bool | list = True
+    extra = {}
+    suffix = "-shifts"  # the key names what differs from the stage defaults (MiLoPYP's shifts, the default window)
     if getattr(a, "shifts", None):  # other positive-pair offsets than MiLoPYP's (dx, dy, dz)
         shifts = [list(map(int, s)) for s in json.loads(a.shifts)]
         bank_params["shifts"] = shifts
-        bank_key = "candidates-" + a.modes.replace(",", "+") + f"-b{a.bbox}-sh" + "_".join(
-            "".join(f"{v:+d}" for v in s) for s in shifts).replace("+", "p").replace("-", "m")
+        suffix = "-sh" + "_".join("".join(f"{v:+d}" for v in s) for s in shifts).replace("+", "p").replace("-", "m")
+    if any(m in TILT_MODES for m in a.modes.split(",")):  # the tilt window is part of a tilt bank's identity
+        extra["tilt_window"] = tuple(float(v) for v in a.tilt_window.split(",")) if a.tilt_window else DEFAULT_TILT_WINDOW
+        bank_params["tilt_window"] = list(extra["tilt_window"])
+        if extra["tilt_window"] != DEFAULT_TILT_WINDOW:
+            suffix += f"-w{a.tilt_window.replace(',', '_')}"
+    bank_key = None if suffix == "-shifts" else "candidates-" + a.modes.replace(",", "+") + f"-b{a.bbox}{suffix}"
     stamp = work / "data.json"
     if stamp.exists() and json.loads(stamp.read_text())["params"] == params:
         state = json.loads(stamp.read_text())

@@ -482,6 +482,21 @@ def test_train_input_errors(tmp_path, bank3d):
         train(tmp_path / "s.zarr", key="nope", epochs=1, out=tmp_path / "r")
 
 
+def test_cli_defaults_spell_the_library_constants():
+    """The CLI spells some defaults out so that parsing does not import torch or dask; they must agree."""
+    import argparse
+
+    from milotile.commands import explore as cmd_explore
+    from milotile.commands import patches as cmd_patches
+    from milotile.explore.model import FEATURES
+    from milotile.stages.patches import DEFAULT_TILT_WINDOW
+
+    assert cmd_explore._FEATURES == FEATURES
+    ap = argparse.ArgumentParser()
+    cmd_patches.register(ap.add_subparsers(dest="cmd"))
+    assert tuple(ap.parse_args(["patches", "s.zarr"]).tilt_window) == DEFAULT_TILT_WINDOW
+
+
 @pytest.mark.slow
 def test_cli_train_embed_and_errors(tmp_path, capsys):
     from milotile.cli import main

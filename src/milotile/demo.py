@@ -119,7 +119,7 @@ def _demo_atlas(col: Any, encoder: Any, key: str, cfg: DemoConfig) -> Any:
 
 
 def _explore_only_picker(col: Any, atl: Any, cand_species: Any, species: str, gt: pd.DataFrame,
-                         radius: float, bbox: int, n_manual: int, out: Path, cfg: DemoConfig) -> dict[str, Any]:
+                         match: float, bbox: int, n_manual: int, out: Path, cfg: DemoConfig) -> dict[str, Any]:
     """MiLoPYP without manual labels: clusters enriched in ``species`` -> labels -> picker -> picks -> F1.
 
     The cluster rule (the demo cannot click): every cluster whose candidates are mostly (>= 50 %) on the
@@ -141,7 +141,7 @@ def _explore_only_picker(col: Any, atl: Any, cand_species: Any, species: str, gt
                              arch_config={"start_filts": 16}, tau=0.01, repeats=repeats,
                              out=out / "runs" / "refine-explore", seed=cfg.seed)
     picks = picker.pick(col, out=out / "picks_explore.parquet")  # the validated threshold, as the manual run
-    f1 = evaluate(picks, gt, radius=radius / 2 + 1.0, by="tomogram").set_index("group")["f1"].round(3).to_dict()
+    f1 = evaluate(picks, gt, radius=match, by="tomogram").set_index("group")["f1"].round(3).to_dict()
     on_target = float(np.mean(cand_species[sel["id"].to_numpy()] == species)) if len(sel) else 0.0
     return {"clusters": chosen, "labels": int(len(sel)), "label_precision": round(on_target, 3),
             "repeats": repeats, "picks": int(len(picks)), "f1_per_tomogram": f1, "f1_all": float(f1["all"])}
@@ -269,14 +269,15 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         from milotile.metrics import evaluate
 
         gt = truth[truth["species"] == species]
-        scores = evaluate(picks, gt, radius=radius / 2 + 1.0, by="tomogram")
+        match = radius / 2 + 1.0  # a pick matches a particle within half its radius (+1 voxel)
+        scores = evaluate(picks, gt, radius=match, by="tomogram")
         f1 = scores.set_index("group")["f1"].round(3).to_dict()
         report.add("pick", s, picks=len(picks), f1_per_tomogram=f1, f1_all=float(f1["all"]))
         # the cluster choice counts a candidate as the species' when it lies on a particle's centre (within the
         # radius the picks are scored with): what a user sees in the gallery, where a candidate on the top or
         # bottom of a particle (DoG peaks of large particles sit there) shows an off-centre cross-section
-        centred = candidate_species(atl.table, truth, radius=radius / 2 + 1.0)
-        facts, s = _timed(lambda: _explore_only_picker(col, atl, centred, species, gt, radius, bbox_r,
+        centred = candidate_species(atl.table, truth, radius=match)
+        facts, s = _timed(lambda: _explore_only_picker(col, atl, centred, species, gt, match, bbox_r,
                                                     len(labels), out, cfg))
         report.add("explore_pick", s, f1_manual=float(f1["all"]), **facts)
 

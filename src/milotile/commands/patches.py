@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--shifts", action="store_true", help="add MiLoPYP's four neighbour-shifted copies")
     p.add_argument("--no-normalize", dest="normalize", action="store_const", const=None, default="minmax",
                    help="keep raw values instead of per-patch min-max")
+    # stages.patches.DEFAULT_TILT_WINDOW, spelled out so that parsing does not import dask (a test keeps them equal)
     p.add_argument("--tilt-window", type=partial(parse_floats, n=2, what="--tilt-window"), default=(-60.0, 60.0),
                    metavar="LOW,HIGH", help="tilt angles summed by tiltsum/tilthalves (default -60,60, every tilt of a "
                    "usual series; MiLoPYP: -20,20)")

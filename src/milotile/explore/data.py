@@ -60,6 +60,11 @@ def bank_layout(modes: Any, channels: int) -> str:
     )
 
 
+def bank_mode(modes: Any, channels: int) -> str:
+    """``"3d"`` or ``"2d3d"``: the model a bank of these modes and channels trains (see :func:`bank_layout`)."""
+    return LAYOUTS[bank_layout(modes, channels)][1]
+
+
 def minmax_unit(x: torch.Tensor) -> torch.Tensor:
     """Min-max of every image of ``(..., h, w)`` to ``[0, 1]`` (a constant image becomes 0)."""
     lo = x.amin(dim=(-2, -1), keepdim=True)
@@ -138,7 +143,7 @@ class PatchBank:
     @property
     def mode(self) -> str:
         """``"3d"`` or ``"2d3d"``: the model a bank trains."""
-        return LAYOUTS[self.layout][1]
+        return bank_mode(self.params.get("modes"), self.channels)
 
     @property
     def chunk_rows(self) -> int:
@@ -163,7 +168,7 @@ def _group_mode(grp: Any) -> str | None:
     """The exploration mode of a bank group (None when no model reads it)."""
     meta = dict(grp.attrs.get("milotile", {}) or {})
     try:
-        return LAYOUTS[bank_layout(dict(meta.get("params", {})).get("modes"), int(grp["data"].shape[2]))][1]
+        return bank_mode(dict(meta.get("params", {})).get("modes"), int(grp["data"].shape[2]))
     except InputError:
         return None
 
