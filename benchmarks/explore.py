@@ -10,9 +10,11 @@ the ``3d`` (``--modes slab``) and ``2d3d`` (``--modes tilthalves,slice``, the de
 
 Hard setting (issue 15): ``--preset hard --size 128,256,256`` -- four species of radius 12/9/7/5 voxels
 (20 each per tomogram), crowders, membranes, gold, a filament, an intensity gradient, CTF and the
-missing wedge (see :mod:`milotile.synth.hard`). Its default SNR 0.1 (and 0.05) leaves raw-pixel PCA at
-0.98-1.00 k-NN accuracy (species differ in size), so the learned embedding can only tie there;
-SNR 0.02 is where the two part. See ``results/explore_hard.json`` for the commands.
+missing wedge (see :mod:`milotile.synth.hard`). On the species alone its default SNR 0.1 (and 0.05)
+leaves raw-pixel PCA at 0.98-1.00 k-NN accuracy (species differ in size), so the learned embedding can
+only tie there; SNR 0.02 is where the two part. With the similar-sized crowders as a fifth class
+(``with_decoys`` below: shape, not size) SNR 0.1 and 0.05 part them too. See
+``results/explore_hard.json`` for the commands.
 
 (a) quality. Each ground-truth particle is matched to its nearest candidate within
     ``max(--match-radius, --match-frac x particle radius)`` voxels (DoG candidates of large particles sit
@@ -38,6 +40,14 @@ SNR 0.02 is where the two part. See ``results/explore_hard.json`` for the comman
     judged on its pre-declared setting (``--feature``, 'std'), its best setting is listed for reference.
     Cluster purity: k-means with twice as many clusters as species on standardised features, share
     of points in their cluster's majority species (best PCA component count, again with hindsight).
+
+    Species + decoys (hard preset; ``--no-decoys`` skips it): the candidates on similar-sized
+    crowders -- random globules of the species' radii, each of its own shape -- form a fifth class
+    ``decoy`` (matched like the particles; a candidate on a particle keeps the particle). Size no
+    longer tells the classes apart, shape must. Scored with *balanced* 5-NN accuracy (mean recall
+    over the classes, chance 0.2: the decoys are the majority) and purity, same protocol
+    (``with_decoys`` in the results). Species alone saturate at the preset's SNR 0.1 (PCA 0.99); the
+    decoys do not, and this is the exploration task on real data: find the targets among junk.
 (b) speed. Patches per second of training (median epoch) and of embedding on CPU, and the
     two-view augmentation alone: torch batch augmentation vs a MiLoPYP-style per-sample PIL loop
     (8-bit image, flips, brightness/contrast jitter, random resized crop, rot90, to tensor,
@@ -60,6 +70,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,8 +86,6 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
     The data (synth, store, candidates) are keyed by the data options; each patch bank by its modes and
     bbox, so the ``3d`` and ``2d3d`` runs of one setting share the tomograms and candidates.
     """
-    import pandas as pd
-
     import milotile as mt
     from milotile.stages.mine import mine
     from milotile.stages.patches import extract_patches
@@ -167,11 +176,29 @@ def label_candidates(table, gt, radius: float, frac: float = 0.0) -> np.ndarray:
     return labels
 
 
+DECOY = "decoy"
+
+
+def decoy_table(work: Path) -> pd.DataFrame | None:
+    """The similar-sized crowders of a hard-preset collection as a ``decoy`` species (``None`` if it has none).
+
+    Crowders are random globules of the species' radii (±15 %) and density, each of its own shape
+    (:func:`milotile.synth.hard.crowder`): telling them from particles takes shape, not size.
+    """
+    path = work / "synth" / "distractors.parquet"
+    if not path.exists():
+        return None
+    d = pd.read_parquet(path)
+    d = d[d["kind"] == "crowder"].drop(columns="kind").assign(species=DECOY)
+    return d if len(d) else None
+
+
 def knn_cv(x: np.ndarray, y: np.ndarray, metric: str, k: int = 5, folds: int = 5, repeats: int = 3,
-           seed: int = 0) -> tuple[float, float]:
+           seed: int = 0, scoring: str = "accuracy") -> tuple[float, float]:
     """Mean and std (over repeats) of stratified ``folds``-fold CV accuracy of a ``k``-NN classifier.
 
     ``metric``: ``"std"`` standardised features, Euclidean; ``"cos"`` L2-normalised (cosine).
+    ``scoring``: ``"accuracy"`` or ``"balanced_accuracy"`` (mean recall over classes, for unequal classes).
     """
     from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
@@ -181,8 +208,29 @@ def knn_cv(x: np.ndarray, y: np.ndarray, metric: str, k: int = 5, folds: int = 5
     folds = min(folds, int(np.min(np.unique(y, return_counts=True)[1])))
     cv = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     pre = StandardScaler() if metric == "std" else Normalizer()
-    s = cross_val_score(make_pipeline(pre, KNeighborsClassifier(k)), x, y, cv=cv).reshape(repeats, folds).mean(1)
+    s = cross_val_score(make_pipeline(pre, KNeighborsClassifier(k)), x, y, cv=cv, scoring=scoring)
+    s = s.reshape(repeats, folds).mean(1)
     return float(s.mean()), float(s.std())
+
+
+def supervised_reference(x: np.ndarray, y: np.ndarray, scoring: str = "accuracy", seed: int = 0) -> float:
+    """CV score of a *supervised* classifier on the pixels (standardise, PCA 50, RBF SVM, balanced classes).
+
+    Not a baseline -- it sees the labels -- but a reference for how separable the classes are in
+    these patches at all: an unsupervised embedding near it has little left to gain.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    folds = min(5, int(np.min(np.unique(y, return_counts=True)[1])))
+    n_comp = min(50, int(0.8 * x.shape[0]) - 1, x.shape[1])  # a CV training fold holds 80 % of the rows
+    clf = make_pipeline(StandardScaler(), PCA(n_comp, random_state=seed),
+                        SVC(C=3.0, class_weight="balanced"))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(clf, x, y, cv=cv, scoring=scoring).mean())
 
 
 def cluster_purity(x: np.ndarray, y: np.ndarray, n_clusters: int, seed: int = 0) -> float:
@@ -195,13 +243,14 @@ def cluster_purity(x: np.ndarray, y: np.ndarray, n_clusters: int, seed: int = 0)
     return float(hits / len(y))
 
 
-def score_all(feats: dict[str, np.ndarray], y: np.ndarray, repeats: int) -> dict[str, dict]:
+def score_all(feats: dict[str, np.ndarray], y: np.ndarray, repeats: int,
+              scoring: str = "accuracy") -> dict[str, dict]:
     out = {}
     n_clusters = 2 * len(np.unique(y))
     for name, x in feats.items():
         out[name] = {}
         for metric in ("std", "cos"):
-            m, s = knn_cv(x, y, metric, repeats=repeats)
+            m, s = knn_cv(x, y, metric, repeats=repeats, scoring=scoring)
             out[name][metric] = {"mean": round(m, 4), "std": round(s, 4)}
         out[name]["purity"] = round(cluster_purity(x, y, n_clusters), 4)
     return out
@@ -287,7 +336,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--optimizer", default="sgd")
-    ap.add_argument("--widths", default=None, help="trunk widths (default 32,64,128; hard 16,32,64; MiLoPYP: 64,128,256)")
+    ap.add_argument("--widths", default="32,64,128", help="trunk widths (default 32,64,128, the pipeline's CPU default; 16,32,64 saves time; MiLoPYP: 64,128,256)")
     ap.add_argument("--shifts", default=None, metavar="JSON",
                     help="positive-pair offsets [[dx,dy,dz],...] of the patch bank (default MiLoPYP's four)")
     ap.add_argument("--tilt-window", default=None, metavar="LOW,HIGH",
@@ -306,13 +355,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cv-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--no-speed", action="store_true", help="skip part (b)")
+    ap.add_argument("--no-decoys", action="store_true",
+                    help="skip the species + decoys scoring (hard preset: crowders as a fifth class)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--work", default=None, help="work folder, the store is reused (default: a temporary one)")
     ap.add_argument("--out", default=None, help="JSON path (default results/explore[_quick].json)")
     a = ap.parse_args(argv)
     hard = a.preset == "hard"  # the recipe chosen on the hard setting (see results/explore_hard.json)
     for name, easy_val, hard_val in (("size", "64,256,256", "128,256,256"), ("snr", "0.04,0.15", "0.02,0.1"),
-                                     ("epochs", 20, 12), ("widths", "32,64,128", "16,32,64"), ("crop", None, 24),
+                                     ("epochs", 20, 12), ("crop", None, 24),
                                      ("modes", "slab", "slab;tilthalves,slice")):
         if getattr(a, name) is None:
             setattr(a, name, hard_val if hard else easy_val)
@@ -354,14 +405,33 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
     if a.crop and a.crop < allx.shape[-1]:  # also PCA of the centre crop the model sees (generous to the baseline)
         o = (allx.shape[-1] - a.crop) // 2
         raws[f"_crop{a.crop}"] = x0[:, :, o : o + a.crop, o : o + a.crop].reshape(bank.n, -1).astype(np.float64)
+    pca_all = {}
     for suffix, raw in raws.items():
         for nc in (int(v) for v in a.pca.split(",")):
             if nc < min(raw.shape):
-                base_feats[f"pca_{nc}{suffix}"] = PCA(nc, random_state=0).fit(raw).transform(raw[on_gt])
+                pca_all[f"pca_{nc}{suffix}"] = PCA(nc, random_state=0).fit(raw).transform(raw)
+    base_feats.update({k: v[on_gt] for k, v in pca_all.items()})
     baseline = score_all(base_feats, y, a.cv_repeats)
+    ref_raw = raws[f"_crop{a.crop}"] if f"_crop{a.crop}" in raws else raw_all
+    supervised = round(supervised_reference(ref_raw[on_gt], y), 4)
+    # species + decoys: the candidates on similar-sized crowders form a fifth class (balanced accuracy)
+    decoys = None if a.no_decoys else decoy_table(work)
+    on_d = y_d = base_d = sup_d = None
+    if decoys is not None:
+        lab_d = np.where(on_gt, labels, label_candidates(table, decoys, a.match_radius, a.match_frac))
+        on_d = lab_d != ""
+        y_d = lab_d[on_d].astype(str)
+        pca_d = {k: v[on_d] for k, v in pca_all.items()}
+        base_d = score_all(pca_d, y_d, a.cv_repeats, "balanced_accuracy")
+        sup_d = round(supervised_reference(ref_raw[on_d], y_d, "balanced_accuracy"), 4)
+        for k, v in score_all(pca_d, y_d, a.cv_repeats).items():  # plain accuracy too (chance: the decoy share)
+            base_d[k]["accuracy"] = {m: v[m] for m in ("std", "cos")}
+        log.info("SNR %g with decoys: %s; best PCA balanced accuracy %.3f (supervised reference %.3f)", snr,
+                 {str(c): int(n) for c, n in zip(*np.unique(y_d, return_counts=True), strict=True)},
+                 max(v[m]["mean"] for v in base_d.values() for m in ("std", "cos")), sup_d)
     best_pca = max((v[m]["mean"], k, m) for k, v in baseline.items() if k.startswith("pca") for m in ("std", "cos"))
-    log.info("SNR %g baseline: best PCA %.3f (%s, %s); raw pixels %s; chance %.3f", snr, *best_pca,
-             baseline["raw_pixels"], chance)
+    log.info("SNR %g baseline: best PCA %.3f (%s, %s); raw pixels %s; chance %.3f; supervised reference %.3f", snr,
+             *best_pca, baseline["raw_pixels"], chance, supervised)
 
     cfg = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": a.optimizer, "bbox": a.crop,
            "feature": a.feature, "tta": a.tta,
@@ -386,8 +456,13 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             feats[f"{kind}_tta" if not a.tta else f"{kind}_plain"] = enc.transform(allx[on_gt], feature=kind,
                                                                                    tta=not a.tta)
         q = score_all(feats, y, a.cv_repeats)
+        if on_d is not None:
+            fd = {a.feature: emb.values()[on_d]}
+            qd = score_all(fd, y_d, a.cv_repeats, "balanced_accuracy")[a.feature]
+            plain = score_all(fd, y_d, a.cv_repeats)[a.feature]
+            qd["accuracy"] = {m: plain[m] for m in ("std", "cos")}
         runs.append({
-            "seed": seed, "knn5": q, "train_s": round(t_train, 1), "embed_s": round(t_embed, 2),
+            "seed": seed, "knn5": q, "knn5_with_decoys": qd if on_d is not None else None, "train_s": round(t_train, 1), "embed_s": round(t_embed, 2),
             "train_patches_per_s": float(np.median([r["patches_per_s"] for r in recs])),
             "embed_patches_per_s": bank.n / t_embed,
             "loss_first_last": [round(recs[0]["loss"], 4), round(recs[-1]["loss"], 4)],
@@ -396,7 +471,11 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         log.info("SNR %g seed %d: %s %.3f (std) / %.3f (cos) purity %.3f; best %s; train %.0f s", snr, seed,
                  a.feature, q[a.feature]["std"]["mean"], q[a.feature]["cos"]["mean"], q[a.feature]["purity"],
                  max((v[m]["mean"], k, m) for k, v in q.items() for m in ("std", "cos")), t_train)
+        if on_d is not None:
+            log.info("SNR %g seed %d with decoys: balanced %.3f (std) / %.3f (cos) purity %.3f", snr, seed,
+                     qd["std"]["mean"], qd["cos"]["mean"], qd["purity"])
     headline = [r["knn5"][a.feature]["std"]["mean"] for r in runs]
+    dsum = None if on_d is None else decoy_summary(base_d, runs, y_d, a.feature, sup_d)
     return {
         "snr": snr,
         "data": {"n_tomograms": a.n_tomograms, "size_zyx": a.size, "n_particles_per_tomogram": a.n_particles,
@@ -405,6 +484,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         "chance": round(chance, 4),
         "baseline_knn5": baseline,
         "best_pca": {"accuracy": best_pca[0], "features": best_pca[1], "metric": best_pca[2]},
+        "supervised_reference": supervised,
         "simsiam_runs": runs,
         "summary": {
             "snr": snr,
@@ -418,13 +498,44 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             "simsiam_purity_per_seed": [r["knn5"][a.feature]["purity"] for r in runs],
             "best_pca_purity": max(v["purity"] for k, v in baseline.items() if k.startswith("pca")),
             "raw_pixels_best": max(baseline["raw_pixels"][m]["mean"] for m in ("std", "cos")),
+            "supervised_reference": supervised,
             "chance": round(chance, 4),
             "learned_beats_best_pca_every_seed": bool(headline and min(headline) > best_pca[0]),
             "learned_purity_beats_best_pca_every_seed": bool(
                 runs and min(r["knn5"][a.feature]["purity"] for r in runs)
                 > max(v["purity"] for k, v in baseline.items() if k.startswith("pca"))),
+            "with_decoys": None if dsum is None else {k: v for k, v in dsum.items() if k != "baseline_knn5"},
         },
+        "with_decoys": dsum,
         "_bank": bank,
+    }
+
+
+def decoy_summary(baseline: dict, runs: list[dict], y: np.ndarray, feature: str, supervised: float | None) -> dict:
+    """Balanced 5-NN accuracy and purity with the decoys as a class: best PCA (hindsight) vs each seed."""
+    best = max((v[m]["mean"], k, m) for k, v in baseline.items() for m in ("std", "cos"))
+    per_seed = [r["knn5_with_decoys"]["std"]["mean"] for r in runs]
+    purity = [r["knn5_with_decoys"]["purity"] for r in runs]
+    best_purity = max(v["purity"] for v in baseline.values())
+    classes, counts = np.unique(y, return_counts=True)
+    return {
+        "n_per_class": {str(c): int(n) for c, n in zip(classes, counts, strict=True)},
+        "scoring": ("balanced accuracy (mean recall over the classes), chance = 1 / classes; 'accuracy' "
+                    "sub-entries: plain accuracy, chance = the decoys' share"),
+        "chance": round(1.0 / len(classes), 4),
+        "chance_plain": round(float(counts.max() / counts.sum()), 4),
+        "best_pca_plain": max(v["accuracy"][m]["mean"] for v in baseline.values() for m in ("std", "cos")),
+        "simsiam_plain_std_per_seed": [r["knn5_with_decoys"]["accuracy"]["std"]["mean"] for r in runs],
+        "baseline_knn5": baseline,
+        "best_pca": {"balanced_accuracy": best[0], "features": best[1], "metric": best[2]},
+        "best_pca_purity": best_purity,
+        "supervised_reference": supervised,
+        "simsiam_std_per_seed": per_seed,
+        "simsiam_cos_per_seed": [r["knn5_with_decoys"]["cos"]["mean"] for r in runs],
+        "simsiam_purity_per_seed": purity,
+        "learned_beats_best_pca_every_seed": bool(per_seed and min(per_seed) > best[0]),
+        "learned_purity_beats_best_pca_every_seed": bool(purity and min(purity) > best_purity),
+        "feature": feature,
     }
 
 
