@@ -194,13 +194,14 @@ def decoy_table(work: Path) -> pd.DataFrame | None:
 
 
 def knn_cv(x: np.ndarray, y: np.ndarray, metric: str, k: int = 5, folds: int = 5, repeats: int = 3,
-           seed: int = 0, scoring: str = "accuracy") -> tuple[float, float]:
-    """Mean and std (over repeats) of stratified ``folds``-fold CV accuracy of a ``k``-NN classifier.
+           seed: int = 0, scorings: tuple[str, ...] = ("accuracy",)) -> dict[str, tuple[float, float]]:
+    """Mean and std (over repeats) of stratified ``folds``-fold CV scores of a ``k``-NN classifier.
 
     ``metric``: ``"std"`` standardised features, Euclidean; ``"cos"`` L2-normalised (cosine).
-    ``scoring``: ``"accuracy"`` or ``"balanced_accuracy"`` (mean recall over classes, for unequal classes).
+    ``scorings``: sklearn scorer names, all from the same fits (``"accuracy"``, ``"balanced_accuracy"``:
+    mean recall over classes, for unequal classes). Returns ``{scoring: (mean, std)}``.
     """
-    from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
+    from sklearn.model_selection import RepeatedStratifiedKFold, cross_validate
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
@@ -208,9 +209,12 @@ def knn_cv(x: np.ndarray, y: np.ndarray, metric: str, k: int = 5, folds: int = 5
     folds = min(folds, int(np.min(np.unique(y, return_counts=True)[1])))
     cv = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     pre = StandardScaler() if metric == "std" else Normalizer()
-    s = cross_val_score(make_pipeline(pre, KNeighborsClassifier(k)), x, y, cv=cv, scoring=scoring)
-    s = s.reshape(repeats, folds).mean(1)
-    return float(s.mean()), float(s.std())
+    res = cross_validate(make_pipeline(pre, KNeighborsClassifier(k)), x, y, cv=cv, scoring=list(scorings))
+    out = {}
+    for name in scorings:
+        s = res[f"test_{name}"].reshape(repeats, folds).mean(1)
+        out[name] = (float(s.mean()), float(s.std()))
+    return out
 
 
 def supervised_reference(x: np.ndarray, y: np.ndarray, scoring: str = "accuracy", seed: int = 0) -> float:
@@ -243,15 +247,21 @@ def cluster_purity(x: np.ndarray, y: np.ndarray, n_clusters: int, seed: int = 0)
     return float(hits / len(y))
 
 
-def score_all(feats: dict[str, np.ndarray], y: np.ndarray, repeats: int,
-              scoring: str = "accuracy") -> dict[str, dict]:
+def score_all(feats: dict[str, np.ndarray], y: np.ndarray, repeats: int, scoring: str = "accuracy",
+              plain_too: bool = False) -> dict[str, dict]:
+    """k-NN (both metrics) and k-means purity of each feature set; ``plain_too`` adds plain accuracy from the same
+    k-NN fits under ``"accuracy"`` (next to a balanced ``scoring``)."""
     out = {}
     n_clusters = 2 * len(np.unique(y))
+    scorings = (scoring, "accuracy") if plain_too and scoring != "accuracy" else (scoring,)
     for name, x in feats.items():
         out[name] = {}
         for metric in ("std", "cos"):
-            m, s = knn_cv(x, y, metric, repeats=repeats, scoring=scoring)
-            out[name][metric] = {"mean": round(m, 4), "std": round(s, 4)}
+            r = knn_cv(x, y, metric, repeats=repeats, scorings=scorings)
+            out[name][metric] = {"mean": round(r[scoring][0], 4), "std": round(r[scoring][1], 4)}
+            if len(scorings) > 1:
+                m, sd = r["accuracy"]
+                out[name].setdefault("accuracy", {})[metric] = {"mean": round(m, 4), "std": round(sd, 4)}
         out[name]["purity"] = round(cluster_purity(x, y, n_clusters), 4)
     return out
 
@@ -412,7 +422,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
                 pca_all[f"pca_{nc}{suffix}"] = PCA(nc, random_state=0).fit(raw).transform(raw)
     base_feats.update({k: v[on_gt] for k, v in pca_all.items()})
     baseline = score_all(base_feats, y, a.cv_repeats)
-    ref_raw = raws[f"_crop{a.crop}"] if f"_crop{a.crop}" in raws else raw_all
+    ref_raw = raws.get(f"_crop{a.crop}", raw_all)
     supervised = round(supervised_reference(ref_raw[on_gt], y), 4)
     # species + decoys: the candidates on similar-sized crowders form a fifth class (balanced accuracy)
     decoys = None if a.no_decoys else decoy_table(work)
@@ -422,10 +432,8 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         on_d = lab_d != ""
         y_d = lab_d[on_d].astype(str)
         pca_d = {k: v[on_d] for k, v in pca_all.items()}
-        base_d = score_all(pca_d, y_d, a.cv_repeats, "balanced_accuracy")
+        base_d = score_all(pca_d, y_d, a.cv_repeats, "balanced_accuracy", plain_too=True)  # plain: chance = decoy share
         sup_d = round(supervised_reference(ref_raw[on_d], y_d, "balanced_accuracy"), 4)
-        for k, v in score_all(pca_d, y_d, a.cv_repeats).items():  # plain accuracy too (chance: the decoy share)
-            base_d[k]["accuracy"] = {m: v[m] for m in ("std", "cos")}
         log.info("SNR %g with decoys: %s; best PCA balanced accuracy %.3f (supervised reference %.3f)", snr,
                  {str(c): int(n) for c, n in zip(*np.unique(y_d, return_counts=True), strict=True)},
                  max(v[m]["mean"] for v in base_d.values() for m in ("std", "cos")), sup_d)
@@ -456,13 +464,10 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             feats[f"{kind}_tta" if not a.tta else f"{kind}_plain"] = enc.transform(allx[on_gt], feature=kind,
                                                                                    tta=not a.tta)
         q = score_all(feats, y, a.cv_repeats)
-        if on_d is not None:
-            fd = {a.feature: emb.values()[on_d]}
-            qd = score_all(fd, y_d, a.cv_repeats, "balanced_accuracy")[a.feature]
-            plain = score_all(fd, y_d, a.cv_repeats)[a.feature]
-            qd["accuracy"] = {m: plain[m] for m in ("std", "cos")}
+        qd = None if on_d is None else score_all({a.feature: emb.values()[on_d]}, y_d, a.cv_repeats,
+                                                 "balanced_accuracy", plain_too=True)[a.feature]
         runs.append({
-            "seed": seed, "knn5": q, "knn5_with_decoys": qd if on_d is not None else None, "train_s": round(t_train, 1), "embed_s": round(t_embed, 2),
+            "seed": seed, "knn5": q, "knn5_with_decoys": qd, "train_s": round(t_train, 1), "embed_s": round(t_embed, 2),
             "train_patches_per_s": float(np.median([r["patches_per_s"] for r in recs])),
             "embed_patches_per_s": bank.n / t_embed,
             "loss_first_last": [round(recs[0]["loss"], 4), round(recs[-1]["loss"], 4)],
@@ -471,7 +476,7 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
         log.info("SNR %g seed %d: %s %.3f (std) / %.3f (cos) purity %.3f; best %s; train %.0f s", snr, seed,
                  a.feature, q[a.feature]["std"]["mean"], q[a.feature]["cos"]["mean"], q[a.feature]["purity"],
                  max((v[m]["mean"], k, m) for k, v in q.items() for m in ("std", "cos")), t_train)
-        if on_d is not None:
+        if qd is not None:
             log.info("SNR %g seed %d with decoys: balanced %.3f (std) / %.3f (cos) purity %.3f", snr, seed,
                      qd["std"]["mean"], qd["cos"]["mean"], qd["purity"])
     headline = [r["knn5"][a.feature]["std"]["mean"] for r in runs]
