@@ -54,39 +54,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--size",
         type=_size,
-        default=(128, 256, 256),
+        default=None,
         metavar="Z,Y,X",
-        help="tomogram shape in voxels (default 128,256,256)",
+        help="tomogram shape in voxels (default 128,256,256; lookalike: the setting's cube of side 100-200)",
     )
     p.add_argument(
         "--preset",
-        choices=("easy", "hard"),
+        choices=("easy", "hard", "lookalike"),
         default="easy",
-        help="easy (default) or hard: four species of radius 12/9/7/5 with seed-drawn shapes, "
-        "similar-sized crowders, an intensity gradient and SNR 0.1",
+        help="easy (default); hard: four species of radius 12/9/7/5 with seed-drawn shapes, "
+        "similar-sized crowders, an intensity gradient and SNR 0.1; lookalike: 8-12 species of radius 5-8 "
+        "and different shapes, with size, SNR (0.03-0.3), tilt range (±40-70°), defocus, voxel size, "
+        "thickness, crowding and contrast sign drawn from --setting",
     )
+    p.add_argument("--setting", type=int, default=0,
+                   help="lookalike: the acquisition setting to draw (default 0; --seed draws the content)")
     p.add_argument(
         "--snr",
         type=float,
         default=None,
-        help="tilt-series signal-to-noise variance ratio, 'inf' for none (default 0.5; hard 0.1)",
+        help="tilt-series signal-to-noise variance ratio, 'inf' for none (default 0.5; hard 0.1; lookalike: "
+        "the setting's)",
     )
     p.add_argument(
-        "--crowders", type=int, default=None, help="similar-sized decoys per tomogram (default 0; hard 120)"
+        "--crowders", type=int, default=None,
+        help="similar-sized decoys per tomogram (default 0; hard 120; lookalike: the setting's density)"
     )
     p.add_argument(
         "--gradient",
         type=float,
         default=None,
-        help="intensity gradient, peak-to-peak in standard deviations (default 0; hard 0.5)",
+        help="intensity gradient, peak-to-peak in standard deviations (default 0; hard and lookalike 0.5)",
     )
-    p.add_argument("--voxel-size", type=float, default=10.0, help="Å per voxel (default 10)")
+    p.add_argument("--voxel-size", type=float, default=None,
+                   help="Å per voxel (default 10; lookalike: the setting's)")
     p.add_argument(
         "--tilt-range",
         type=_tilt_range,
-        default=(-60.0, 60.0, 3.0),
+        default=None,
         metavar="MIN,MAX,STEP",
-        help="tilt angles in degrees, both ends included (default -60,60,3)",
+        help="tilt angles in degrees, both ends included (default -60,60,3; lookalike: the setting's)",
     )
     p.add_argument(
         "--species",
@@ -139,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         crowders=args.crowders,
         gradient=args.gradient,
+        setting=args.setting,
     )
     per = res.ground_truth.groupby("species").size().to_dict()
     logger.info(
@@ -160,8 +168,8 @@ def _run_segments(args: argparse.Namespace) -> int:
     from milotile.synth.segments import synth_segments
 
     radius = _numbers(args.radius, 2, float, "--radius")
-    info = synth_segments(args.out, shape=args.size, n_objects=args.n_objects, radius=radius, seed=args.seed,
-                          noise=args.noise, voxel_size=args.voxel_size)
+    info = synth_segments(args.out, shape=args.size or (128, 256, 256), n_objects=args.n_objects, radius=radius, seed=args.seed,
+                          noise=args.noise, voxel_size=10.0 if args.voxel_size is None else args.voxel_size)
     logger.info("synth --segments: %d objects %s -> %s, %s, %s", info["n_objects"], info["per_class"], info["em"],
                 info["labels"], info["classes"])
     return 0

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,13 @@ import pandas as pd
 
 from milotile.errors import InputError
 from milotile.synth.hard import HARD_DEFAULTS, add_gradient, crowder, hard_species
+from milotile.synth.lookalike import (
+    LookalikeSetting,
+    draw_setting,
+    lookalike_crowder,
+    lookalike_species,
+    species_families,
+)
 from milotile.synth.phantom import Phantom, Species, make_phantom, resolve_species_counts
 from milotile.synth.reconstruct import wbp
 from milotile.synth.tilt import Projector, add_noise, apply_ctf, default_defocus
@@ -179,6 +186,9 @@ def simulate_tomogram(
     species_table: Mapping[str, Species] | None = None,
     n_crowders: int = 0,
     gradient: float = 0.0,
+    crowder_factory: Callable | None = None,
+    thickness: float = 1.0,
+    contrast: int = -1,
 ) -> SimulatedTomogram:
     """Phantom → tilt series (CTF + noise) → WBP reconstruction, all in memory.
 
@@ -205,6 +215,13 @@ def simulate_tomogram(
     species_table, n_crowders, gradient
         Species to draw from, number of similar-sized decoys and the intensity-gradient amplitude
         (in reconstruction standard deviations); see :mod:`milotile.synth.hard`.
+    crowder_factory : callable, optional
+        Generator of the decoys (default :func:`milotile.synth.hard.crowder`).
+    thickness : float
+        Fraction of the depth holding the specimen (see :func:`~milotile.synth.phantom.make_phantom`).
+    contrast : {-1, 1}
+        -1: dense matter dark (the CTF's sign, cryo-ET convention); +1: tilt series and reconstruction
+        inverted, particles brighter than the solvent.
 
     Returns
     -------
@@ -213,7 +230,8 @@ def simulate_tomogram(
     t0 = time.perf_counter()
     phantom = make_phantom(
         shape, rng_phantom, counts=counts, filament=filament, filament_along_y=filament_along_y,
-        species_table=species_table, n_crowders=n_crowders, crowder_factory=crowder,
+        species_table=species_table, n_crowders=n_crowders, crowder_factory=crowder_factory or crowder,
+        thickness=thickness,
     )
     t1 = time.perf_counter()
     if projector is None:
@@ -224,6 +242,9 @@ def simulate_tomogram(
     clean = apply_ctf(projected, voxel_size, defocus=defocus)
     del projected
     tilts, sigma = add_noise(clean, snr, rng_noise)
+    if int(contrast) > 0:
+        np.negative(clean, out=clean)
+        np.negative(tilts, out=tilts)
     t2 = time.perf_counter()
     rec = wbp(tilts, angles, shape, projector=projector)
     if gradient > 0:
@@ -250,16 +271,17 @@ def synth(
     *,
     seed: int = 0,
     n_tomograms: int = 3,
-    size: Sequence[int] = (128, 256, 256),
+    size: Sequence[int] | None = None,
     snr: float | None = None,
-    voxel_size: float = 10.0,
-    angles: Sequence[float] = (-60, 60, 3),
+    voxel_size: float | None = None,
+    angles: Sequence[float] | None = None,
     species: Mapping[str, float] | Sequence[str] | None = None,
     filament: bool = True,
     n_particles: int | None = None,
     preset: str = "easy",
     crowders: int | None = None,
     gradient: float | None = None,
+    setting: int = 0,
 ) -> SynthResult:
     """Write a seeded synthetic cryo-ET collection with ground truth.
 
@@ -272,15 +294,18 @@ def synth(
         ``seed`` and ``i`` (not on ``n_tomograms``).
     n_tomograms : int
         Number of tomograms ``tomo_000``, ``tomo_001``, ...
-    size : sequence of int
-        ``(Z, Y, X)`` of every tomogram in voxels, each at least :data:`MIN_SIZE`.
+    size : sequence of int, optional
+        ``(Z, Y, X)`` of every tomogram in voxels, each at least :data:`MIN_SIZE` (default
+        ``(128, 256, 256)``; ``lookalike``: the setting's cube).
     snr : float, optional
         Signal-to-noise ratio of the tilt series as a variance ratio (``inf`` for no noise);
-        default 0.5 (``easy``) or 0.1 (``hard``).
-    voxel_size : float
-        Å per voxel, written to the headers; it also sets the CTF (defocus about 3 µm at 10 Å).
-    angles : sequence of float
-        ``(min, max, step)`` in degrees, both ends included (default: 41 tilts, ±60° step 3°).
+        default 0.5 (``easy``), 0.1 (``hard``) or the setting's (``lookalike``).
+    voxel_size : float, optional
+        Å per voxel, written to the headers; it also sets the CTF (default 10; defocus about 3 µm at
+        10 Å; ``lookalike``: the setting's voxel size and defocus).
+    angles : sequence of float, optional
+        ``(min, max, step)`` in degrees, both ends included (default: 41 tilts, ±60° step 3°;
+        ``lookalike``: the setting's range).
     species : mapping, sequence of str or None
         Particle species from :data:`milotile.synth.phantom.SPECIES` (``ribosome``,
         ``proteasome``, ``ring``): None for all in equal parts, names for equal parts, or a
@@ -291,14 +316,20 @@ def synth(
         Particles per tomogram; default ``max(2 * n_species, Z*Y*X / 80000)`` (105 for the
         default size; 20 per species with ``hard``). Fewer are placed (with a warning) if the
         volume is too crowded.
-    preset : {"easy", "hard"}
+    preset : {"easy", "hard", "lookalike"}
         ``hard`` (:mod:`milotile.synth.hard`): four species of radius 12/9/7/5 (``big``,
         ``medium``, ``compact``, ``small``) with shapes drawn from ``seed``, similar-sized
         crowders, an intensity gradient and SNR 0.1, on top of everything ``easy`` draws.
+        ``lookalike`` (:mod:`milotile.synth.lookalike`): 8-12 species ``s00``, ``s01``... of radius
+        5-8 voxels and different shapes, with acquisition (size, SNR, tilt range, defocus, voxel size,
+        thickness, crowding, contrast sign) drawn from ``setting``; ``seed`` draws the content.
     crowders : int, optional
-        Similar-sized decoys per tomogram (default 0 easy, 120 hard).
+        Similar-sized decoys per tomogram (default 0 easy, 120 hard, the setting's density lookalike).
     gradient : float, optional
-        Peak-to-peak intensity gradient in reconstruction standard deviations (0 easy, 0.5 hard).
+        Peak-to-peak intensity gradient in reconstruction standard deviations (0 easy, 0.5 hard and
+        lookalike).
+    setting : int
+        ``lookalike`` only: the acquisition setting (:func:`milotile.synth.lookalike.draw_setting`).
 
     Returns
     -------
@@ -315,9 +346,13 @@ def synth(
     >>> res.names
     ['tomo_000']
     """
-    preset, snr, crowders, gradient, table = _check_preset(seed, preset, snr, crowders, gradient)
+    preset, table, la = _check_preset(seed, preset, setting)
+    size, snr, voxel_size, angles, crowders, gradient = _preset_defaults(preset, la, size, snr, voxel_size, angles,
+                                                                         crowders, gradient)
     shape, snr_f, vs, angle_arr, counts = _check_args(seed, n_tomograms, size, snr, voxel_size, angles, species,
-                                                      n_particles, filament, table)
+                                                      n_particles, filament, table, la)
+    if isinstance(crowders, bool) or not isinstance(crowders, (int, np.integer)) or crowders < 0:
+        raise InputError(f"crowders must be a non-negative integer, got {crowders!r}")
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a folder")
@@ -325,7 +360,7 @@ def synth(
 
     t_start = time.perf_counter()
     projector = Projector(shape, angle_arr)
-    defocus = default_defocus(vs)
+    defocus = default_defocus(vs) if la is None else la.defocus
     children = np.random.SeedSequence(int(seed)).spawn(int(n_tomograms))
     names, recs, tilts_p, tlts = [], [], [], []
     gts, fils, dists = [], [], []
@@ -348,6 +383,9 @@ def synth(
             species_table=table,
             n_crowders=crowders,
             gradient=float(gradient),
+            crowder_factory=lookalike_crowder if la is not None else crowder,
+            thickness=1.0 if la is None else la.thickness,
+            contrast=-1 if la is None else la.contrast,
         )
         rec_p, tilt_p, tlt_p = out / f"{name}.rec", out / f"{name}.mrc", out / f"{name}.tlt"
         write_volume(rec_p, sim.rec, vs)
@@ -380,33 +418,65 @@ def synth(
         "defocus_A": round(defocus, 3), "species_counts": counts, "filament": bool(filament),
         "preset": preset, "crowders": int(crowders), "gradient": float(gradient),
         "geometry": {"tilt_axis_angle": 0.0, "sign": 1}, "tomograms": per_tomo,
+        "contrast": "dark" if la is None or la.contrast < 0 else "bright",
     }
+    if la is not None:
+        info["setting"] = la.as_dict()
+        info["species"] = {n: {"radius": round(sp.radius, 3), "family": species_families(table)[n]}
+                           for n, sp in table.items()}
     res = _write_outputs(out, names, recs, tilts_p, tlts, gts, fils, dists, info, angle_arr, vs, shape)
     logger.info("wrote %d tomograms %s with %d tilts and %d particles to %s in %.1f s", n_tomograms, shape,
                 angle_arr.size, len(res.ground_truth), out, time.perf_counter() - t_start)
     return res
 
 
-def _check_preset(seed: Any, preset: Any, snr: Any, crowders: Any, gradient: Any) -> tuple:
-    """Defaults of the ``easy`` / ``hard`` presets: ``(preset, snr, crowders, gradient, species table)``."""
-    if preset not in ("easy", "hard"):
-        raise InputError(f"preset must be 'easy' or 'hard', got {preset!r}")
-    hard = preset == "hard"
-    if snr is None:
-        snr = HARD_DEFAULTS["snr"] if hard else 0.5
-    crowders = int(HARD_DEFAULTS["crowders"] if hard else 0) if crowders is None else crowders
-    gradient = float(HARD_DEFAULTS["gradient"] if hard else 0.0) if gradient is None else gradient
-    if isinstance(crowders, bool) or not isinstance(crowders, (int, np.integer)) or crowders < 0:
-        raise InputError(f"crowders must be a non-negative integer, got {crowders!r}")
-    if not math.isfinite(float(gradient)) or float(gradient) < 0:
-        raise InputError(f"gradient must be a finite number >= 0, got {gradient!r}")
+def _check_preset(seed: Any, preset: Any, setting: Any) -> tuple:
+    """The preset's species table and look-alike setting: ``(preset, table or None, setting or None)``."""
+    if preset not in ("easy", "hard", "lookalike"):
+        raise InputError(f"preset must be 'easy', 'hard' or 'lookalike', got {preset!r}")
     seed_ok = not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and seed >= 0
-    table = hard_species(np.random.default_rng([int(seed), 15])) if hard and seed_ok else None
-    return preset, snr, crowders, gradient, table
+    if preset == "hard":
+        return preset, hard_species(np.random.default_rng([int(seed), 15])) if seed_ok else None, None
+    if preset == "lookalike":
+        if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or setting < 0:
+            raise InputError(f"setting must be a non-negative integer, got {setting!r}")
+        la = draw_setting(int(setting))
+        return preset, lookalike_species(la), la
+    return preset, None, None
+
+
+def _preset_defaults(preset: str, la: LookalikeSetting | None, size: Any, snr: Any, voxel_size: Any, angles: Any,
+                     crowders: Any, gradient: Any) -> tuple:
+    """Fill the options left as None from the preset: ``(size, snr, voxel_size, angles, crowders, gradient)``."""
+    hard = preset == "hard"
+    if la is not None:
+        size = (la.size,) * 3 if size is None else size
+        snr = la.snr if snr is None else snr
+        voxel_size = la.voxel_size if voxel_size is None else voxel_size
+        angles = la.angles if angles is None else angles
+        if crowders is None:
+            try:
+                crowders = la.n_crowders(tuple(int(v) for v in size))
+            except (TypeError, ValueError):
+                crowders = 0  # _check_args reports the bad size
+    size = (128, 256, 256) if size is None else size
+    snr = (HARD_DEFAULTS["snr"] if hard else 0.5) if snr is None else snr
+    voxel_size = 10.0 if voxel_size is None else voxel_size
+    angles = (-60, 60, 3) if angles is None else angles
+    crowders = int(HARD_DEFAULTS["crowders"] if hard else 0) if crowders is None else crowders
+    gradient = float(HARD_DEFAULTS["gradient"] if hard or la is not None else 0.0) if gradient is None else gradient
+    try:
+        ok = math.isfinite(float(gradient)) and float(gradient) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"gradient must be a finite number >= 0, got {gradient!r}")
+    return size, snr, voxel_size, angles, crowders, float(gradient)
 
 
 def _check_args(seed: Any, n_tomograms: Any, size: Any, snr: Any, voxel_size: Any, angles: Any, species: Any,
-                n_particles: Any, filament: Any, table: Mapping[str, Species] | None = None) -> tuple:
+                n_particles: Any, filament: Any, table: Mapping[str, Species] | None = None,
+                la: LookalikeSetting | None = None) -> tuple:
     """Validate every option of :func:`synth` before any work: ``(shape, snr, voxel_size, angles, counts)``."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
@@ -434,6 +504,8 @@ def _check_args(seed: Any, n_tomograms: Any, size: Any, snr: Any, voxel_size: An
         n_species = len(resolve_species_counts(species, 0, table))
     except (TypeError, ValueError) as exc:
         raise InputError(str(exc)) from exc
+    if n_particles is None and la is not None:
+        n_particles = la.particles_per_species * n_species
     if n_particles is None and table is not None:
         n_particles = int(HARD_DEFAULTS["particles_per_species"]) * n_species
     if n_particles is None:

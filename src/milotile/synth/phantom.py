@@ -258,9 +258,12 @@ class Phantom:
 class _Builder:
     """Places objects into a density volume while tracking the occupied space."""
 
-    def __init__(self, shape: tuple[int, int, int], rng: np.random.Generator) -> None:
+    def __init__(self, shape: tuple[int, int, int], rng: np.random.Generator,
+                 slab: tuple[float, float] | None = None) -> None:
         self.shape = shape
         self.rng = rng
+        #: z range (voxels) of the specimen; objects are centred inside it
+        self.slab = (0.0, float(shape[0] - 1)) if slab is None else (float(slab[0]), float(slab[1]))
         self.density = np.zeros(shape, dtype=np.float32)
         self.occupied = np.zeros(shape, dtype=bool)
 
@@ -284,9 +287,9 @@ class _Builder:
         return not bool(np.any(self.occupied[sl] & band))
 
     def random_centre(self, margin: float, z_range: tuple[float, float] | None = None) -> Vec:
-        zdim, ydim, xdim = self.shape
-        lo = np.array([margin, margin, margin])
-        hi = np.array([xdim - 1 - margin, ydim - 1 - margin, zdim - 1 - margin])
+        _, ydim, xdim = self.shape
+        lo = np.array([margin, margin, self.slab[0] + margin])
+        hi = np.array([xdim - 1 - margin, ydim - 1 - margin, self.slab[1] - margin])
         hi = np.maximum(hi, lo)
         c = lo + self.rng.random(3) * (hi - lo)
         if z_range is not None:
@@ -468,6 +471,7 @@ def make_phantom(
     species_table: Mapping[str, Species] | None = None,
     n_crowders: int = 0,
     crowder_factory: Callable | None = None,
+    thickness: float = 1.0,
 ) -> Phantom:
     """Build one phantom.
 
@@ -493,12 +497,17 @@ def make_phantom(
     n_crowders, crowder_factory : int, callable
         Number of similar-sized decoys (kind ``crowder``) and their generator
         ``factory(rng) -> (bound, density, occupancy_fn)`` (e.g. :func:`milotile.synth.hard.crowder`).
+    thickness : float
+        Fraction of the depth (centred in z) that holds the specimen: particles, crowders, the vesicle
+        and junk are centred inside it, gold beads sit at its surfaces.
 
     Returns
     -------
     Phantom
     """
-    b = _Builder(shape, rng)
+    depth = float(np.clip(thickness, 0.05, 1.0)) * (shape[0] - 1)
+    mid = (shape[0] - 1) / 2.0
+    b = _Builder(shape, rng, slab=(mid - depth / 2.0, mid + depth / 2.0))
     dist_rows: list[dict[str, object]] = []
     if n_membranes is None:
         n_membranes = int(rng.integers(1, 3))
@@ -592,13 +601,13 @@ def _add_vesicle(b: _Builder, rng: np.random.Generator, shape: tuple, dist_rows:
 
 def _add_gold(b: _Builder, rng: np.random.Generator, shape: tuple, dist_rows: list, max_tries: int) -> None:
     """Gold beads near the top and bottom surfaces."""
-    zdim = shape[0]
+    z_lo, z_hi = b.slab
     n_gold = int(rng.integers(2, 6))
     for _ in range(n_gold):
         r = 2.2
         for _ in range(max_tries):
             top = rng.random() < 0.5
-            zr = (zdim - 1 - r - 5.0, zdim - 1 - r - 1.0) if top else (r + 1.0, r + 5.0)
+            zr = (z_hi - r - 5.0, z_hi - r - 1.0) if top else (z_lo + r + 1.0, z_lo + r + 5.0)
             c = b.random_centre(r + 1.0, z_range=zr)
             if b.free(c, r + 1.0):
                 b.stamp(
