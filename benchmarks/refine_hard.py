@@ -26,6 +26,15 @@ ablation table. Several ``--seeds`` (data, labels and training) give mean and sp
 Example::
 
     nice python benchmarks/refine_hard.py --seeds 0 1 --species big small --labels 6 18
+
+**Look-alike preset** (``--preset lookalike --settings 0 1 2 ...``, issue 23): ``synth --preset lookalike``
+draws 8-12 species of radius 5-8 voxels in distinct shapes and the acquisition (size 100-200³, SNR
+0.03-0.3, tilt ±40-70°, defocus, voxel size, thickness, crowding, contrast sign) from the *setting*; the
+seed draws the content. Per setting and seed: three tomograms; the target species is drawn from
+(setting, seed); 9 labels (3 per tomogram) train the default picker, and the same picker again with 9
+negatives of other species (3 per tomogram, ``--negatives``); every peak is saved, so threshold rules can
+be re-scored (``--rescore``) without retraining. Settings are split into *tuning* settings (defaults
+may be chosen on them) and *report* settings (``--tune-settings``); the summary reports each group.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ RECIPES: dict[str, dict] = {
     # session 2's defaults (6 epochs, 8-slice crops, head z dilation 1, no TTA), threshold by the current rule
     "defaults_v1": {"train": {"epochs": 6, "tta": 1, "crop": [8, 64, 64], "arch_config": {"z_dilation": 1}}, "pick": {}},
     "defaults": {"train": {}, "pick": {}},
+    "negatives": {"train": {"negatives": True}, "pick": {}},
 }
 
 
@@ -113,6 +123,56 @@ def scores(picks: pd.DataFrame, true: pd.DataFrame, match_r: float, thr: float |
     return out
 
 
+#: Look-alike settings on which defaults may be chosen; every other setting is reported only.
+TUNE_SETTINGS = (0, 1, 2)
+
+
+def make_lookalike(work: Path, setting: int, seed: int) -> tuple[object, pd.DataFrame, dict]:
+    """Synthesise (once) and ingest look-alike setting ``setting`` with content seed ``seed``."""
+    d = work / f"la_set{setting}_s{seed}"
+    store = d / "store.zarr"
+    if not (d / "ground_truth.parquet").exists():
+        synth(d, preset="lookalike", setting=setting, seed=seed, n_tomograms=3)
+    col = mt.open(store) if store.exists() else mt.ingest(d / "tomograms.txt", store, overwrite=True)
+    return col, pd.read_parquet(d / "ground_truth.parquet"), json.loads((d / "synth.json").read_text())
+
+
+def lookalike_labels(gt: pd.DataFrame, setting: int, seed: int, per_tomogram: int = 3
+                     ) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """The target species of (setting, seed), ``per_tomogram`` labels of it in each tomogram, and as many
+    negatives drawn from the other species (never from the target)."""
+    rng = np.random.default_rng([setting, seed, 7])
+    species = sorted(gt["species"].unique())
+    target = str(species[int(rng.integers(len(species)))])
+    lab, neg = [], []
+    for _, g in gt.groupby("tomogram", sort=True):
+        t, o = g[g["species"] == target], g[g["species"] != target]
+        lab.append(t.iloc[np.sort(rng.choice(len(t), min(per_tomogram, len(t)), replace=False))])
+        neg.append(o.iloc[np.sort(rng.choice(len(o), min(per_tomogram, len(o)), replace=False))])
+    cols = ["tomogram", "x", "y", "z"]
+    return target, pd.concat(lab)[cols].reset_index(drop=True), pd.concat(neg)[cols].reset_index(drop=True)
+
+
+def run_lookalike(work: Path, setting: int, seed: int, recipes: dict) -> list[dict]:
+    """Every recipe on one look-alike (setting, seed); ``"negatives": true`` in a recipe adds the negatives."""
+    col, gt, info = make_lookalike(work, setting, seed)
+    target, labels, negatives = lookalike_labels(gt, setting, seed)
+    r = float(gt.loc[gt["species"] == target, "radius"].iloc[0])
+    base = {"preset": "lookalike", "setting": setting, "seed": seed, "species": target, "n_labels": len(labels),
+            "tune": setting in TUNE_SETTINGS, "snr": info["snr"], "size": info["size"][0],
+            "tilt_max": info["angles"][-1], "contrast": info["contrast"], "n_species": len(info["species"]),
+            "family": info["species"][target]["family"]}
+    out = []
+    for name, rc in recipes.items():
+        rc = json.loads(json.dumps(rc))
+        neg = rc.get("train", {}).pop("negatives", False)
+        res = run_learned(col, gt, target, labels, rc, work / f"run_la{setting}_s{seed}_{name}", seed,
+                          negatives=negatives if neg else None, bbox=2 * r)
+        out.append({**base, "method": name, "n_negatives": len(negatives) if neg else 0, **res})
+        print(out[-1], flush=True)
+    return out
+
+
 def dog_baselines(col, gt: pd.DataFrame, species: str) -> dict:
     """DoG of the right size told the true count, and MiLoPYP's default DoG."""
     from milotile.ops.peaks import dog_peaks
@@ -135,7 +195,7 @@ def dog_baselines(col, gt: pd.DataFrame, species: str) -> dict:
 
 
 def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recipe: dict, run: Path,
-                seed: int) -> dict:
+                seed: int, negatives: pd.DataFrame | None = None, bbox: float | None = None) -> dict:
     sp = gt[gt["species"] == species]
     r = float(sp["radius"].iloc[0])
     true = sp[["tomogram", "x", "y", "z"]]
@@ -146,7 +206,8 @@ def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recip
     if legacy:  # the previous defaults, spelled out: no TTA, a held-out region with >= 10 labels
         kw = {"tta": 1, "val_fraction": 0.2 if len(labels) >= 10 else 0.0, **kw}
     t0 = time.perf_counter()
-    picker = mt.refine.train(col, labels, bbox=2 * r, out=run, seed=seed, device="cpu", **kw)
+    kw.setdefault("bbox", 2 * r if bbox is None else bbox)
+    picker = mt.refine.train(col, labels, out=run, seed=seed, device="cpu", negatives=negatives, **kw)
     t_train = time.perf_counter() - t0
     recs = mt.nn.RunLog(run).records()
     s_epoch = float(np.median([x["seconds"] for x in recs])) if recs else float("nan")
@@ -157,6 +218,8 @@ def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recip
     t_pick = time.perf_counter() - t0
     allp.to_parquet(run / "picks_all.parquet")
     labels.to_parquet(run / "labels.parquet")
+    if negatives is not None:
+        negatives.to_parquet(run / "negatives.parquet")
     if thr is None:  # what pick(threshold=None) does, applied to the same peaks
         auto = float(apply_auto_threshold(allp, picker.contract)[1]["particle"]["threshold"])
     else:
@@ -200,6 +263,8 @@ def run_multi(col, gt: pd.DataFrame, species: list[str], seed: int, run: Path) -
 
 def summarise(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(records)
+    if "setting" in df:
+        return summarise_lookalike(df)
     keys = ["species", "n_labels", "method"]
     vals = [c for c in ("f1_auto", "f1_best", "p_auto", "r_auto", "f1_auto_noshape", "f1_best_noshape") if c in df]
     g = df.groupby(keys)[vals]
@@ -207,6 +272,20 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     out = mean.round(3).astype(str) + " ± " + std.round(3).astype(str)
     out["n_seeds"] = g.size()
     return out.reset_index()
+
+
+def summarise_lookalike(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method and settings group (tune / report): mean and worst setting of F1 at the automatic and at
+    the best threshold, and of their gap (each setting's value is its mean over seeds)."""
+    df = df.assign(gap=df["f1_best"] - df["f1_auto"], group=np.where(df["tune"], "tune", "report"))
+    per = df.groupby(["method", "group", "setting"])[["f1_auto", "f1_best", "gap", "train_s"]].mean()
+    rows = []
+    for (method, group), g in per.groupby(level=[0, 1]):
+        rows.append({"method": method, "settings": group, "n_settings": len(g),
+                     "f1_auto_mean": round(g["f1_auto"].mean(), 3), "f1_auto_worst": round(g["f1_auto"].min(), 3),
+                     "f1_best_mean": round(g["f1_best"].mean(), 3), "gap_mean": round(g["gap"].mean(), 3),
+                     "gap_worst": round(g["gap"].max(), 3), "train_s_mean": round(g["train_s"].mean(), 1)})
+    return pd.DataFrame(rows)
 
 
 def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: list[float] | None = None) -> int:
@@ -285,6 +364,9 @@ def merge(paths: list[str], out_json: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=("hard", "lookalike"), default="hard")
+    ap.add_argument("--settings", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 7],
+                    help=f"look-alike settings (tuning settings: {','.join(map(str, TUNE_SETTINGS))})")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--species", nargs="+", default=["big", "small"])
     ap.add_argument("--labels", type=int, nargs="+", default=[6, 18])
@@ -323,7 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     records = []
     t_start = time.perf_counter()
-    for seed in args.seeds:
+    if args.preset == "lookalike":
+        for setting in args.settings:
+            for seed in args.seeds:
+                records += run_lookalike(work, setting, seed, recipes)
+        args.seeds = [] if not args.multi else args.seeds
+    for seed in args.seeds if args.preset == "hard" else []:
         col, gt = make_data(work, seed, args.snr)
         for species in args.species:
             if not args.no_dog:

@@ -167,8 +167,8 @@ def test_nan_loss_names_epoch_and_tomogram(data, monkeypatch):
     root, col, gt = data
     lab = gt[gt.tomogram == "tomo_000"]
 
-    def nan_loss(logits, target, tau, beta=0.0, risk="clip"):
-        return logits.sum() * float("nan"), {"r_pos": 0.0, "r_neg": 0.0}
+    def nan_loss(logits, target, tau, beta=0.0, risk="clip", negative_weight=1.0):
+        return logits.sum() * float("nan"), {"r_pos": 0.0, "r_neg": 0.0, "neg_loss": 0.0}
 
     monkeypatch.setattr(train_mod, "pu_focal_loss", nan_loss)
     with pytest.raises(RuntimeError, match=r"epoch 1 .*tomo_000"):

@@ -171,6 +171,9 @@ class CropDataset(Dataset):
         Base seed; item ``i`` of epoch ``e`` is deterministic given (seed, e, i).
     repeats
         Crops per labelled particle and epoch (each with its own jitter and augmentation).
+    negatives
+        Table ``tomogram, x, y, z`` of labelled negatives: their voxels get the target
+        :data:`~milotile.refine.targets.NEGATIVE`, and each is a crop anchor like a label.
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class CropDataset(Dataset):
         augment: bool = True,
         seed: int = 0,
         repeats: int = 1,
+        negatives: pd.DataFrame | None = None,
     ) -> None:
         self.readers = readers
         self.stats = stats
@@ -215,7 +219,10 @@ class CropDataset(Dataset):
                 grp[["z", "y", "x"]].to_numpy(np.float64),
                 grp["cls"].to_numpy(np.int64),
             )
-        self.anchors = np.tile(self.labels[["tomogram", "x", "y", "z"]].to_numpy(), (max(int(repeats), 1), 1))
+        neg = negatives if negatives is not None else self.labels.iloc[:0]
+        self._neg = {str(n): g[["z", "y", "x"]].to_numpy(np.float64) for n, g in neg.groupby("tomogram", sort=True)}
+        anchors = pd.concat([self.labels[["tomogram", "x", "y", "z"]], neg[["tomogram", "x", "y", "z"]]])
+        self.anchors = np.tile(anchors.to_numpy(), (max(int(repeats), 1), 1))
         self.random_tomograms = list(random_tomograms or sorted(self._pts))
         self.n_random = int(round(random_fraction * len(self.anchors)))
 
@@ -265,12 +272,13 @@ class CropDataset(Dataset):
         if h:
             x = x[h:-h, h:-h, h:-h]
         pts, cls = self._pts.get(spec.tomogram, (np.zeros((0, 3)), np.zeros(0, np.int64)))
-        pts = pts - np.asarray(spec.origin, np.float64)  # crop frame
+        neg = self._neg.get(spec.tomogram, np.zeros((0, 3)))
+        both = np.concatenate([pts, neg]) - np.asarray(spec.origin, np.float64)  # crop frame
         if augment_rng is not None:
-            x, pts = self._augment(x, pts, augment_rng)
+            x, both = self._augment(x, both, augment_rng)
         tgt = crop_targets(
-            pts, cls, (0.0, 0.0, 0.0), self.out_shape, self.geom,
-            n_classes=self.n_classes, thresh=self.thresh, unlabeled=True,
+            both[: len(pts)], cls, (0.0, 0.0, 0.0), self.out_shape, self.geom,
+            n_classes=self.n_classes, thresh=self.thresh, unlabeled=True, negatives_zyx=both[len(pts):],
         )
         return np.ascontiguousarray(x, np.float32), tgt
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from milotile.refine.recipe import PU_RISKS
+
 __all__ = ["PU_RISKS", "pu_focal_loss", "debiased_contrastive_loss", "consistency_loss", "sample_voxels"]
 
 
@@ -23,21 +25,23 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, (x * mask).sum() / n.clamp_min(1), x.new_zeros(()))
 
 
-#: How the negative risk is kept non-negative (:func:`pu_focal_loss` ``risk``).
-PU_RISKS = ("clip", "nnpu", "pn")
 
 
 def pu_focal_loss(
-    logits: torch.Tensor, target: torch.Tensor, tau: float, beta: float = 0.0, risk: str = "clip"
+    logits: torch.Tensor, target: torch.Tensor, tau: float, beta: float = 0.0, risk: str = "clip",
+    negative_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Non-negative PU focal risk.
+    """Non-negative PU focal risk, plus a term for labelled negatives.
 
-    With ``p = sigmoid(logits)``, T = {g == 1}, S = {0 < g < 1}, U = {g < 0}:
+    With ``p = sigmoid(logits)``, T = {g == 1}, S = {0 < g < 1}, U = {g == -1} (unlabeled),
+    N = {g == -2} (labelled negatives, :data:`milotile.refine.targets.NEGATIVE`):
 
     * ``L_pos = -mean_T[(1-p)² log p] - mean_S[(1-g)⁴ p² log(1-p)]``
     * ``L_pn  = -mean_T[p² log(1-p)] - mean_S[g⁴ p² log(1-p)]`` (labelled voxels counted as negatives)
     * ``R_U = -mean_U[p² log(1-p)]``
     * ``R_neg = R_U - tau · L_pn`` (the negative risk estimated from the unlabeled voxels)
+    * ``R_N = negative_weight · tau · mean_N[p² log(1-p)]``, added to every variant: the labelled
+      negatives weigh like the labelled positives (both scaled by the prior), and are not part of U.
 
     and the risk by ``risk``:
 
@@ -58,7 +62,7 @@ def pu_focal_loss(
     gradient, the network cannot tell them apart (:mod:`milotile.refine.shape` does that).
 
     Voxels with g == 0 (labelled background, validation only) are ignored. A channel without
-    positives in the batch contributes ``R_U`` only.
+    positives in the batch contributes ``R_U`` (and ``R_N``) only.
 
     Parameters
     ----------
@@ -70,11 +74,13 @@ def pu_focal_loss(
         Non-negative clip level (0).
     risk : {"nnpu", "clip", "pn"}
         How the negative risk is corrected (above).
+    negative_weight
+        Weight of the labelled-negative term ``R_N`` relative to the positive one.
 
     Returns
     -------
     loss, parts
-        Scalar loss (mean over channels) and floats ``r_pos``, ``r_neg`` for logging.
+        Scalar loss (mean over channels) and floats ``r_pos``, ``r_neg``, ``neg_loss`` for logging.
     """
     if risk not in PU_RISKS:
         raise ValueError(f"unknown PU risk {risk!r}; use one of {', '.join(PU_RISKS)}")
@@ -84,29 +90,32 @@ def pu_focal_loss(
     log1mp = F.logsigmoid(-z)
     p = torch.sigmoid(z)
     losses = []
-    r_pos_all, r_neg_all = 0.0, 0.0
+    r_pos_all, r_neg_all, r_lab_all = 0.0, 0.0, 0.0
     for c in range(z.shape[1]):
         gc, lp, l1p, pc = g[:, c], logp[:, c], log1mp[:, c], p[:, c]
         t = (gc >= 1.0).float()
         s = ((gc > 0) & (gc < 1.0)).float()
-        u = (gc < 0).float()
+        u = ((gc < 0) & (gc > -1.5)).float()
+        n_lab = (gc <= -1.5).float()
         neg_term = -(pc**2) * l1p  # cost of calling a voxel negative
         l_pos = _masked_mean(-((1 - pc) ** 2) * lp, t) + _masked_mean((1 - gc).clamp(0, 1) ** 4 * neg_term, s)
         l_pn = _masked_mean(neg_term, t) + _masked_mean(gc.clamp(0, 1) ** 4 * neg_term, s)
         r_u = _masked_mean(neg_term, u)
         r_pos = tau * l_pos
         r_neg = r_u - tau * l_pn
+        r_lab = negative_weight * tau * _masked_mean(neg_term, n_lab)
         if risk == "pn":
-            losses.append(r_pos + r_u)
+            losses.append(r_pos + r_u + r_lab)
         elif risk == "clip" or float(r_neg.detach()) >= -beta:
-            losses.append(r_pos + torch.clamp(r_neg, min=-beta))
+            losses.append(r_pos + torch.clamp(r_neg, min=-beta) + r_lab)
         else:  # nnPU: step back along the negative risk until it is a valid estimate again
-            losses.append(-r_neg)
+            losses.append(-r_neg + r_lab)
         r_pos_all += float(r_pos.detach())
         r_neg_all += float(r_neg.detach())
+        r_lab_all += float(r_lab.detach())
     loss = torch.stack(losses).mean()
     n = z.shape[1]
-    return loss, {"r_pos": r_pos_all / n, "r_neg": r_neg_all / n}
+    return loss, {"r_pos": r_pos_all / n, "r_neg": r_neg_all / n, "neg_loss": r_lab_all / n}
 
 
 def sample_voxels(

@@ -21,9 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["gaussian_radius", "TargetGeometry", "target_geometry", "crop_targets", "UNLABELED"]
+__all__ = ["gaussian_radius", "TargetGeometry", "target_geometry", "crop_targets", "NEGATIVE", "UNLABELED"]
 
+#: Target value of unlabeled voxels (training crops).
 UNLABELED = -1.0
+#: Target value of labelled-negative voxels: within the target radius of a coordinate known not to be
+#: the target (``refine train --negatives``), and not inside any particle's radius.
+NEGATIVE = -2.0
 
 
 def gaussian_radius(height: float, width: float, min_overlap: float = 0.7) -> float:
@@ -101,6 +105,7 @@ def crop_targets(
     n_classes: int = 1,
     thresh: float = 0.8,
     unlabeled: bool = True,
+    negatives_zyx: np.ndarray | None = None,
 ) -> np.ndarray:
     """Target heatmap of one crop.
 
@@ -123,6 +128,10 @@ def crop_targets(
         Gaussian value from which a voxel is a hard positive.
     unlabeled
         True: voxels outside every particle are -1 (training); False: 0 (validation).
+    negatives_zyx
+        ``(M, 3)`` positions known not to be particles (same frame as ``points_zyx``): with ``unlabeled``,
+        the output voxels within ``geom.radius`` of each that lie in no particle's radius become
+        :data:`NEGATIVE` in every channel.
 
     Returns
     -------
@@ -158,4 +167,22 @@ def crop_targets(
         np.maximum(heat[sl], g.astype(np.float32), out=heat[sl])
     if unlabeled:
         heat[heat <= 0] = UNLABELED
+        if negatives_zyx is not None and len(negatives_zyx):
+            near = _near_points(np.asarray(negatives_zyx, np.float64).reshape(-1, 3), off, stride, shape, rad)
+            heat[:, near & (heat < 0).all(axis=0)] = NEGATIVE
     return heat
+
+
+def _near_points(pts: np.ndarray, off: np.ndarray, stride: np.ndarray, shape: np.ndarray, rad: float) -> np.ndarray:
+    """Output voxels within ``rad`` (level-0 voxels) of any of ``pts``, as a boolean ``shape`` mask."""
+    mask = np.zeros(tuple(shape), bool)
+    for p in pts:
+        k = (p - off) / stride
+        lo = np.maximum(np.floor(k - rad / stride).astype(int) + 1, 0)
+        hi = np.minimum(np.ceil(k + rad / stride).astype(int), shape)
+        if np.any(hi <= lo):
+            continue
+        axes = [(np.arange(lo[a], hi[a]) * stride[a] + off[a] - p[a]) ** 2 for a in range(3)]
+        d2 = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
+        mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= d2 <= rad * rad
+    return mask

@@ -1,0 +1,213 @@
+"""The picker's training recipe: every hyper-parameter of :func:`milotile.refine.train` in one place.
+
+:class:`PickerRecipe` is read by ``refine train`` (its options are built from the fields), by the
+benchmarks (a recipe variant is ``PickerRecipe().replace(...)``) and stored, resolved, in every
+checkpoint's contract (``contract["recipe"]``), so a run can be repeated or fine-tuned from it.
+The defaults are the recipe measured on ``benchmarks/refine_hard.py`` (hard and look-alike presets);
+the field docs say which figure chose each one.
+
+This module imports no torch (the CLI builds its options from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from milotile.errors import InputError
+from milotile.recipe import Recipe, option
+
+__all__ = [
+    "ARCH_ALIASES",
+    "ARCHS",
+    "DEFAULT_UNET",
+    "LABELLED_CROP_BUDGET",
+    "PU_RISKS",
+    "PickerRecipe",
+    "default_epochs",
+    "default_z_context",
+]
+
+#: Architectures of the picker and their MiLoPYP spellings.
+ARCHS = ("unet4", "unet5", "ressmall")
+ARCH_ALIASES = {"unet_4": "unet4", "unet_5": "unet5", "ressmall_18": "ressmall"}
+#: How the negative risk of the PU loss is kept non-negative (:func:`milotile.refine.losses.pu_focal_loss`).
+PU_RISKS = ("clip", "nnpu", "pn")
+#: Network of the default recipe (measured on benchmarks/refine_hard.py, issue 15): a 16-filter U-Net;
+#: the z dilation of its 3D head (and the crop depth) follow the particle size (:func:`default_z_context`).
+DEFAULT_UNET = {"start_filts": 16}
+#: Labelled crops (labels × repeats × epochs) the default number of epochs aims at.
+LABELLED_CROP_BUDGET = 600
+
+
+def _tau(text: str) -> float | str:
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--tau must be a number in (0, 1) or 'auto', got {text!r}") from exc
+
+
+def _ints3(text: str) -> tuple[int, int, int]:
+    try:
+        vals = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        vals = ()
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"--crop must be three comma-separated integers Z,Y,X, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class PickerRecipe(Recipe):
+    """Hyper-parameters of the positive-unlabeled picker (see :func:`milotile.refine.train`).
+
+    ``None`` means "follow the particle size / the number of labels" (:meth:`resolved` fills them in).
+    """
+
+    bbox: float = option(16.0, "particle box in level-0 voxels (sets the target Gaussian and the z context)")
+    epochs: int | None = option(None, "epochs (default: about 600 labelled crops, 6-20 epochs: 20 for 6 labels, "
+                                      "7 for 18)", parse=int)
+    arch: str = option("unet4", "architecture", choices=ARCHS + tuple(ARCH_ALIASES))
+    start_filts: int | None = option(None, "U-Net width of the first level (default 16)", parse=int)
+    z_dilation: int | None = option(None, "z dilation of the 3D head: 1 = 7 slices of z context, 2 = 11, 4 = 19 "
+                                          "(default from --bbox: clip(round(bbox/6), 2, 4))", parse=int)
+    arch_config: dict | None = option(None, "extra builder keywords of the network", cli=False)
+    batch_size: int = option(4, "crops per step")
+    crop: tuple[int, int, int] | None = option(None, "model-input crop (default DEPTH,64,64 with DEPTH = 4 z-dilation "
+                                                     "+ 4; z in compressed slices with --compress)",
+                                               parse=_ints3, metavar="Z,Y,X")
+    lr: float = option(1e-3, "Adam learning rate")
+    tau: float | str = option(0.01, "PU class prior, or 'auto': estimated from the labelled tomograms", parse=_tau)
+    pu_risk: str = option("clip", "non-negative correction of the PU risk (clip as MiLoPYP)", choices=PU_RISKS)
+    negative_weight: float = option(1.0, "weight of the labelled-negative term (--negatives) next to the PU risk")
+    temp: float = option(0.07, "InfoNCE temperature")
+    cr_weight: float = option(0.1, "contrastive weight")
+    unsup_weight: float = option(0.1, "weight of the unlabeled voxels in the contrastive term", cli=False)
+    consistency_weight: float = option(1.0, "weight of the flip-consistency term", cli=False)
+    contrastive: bool = option(False, "MiLoPYP's voxel contrastive + flip-consistency terms (two views: twice the "
+                                      "cost)")
+    thresh: float = option(0.8, "target value from which voxels are hard positives")
+    gauss: float = option(0.0, "Gaussian pre-filter sigma (0 = off)")
+    compress: bool = option(False, "max-compress slice pairs along z")
+    compress_how: str = option("max", "how slice pairs are compressed", choices=("max", "mean"), cli=False)
+    clip: tuple[float, float] = option((-3.0, 3.0), "clip range in standard deviations of the filtered volume",
+                                       cli=False)
+    seed: int = option(317, "random seed (crops, augmentation, initialisation)")
+    val_fraction: float | None = option(None, "fraction of the labels held out as a validation region when there "
+                                              "are no --val-labels (default 0: none)", parse=float)
+    val_radius: float | None = option(None, "validation matching radius (default bbox / 4)", cli=False)
+    val_every: int = option(1, "validate every N epochs", cli=False)
+    random_fraction: float = option(0.25, "random crops per epoch relative to the labelled crops", cli=False)
+    repeats: int = option(5, "crops per labelled particle and epoch")
+    max_pos: int = option(256, "per-crop cap of contrastive positives", cli=False)
+    n_unlabeled: int = option(256, "per-crop cap of contrastive unlabeled voxels", cli=False)
+    amp: bool = option(True, "mixed precision on CUDA", cli=False)
+    tta: int = option(4, "in-plane symmetries averaged when predicting (1-8; 1 = none)")
+    self_training: int = option(0, "rounds in which confident picks of the labelled tomograms become extra positives",
+                                metavar="ROUNDS")
+    shape_check: bool = option(True, "fit the shape check (radial profiles of the labels; `refine pick` lowers the "
+                                     "scores of peaks unlike them)")
+
+    def validate(self) -> None:
+        """Check every field once; normalise aliases and sequences."""
+        self._set("arch", ARCH_ALIASES.get(self.arch, self.arch))
+        if self.arch not in ARCHS:
+            raise InputError(f"Unknown picker architecture (arch) {self.arch!r}; choose one of {', '.join(ARCHS)}.")
+        if not _positive(self.bbox):
+            raise InputError(f"bbox must be a positive number of voxels, got {self.bbox!r}.")
+        self._set("bbox", float(self.bbox))
+        for name in ("epochs", "start_filts", "z_dilation"):
+            v = getattr(self, name)
+            if v is not None and (not _integer(v) or int(v) < 1):
+                raise InputError(f"{name} must be a positive integer, got {v!r}.")
+        for name in ("batch_size", "repeats", "val_every", "tta", "max_pos", "n_unlabeled"):
+            v = getattr(self, name)
+            if not _integer(v) or int(v) < 1:
+                raise InputError(f"{name} must be a positive integer, got {v!r}.")
+        if not 1 <= int(self.tta) <= 8:
+            raise InputError(f"tta must be between 1 and 8 symmetries, got {self.tta!r}.")
+        if not _integer(self.self_training) or int(self.self_training) < 0:
+            raise InputError(f"self_training must be a non-negative number of rounds, got {self.self_training!r}.")
+        if self.crop is not None:
+            crop = tuple(self.crop)
+            if len(crop) != 3 or not all(_integer(c) for c in crop) or min(crop) < 1 or min(crop[1:]) < 16:
+                raise InputError(f"crop must be (z, y, x) with y and x at least 16, got {self.crop!r}.")
+            self._set("crop", tuple(int(c) for c in crop))
+        if self.tau != "auto" and not (_number(self.tau) and 0.0 < float(self.tau) < 1.0):
+            raise InputError(f"tau (class prior) must lie in (0, 1) or be 'auto', got {self.tau!r}.")
+        if self.pu_risk not in PU_RISKS:
+            raise InputError(f"pu_risk must be one of {', '.join(PU_RISKS)}, got {self.pu_risk!r}.")
+        for name in ("lr", "temp"):
+            if not _positive(getattr(self, name)):
+                raise InputError(f"{name} must be a positive number, got {getattr(self, name)!r}.")
+        for name in ("negative_weight", "cr_weight", "unsup_weight", "consistency_weight", "gauss", "random_fraction"):
+            v = getattr(self, name)
+            if not (_number(v) and float(v) >= 0):
+                raise InputError(f"{name} must be a number >= 0, got {v!r}.")
+        if not (_number(self.thresh) and 0.0 < float(self.thresh) <= 1.0):
+            raise InputError(f"thresh must lie in (0, 1], got {self.thresh!r}.")
+        if self.val_fraction is not None and not (_number(self.val_fraction) and 0 <= float(self.val_fraction) < 1):
+            raise InputError(f"val_fraction must lie in [0, 1), got {self.val_fraction!r}.")
+        if self.compress_how not in ("max", "mean"):
+            raise InputError(f"compress_how must be 'max' or 'mean', got {self.compress_how!r}.")
+        clip = tuple(self.clip)
+        if len(clip) != 2 or not all(_number(c) for c in clip) or not clip[0] < clip[1]:
+            raise InputError(f"clip must be (low, high) with low < high, got {self.clip!r}.")
+        self._set("clip", (float(clip[0]), float(clip[1])))
+
+    def network_config(self, n_classes: int) -> dict[str, Any]:
+        """Builder keywords of the network (:func:`milotile.nn.registry.create`)."""
+        z_dil, _ = default_z_context(self.bbox, self.compress)
+        cfg: dict[str, Any] = {**(DEFAULT_UNET if self.arch.startswith("unet") else {}), "z_dilation": z_dil}
+        cfg.update(self.arch_config or {})
+        cfg.update({k: int(v) for k, v in (("start_filts", self.start_filts), ("z_dilation", self.z_dilation))
+                    if v is not None})
+        return {"n_classes": int(n_classes), **cfg}
+
+    def resolved(self, n_labels: int) -> PickerRecipe:
+        """The recipe with the size- and label-dependent defaults filled in (what a run trains with)."""
+        z_dil, depth = default_z_context(self.bbox, self.compress)
+        z_dil = int(self.z_dilation) if self.z_dilation is not None else int((self.arch_config or {}).get("z_dilation", z_dil))
+        crop = self.crop if self.crop is not None else (4 * z_dil + 4, 64, 64)
+        epochs = self.epochs if self.epochs is not None else default_epochs(n_labels, self.repeats)
+        return self.replace(crop=crop, epochs=int(epochs), z_dilation=z_dil)
+
+
+def default_z_context(bbox: float, compress: bool = False) -> tuple[int, int]:
+    """Head z dilation and crop depth of the default recipe for particles of box ``bbox``.
+
+    The 3D head sees ``4 · z_dilation + 3`` slices, so ``z_dilation = clip(round(bbox / 6), 2, 4)``
+    lets it cover most of the particle's depth (the missing wedge stretches it further): 2 (11 slices)
+    for a 10-voxel box, 4 (19 slices) for a 24-voxel box; the crop depth ``4 · z_dilation + 4`` keeps a
+    few slices of it valid. On the hard benchmark (radius-12 species, 18 labels, three seeds, with the
+    shape check) z dilation 4 with 20-slice crops gave F1 0.905 / 0.877 / 0.789 against 0.870 / 0.859 /
+    0.776 with 2 and 12 slices, at 2.3× the training time. With ``compress`` the box counts in
+    compressed slices (half).
+    """
+    b = float(bbox) / (2.0 if compress else 1.0)
+    if not b > 0:
+        raise InputError(f"bbox must be positive, got {bbox!r}.")
+    zd = int(np.clip(round(b / 6.0), 2, 4))
+    return zd, 4 * zd + 4
+
+
+def default_epochs(n_labels: int, repeats: int) -> int:
+    """Epochs of the default recipe: about :data:`LABELLED_CROP_BUDGET` labelled crops, 6–20 epochs."""
+    return int(np.clip(round(LABELLED_CROP_BUDGET / max(int(n_labels) * max(int(repeats), 1), 1)), 6, 20))
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _positive(v: Any) -> bool:
+    return _number(v) and float(v) > 0
+
+
+def _integer(v: Any) -> bool:
+    return _number(v) and float(v) == int(v)
