@@ -128,24 +128,30 @@ TUNE_SETTINGS = (0, 1, 2)
 
 
 def make_lookalike(work: Path, setting: int, seed: int) -> tuple[object, pd.DataFrame, dict]:
-    """Synthesise (once) and ingest look-alike setting ``setting`` with content seed ``seed``."""
+    """Synthesise (once) and ingest look-alike setting ``setting`` with content seed ``seed``: enough tomograms
+    (at least 3) for 27 particles of each species, so that the 9 labels (in the first three) are a third
+    of the target's particles whatever the setting's volume size."""
+    from milotile.synth.lookalike import draw_setting
+
     d = work / f"la_set{setting}_s{seed}"
     store = d / "store.zarr"
     if not (d / "ground_truth.parquet").exists():
-        synth(d, preset="lookalike", setting=setting, seed=seed, n_tomograms=3)
+        n = max(3, int(np.ceil(27 / draw_setting(setting).particles_per_species)))
+        synth(d, preset="lookalike", setting=setting, seed=seed, n_tomograms=n)
     col = mt.open(store) if store.exists() else mt.ingest(d / "tomograms.txt", store, overwrite=True)
     return col, pd.read_parquet(d / "ground_truth.parquet"), json.loads((d / "synth.json").read_text())
 
 
 def lookalike_labels(gt: pd.DataFrame, setting: int, seed: int, per_tomogram: int = 3
                      ) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    """The target species of (setting, seed), ``per_tomogram`` labels of it in each tomogram, and as many
-    negatives drawn from the other species (never from the target)."""
+    """The target species of (setting, seed), ``per_tomogram`` labels of it in each of the first three
+    tomograms, and as many negatives drawn from the other species there (never from the target)."""
     rng = np.random.default_rng([setting, seed, 7])
     species = sorted(gt["species"].unique())
     target = str(species[int(rng.integers(len(species)))])
     lab, neg = [], []
-    for _, g in gt.groupby("tomogram", sort=True):
+    first = sorted(gt["tomogram"].unique())[:3]
+    for _, g in gt[gt["tomogram"].isin(first)].groupby("tomogram", sort=True):
         t, o = g[g["species"] == target], g[g["species"] != target]
         lab.append(t.iloc[np.sort(rng.choice(len(t), min(per_tomogram, len(t)), replace=False))])
         neg.append(o.iloc[np.sort(rng.choice(len(o), min(per_tomogram, len(o)), replace=False))])
@@ -234,31 +240,55 @@ def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recip
     return res
 
 
-def run_multi(col, gt: pd.DataFrame, species: list[str], seed: int, run: Path) -> dict:
-    """One picker for several species (6 labels each in tomo_000, ``classes=True``): per-class F1 at the
-    automatic threshold and the confusion (picks of class A matched to particles of species B)."""
+def run_multi(col, gt: pd.DataFrame, species: list[str], seed: int, run: Path,
+              labels: pd.DataFrame | None = None, negatives: pd.DataFrame | None = None) -> dict:
+    """One picker for several species (``classes=True``; default labels: 6 of each in tomo_000): per-class F1
+    at the automatic threshold, the mean over classes, and the confusion matrix (picks of class A matched to
+    particles of species B, plus ``none``: picks on no particle of the listed species)."""
     if run.exists():
         shutil.rmtree(run)
-    labels = pd.concat([choose_labels(gt, sp, 6, seed).assign(**{"class": sp}) for sp in species], ignore_index=True)
+    if labels is None:
+        labels = pd.concat([choose_labels(gt, sp, 6, seed).assign(**{"class": sp}) for sp in species], ignore_index=True)
     bbox = 2 * float(gt[gt["species"].isin(species)].groupby("species")["radius"].first().mean())
     t0 = time.perf_counter()
-    picker = mt.refine.train(col, labels, bbox=bbox, classes=True, out=run, seed=seed, device="cpu")
+    picker = mt.refine.train(col, labels, bbox=bbox, classes=True, out=run, seed=seed, device="cpu", negatives=negatives)
     t_train = time.perf_counter() - t0
     picks = predict.pick(col, picker, write_heatmaps=False, table=None)  # automatic threshold per class
-    out: dict = {"train_s": round(t_train, 1), "thresholds": picks.attrs.get("thresholds", {}), "confusion": {}}
+    out: dict = {"train_s": round(t_train, 1), "n_labels": len(labels), "thresholds": picks.attrs.get("thresholds", {}),
+                 "confusion": {}}
+    f1s = []
     for cls in species:
         p = picks[picks["class"] == cls]
         row = {}
         for sp in species:
             t = gt[gt["species"] == sp]
-            r = float(t["radius"].iloc[0])
-            e = evaluate(p, t[["tomogram", "x", "y", "z"]], r / 2, by="tomogram").iloc[-1]
+            e = evaluate(p, t[["tomogram", "x", "y", "z"]], float(t["radius"].iloc[0]) / 2, by="tomogram").iloc[-1]
             row[sp] = int(e["tp"])
+        row["none"] = max(int(len(p)) - sum(row.values()), 0)
         out["confusion"][cls] = {"n_picks": int(len(p)), "matched_to": row}
         t = gt[gt["species"] == cls]
         e = evaluate(p, t, float(t["radius"].iloc[0]) / 2, by="tomogram").iloc[-1]
         out[f"f1_{cls}"] = round(float(e["f1"]), 4)
+        f1s.append(float(e["f1"]))
+    out["f1_mean"] = round(float(np.mean(f1s)), 4)
+    out["f1_worst"] = round(float(np.min(f1s)), 4)
     return out
+
+
+def run_lookalike_multi(work: Path, setting: int, seed: int, per_tomogram: int = 3) -> dict:
+    """One picker for every species of a look-alike (setting, seed): ``per_tomogram`` labels of each species in
+    each of the first three tomograms (9 per species), per-species F1 and the confusion matrix."""
+    col, gt, info = make_lookalike(work, setting, seed)
+    rng = np.random.default_rng([setting, seed, 11])
+    species = sorted(gt["species"].unique())
+    rows = []
+    first = sorted(gt["tomogram"].unique())[:3]
+    for (_, sp), g in gt[gt["tomogram"].isin(first)].groupby(["tomogram", "species"], sort=True):
+        rows.append(g.iloc[np.sort(rng.choice(len(g), min(per_tomogram, len(g)), replace=False))].assign(**{"class": sp}))
+    labels = pd.concat(rows)[["tomogram", "x", "y", "z", "class"]].reset_index(drop=True)
+    res = run_multi(col, gt, species, seed, work / f"run_la{setting}_s{seed}_multi", labels=labels)
+    return {"preset": "lookalike", "setting": setting, "seed": seed, "tune": setting in TUNE_SETTINGS,
+            "snr": info["snr"], "n_species": len(species), **res}
 
 
 def summarise(records: list[dict]) -> pd.DataFrame:
@@ -373,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", nargs="*", default=["defaults", "demo_v0", "cli_defaults_v0"],
                     help=f"learned recipes ({', '.join(RECIPES)}) or NAME=JSON for an ablation")
     ap.add_argument("--no-dog", action="store_true")
-    ap.add_argument("--multi", default=None, metavar="A,B", help="also train one picker for these species")
+    ap.add_argument("--multi", default=None, metavar="A,B",
+                    help="also train one picker for these species (lookalike: --multi all, every species)")
     ap.add_argument("--rescore", nargs="+", default=None, metavar="RUN",
                     help="re-score saved runs (run_s<seed>_<species>_<n>_<recipe> folders) with the current threshold code")
     ap.add_argument("--refit-shape", action="store_true",
@@ -409,7 +440,6 @@ def main(argv: list[str] | None = None) -> int:
         for setting in args.settings:
             for seed in args.seeds:
                 records += run_lookalike(work, setting, seed, recipes)
-        args.seeds = [] if not args.multi else args.seeds
     for seed in args.seeds if args.preset == "hard" else []:
         col, gt = make_data(work, seed, args.snr)
         for species in args.species:
@@ -425,7 +455,12 @@ def main(argv: list[str] | None = None) -> int:
                     records.append({"seed": seed, "species": species, "n_labels": nl, "method": name, **res})
                     print(seed, species, nl, name, res, flush=True)
     multi = {}
-    if args.multi:
+    if args.multi and args.preset == "lookalike":
+        for setting in args.settings:
+            for seed in args.seeds:
+                multi[f"la{setting}_s{seed}"] = run_lookalike_multi(work, setting, seed)
+                print("multi", setting, seed, multi[f"la{setting}_s{seed}"], flush=True)
+    elif args.multi:
         for seed in args.seeds:
             col, gt = make_data(work, seed, args.snr)
             multi[str(seed)] = run_multi(col, gt, args.multi.split(","), seed, work / f"run_s{seed}_multi")
