@@ -163,6 +163,27 @@ def test_select_clusters_writes_labels_refine_reads(tmp_path):
         select(col)
 
 
+def test_select_writes_negatives_from_other_clusters(tmp_path):
+    from milotile.formats import read_labels
+
+    col, _ = write_embedding_store(tmp_path / "s.zarr", n=400, d=16)
+    a = atlas(col, method="pca", n_clusters=3, overcluster=30, fit_sample=400)
+    labels = select(col, clusters=[0], negatives=[1, 2], name="target", interactive_info=False)
+    neg = labels.attrs["negatives"]
+    t = a.table
+    assert sorted(neg["id"]) == sorted(t[t["cluster"].isin([1, 2])]["id"])
+    assert not set(neg["id"]) & set(labels["id"])
+    back = read_labels(tmp_path / "s.zarr" / "tables" / "negatives-target.parquet", col)  # refine train --negatives
+    assert len(back) == len(neg) and set(back["class"]) == {"negative"}
+    assert col.table_params("negatives-target")["negative_clusters"] == [1, 2]
+    before = col.read_table("labels-target")
+    with pytest.raises(InputError, match="both as --clusters and as --negatives"):
+        select(col, clusters=[0], negatives=[0, 1], name="target")
+    with pytest.raises(InputError, match="no cluster 7"):
+        select(col, clusters=[0], negatives=[7], name="target")
+    pd.testing.assert_frame_equal(col.read_table("labels-target"), before)  # a refused call changes nothing
+
+
 def test_plots_and_thumbnails(tmp_path):
     from PIL import Image
 
