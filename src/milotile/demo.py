@@ -194,7 +194,9 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         import shutil
 
         log.info("[demo] removing the previous demo's training runs in %s", runs)
-        shutil.rmtree(runs)
+        for run in runs.iterdir():  # the runs/ folder keeps its zarr marker (an opaque node)
+            if run.is_dir():
+                shutil.rmtree(run)
     report = DemoReport()
 
     # 1. synthetic data ---------------------------------------------------------------------

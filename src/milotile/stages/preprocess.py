@@ -38,7 +38,7 @@ from milotile.ops.intensity import contrast_clip
 from milotile.ops.preprocess import TRUNCATE, filtered_volume
 from milotile.ops.resample import COMPRESS_MODES
 from milotile.ops.stats import block_moments, global_stats, merge_moments, moments_to_stats
-from milotile.store import multiscale_metadata, write_dask
+from milotile.store import missing_input, multiscale_metadata, write_dask
 from milotile.store.arrays import DEFAULT_CHUNKS, clip_chunks
 
 __all__ = [
@@ -182,7 +182,7 @@ def preprocess(
     binning = int(bin)
     names = list(names) if names is not None else col.names
     if not names:
-        raise InputError(f"{col.url} holds no tomograms; run `milotile ingest` first")
+        raise missing_input(col.url, "tomograms", "tomograms")
     out: dict[str, dict] = {}
     for name in names:
         t = col[name]
