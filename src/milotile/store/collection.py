@@ -642,6 +642,7 @@ class Collection:
                     "levels": len(t.levels),
                     "tilts": ts.shape[0] if ts is not None else 0,
                     "source": t.meta.get("source", ""),
+                    "fingerprint": _fingerprint_label(t.meta),
                 }
             )
         return pd.DataFrame(rows)
@@ -649,6 +650,13 @@ class Collection:
     def __repr__(self) -> str:
         return f"Collection({self.url!r}, {len(self)} tomograms)"
 
+
+
+def _fingerprint_label(meta: dict) -> str:
+    """``"<first 10 hex digits> (<what was hashed>)"`` for ``info``: the check re-ingest compares."""
+    fp = str(meta.get("fingerprint") or "")
+    kind = meta.get("fingerprint_kind") or ("sha1 of the whole file" if fp else "none")
+    return f"{fp[:10]} ({kind})" if fp else kind
 
 
 def check_version(meta: dict, url: str, *, writable: bool) -> None:
