@@ -379,7 +379,7 @@ def ingest(
         Tomogram type taken from copick projects (default: the only or first type).
     quick_check : bool
         Re-ingest decision from size, mtime and 64 sampled blocks (milliseconds) instead of the
-        whole-file SHA-1 (one read of every file already in the store, about 0.5-1 GB/s; see
+        whole-file SHA-1 (one read of every file already in the store, 0.28-0.58 GB/s per core here; see
         ``benchmarks/ingest.py --hash``). The quick check misses an edit between the sampled blocks
         when size and mtime were kept.
 
