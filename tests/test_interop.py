@@ -243,6 +243,9 @@ def test_napari_opens_every_layer_overlaid(store):
     assert tomo[0]["scale"] == [VS, VS, VS] and tomo[0]["world_origin"] == [0, 0, 0]
     # opening the tomogram also overlays its label images (listed in <image>/labels)
     assert [(la["type"], la["shape"]) for la in tomo[1:]] == [("Labels", list(SHAPE))]
+    # layers are named after the tomogram and the colour map (not "data", "labels/labels/clusters")
+    assert [la["name"] for la in tomo] == ["ta: tomogram", "ta: clusters"]
+    assert res["preprocessed"]["layers"][0]["name"] == "ta: preprocessed"
     ref = _extent(tomo[0]["scale"], tomo[0]["translate"], tomo[0]["shape"])
     heat = res["heatmap"]["layers"]
     assert [h["type"] for h in heat] == ["Image", "Image"]  # one layer per class (channel axis)

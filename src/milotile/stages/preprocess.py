@@ -40,6 +40,7 @@ from milotile.ops.resample import COMPRESS_MODES
 from milotile.ops.stats import block_moments, global_stats, merge_moments, moments_to_stats
 from milotile.store import missing_input, multiscale_metadata, write_dask
 from milotile.store.arrays import DEFAULT_CHUNKS, clip_chunks
+from milotile.store.ngff import grey_channel
 
 __all__ = [
     "PREPROCESSED",
@@ -271,6 +272,7 @@ def _preprocess_volume(t: Any, so: Any, clip: tuple[float, float]) -> dict:
     ome["multiscales"][0]["datasets"][0]["coordinateTransformations"].append(
         {"type": "translation", "translation": [o * vs for o in grid.offset]}
     )
+    ome["omero"] = grey_channel("preprocessed", (0.0, 1.0))  # contrast-clipped to [0, 1]; napari names the layer
     group.attrs["ome"] = ome
     meta = so.finish(
         grid=grid.to_dict(), stats={"mean": mean, "std": std}, shape=list(y.shape), full_shape=list(t.shape),

@@ -50,6 +50,7 @@ from milotile.store.mrc import (
     quick_fingerprint,
     read_header,
 )
+from milotile.store.ngff import grey_channel
 from milotile.store.stage_output import make_token
 
 log = logging.getLogger(__name__)
@@ -498,8 +499,11 @@ def _write_attrs(col: Collection, stage_root: zarr.Group, plan: _Plan, order: st
     """OME metadata and the ``milotile`` attributes (source, fingerprints, token, statistics)."""
     name = plan.src.name
     g = stage_root[TOMOGRAMS][name]
-    g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, _n_levels(plan.shape))  # no listing
     _, mean, var, _ = vol_stats
+    ome = multiscale_metadata(name, plan.voxel_size, _n_levels(plan.shape))
+    sd = float(np.sqrt(max(var, 0.0)))
+    ome["omero"] = grey_channel("tomogram", (float(mean) - 3 * sd, float(mean) + 3 * sd))  # napari: "<name>: tomogram"
+    g.attrs["ome"] = ome  # no listing
     g.attrs["milotile"] = {
         "source": col.relative_path(plan.src.rec_path), "size_bytes": plan.size_bytes, "mtime_ns": plan.mtime_ns,
         "quick_fingerprint": plan.quick, "fingerprint": fp, "fingerprint_kind": _fingerprint_kind(plan.src.rec_path),
