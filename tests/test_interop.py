@@ -233,6 +233,7 @@ def test_export_ngff04_cli_zarr_v2(store, tmp_path):
 
 # ------------------------------------------------------------------------------------ napari
 @pytest.mark.slow
+@pytest.mark.client("napari")
 def test_napari_opens_every_layer_overlaid(store):
     out = run_client("napari", "napari_check.py", *[str(store / p) for p in IMAGES.values()])
     res = {k: out["results"][str(store / p)] for k, p in IMAGES.items()}
@@ -270,6 +271,7 @@ def test_napari_opens_every_layer_overlaid(store):
 
 # ------------------------------------------------------------------------------------ copick
 @pytest.mark.slow
+@pytest.mark.client("copick")
 def test_copick_reads_exported_project_from_another_folder_and_after_moving_it(store, tmp_path):
     col = mt.open(store)
     picks = col.read_table("picks")
@@ -328,6 +330,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.client("copick")
 def test_ingest_copick_project_written_by_copick_leaves_it_untouched(tmp_path):
     rng = np.random.default_rng(3)
     vol = rng.normal(size=(20, 36, 44)).astype(np.float32)
