@@ -174,8 +174,10 @@ def load_atlas(col: Any, key: str | None = None) -> Atlas:
     col = as_collection(col)
     if key is None:
         names = [t[len("atlas-"):] for t in col.tables() if t.startswith("atlas-")]
+        if not names:
+            raise missing_input(col.url, "atlas", "atlas")
         if len(names) != 1:
-            raise InputError(f"store {col.url} holds atlases {names or 'none'}; choose one with --key.")
+            raise InputError(f"store {col.url} holds atlases {names}; choose one with --key.")
         key = names[0]
     name = f"atlas-{key}"
     if not col.has_table(name):

@@ -248,7 +248,7 @@ class Collection:
                 else:
                     log.warning(
                         "%s holds %s/ without its zarr marker (a store from an older milotile); zarr-python "
-                        "warns when listing it until the store is opened writable once (e.g. `milotile info`).",
+                        "warns when listing it until a milotile command writes to the store (it adds the marker).",
                         self.url, name,
                     )
 

@@ -26,7 +26,7 @@ PRODUCERS: tuple[tuple[str, str], ...] = (
     ("patches*", "milotile patches"),
     ("embeddings-*", "milotile explore embed"),
     ("embeddings*", "milotile explore embed"),
-    ("atlas-*", "milotile explore atlas"),
+    ("atlas*", "milotile explore atlas"),
     ("labels-*", "milotile explore select"),
     ("picks", "milotile refine pick"),
     ("fibers", "milotile refine pick --fiber"),
