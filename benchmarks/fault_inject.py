@@ -117,7 +117,7 @@ def run_step(args: list[str], cwd: Path, address: str) -> subprocess.CompletedPr
 
 
 def arrays(store: Path) -> dict[str, zarr.Array]:
-    g = zarr.open_group(store, mode="r")
+    g = zarr.open_group(store, mode="r", use_consolidated=False)
     return {k: v for k, v in g.members(max_depth=None) if isinstance(v, zarr.Array)}
 
 
@@ -138,7 +138,7 @@ def compare(clean: Path, got: Path) -> list[str]:
             problems.append(f"table {t} only in one store")
         elif not pd.read_parquet(pa).equals(pd.read_parquet(pb)):
             problems.append(f"table {t} differs")
-    g = zarr.open_group(got, mode="r")
+    g = zarr.open_group(got, mode="r", use_consolidated=False)  # never a stale consolidated copy
     for key, node in g.members(max_depth=None):
         meta = dict(node.attrs.get("milotile", {}))
         if meta.get("complete") is False:
