@@ -194,9 +194,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         import shutil
 
         log.info("[demo] removing the previous demo's training runs in %s", runs)
-        for run in runs.iterdir():  # the runs/ folder keeps its zarr marker (an opaque node)
-            if run.is_dir():
-                shutil.rmtree(run)
+        shutil.rmtree(runs)
     report = DemoReport()
 
     # 1. synthetic data ---------------------------------------------------------------------
