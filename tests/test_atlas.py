@@ -227,6 +227,7 @@ def test_app_http_api_select_export_download(tmp_path):
 
     col, _ = write_embedding_store(tmp_path / "s.zarr", n=400, d=16, tomograms=True)
     a = atlas(col, method="pca", n_clusters=3, overcluster=20, fit_sample=400)
+    assert (tmp_path / "s.zarr" / "runs" / "zarr.json").is_file()  # the atlas run folder sits in a marked runs/
     srv = make_server(load_atlas(open_collection(col.url, mode="r")), port=0)  # as `explore serve`: read-only
 
     def digest():
