@@ -415,7 +415,8 @@ def pick(
         threshold = min((v["threshold"] for v in info.values()), default=float(threshold))
     if table:
         params = {"threshold": float(threshold), "nms_distance": nms, "border": border, "max_picks": max_picks,
-                  "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run, "shape_check": checked}
+                  "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run, "shape_check": checked,
+                  "radius": float(contract["bbox"]) / 2 if contract.get("bbox") else None}  # level-0 voxels
         col.write_table(table, picks, params=params, sources=sources, written_only=True)
     if out is not None:
         write_picks(picks, out)
