@@ -12,30 +12,13 @@ from __future__ import annotations
 import os
 import threading
 
-import numpy as np
-import pandas as pd
 import pytest
+from review_data import review_store
 from test_atlas_browser import CHROMIUM, launch
-
-import milotile as mt
-from milotile.synth import synth
 
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable (apt-get install chromium; scripts/ensure_chromium.sh)"),
 ]
-
-
-def review_store(root, n_decoys: int = 30):
-    res = synth(root / "synth", seed=2, n_tomograms=2, size=(32, 96, 96), n_particles=12, filament=False)
-    col = mt.ingest(res.manifest, root / "store.zarr")
-    gt = res.ground_truth
-    rng = np.random.default_rng(0)
-    decoys = pd.DataFrame({"tomogram": rng.choice(col.names, n_decoys), "x": rng.uniform(8, 88, n_decoys),
-                           "y": rng.uniform(8, 88, n_decoys), "z": rng.uniform(4, 28, n_decoys)})
-    picks = pd.concat([gt[["tomogram", "x", "y", "z"]].assign(score=rng.uniform(0.35, 1.0, len(gt))),
-                       decoys.assign(score=rng.uniform(0.05, 0.65, n_decoys))], ignore_index=True)
-    col.write_table("picks", picks, params={"threshold": 0.4, "run": "fake-run", "checkpoint": None})
-    return col, picks, len(gt)
 
 
 @pytest.mark.slow

@@ -241,7 +241,7 @@ def load_picks(col: Any, spec: str | os.PathLike[str] | pd.DataFrame = "picks") 
     params: dict[str, Any] = {}
     if isinstance(spec, pd.DataFrame):
         df, name = spec.copy(), "dataframe"
-    elif col.has_table(str(spec)):
+    elif "/" not in str(spec) and not str(spec).startswith(".") and col.has_table(str(spec)):
         df, name = col.read_table(str(spec)), str(spec)
         params = col.table_params(name)
     elif Path(spec).exists():
