@@ -392,7 +392,8 @@ def sample_verdicts(log_df: pd.DataFrame, picks: str | None = None) -> pd.DataFr
 
 def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out: str | os.PathLike[str] | None = None,
             train_on_sample: bool = False, floor: float = 0.05, table: str | None = "picks",
-            target_precision: float | None = None, device: str | None = "cpu", **overrides: Any) -> dict[str, Any]:
+            target_precision: float | None = None, device: str | None = "cpu", write_heatmaps: bool = True,
+            **overrides: Any) -> dict[str, Any]:
     """One more round: fine-tune the picker of ``run`` with the review's verdicts and pick again.
 
     Parameters
@@ -417,6 +418,8 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
         Passed to :func:`reviewed_threshold`.
     device
         Training and prediction device.
+    write_heatmaps
+        Store the new picker's heatmaps (the review page's overlay).
     **overrides
         Recipe overrides for :func:`milotile.refine.train.train` (e.g. ``epochs``).
 
@@ -454,7 +457,7 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
                    **overrides)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cands = pick(col, picker, threshold=floor, write_heatmaps=True, table=None)
+    cands = pick(col, picker, threshold=floor, write_heatmaps=write_heatmaps, table=None)
     pick_s = time.perf_counter() - t0
     samp = sample_verdicts(verdicts)
     est = None

@@ -3,7 +3,7 @@
 "use strict";
 (function () {
   const R = (window.review = { ready: false, error: null, pos: 0, verdicts: new Map(), added: [], lastThumbMs: null,
-                               thumbMs: [], estimate: null, exported: undefined });
+                               thumbMs: [], keyMs: [], keyT: null, estimate: null, exported: undefined });
   const $ = (id) => document.getElementById(id);
   let meta = null, q = null, n = 0, tomoRows = [], undoStack = [];
   const cache = new Map(); // pick -> {img, t0}
@@ -56,6 +56,7 @@
     $("curimg").replaceChildren(c.img);
     R.lastThumbMs = performance.now() - t0;
     R.thumbMs.push(R.lastThumbMs);
+    if (R.keyT !== null) { R.keyMs.push(performance.now() - R.keyT); R.keyT = null; } // key press -> thumbnail shown
     R.shown = pick;
     const v = R.verdicts.get(pick), smp = q.sample[R.pos] === 1;
     $("current").className = (v ? v.verdict : "") + (smp ? " sample" : "");
@@ -223,6 +224,7 @@
     if (!R.ready || ev.target.tagName === "INPUT" && ev.target.type !== "checkbox" && ev.target.type !== "range" ||
         ev.target.tagName === "SELECT") return;
     const k = ev.key;
+    R.keyT = ev.timeStamp;
     if (k === "y") decide("accept");
     else if (k === "n") decide("reject", $("reason").value);
     else if (k >= "1" && k <= "4") decide("reject", meta.reasons[+k - 1]);
