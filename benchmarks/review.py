@@ -45,6 +45,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,12 @@ def true_precision(picks: pd.DataFrame, true: pd.DataFrame, r: float, thr: float
     return float(e["precision"])
 
 
-def run_loop(args: argparse.Namespace, work: Path) -> list[dict]:
+def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], None]) -> list[dict]:
     from refine_hard import choose_labels, make_data, make_lookalike
 
-    records = []
+    records: list[dict] = []
+    base_kw = {} if args.base_epochs is None else {"epochs": args.base_epochs}
+    ft_kw = json.loads(args.finetune)
     for seed in args.seeds:
         if args.preset == "hard":
             col, gt = make_data(work, seed, None)
@@ -113,7 +116,7 @@ def run_loop(args: argparse.Namespace, work: Path) -> list[dict]:
             if run0.exists():
                 shutil.rmtree(run0)
             t0 = time.perf_counter()
-            picker = mt.refine.train(col, labels, out=run0, seed=seed, device="cpu", bbox=2 * r)
+            picker = mt.refine.train(col, labels, out=run0, seed=seed, device="cpu", bbox=2 * r, **base_kw)
             train0 = time.perf_counter() - t0
             cands = predict.pick(col, picker, threshold=AUTO_FLOOR, write_heatmaps=False, table=None)
             thr0 = float(apply_auto_threshold(cands, picker.contract)[1]["particle"]["threshold"])
@@ -123,6 +126,7 @@ def run_loop(args: argparse.Namespace, work: Path) -> list[dict]:
             rec0 = {**base, "method": "round0", "verdicts": 0, "train_s": round(train0, 1), "load": load(), **res0}
             records.append(rec0)
             print(rec0, flush=True)
+            save(records)
             order, sample = review_order(cands["score"].to_numpy(), thr0, seed=seed)
             for n in args.verdicts:
                 name = f"bench-s{seed}-{target}-{n}"
@@ -151,11 +155,12 @@ def run_loop(args: argparse.Namespace, work: Path) -> list[dict]:
                     rrec = {**common, "method": "rethreshold", "note": str(exc)}
                 records.append(rrec)
                 print(rrec, flush=True)
+                save(records)
                 # review + retrain
                 out = work / f"review_s{seed}_{target}_v{n}"
                 if out.exists():
                     shutil.rmtree(out)
-                res = retrain(col, run0, name=name, out=out, table=None, write_heatmaps=False)
+                res = retrain(col, run0, name=name, out=out, table=None, write_heatmaps=False, **ft_kw)
                 est = res["estimate"]
                 rec = {**common, "method": "review", **f1_at(res["candidates"], true, r, res["threshold"]),
                        "threshold_source": "sample" if est is not None else "auto",
@@ -168,6 +173,7 @@ def run_loop(args: argparse.Namespace, work: Path) -> list[dict]:
                        "n_negatives": res["n_negatives"], "load": load()}
                 records.append(rec)
                 print(rec, flush=True)
+                save(records)
                 # the same budget as random manual labels
                 rng = np.random.default_rng([seed, n])
                 pool = sp.merge(labels, on=["tomogram", "x", "y", "z"], how="left", indicator=True)
@@ -178,7 +184,7 @@ def run_loop(args: argparse.Namespace, work: Path) -> list[dict]:
                 if out.exists():
                     shutil.rmtree(out)
                 t0 = time.perf_counter()
-                p2 = mt.refine.train(col, more, init_from=picker.path, out=out, device="cpu")
+                p2 = mt.refine.train(col, more, init_from=picker.path, out=out, device="cpu", **ft_kw)
                 tr = time.perf_counter() - t0
                 c2 = predict.pick(col, p2, threshold=AUTO_FLOOR, write_heatmaps=False, table=None)
                 thr2 = float(apply_auto_threshold(c2, p2.contract)[1]["particle"]["threshold"])
@@ -186,6 +192,7 @@ def run_loop(args: argparse.Namespace, work: Path) -> list[dict]:
                         **f1_at(c2, true, r, thr2), "retrain_s": round(tr, 1), "load": load()}
                 records.append(rrec)
                 print(rrec, flush=True)
+                save(records)
     return records
 
 
@@ -279,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verdicts", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--n-picks", type=float, default=1e4)
     ap.add_argument("--dwell-ms", type=int, default=150, help="pause between key presses in the browser part")
+    ap.add_argument("--base-epochs", type=int, default=None, help="round-0 epochs (default: the recipe's)")
+    ap.add_argument("--finetune", default="{}", metavar="JSON",
+                    help='recipe overrides of both fine-tuning arms, e.g. \'{"epochs": 2, "repeats": 2}\' (default: none)')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/review_bench")
     ap.add_argument("--json", default=str(RESULTS / "review.json"))
@@ -298,8 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     if "loop" in args.part:
         key = f"loop_{args.preset}" + (f"_set{args.setting}" if args.preset == "lookalike" else "")
-        out[key] = run_loop(args, work)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+        def save(records: list[dict]) -> None:
+            out[key] = records
+            out[key + "_options"] = {"base_epochs": args.base_epochs, "finetune": json.loads(args.finetune),
+                                     "verdicts": args.verdicts, "species": args.species, "seeds": args.seeds}
+            Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+
+        save(run_loop(args, work, save))
         df = pd.DataFrame(out[key])
         cols = [c for c in ("species", "method", "verdicts", "f1_auto", "p_auto", "r_auto", "f1_best", "est_precision",
                             "true_precision", "retrain_s") if c in df]
