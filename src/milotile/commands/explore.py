@@ -151,6 +151,11 @@ def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     s.add_argument("--key", default=None, help="atlas key (default: the only atlas)")
     s.add_argument("--port", type=int, default=7000, help="port (default 7000)")
     s.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--picks", default=None, metavar="TABLE",
+                   help="also serve the review page (/review) for these picks (see `milotile refine review`)")
+    from milotile.commands.refine_review import add_review_options
+
+    add_review_options(s)
     s.set_defaults(handler=run, needs_cluster=False)
 
     c = sub.add_parser(
@@ -202,7 +207,14 @@ def run_serve(args: argparse.Namespace) -> int:
     """Handler of ``explore serve``."""
     from milotile.explore.serve import serve
 
-    serve(args.store, args.key, host=args.host, port=args.port)
+    if args.picks is None:
+        serve(args.store, args.key, host=args.host, port=args.port)
+        return 0
+    from milotile.commands.refine_review import review_app
+    from milotile.store import open_collection
+
+    col = open_collection(args.store)
+    serve(col, args.key, host=args.host, port=args.port, review=review_app(col, args.picks, args))
     return 0
 
 

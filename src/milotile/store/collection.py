@@ -525,7 +525,8 @@ class Collection:
         return self.fs.exists(self._table_path(name))
 
     def write_table(self, name: str, df: pd.DataFrame, params: dict | None = None,
-                    sources: dict[str, str | None] | None = None, *, written_only: bool = False) -> str:
+                    sources: dict[str, str | None] | None = None, *, written_only: bool = False,
+                    consolidate: bool = True) -> str:
         """Write ``df`` to ``tables/<name>.parquet`` atomically (temporary file, then rename).
 
         ``params`` (JSON-able: the stage parameters that made the table) are stored in the parquet
@@ -533,7 +534,10 @@ class Collection:
         the inputs, see :mod:`milotile.store.stage_output`) and the table's own token come back
         from :meth:`table_sources`. ``written_only``: the calling stage wrote its Zarr nodes only
         through stage outputs, so the consolidated metadata is updated from those alone
-        (``consolidate(written_only=True)``) instead of a walk of the store.
+        (``consolidate(written_only=True)``) instead of a walk of the store. ``consolidate=False``
+        writes the parquet file and nothing else (a table is a file inside the opaque ``tables``
+        node, so the consolidated metadata does not list it): for frequent small writers such as
+        the review page's verdict tables.
         """
         import json
 
@@ -541,6 +545,7 @@ class Collection:
         import pyarrow.parquet as pq
 
         path = self._table_path(name)
+        made = not self.fs.exists(self._join(TABLES, "zarr.json"))
         self._ensure_opaque(TABLES)
         buf = io.BytesIO()
         table = pa.Table.from_pandas(df, preserve_index=False)
@@ -558,7 +563,8 @@ class Collection:
         self.fs.mv(tmp, path)
         log.info("wrote table %s (%d rows)", path, len(df))
         # a stage's table is its last output: refresh the consolidated metadata for remote readers
-        self.consolidate(written_only=written_only)
+        if consolidate or made:
+            self.consolidate(written_only=written_only)
         return path
 
     def read_table(self, name: str) -> pd.DataFrame:
