@@ -120,7 +120,6 @@ def cluster_from_args(args: argparse.Namespace):
 
 def _io_snapshot(client) -> tuple[dict, int]:
     """Store I/O counters of this process plus every worker, and the number of parallel slots."""
-    import os
 
     import milotile.iostats as iostats
 
