@@ -97,7 +97,8 @@ def test_atlas_hdbscan_and_errors(tmp_path):
 def test_atlas_umap_and_tsne_transform_new_points(tmp_path):
     col, sp = write_embedding_store(tmp_path / "s.zarr", n=1500, d=32, bank=False)
     for method in ("umap", "tsne"):
-        a = atlas(col, method=method, n_clusters=3, overcluster=40, fit_sample=600, neighbors=15, overwrite=True)
+        a = atlas(col, method=method, n_clusters=3, overcluster=40, fit_sample=600, neighbors=15, overwrite=True,
+                  transform="model")
         t = a.table
         assert np.isfinite(t[["map_x", "map_y"]].to_numpy()).all()
         # transformed (non-sample) points land next to fitted points of their own species
@@ -326,6 +327,20 @@ def test_knn_transform_places_new_points_with_their_group(tmp_path):
     anchors = np.eye(4, dtype=np.float32)
     xy = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], float)
     np.testing.assert_allclose(knn_interpolate(anchors, anchors, xy, k=3), xy, atol=1e-4)
+
+    class ExactIndex:  # an index over the anchors, as UMAP's pynndescent one (query -> indices, distances)
+        def __init__(self, a):
+            self.tree = cKDTree(a)
+
+        def query(self, q, k):
+            d, j = self.tree.query(q, k=k)
+            return j, d
+
+    rng = np.random.default_rng(0)
+    many, q = rng.normal(size=(300, 5)).astype(np.float32), rng.normal(size=(50, 5)).astype(np.float32)
+    many_xy = rng.uniform(size=(300, 2))
+    np.testing.assert_allclose(knn_interpolate(q, many, many_xy, k=10, index=ExactIndex(many)),
+                               knn_interpolate(q, many, many_xy, k=10), atol=1e-4)
     col, sp = write_embedding_store(tmp_path / "s.zarr", n=1000, d=16, bank=False)
     a = atlas(col, method="tsne", transform="knn", n_clusters=3, overcluster=30, fit_sample=400, neighbors=15)
     t = a.table

@@ -121,13 +121,13 @@ def test_cli_widths_flag(tmp_path):
         cli.build_parser().parse_args(["explore", "train", "s.zarr", "--widths", "16,32"])
 
 
-def test_limit_threads_sets_torch_and_env(monkeypatch):
-    from milotile.cluster import limit_threads
+def test_set_threads_sets_torch_and_env(monkeypatch):
+    from milotile.runtime import set_threads
 
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     try:
-        limit_threads(1)
+        set_threads(1)
         assert torch.get_num_threads() == 1
         import os
 

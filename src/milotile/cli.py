@@ -122,7 +122,6 @@ def cluster_from_args(args: argparse.Namespace):
 
 def _io_snapshot(client) -> tuple[dict, int]:
     """Store I/O counters of this process plus every worker, and the number of parallel slots."""
-    import os
 
     import milotile.iostats as iostats
 
@@ -137,7 +136,9 @@ def _io_snapshot(client) -> tuple[dict, int]:
     else:
         import dask
 
-        slots = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        from milotile.runtime import init_threads
+
+        slots = int(dask.config.get("num_workers", None) or init_threads())
     return iostats.merge(parts), slots
 
 
@@ -228,6 +229,13 @@ def fs_error_message(err: OSError, args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``milotile`` console script."""
+    from milotile.runtime import init_threads
+
+    try:  # before any stage imports numpy or torch: their thread pools read the environment once
+        init_threads()
+    except InputError as exc:
+        print(f"milotile: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)

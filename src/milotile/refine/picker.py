@@ -50,7 +50,12 @@ class Picker:
         Where the model runs.
     path : pathlib.Path or None
         Checkpoint the picker was loaded from.
+    amp : bool
+        Mixed precision on CUDA (bf16, else fp16) while predicting; set False for fp32
+        (``benchmarks/gpu.sh`` measures both).
     """
+
+    amp: bool = True
 
     def __init__(self, model: torch.nn.Module, contract: dict[str, Any], device: torch.device | str | None = None,
                  path: str | os.PathLike[str] | None = None) -> None:
@@ -137,7 +142,7 @@ class Picker:
     def _predict_once(self, x: np.ndarray) -> np.ndarray:
         if hasattr(self.model, "predict_volume"):
             t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-            with autocast(self.device):
+            with autocast(self.device, enabled=self.amp):
                 logits = self.model.predict_volume(t)
             return torch.sigmoid(logits.float()).cpu().numpy()
         d = x.shape[0]
@@ -148,7 +153,7 @@ class Picker:
         for s in starts:
             e = min(s + slab, d)
             t = torch.from_numpy(np.ascontiguousarray(x[s:e]))[None].to(self.device)
-            with autocast(self.device):
+            with autocast(self.device, enabled=self.amp):
                 logits = self.model(t)["hm"]
             prob = torch.sigmoid(logits.float())[0].cpu().numpy()
             if out is None:
