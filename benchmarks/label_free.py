@@ -148,26 +148,42 @@ def run(a: argparse.Namespace) -> dict:
     )
 
     work = Path(a.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     st = Stages()
-    data, target, invert = st.run("synth", lambda: make_data(a, work))
-    gt = data.ground_truth
-    with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
-        col = st.run("ingest", lambda: mt.ingest(data.manifest, work / "store.zarr"))
-        st.run("preprocess", lambda: col.preprocess())
-        cands = st.run("mine", lambda: col.mine(border=a.border, border_z=a.border_z, invert=invert))
-        bank = st.run("patches", lambda: cands.patches(bbox=a.bbox, modes=("slab",), shifts=True))
-    target, centred_recall = findable_target(cands.df, gt) if target is None else (target, None)
+    reused = None
+    if a.from_explore:  # the store, candidates and slab embeddings of a benchmarks/explore.py work folder
+        src = Path(a.from_explore)
+        col = mt.open(src / "store.zarr")
+        gt = pd.read_parquet(src / "gt.parquet")
+        cands_df = col.read_table("candidates")
+        key = next(k[len("embeddings-"):] for k in col.tables() if k.startswith("embeddings-") and "slab" in k)
+        target = "big" if a.preset == "hard" else None
+        reused = {"from": str(src), "embeddings": key, "data": json.loads((src / "data.json").read_text())}
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        data, target, invert = st.run("synth", lambda: make_data(a, work))
+        gt = data.ground_truth
+        with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
+            col = st.run("ingest", lambda: mt.ingest(data.manifest, work / "store.zarr"))
+            st.run("preprocess", lambda: col.preprocess())
+            cands = st.run("mine", lambda: col.mine(border=a.border, border_z=a.border_z, invert=invert))
+            bank = st.run("patches", lambda: cands.patches(bbox=a.bbox, modes=("slab",), shifts=True))
+        cands_df = cands.df
+    target, centred_recall = findable_target(cands_df, gt) if target is None else (target, None)
     log.info("target %s (centred candidate recall per species: %s)", target, centred_recall)
     gt_t = gt[gt["species"] == target]
     r = float(gt_t["radius"].iloc[0])
     match = r / 2 + 1.0  # the demo's: a candidate is the target's when on its centre (what the gallery shows)
-    enc = st.run("explore_train", lambda: explore_train(
-        col, bank, bbox=a.crop, epochs=a.explore_epochs, out=work / "runs" / "explore", seed=a.seed, device="cpu",
-        model_config={"widths": [int(w) for w in a.widths.split(",")]}))
-    emb = st.run("explore_embed", lambda: enc.embed(col, bank))
-    atl = st.run("atlas", lambda: atlas(col, emb.key, method=a.atlas_method, n_clusters=a.n_clusters,
+    if reused is None:
+        enc = st.run("explore_train", lambda: explore_train(
+            col, bank, bbox=a.crop, epochs=a.explore_epochs, out=work / "runs" / "explore", seed=a.seed,
+            device="cpu", model_config={"widths": [int(w) for w in a.widths.split(",")]}))
+        emb_key = st.run("explore_embed", lambda: enc.embed(col, bank)).key
+    else:
+        emb_key = reused["embeddings"]
+    atl = st.run("atlas", lambda: atlas(col, emb_key, method=a.atlas_method, n_clusters=a.n_clusters,
                                         overcluster=a.overcluster, cluster_method=a.cluster_method, seed=a.seed))
     table = atl.table
     centred = candidate_species(table, gt, radius=match)
@@ -182,7 +198,7 @@ def run(a: argparse.Namespace) -> dict:
     oracle = purest_cluster(table, centred, target)
     out: dict = {"preset": a.preset, "setting": a.setting if a.preset == "lookalike" else None, "seed": a.seed,
                  "target": target, "radius": r, "n_target": int(len(gt_t)), "centred_recall": centred_recall,
-                 "atlas": quality}
+                 "atlas": quality, "reused_explore": reused}
     sels = {"rule": rule, "oracle": [oracle] if oracle is not None else []}
     for tag, clusters in sels.items():
         q = selection_quality(table, centred, target, clusters)
@@ -228,6 +244,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--refine-epochs", type=int, default=None, help="default: the picker recipe's")
     ap.add_argument("--manual", type=int, default=6, help="manual labels of the reference picker")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-explore", default=None, metavar="DIR",
+                    help="reuse a benchmarks/explore.py work folder (e.g. WORK/la3_s0): its store, candidates and slab "
+                    "embeddings; the loop starts at the atlas (their times are in the explore run)")
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", default=None, help="JSON (default results/label_free.json; runs are appended)")
     return ap.parse_args(argv)
