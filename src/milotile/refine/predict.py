@@ -398,9 +398,14 @@ def pick(
                          checked)
 
     tables = []
-    for df, src in _in_order(one, names, _inflight(inflight)):
+    t0 = time.perf_counter()
+    for i, (df, src) in enumerate(_in_order(one, names, _inflight(inflight)), start=1):
         tables.append(df)
         sources.update(src)
+        if len(names) > 1:
+            took = time.perf_counter() - t0
+            log.info("picked %d/%d tomograms in %.0f s%s", i, len(names), took,
+                     f", ETA {took / i * (len(names) - i):.0f} s" if i < len(names) else "")
     picks = pd.concat(tables, ignore_index=True) if any(len(d) for d in tables) else empty_picks()
     picks = picks[PICK_COLUMNS + [c for c in SHAPE_COLUMNS if c in picks]]
     if auto and len(picks):
