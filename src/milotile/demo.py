@@ -161,13 +161,15 @@ def _second_writer_refused(col: Any) -> dict[str, Any]:
     return {"second_writer_refused": refused, "store_id": col.store_id}
 
 
-def _demo_atlas(col: Any, encoder: Any, key: str, cfg: DemoConfig) -> Any:
-    """Embed with the atlas's feature and build the atlas, its plots and 3D colour maps."""
+def _demo_atlas(col: Any, encoder: Any, key: str, cfg: DemoConfig, emb: Any = None) -> Any:
+    """Build the atlas, its plots and 3D colour maps from the embeddings of the atlas's feature: ``emb`` (the
+    embed stage's) when it is that feature, else embedded afresh."""
     from milotile.explore import atlas
     from milotile.explore.colormap3d import colour_map_3d
     from milotile.explore.plots import plot_all
 
-    emb = encoder.embed(col, key, feature=cfg.atlas_feature, out_key=f"{key}-{cfg.atlas_feature}")
+    if emb is None or encoder.contract.get("feature") != cfg.atlas_feature:
+        emb = encoder.embed(col, key, feature=cfg.atlas_feature, out_key=f"{key}-{cfg.atlas_feature}")
     n = len(emb)
     atl = atlas(col, emb.key, method=cfg.atlas_method, n_clusters=min(cfg.atlas_clusters, max(2, n // 10)),
                            overcluster=min(64, max(n // 4, cfg.atlas_clusters)), neighbors=15, seed=cfg.seed)
@@ -296,7 +298,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         report.add("explore", s, epochs=cfg.explore_epochs, checkpoint=str(encoder.path))
         emb, s = _timed(lambda: encoder.embed(col, bank3d))
         report.add("embed", s, rows=len(emb), dims=int(emb.array.shape[1]), key=emb.key)
-        atl, s = _timed(lambda: _demo_atlas(col, encoder, bank3d.key, cfg))
+        atl, s = _timed(lambda: _demo_atlas(col, encoder, bank3d.key, cfg, emb))
         from milotile.explore.evaluate import candidate_species, cluster_scores
 
         cand_species = candidate_species(atl.table, truth)

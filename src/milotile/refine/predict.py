@@ -468,7 +468,8 @@ def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: l
     hm = predict_heatmap(col, name, picker, tile=tile, halo=halo)
     if write_heatmaps:
         params = {"tile": list(tile) if tile else None, "halo": list(halo) if halo else None,
-                  "tta": int((getattr(picker, "contract", None) or {}).get("tta", 1))}
+                  "tta": int((getattr(picker, "contract", None) or {}).get("tta", 1)),
+                  "cpu_bf16": bool((getattr(picker, "contract", None) or {}).get("cpu_bf16", False))}
         hm = _stored_heatmap(col, name, run, hm, picker, params, heatmap_metadata(name, t.voxel_size, grid, classes))
         sources = {f"{HEATMAPS}/{run}/{name}": col.source_token(f"{HEATMAPS}/{run}/{name}")}
     else:

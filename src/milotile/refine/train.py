@@ -309,7 +309,7 @@ def _contract(col: Any, recipe: PickerRecipe, model: torch.nn.Module, class_name
                                gauss=recipe.gauss, compress=recipe.compress, compress_how=recipe.compress_how,
                                clip=recipe.clip, thresh=recipe.thresh, tau=float(recipe.tau), geom=geom,
                                voxel_size=float(col[names[0]].voxel_size), train_stats=stats, val_radius=val_radius)
-    contract.update(tta=int(recipe.tta), prior=prior_info, train_labels=label_records(user_df, class_names),
+    contract.update(tta=int(recipe.tta), cpu_bf16=bool(recipe.cpu_bf16), prior=prior_info, train_labels=label_records(user_df, class_names),
                     recipe=recipe.to_dict(),
                     train_negatives=[[str(t), float(x), float(y), float(z)] for t, x, y, z in
                                      neg[["tomogram", "x", "y", "z"]].itertuples(index=False)],
