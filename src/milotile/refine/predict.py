@@ -400,9 +400,14 @@ def pick(
                          {"threshold": floor, "nms_distance": nms, "max_picks": max_picks, "border": border})
 
     tables = []
-    for df, src in _in_order(one, names, _inflight(inflight)):
+    t0 = time.perf_counter()
+    for i, (df, src) in enumerate(_in_order(one, names, _inflight(inflight)), start=1):
         tables.append(df)
         sources.update(src)
+        if len(names) > 1:
+            took = time.perf_counter() - t0
+            log.info("picked %d/%d tomograms in %.0f s%s", i, len(names), took,
+                     f", ETA {took / i * (len(names) - i):.0f} s" if i < len(names) else "")
     picks = pd.concat(tables, ignore_index=True) if any(len(d) for d in tables) else empty_picks()
     if checked and len(picks):
         picks = check_shapes(col, picks, contract)
@@ -467,7 +472,8 @@ def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: l
     hm = predict_heatmap(col, name, picker, tile=tile, halo=halo)
     if write_heatmaps:
         params = {"tile": list(tile) if tile else None, "halo": list(halo) if halo else None,
-                  "tta": int((getattr(picker, "contract", None) or {}).get("tta", 1))}
+                  "tta": int((getattr(picker, "contract", None) or {}).get("tta", 1)),
+                  "cpu_bf16": bool((getattr(picker, "contract", None) or {}).get("cpu_bf16", False))}
         hm = _stored_heatmap(col, name, run, hm, picker, params, heatmap_metadata(name, t.voxel_size, grid, classes))
         sources = {f"{HEATMAPS}/{run}/{name}": col.source_token(f"{HEATMAPS}/{run}/{name}")}
     else:

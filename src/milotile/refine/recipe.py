@@ -107,6 +107,8 @@ class PickerRecipe(Recipe):
     max_pos: int = option(256, "per-crop cap of contrastive positives", cli=False)
     n_unlabeled: int = option(256, "per-crop cap of contrastive unlabeled voxels", cli=False)
     amp: bool = option(True, "mixed precision on CUDA", cli=False)
+    cpu_bf16: bool = option(False, "bf16 autocast on CPUs with AMX / AVX512-BF16 when picking (recorded in the "
+                                   "contract; MILOTILE_CPU_BF16=0 turns it off)")
     tta: int = option(4, "in-plane symmetries averaged when predicting (1-8; 1 = none)")
     self_training: int = option(0, "rounds in which confident picks of the labelled tomograms become extra positives",
                                 metavar="ROUNDS")
