@@ -19,6 +19,8 @@ beside ``N`` busy single-thread processes on ``C`` CPUs the scheduler gives it `
 measured time over that; the target is ≤ 1.3. On a machine shared with other work the load average
 (recorded before each run) adds to ``N``: figures taken at a high load understate the effect of the
 busy processes, so compare before and after of the same condition, measured back to back.
+``cpu_ratio_to_quiet`` (CPU seconds beside the busy processes / quiet) does not depend on the share:
+CPU burnt by OpenMP threads spinning while their partners wait for a core shows up there.
 
 Usage::
 
@@ -163,7 +165,8 @@ def main() -> None:
                         share = max(1.0, (u + n) / cpus)
                         row.update(quiet_cpus_used=round(u, 2), share_ratio=round(share, 2),
                                    ratio_to_quiet=round(wall / q["wall_s"], 2),
-                                   ratio_to_fair=round(wall / (q["wall_s"] * share), 2))
+                                   ratio_to_fair=round(wall / (q["wall_s"] * share), 2),
+                                   cpu_ratio_to_quiet=round(cpu / max(q["cpu_s"], 1e-9), 2))
                         result["runs"].append(row)
                         _save(result, a.out)  # partial results survive an interrupted run
                         print(f"{stage:<13} {mode:<6} busy {n}: {wall:6.1f} s (cpu {cpu:5.1f} s) "
