@@ -164,6 +164,27 @@ def test_select_clusters_writes_labels_refine_reads(tmp_path):
         select(col)
 
 
+def test_select_writes_negatives_from_other_clusters(tmp_path):
+    from milotile.formats import read_labels
+
+    col, _ = write_embedding_store(tmp_path / "s.zarr", n=400, d=16)
+    a = atlas(col, method="pca", n_clusters=3, overcluster=30, fit_sample=400)
+    labels = select(col, clusters=[0], negatives=[1, 2], name="target", interactive_info=False)
+    neg = labels.attrs["negatives"]
+    t = a.table
+    assert sorted(neg["id"]) == sorted(t[t["cluster"].isin([1, 2])]["id"])
+    assert not set(neg["id"]) & set(labels["id"])
+    back = read_labels(tmp_path / "s.zarr" / "tables" / "negatives-target.parquet", col)  # refine train --negatives
+    assert len(back) == len(neg) and set(back["class"]) == {"negative"}
+    assert col.table_params("negatives-target")["negative_clusters"] == [1, 2]
+    before = col.read_table("labels-target")
+    with pytest.raises(InputError, match="both as --clusters and as --negatives"):
+        select(col, clusters=[0], negatives=[0, 1], name="target")
+    with pytest.raises(InputError, match="no cluster 7"):
+        select(col, clusters=[0], negatives=[7], name="target")
+    pd.testing.assert_frame_equal(col.read_table("labels-target"), before)  # a refused call changes nothing
+
+
 def test_plots_and_thumbnails(tmp_path):
     from PIL import Image
 
@@ -218,15 +239,23 @@ def _get(url, data=None):
 
 
 def test_app_http_api_select_export_download(tmp_path):
+    import hashlib
     import io
 
     import starfile
 
     from milotile.explore.serve import make_server
+    from milotile.store import open_collection
 
     col, _ = write_embedding_store(tmp_path / "s.zarr", n=400, d=16, tomograms=True)
     a = atlas(col, method="pca", n_clusters=3, overcluster=20, fit_sample=400)
-    srv = make_server(a, port=0)
+    assert (tmp_path / "s.zarr" / "runs" / "zarr.json").is_file()  # the atlas run folder sits in a marked runs/
+    srv = make_server(load_atlas(open_collection(col.url, mode="r")), port=0)  # as `explore serve`: read-only
+
+    def digest():
+        return {str(p): hashlib.sha1(p.read_bytes()).hexdigest() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+
+    before = digest()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
@@ -249,6 +278,7 @@ def test_app_http_api_select_export_download(tmp_path):
         want = t[(t.map_x.between(x0, x1)) & (t.map_y.between(y0, y1)) & t.cluster.isin([0, 1, -1])]["id"].to_numpy()
         assert info["n"] == len(want) > 0 and (np.sort(ids) == np.sort(want)).all()
         assert sum(info["per_tomogram"].values()) == info["n"]
+        assert digest() == before  # serving, thumbnails and selections write nothing into the store
         out = json.loads(_get(base + "/api/export", {"selection": info["selection"], "name": "pick-a"})[0])
         assert out["n"] == len(want)
         stored = col.read_table("labels-pick-a")

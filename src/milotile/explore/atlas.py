@@ -37,7 +37,7 @@ from milotile.errors import InputError
 from milotile.explore.colors import UNASSIGNED_RGB, cluster_palette, colormap_2d, to_hex
 from milotile.explore.overcluster import UNASSIGNED, OverClusters, fit_overclusters, hdbscan_labels
 from milotile.runtime import active_client
-from milotile.store import as_collection
+from milotile.store import as_collection, missing_input
 from milotile.store.stage_output import canonical
 
 log = logging.getLogger(__name__)
@@ -178,13 +178,14 @@ def embedding_keys(col: Any) -> list[str]:
 def _resolve_key(col: Any, key: str | None) -> str:
     keys = embedding_keys(col)
     if not keys:
-        raise InputError(f"store {col.url} has no embeddings; run `milotile explore embed` first.")
+        raise missing_input(col.url, "embeddings", "embeddings")
     if key is None:
         if len(keys) != 1:
             raise InputError(f"store {col.url} holds embeddings {keys}; choose one with --key.")
         return keys[0]
     if key not in keys:
-        raise InputError(f"store {col.url} has no embeddings {key!r}; available: {', '.join(keys)}.")
+        raise InputError(f"store {col.url} has no embeddings {key!r}; available: {', '.join(keys)} "
+                         "(`milotile explore embed` makes them).")
     return key
 
 
@@ -193,12 +194,14 @@ def load_atlas(col: Any, key: str | None = None) -> Atlas:
     col = as_collection(col)
     if key is None:
         names = [t[len("atlas-"):] for t in col.tables() if t.startswith("atlas-")]
+        if not names:
+            raise missing_input(col.url, "atlas", "atlas")
         if len(names) != 1:
-            raise InputError(f"store {col.url} holds atlases {names or 'none'}; choose one with --key.")
+            raise InputError(f"store {col.url} holds atlases {names}; choose one with --key.")
         key = names[0]
     name = f"atlas-{key}"
     if not col.has_table(name):
-        raise InputError(f"store {col.url} has no atlas {key!r}; run `milotile explore atlas` first.")
+        raise missing_input(col.url, name, "atlas")
     return Atlas(col, key, col.read_table(name), col.table_params(name))
 
 
@@ -474,7 +477,7 @@ def _atlas_table(col: Any, key: str, n: int, xy: np.ndarray, lab: np.ndarray) ->
 
 
 def _save(col: Any, key: str, table: pd.DataFrame, params: dict, reducer: Reducer, timings: dict) -> None:
-    run = col._join("runs", f"atlas-{key}")
+    run = col.runs_dir(f"atlas-{key}")  # the opaque runs/ node (zarr never lists its files)
     col.fs.makedirs(run, exist_ok=True)
     buf = io.BytesIO()
     pickle.dump(reducer, buf, protocol=pickle.HIGHEST_PROTOCOL)
