@@ -152,10 +152,14 @@ def predict_big(picker, shape: tuple, dev: torch.device, amps: list[bool], work:
     (work / "big.mrc").unlink()
     prepare_s = time.perf_counter() - t0
     nvox = math.prod(shape)
-    probe = torch.zeros((1, 1, 32, 64, 64), device=dev)
+    probe = torch.zeros((1, 32, 64, 64), device=dev)  # (B, D, H, W)
     model = picker.model
-    with torch.no_grad():
-        fpv = model_flops(lambda: model(probe)) / probe.numel()  # forward FLOPs per input voxel
+    try:
+        with torch.no_grad():
+            fpv = model_flops(lambda: model(probe)) / probe.numel()  # forward FLOPs per input voxel
+    except Exception as exc:  # noqa: BLE001 - the rate is still worth having
+        log.warning("FLOP count failed (%s); no fraction of peak", exc)
+        fpv = float("nan")
     peak = gpu_peak() if dev.type == "cuda" else None
     for amp in amps:
         picker.amp = amp
@@ -166,7 +170,7 @@ def predict_big(picker, shape: tuple, dev: torch.device, amps: list[bool], work:
             continue
         r["voxels_per_s"] = round(nvox / r["wall_s"])
         r["flops_per_s"] = fpv * nvox / r["wall_s"]
-        if peak is not None:
+        if peak is not None and fpv == fpv:
             r["fraction_of_peak"] = round(r["flops_per_s"] / peak["bf16_flops" if amp else "fp32_flops"], 4)
             r["peak_assumed"] = peak
     picker.amp = True
