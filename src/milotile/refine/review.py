@@ -52,6 +52,8 @@ REASONS = ("other species", "junk", "gold", "duplicate")
 SAMPLE_EVERY = 3
 #: Fewest reviewed sample picks from which :func:`retrain` re-chooses the threshold.
 MIN_SAMPLE = 10
+#: Fewest sample picks a threshold chosen by :func:`reviewed_threshold` keeps.
+MIN_ABOVE = 5
 #: Box (voxels) of the thumbnails for a table without a picker (imported picks) and without ``radius``.
 DEFAULT_BOX = 32.0
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
@@ -165,11 +167,13 @@ def estimate(scores: Sequence[float], accepted: Sequence[bool], threshold: float
 
 
 def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, target_precision: float | None = None,
-                       min_reviews: int = MIN_SAMPLE, z: float = 1.96) -> dict[str, Any]:
+                       min_reviews: int = MIN_SAMPLE, min_above: int = MIN_ABOVE, z: float = 1.96) -> dict[str, Any]:
     """Choose the pick threshold from a reviewed random sample of picks.
 
-    Each distinct sample score is a candidate threshold; its precision and recall are estimated
-    with :func:`estimate`. Default: the candidate with the highest estimated F1 (ties: the higher
+    Each distinct sample score that keeps at least ``min_above`` sample picks is a candidate
+    threshold (a precision from one or two picks is noise: on saved look-alike picks, the F1 optimum
+    over every score chose thresholds whose estimated precision was 1 and true precision 0.05);
+    its precision and recall are estimated with :func:`estimate`. Default: the candidate with the highest estimated F1 (ties: the higher
     threshold); with ``target_precision``: the lowest candidate whose estimated precision reaches
     it (the highest-precision candidate when none does). The returned threshold lies halfway (in
     logit units) between the chosen score and the next lower sample score, so that the
@@ -184,6 +188,8 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, tar
         Optional precision to reach instead of the F1 optimum.
     min_reviews
         Fewest reviewed picks (and at least one accepted) to decide; fewer raise :class:`InputError`.
+    min_above
+        Fewest sample picks a candidate threshold keeps (default :data:`MIN_ABOVE`).
     z
         Normal quantile of the Wilson intervals.
 
@@ -200,6 +206,8 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, tar
         raise InputError(f"{len(s)} reviewed sample picks ({int(a.sum())} accepted): review at least {min_reviews} "
                          "random-sample picks, one of them accepted, to choose a threshold.")
     cands = np.unique(s[s > 0])[::-1] if (s > 0).any() else np.unique(s)[::-1]
+    keep = np.array([(s >= c).sum() >= min(min_above, len(s)) for c in cands])
+    cands = cands[keep] if keep.any() else cands[-1:]
     est = [estimate(s, a, float(c), z=z) for c in cands]
     if target_precision is None:
         f1 = np.array([e["f1"] if np.isfinite(e["f1"]) else -1.0 for e in est])
