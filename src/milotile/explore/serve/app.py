@@ -160,9 +160,25 @@ class AtlasApp:
             raise InputError(f"unknown selection {body.get('selection')!r}; select points first.") from None
         name = check_name(str(body.get("name") or "selection"))
         params = {"source": "app", **sel["geometry"], "clusters": sel["clusters"]}
-        labels = save_selection(self.atlas, sel["ids"], name, params)
+        labels = save_selection(self._writable_atlas(), sel["ids"], name, params)
         return {"name": name, "n": int(len(labels)), "table": f"labels-{name}",
                 "downloads": {f: f"/download/{name}.{f}" for f in ("parquet", "tsv", "star")}}
+
+    def _writable_atlas(self) -> Any:
+        """The atlas on a writable open of its store: the app serves from a read-only open and writes
+        only when the user exports a selection."""
+        col = self.atlas.collection
+        if getattr(col, "writable", True):
+            return self.atlas
+        from dataclasses import replace
+
+        from milotile.store import open_collection
+
+        with self._lock:
+            if not hasattr(self, "_writable"):
+                self._writable = replace(self.atlas, collection=open_collection(
+                    col.url, mode="r+", storage_options=col.storage_options))
+        return self._writable
 
     def download(self, name: str, fmt: str) -> bytes:
         """Bytes of an exported selection in ``parquet``, ``tsv`` (MiLoPYP) or ``star`` (RELION 5)."""
@@ -296,8 +312,10 @@ def serve(col: Any, key: str | None = None, *, host: str = "127.0.0.1", port: in
     """Serve the selection app for the atlas ``key`` of ``col`` (and the review page when ``review``
     is given; ``atlas=False``: the review page alone) until interrupted."""
     from milotile.explore.atlas import load_atlas
+    from milotile.store import as_collection
 
-    a = load_atlas(col, key) if atlas else None
+    # serving the atlas only reads; an export reopens it writable (review verdicts go through their own log)
+    a = load_atlas(as_collection(col, mode="r"), key) if atlas else None
     try:
         server = make_server(a, host, port, thumb_px, review=review)
     except OSError as exc:
