@@ -56,7 +56,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import milotile as mt  # noqa: E402
 from milotile.errors import InputError  # noqa: E402
 from milotile.refine import predict  # noqa: E402
-from milotile.refine.review import VerdictLog, estimate, retrain, review_order, reviewed_threshold  # noqa: E402
+from milotile.refine.review import (  # noqa: E402
+    VerdictLog,
+    design_weights,
+    estimate,
+    retrain,
+    review_order,
+    reviewed_threshold,
+    sample_weights,
+)
 from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -149,21 +157,24 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
                     if col.has_table(t):
                         (Path(col.path) / "tables" / f"{t}.parquet").unlink()
                 log = VerdictLog(col, name, who="simulated")
+                n_strata = [int((cands["score"] < thr0).sum()), int((cands["score"] >= thr0).sum())]
                 for pos in range(min(n, len(order))):
                     i = int(order[pos])
                     row = cands.iloc[i]
                     v, why = answer(row, gt, target)
+                    st = int(row["score"] >= thr0)
                     log.add(v, tomogram=row["tomogram"], x=row["x"], y=row["y"], z=row["z"], reason=why,
-                            sample=bool(sample[pos]), score=float(row["score"]), pick=i, picks="picks-bench",
-                            run=run0.name)
+                            sample=bool(sample[pos]), stratum=st, stratum_n=n_strata[st], score=float(row["score"]),
+                            pick=i, picks="picks-bench", run=run0.name)
                 df = log.frame()
+                w = sample_weights(df)
+                acc = (df["verdict"] == "accept").to_numpy()
+                est0 = estimate(df["score"].to_numpy(), acc, thr0, weights=w)
                 smp = df[df["sample"].astype(bool)]
-                acc = (smp["verdict"] == "accept").to_numpy()
-                est0 = estimate(smp["score"].to_numpy(), acc, thr0)
                 common = {**base, "verdicts": n, "n_sample": int(len(smp)), "n_accepted": int((df["verdict"] == "accept").sum())}
                 # rethreshold only
                 try:
-                    rt = reviewed_threshold(smp["score"].to_numpy(), acc)
+                    rt = reviewed_threshold(df["score"].to_numpy(), acc, weights=w)
                     rrec = {**common, "method": "rethreshold", **f1_at(cands, true, r, rt["threshold"]),
                             "est_precision": rt["precision"], "true_precision": true_precision(cands, true, r, rt["threshold"])}
                 except InputError as exc:  # too few sample verdicts: recorded
@@ -244,17 +255,20 @@ def run_rescore(args: argparse.Namespace) -> list[dict]:
         records.append({**base, "verdicts": 0, "method": "auto", **res0, "true_precision": p0})
         print(records[-1], flush=True)
         sc = picks["score"].to_numpy()
+        n_strata = np.array([(sc < thr0).sum(), (sc >= thr0).sum()])
         for n in args.verdicts:
             errs, f1s, thr_errs, covered = [], [], [], 0
             for qs in range(args.queue_seeds):
                 order, sample = review_order(sc, thr0, seed=qs)
-                rows = order[:n][sample[:n]]
-                e = estimate(sc[rows], acc_all[rows], thr0)
+                rows = order[:n]
+                stratum = (sc[rows] >= thr0).astype(int)
+                w = design_weights(stratum, n_strata[stratum], sample[:n])
+                e = estimate(sc[rows], acc_all[rows], thr0, weights=w)
                 if np.isfinite(e["precision"]):
                     errs.append(e["precision"] - p0)
                     covered += e["precision_ci"][0] <= p0 <= e["precision_ci"][1]
                 try:
-                    rt = reviewed_threshold(sc[rows], acc_all[rows])
+                    rt = reviewed_threshold(sc[rows], acc_all[rows], weights=w)
                     f1s.append(f1_at(picks, true, r, rt["threshold"])["f1_auto"])
                     thr_errs.append(rt["precision"] - true_precision(picks, true, r, rt["threshold"]))
                 except InputError:
