@@ -40,8 +40,11 @@ AUTO_FLOOR = 0.05
 #: was 0.593 / 0.629 / 0.662 / 0.647 / 0.594.
 LABEL_MARGIN = 0.75
 #: Logit units the training labels' scores are lowered by before they estimate the recall
-#: (:func:`f1_label_threshold`).
-LABEL_SHIFT = 0.0
+#: (:func:`f1_label_threshold`): the network scores its own labels higher than the particles it has not
+#: seen, so their recall at a high threshold overstates the particles'. Chosen on the tuning data
+#: (look-alike settings 0-2 and the hard preset's seed 0, 8 picker runs): mean gap to the best
+#: threshold's F1 0.028 / 0.023 / 0.029 / 0.036 at shifts 0 / 0.25 / 0.5 / 1.0.
+LABEL_SHIFT = 0.25
 #: Fewest fraction of the labels a threshold must keep to bound the number of particles.
 MIN_RECALL = 0.5
 
