@@ -9,6 +9,7 @@ candidates. Variants (all on the atlas's prepared features: row L2 normalisation
 
 * ``default`` -- the atlas's defaults: 256 k-means centroids, spectral clustering into 48;
 * ``clusters=N`` -- other final cluster counts (``--clusters``);
+* ``kmeans=N`` -- k-means with N centroids and no spectral merge of centroids;
 * ``hdbscan_embed`` -- HDBSCAN in the embedding space (not on the 2D map): dense groups become clusters, the
   diffuse background becomes noise (``-1``, never a selection);
 * ``split_top_half`` / ``split_otsu`` -- a blob-ness split first: only candidates whose DoG score is above the
@@ -50,6 +51,8 @@ def variants(feats: np.ndarray, clusters: list[int], score: np.ndarray | None = 
     for n in clusters:
         oc = fit_overclusters(feats, n, 256, outlier_z=3.0, seed=seed)
         out["default" if n == 48 else f"clusters={n}"] = oc.predict(feats)
+        km = fit_overclusters(feats, min(n, len(feats)), min(n, len(feats)), outlier_z=3.0, seed=seed)
+        out[f"kmeans={n}"] = km.predict(feats)  # the centroids themselves, no spectral merge
     out["hdbscan_embed"] = hdbscan_embedding_labels(feats)
     if score is not None:  # blob-ness split first: only the stronger DoG peaks are clustered, the rest is -1
         for name, keep in (("top_half", score >= np.median(score)), ("otsu", score >= otsu(score))):
