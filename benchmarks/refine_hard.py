@@ -46,6 +46,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import milotile as mt  # noqa: E402
 from milotile.metrics import evaluate, pr_curve  # noqa: E402
 from milotile.refine import predict  # noqa: E402
-from milotile.refine.threshold import apply_auto_threshold  # noqa: E402
+from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold  # noqa: E402
 from milotile.synth import synth  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -330,15 +331,23 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
     :data:`milotile.refine.threshold.LABEL_MARGIN`), and their means."""
     from milotile.nn.checkpoint import load_checkpoint
     from milotile.refine.data import VolumeReader
-    from milotile.refine.shape import apply_shape_check, fit_shape_models
+    from milotile.refine.shape import check_shapes, fit_shape_references
     from milotile.stages.preprocess import volume_stats
 
     records = []
     for r in runs:
         run = Path(r)
-        _, seed, species, n, name = run.name.split("_", 4)
-        data = run.parent / f"hard_{seed}"
-        gt = pd.read_parquet(data / "ground_truth.parquet")
+        labels = pd.read_parquet(run / "labels.parquet")
+        if run.name.startswith("run_la"):  # run_la<setting>_s<seed>_<recipe>
+            tag, seed, name = run.name[len("run_"):].split("_", 2)  # la<setting>, s<seed>, recipe
+            data = run.parent / f"la_set{tag[2:]}_{seed}"
+            gt = pd.read_parquet(data / "ground_truth.parquet")
+            species = lookalike_labels(gt, int(tag[2:]), int(seed[1:]))[0]
+            n = len(labels)
+        else:  # run_s<seed>_<species>_<n>_<recipe>
+            _, seed, species, n, name = run.name.split("_", 4)
+            data = run.parent / f"hard_{seed}"
+            gt = pd.read_parquet(data / "ground_truth.parquet")
         sp = gt[gt["species"] == species]
         true, rad = sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0])
         contract = load_checkpoint(run / ("best.pt" if (run / "best.pt").exists() else "last.pt"))["contract"]
@@ -348,14 +357,12 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
         refit = refit_shape or not contract.get("shape")
         if refit:
             col = mt.open(data / "store.zarr")
-            labels = pd.read_parquet(run / "labels.parquet")
-            names = sorted(set(raw["tomogram"]) | set(labels["tomogram"]))
+            names = sorted(set(labels["tomogram"]))
             readers = {t: VolumeReader(col[t].data(0), t) for t in names}
             stds = {t: volume_stats(col, t)[1] for t in names}
-            contract = {**contract, "shape": fit_shape_models(readers, stds, labels, contract["classes"],
-                                                              float(contract["bbox"]) / 2)}
-            allp = pd.concat([apply_shape_check(g, readers[t], stds[t], contract["shape"])
-                              for t, g in raw.groupby("tomogram", sort=False)], ignore_index=True)
+            contract = {**contract, "shape": fit_shape_references(readers, stds, labels, contract["classes"],
+                                                                  float(contract["bbox"]) / 2)}
+            allp = check_shapes(col, raw[raw["score"] >= AUTO_FLOOR].reset_index(drop=True), contract)
         auto = float(apply_auto_threshold(allp, contract)[1]["particle"]["threshold"])
         res = scores(allp, true, rad / 2, auto)
         raw_auto = float(apply_auto_threshold(raw, contract)[1]["particle"]["threshold"])
@@ -366,7 +373,8 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
         recs = mt.nn.RunLog(run).records()
         res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
                    rescored_from=str(run), shape_refitted=bool(refit))
-        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res})
+        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res,
+                        **({"setting": int(tag[2:])} if run.name.startswith("run_la") else {})})
         print(records[-1], flush=True)
     out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),
            "wall_s": 0.0, "recipes": {}, "records": records, "summary": summarise(records).to_dict(orient="records")}
@@ -392,6 +400,128 @@ def merge(paths: list[str], out_json: str) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- F1 versus time (issue 26)
+#: Epoch budgets of the curve: one training run, resumed at each budget, a checkpoint kept per budget.
+CURVE_BUDGETS = (6, 8, 10, 12, 15, 20)
+#: Pick variants of the curve: in-plane TTA views and bf16 autocast on a CPU with AMX / AVX512-BF16.
+CURVE_PICKS = {"tta4_fp32": {"tta": 4, "cpu_bf16": False}, "tta4_bf16": {"tta": 4, "cpu_bf16": True},
+               "tta2_bf16": {"tta": 2, "cpu_bf16": True}, "tta1_fp32": {"tta": 1, "cpu_bf16": False},
+               "tta1_bf16": {"tta": 1, "cpu_bf16": True}}
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + sys) of this process: torch's threads run in it (``device="cpu"``, no Dask workers)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def label_criterion(picks: pd.DataFrame, contract: dict) -> float:
+    """Lee & Liu's PU criterion ``max_t r(t)^2 / N(t)`` of the labelled tomograms' peaks, times the number of
+    labels: the quantity the automatic threshold maximises (:mod:`milotile.refine.threshold`), computed without
+    the ground truth, so it could stop training early. 1 = every label at a peak, with no other peak above it."""
+    from milotile.refine.threshold import label_scores
+
+    labels = pd.DataFrame(contract.get("train_labels") or [], columns=["tomogram", "x", "y", "z", "class"])
+    if not len(labels) or not len(picks):
+        return 0.0
+    own = picks[picks["tomogram"].isin(set(labels["tomogram"]))]
+    ls = np.sort(label_scores(own, labels, float(contract.get("bbox", 16)) / 4.0))
+    peaks = np.sort(own["score"].to_numpy(np.float64))
+    n, best = len(ls), 0.0
+    for k, t in enumerate(ls):
+        if t <= 0:
+            continue
+        above = len(peaks) - int(np.searchsorted(peaks, t, side="left"))
+        best = max(best, ((n - k) / n) ** 2 / max(above, 1))
+    return round(float(best * n), 4)
+
+
+def curve_train(col, labels: pd.DataFrame, run: Path, seed: int, bbox: float, budgets: list[int],
+                train_kw: dict) -> Iterator[dict]:
+    """Train once up to ``max(budgets)`` epochs, resuming the same run at each budget (the epochs a k-epoch run
+    trains are those of the first k of a longer run: no schedule depends on the total), and yield each
+    budget's checkpoint as soon as it is trained. Time per budget: the first call's set-up plus the epochs' own
+    seconds (resumed calls repeat the set-up, which a k-epoch run pays once); CPU seconds scaled the same way."""
+    if run.exists():
+        shutil.rmtree(run)
+    wall_all, cpu_all, setup = 0.0, 0.0, None
+    done = 0
+    for b in sorted(budgets):
+        t0, c0 = time.perf_counter(), _cpu_s()
+        mt.refine.train(col, labels, out=run, seed=seed, device="cpu", bbox=bbox, epochs=b, resume=done > 0,
+                        **train_kw)
+        wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+        recs = mt.nn.RunLog(run).records()
+        epoch_s = sum(float(r["seconds"]) for r in recs[done:b])
+        if setup is None:
+            setup = wall - epoch_s
+        wall_all += epoch_s + (setup if done == 0 else 0.0)
+        cpu_all += cpu * (epoch_s + (setup if done == 0 else 0.0)) / max(wall, 1e-9)
+        shutil.copy2(run / "last.pt", run / f"epoch{b}.pt")
+        rec = {"epochs": b, "train_s": round(wall_all, 1), "train_cpu_s": round(cpu_all, 1), "setup_s": round(setup, 1),
+               "train_load_avg_1m": round(os.getloadavg()[0], 2), "checkpoint": str(run / f"epoch{b}.pt")}
+        print("curve train", rec, flush=True)
+        done = b
+        yield rec
+
+
+def curve_pick(col, checkpoint: str, true: pd.DataFrame, r: float, variant: dict) -> dict:
+    """Pick every tomogram in-process (the library's ``pick``, as the CLI) with one variant; F1 at the automatic
+    threshold and at the best one, wall and CPU seconds, voxels per second, and the label criterion."""
+    from milotile.refine.picker import Picker
+
+    picker = Picker.load(checkpoint, device="cpu")
+    picker.contract.update(variant)
+    voxels = sum(int(np.prod(col[n].shape)) for n in col.names)
+    load0 = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), _cpu_s()
+    allp = predict.pick(col, picker, threshold=0.0, write_heatmaps=False, table=None)
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    auto = float(apply_auto_threshold(allp, picker.contract)[1]["particle"]["threshold"])
+    res = scores(allp, true, r / 2, auto)
+    return {"f1_auto": res["f1_auto"], "f1_best": res.get("f1_best"), "p_auto": res["p_auto"], "r_auto": res["r_auto"],
+            "pick_s": round(wall, 1), "pick_cpu_s": round(cpu, 1), "voxels": voxels,
+            "mvoxels_per_s": round(voxels / wall / 1e6, 3), "mvoxels_per_cpu_s": round(voxels / max(cpu, 1e-9) / 1e6, 3),
+            "label_criterion": label_criterion(allp, picker.contract), "load_avg_1m": [round(load0, 2),
+                                                                                      round(os.getloadavg()[0], 2)]}
+
+
+def run_curve(work: Path, seeds: list[int], species: str, n_labels: int, budgets: list[int], picks_all: list[str],
+              picks_each: list[str], train_kw: dict, snr: float | None) -> list[dict]:
+    """F1 versus time: per seed one training run checkpointed at every epoch budget; every budget picked with
+    the ``picks_each`` variants, the largest budget also with ``picks_all``."""
+    records = []
+    for seed in seeds:
+        col, gt = make_data(work, seed, snr)
+        labels = choose_labels(gt, species, n_labels, seed)
+        sp = gt[gt["species"] == species]
+        r = float(sp["radius"].iloc[0])
+        true = sp[["tomogram", "x", "y", "z"]]
+        for tr in curve_train(col, labels, work / f"curve_s{seed}_{species}_{n_labels}", seed, 2 * r, budgets,
+                              train_kw):
+            names = list(dict.fromkeys(picks_each + (picks_all if tr["epochs"] == max(budgets) else [])))
+            for name in names:
+                res = curve_pick(col, tr["checkpoint"], true, r, CURVE_PICKS[name])
+                records.append({"seed": seed, "species": species, "n_labels": n_labels, "method": f"e{tr['epochs']}_{name}",
+                                "pick": name, **{k: v for k, v in tr.items() if k != "checkpoint"}, **res,
+                                "train_kw": train_kw})
+                print("curve", records[-1], flush=True)
+    return records
+
+
+def summarise_curve(records: list[dict]) -> pd.DataFrame:
+    """Mean over seeds per (epochs, pick variant): F1, training and picking time."""
+    df = pd.DataFrame(records)
+    cols = ["f1_auto", "f1_best", "train_s", "train_cpu_s", "pick_s", "pick_cpu_s", "mvoxels_per_s",
+            "mvoxels_per_cpu_s", "label_criterion"]
+    g = df.groupby(["epochs", "pick"])[cols]
+    out = g.mean().round(3)
+    out["n_seeds"] = g.size()
+    return out.reset_index()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=("hard", "lookalike"), default="hard")
@@ -414,6 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge earlier result files")
     ap.add_argument("--snr", type=float, default=None, help="override the preset's SNR (0.1)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 when sharing the machine)")
+    ap.add_argument("--curve", action="store_true",
+                    help="F1 versus time: one training per seed checkpointed at --budgets epochs, each picked with "
+                    "--curve-picks (the largest budget also with --curve-picks-last); first --species and --labels")
+    ap.add_argument("--budgets", type=int, nargs="+", default=list(CURVE_BUDGETS), help="epoch budgets of --curve")
+    ap.add_argument("--curve-picks", nargs="+", default=["tta1_bf16"], choices=list(CURVE_PICKS))
+    ap.add_argument("--curve-picks-last", nargs="*", default=list(CURVE_PICKS), choices=list(CURVE_PICKS))
+    ap.add_argument("--curve-train", default="{}", metavar="JSON", help="extra refine.train keywords of --curve")
     ap.add_argument("--workdir", default="/tmp/refine_hard")
     ap.add_argument("--json", default=str(RESULTS / "refine_hard.json"))
     args = ap.parse_args(argv)
@@ -434,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             recipes[spec] = RECIPES[spec]
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.curve:
+        return main_curve(args, work, argv)
     records = []
     t_start = time.perf_counter()
     if args.preset == "lookalike":
@@ -470,6 +609,22 @@ def main(argv: list[str] | None = None) -> int:
     out = {"command": " ".join(["python benchmarks/refine_hard.py", *(argv if argv is not None else sys.argv[1:])]),
            "load_avg": os.getloadavg(), "wall_s": round(time.perf_counter() - t_start, 1),
            "recipes": recipes, "records": records, "summary": table.to_dict(orient="records"), "multi": multi}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+def main_curve(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
+    """``--curve``: records, the per-(epochs, pick) summary and the load average to ``--json``."""
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()
+    records = run_curve(work, args.seeds, args.species[0], args.labels[0], args.budgets, args.curve_picks_last,
+                        args.curve_picks, json.loads(args.curve_train), args.snr)
+    table = summarise_curve(records)
+    print(table.to_string(index=False))
+    out = {"command": " ".join(["python benchmarks/refine_hard.py", *(argv if argv is not None else sys.argv[1:])]),
+           "load_avg_start": load0, "load_avg_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t_start, 1),
+           "threads": args.threads, "records": records, "summary": table.to_dict(orient="records")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0

@@ -20,7 +20,11 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     report = json.loads((out / "demo_report.json").read_text())
     assert list(report) == ["synth", "ingest", "preprocess", "writer_lock", "mine", "patches", "patches2d3d", "explore",
                             "embed", "atlas", "refine", "pick", "explore_pick", "pick_hard", "fiber", "store_io", "export",
-                            "interop", "segments"]
+                            "interop", "segments", "total"]
+    total = report["total"]
+    assert total["wall_seconds"] >= 0.99 * sum(v["seconds"] for k, v in report.items() if k not in ("total", "store_io"))
+    assert total["cpu_seconds"] > 0 and total["cores"] >= 1
+    assert all(v["cpu_seconds"] >= 0 for k, v in report.items() if k != "total")
     assert report["store_io"]["metadata_reads_per_tomogram"] > 0 and report["store_io"]["chunk_reads"] > 0
     assert report["ingest"]["tomograms"] == 2 and report["ingest"]["with_tilt_series"] == 2
     assert report["mine"]["candidates"] > 10
@@ -47,7 +51,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert report["interop"]["copick_tomograms"] == 2
     assert report["interop"]["images"]["tomograms"] == 2 and report["interop"]["images"]["heatmaps"] == 4  # 2 pickers x 2
     printed = capsys.readouterr().out
-    assert "milotile demo finished" in printed and "f1_all" in printed
+    assert "milotile demo finished" in printed and "f1_all" in printed and "load average" in printed
     # real outcomes, not just keys: the DoG candidates find most particles (fixed seed) ...
     assert report["mine"]["mean_recall"] >= 0.6, report["mine"]
     # ... and pick used the checkpoint's validated threshold (else the automatic one), recorded with the picks

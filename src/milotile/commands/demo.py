@@ -44,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(cfg)
     print(f"milotile demo finished; outputs in {Path(args.out).resolve()}")
     for stage, facts in report.stages.items():
-        shown = ", ".join(f"{k}={v}" for k, v in facts.items() if k != "seconds")
-        print(f"  {stage:11s} {facts['seconds']:7.1f} s  {shown}")
+        shown = ", ".join(f"{k}={v}" for k, v in facts.items() if k not in ("seconds", "cpu_seconds"))
+        print(f"  {stage:12s} {facts['seconds']:7.1f} s  cpu {facts.get('cpu_seconds', 0.0):7.1f} s  {shown}")
+    total = report.summary()
+    print(f"  {'total':12s} {total['wall_seconds']:7.1f} s  cpu {total['cpu_seconds']:7.1f} s on {total['cores']} "
+          f"core(s); load average {total['load_avg_1m_start']:.1f} at the start, {total['load_avg_1m_end']:.1f} at the end")
     return 0

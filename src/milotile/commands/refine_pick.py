@@ -39,6 +39,9 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
                    "the tiled heatmap equal a whole-volume pass; smaller is faster)")
     p.add_argument("--tta", type=int, default=None, metavar="N",
                    help="in-plane symmetries averaged when predicting, 1-8 (default: the checkpoint's, 4 for new pickers)")
+    p.add_argument("--cpu-bf16", dest="cpu_bf16", action="store_true", default=None,
+                   help="bf16 autocast on a CPU with AMX / AVX512-BF16 (default: the checkpoint's)")
+    p.add_argument("--no-cpu-bf16", dest="cpu_bf16", action="store_false", help="predict in fp32")
     p.add_argument("--no-heatmaps", action="store_true", help="do not store the heatmaps")
     p.add_argument("--no-shape-check", dest="shape_check", action="store_false",
                    help="keep the network's scores (skip the picker's shape check of each peak)")
@@ -72,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     picker = Picker.load(args.model)
     if args.tta is not None:
         picker.contract["tta"] = int(args.tta)
+    if args.cpu_bf16 is not None:
+        picker.contract["cpu_bf16"] = bool(args.cpu_bf16)
     picks = pick(
         col, picker, threshold=args.threshold, max_picks=args.max_picks, nms_distance=args.nms_distance,
         border=border, names=names, tile=args.tile, halo=args.halo, write_heatmaps=not args.no_heatmaps,

@@ -244,6 +244,7 @@ def train(
         "training %s on %d patches of bank %r (bbox %d, %d batches of %d per epoch, device %s), epochs %d..%d",
         arch, bank.n, bank.key, bbox, len(loader), batch_size, dev, start_epoch + 1, epochs,
     )
+    t_loop = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         cur_lr = cosine_lr(lr, epoch, epochs, cosine)
         _set_lr(opt, cur_lr)
@@ -252,8 +253,10 @@ def train(
         if not main:
             continue
         runlog.log_epoch(rec)
-        log.info("epoch %d/%d loss %.4f output_std %.4f lr %.4g %.1f s (%.0f patches/s)",
-                 epoch + 1, epochs, rec["loss"], rec["output_std"], cur_lr, rec["seconds"], rec["patches_per_s"])
+        eta = (time.perf_counter() - t_loop) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+        log.info("epoch %d/%d loss %.4f output_std %.4f lr %.4g %.1f s (%.0f patches/s)%s",
+                 epoch + 1, epochs, rec["loss"], rec["output_std"], cur_lr, rec["seconds"], rec["patches_per_s"],
+                 f", ETA {eta:.0f} s" if epoch + 1 < epochs else "")
         extra = {"options": options}
         save_checkpoint(last_path, arch=arch, config=config, model=model, contract=contract,
                         optimizer=opt, epoch=epoch + 1, extra=extra)

@@ -15,7 +15,8 @@ from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["pick_device", "autocast", "seed_everything", "amp_dtype", "cpu_bf16_supported", "auto_batch_size"]
+__all__ = ["pick_device", "autocast", "seed_everything", "amp_dtype", "cpu_bf16_supported", "cpu_has_bf16",
+           "auto_batch_size"]
 
 
 def pick_device(prefer: str | torch.device | None = None) -> torch.device:
@@ -54,12 +55,8 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def cpu_bf16_supported() -> bool:
-    """True when CPU mixed precision is switched on (``MILOTILE_CPU_BF16=1``) and this CPU multiplies
-    bf16 natively (AMX or AVX512-BF16). Opt-in: benchmarks/throughput.py measured 1.45x for embedding,
-    but its effect on embedding quality was not measured."""
-    if os.environ.get("MILOTILE_CPU_BF16", "0") != "1":
-        return False
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AMX or AVX512-BF16 in ``/proc/cpuinfo``)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -71,13 +68,25 @@ def cpu_bf16_supported() -> bool:
     return False
 
 
-def amp_dtype(device: torch.device, cpu: bool = False) -> torch.dtype | None:
+def cpu_bf16_supported() -> bool:
+    """True when CPU mixed precision is switched on (``MILOTILE_CPU_BF16=1``) and this CPU multiplies
+    bf16 natively (AMX or AVX512-BF16). Opt-in: benchmarks/throughput.py measured 1.45x for embedding,
+    but its effect on embedding quality was not measured."""
+    return os.environ.get("MILOTILE_CPU_BF16", "0") == "1" and cpu_has_bf16()
+
+
+def amp_dtype(device: torch.device, cpu: bool | str = False) -> torch.dtype | None:
     """The autocast dtype used on ``device`` (bf16 where supported, else fp16), or None.
 
-    On the CPU mixed precision is used only when ``cpu`` is True and :func:`cpu_bf16_supported`.
+    On the CPU: with ``cpu=True`` bf16 only when :func:`cpu_bf16_supported` (opted in with
+    ``MILOTILE_CPU_BF16=1``); with ``cpu="native"`` bf16 whenever :func:`cpu_has_bf16`, unless
+    ``MILOTILE_CPU_BF16=0`` turns it off (the picker, whose F1 was measured with it:
+    ``benchmarks/refine_hard.py --curve``); otherwise fp32.
     """
     device = torch.device(device)
     if device.type == "cpu":
+        if cpu == "native":
+            return torch.bfloat16 if os.environ.get("MILOTILE_CPU_BF16") != "0" and cpu_has_bf16() else None
         return torch.bfloat16 if cpu and cpu_bf16_supported() else None
     if device.type != "cuda":
         return None
@@ -87,7 +96,7 @@ def amp_dtype(device: torch.device, cpu: bool = False) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def autocast(device: torch.device | str, enabled: bool = True, cpu: bool = False) -> Iterator[None]:
+def autocast(device: torch.device | str, enabled: bool = True, cpu: bool | str = False) -> Iterator[None]:
     """Automatic mixed precision on CUDA (bf16, or fp16 where bf16 is missing); on the CPU only with ``cpu``.
 
     Parameters
@@ -96,8 +105,9 @@ def autocast(device: torch.device | str, enabled: bool = True, cpu: bool = False
         The device the computation runs on.
     enabled : bool
         Set False to disable mixed precision explicitly.
-    cpu : bool
-        Also use bf16 autocast on a CPU with native bf16 (see :func:`amp_dtype`).
+    cpu : bool or "native"
+        Also use bf16 autocast on a CPU with native bf16: ``True`` when opted in, ``"native"`` unless
+        opted out (see :func:`amp_dtype`).
     """
     device = torch.device(device)
     dtype = amp_dtype(device, cpu=cpu)

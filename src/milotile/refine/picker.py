@@ -50,7 +50,12 @@ class Picker:
         Where the model runs.
     path : pathlib.Path or None
         Checkpoint the picker was loaded from.
+    amp : bool
+        Mixed precision on CUDA (bf16, else fp16) while predicting; set False for fp32
+        (``benchmarks/gpu.sh`` measures both).
     """
+
+    amp: bool = True
 
     def __init__(self, model: torch.nn.Module, contract: dict[str, Any], device: torch.device | str | None = None,
                  path: str | os.PathLike[str] | None = None) -> None:
@@ -133,11 +138,21 @@ class Picker:
             return tta_average(self._predict_once, x, n_views)
         return self._predict_once(x)
 
+    @property
+    def cpu_bf16(self) -> bool:
+        """Whether prediction on a CPU with native bf16 (AMX / AVX512-BF16) runs under bf16 autocast: the
+        contract's ``cpu_bf16`` (the recipe's, recorded at training; checkpoints without it: fp32).
+        ``MILOTILE_CPU_BF16=0`` turns it off."""
+        return bool(self.contract.get("cpu_bf16", False))
+
+    def _autocast(self) -> Any:
+        return autocast(self.device, enabled=self.amp, cpu="native" if self.cpu_bf16 else False)
+
     @torch.no_grad()
     def _predict_once(self, x: np.ndarray) -> np.ndarray:
         if hasattr(self.model, "predict_volume"):
             t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-            with autocast(self.device):
+            with self._autocast():
                 logits = self.model.predict_volume(t)
             return torch.sigmoid(logits.float()).cpu().numpy()
         d = x.shape[0]
@@ -148,7 +163,7 @@ class Picker:
         for s in starts:
             e = min(s + slab, d)
             t = torch.from_numpy(np.ascontiguousarray(x[s:e]))[None].to(self.device)
-            with autocast(self.device):
+            with self._autocast():
                 logits = self.model(t)["hm"]
             prob = torch.sigmoid(logits.float())[0].cpu().numpy()
             if out is None:

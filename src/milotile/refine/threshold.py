@@ -1,29 +1,23 @@
 """Choosing the pick threshold without a fully annotated validation region.
 
-With a handful of labels (say 6 of 20 particles of one tomogram) a held-out *region* cannot
-measure precision: the unlabelled particles inside it count as false positives, and a region
-small enough to be fully annotated holds one or two particles. Instead the threshold is chosen
-from the heatmap's own peaks, with the labels as a check on recall:
+With a handful of labels (say 9 of 27 particles in three tomograms) a held-out *region* cannot
+measure precision: the unlabelled particles inside it count as false positives, and a region small
+enough to be fully annotated holds one or two particles. Instead the threshold is chosen from the
+heatmap's own peaks, with the labels as a random sample of the particles (the PU assumption):
 
-1. **valley** — the peak scores of a trained picker are bimodal (particles high, background
-   low). Otsu's split of the logit-scores of all peaks above ``floor`` is the lowest threshold
-   allowed.
-2. **labels** — the labelled particles are a random sample of the particles (the PU assumption),
-   so the fraction of labels scoring at least ``t`` estimates the recall ``r(t)``, and Lee & Liu's
-   PU criterion ``r(t)² / N(t)`` (``N(t)``: peaks at least ``t`` in the labelled tomograms) is
-   proportional to precision × recall without knowing the number of particles. The threshold is
-   the label score that maximises it, lowered by ``margin`` (:data:`LABEL_MARGIN` = 0.75 in logit
-   units) so the labels at that score survive. Measured on the hard benchmark (6 labels, ``benchmarks/refine_hard.py``):
-   the valley alone gave F1 0.55 on the large species (threshold 0.76); the weakest label's score
-   gave 0.85 there but 0.23 on the radius-5 species (one weak label pulls it down to 0.61–0.88,
-   best 0.85–0.96); the criterion gives 0.85 and 0.39–0.41 on the same picks.
+* **labels** (:func:`f1_label_threshold`, the default) — the fraction of label scores at least ``t``
+  estimates the recall ``r(t)``; the number of particles ``P`` among the peaks of the labelled
+  tomograms is bounded at every threshold by ``N(t) / r(t)`` (``N(t)``: peaks at least ``t``), and the
+  tightest bound over thresholds keeping at least half the labels is the estimate. The threshold
+  maximises the estimated ``F1(t) = 2 P r(t) / (N(t) + P)``. Unlike Lee & Liu's ``r² / N`` (the
+  previous rule, still available as ``rule="pu"``), it knows how many particles there are, so it
+  stops where the look-alikes begin instead of where the recall starts to fall: on the look-alike
+  benchmark (``benchmarks/refine_hard.py --preset lookalike``) the r²/N rule kept a threshold of 0.998
+  (F1 0.08) where the best threshold gave 0.43.
+* **valley** — without labels among the peaks (picking a collection the picker was not trained
+  on), Otsu's split of the logit-scores of all peaks above ``floor``.
 
-The threshold is the larger of the two (the valley alone without labels in the picked tomograms),
-except when the valley lies above the median label score while that median is at least 0.5 (the
-network calls most labels particles): then the peak scores are not bimodal (clean data with hardly
-any background peaks, where Otsu splits the particles themselves; on the demo's SNR 0.5 data with 4
-labels this cut F1 from 0.99 to 0.50) and the labels' threshold is used. Labels the network scores
-below 0.5 cannot pull the threshold under the valley.
+Reviewed picks (:mod:`milotile.refine.review`) replace the estimate by a measured precision.
 :func:`choose_threshold` returns the threshold and how it was found.
 """
 
@@ -45,8 +39,17 @@ AUTO_FLOOR = 0.05
 #: (10 picker runs, 6 labels, big and small species) the mean F1 at margins 0.25 / 0.5 / 0.75 / 1.0 / 1.5
 #: was 0.593 / 0.629 / 0.662 / 0.647 / 0.594.
 LABEL_MARGIN = 0.75
+#: Logit units the training labels' scores are lowered by before they estimate the recall
+#: (:func:`f1_label_threshold`): the network scores its own labels higher than the particles it has not
+#: seen, so their recall at a high threshold overstates the particles'. Chosen on the tuning data
+#: (look-alike settings 0-2 and the hard preset's seed 0, 8 picker runs): mean gap to the best
+#: threshold's F1 0.028 / 0.023 / 0.029 / 0.036 at shifts 0 / 0.25 / 0.5 / 1.0.
+LABEL_SHIFT = 0.25
+#: Fewest fraction of the labels a threshold must keep to bound the number of particles.
+MIN_RECALL = 0.5
 
-__all__ = ["apply_auto_threshold", "choose_threshold", "label_records", "label_scores", "otsu_logit", "pu_label_threshold"]
+__all__ = ["apply_auto_threshold", "choose_threshold", "f1_label_threshold", "label_records", "label_scores", "otsu_logit",
+           "pu_label_threshold"]
 
 
 def otsu_logit(scores: np.ndarray, bins: int = 128) -> float:
@@ -75,6 +78,7 @@ def choose_threshold(
     labelled_peak_scores: np.ndarray | None = None,
     floor: float = 0.05,
     margin: float | None = None,
+    rule: str = "f1",
 ) -> tuple[float, str]:
     """Threshold for the picks of one class.
 
@@ -87,28 +91,38 @@ def choose_threshold(
     labelled_peak_scores : ndarray, optional
         Scores of the peaks in the tomograms that hold the labels (default ``peak_scores``).
     floor : float
-        Peaks below this are ignored by the valley search (and it is the lowest threshold returned).
+        Peaks below this are ignored (and it is the lowest threshold returned).
     margin : float, optional
-        Logit units below the chosen label score (default :data:`LABEL_MARGIN`).
+        Rule ``"pu"`` only: logit units below the chosen label score (default :data:`LABEL_MARGIN`).
+    rule : {"f1", "pu"}
+        ``"f1"`` (default): :func:`f1_label_threshold`, the threshold of the best F1 estimated from the
+        labels and the peak counts. ``"pu"``: the previous rule, the larger of Otsu's valley and Lee &
+        Liu's ``r² / N`` label score lowered by ``margin`` (kept for comparison).
 
     Returns
     -------
     threshold, source
-        ``source`` is ``"valley"``, ``"labels"`` or ``"floor"``.
+        ``source`` is ``"labels"`` (estimated F1), ``"valley"`` (no labels among the peaks: Otsu's split
+        of the logit-scores), or ``"floor"``.
     """
     s = np.asarray(peak_scores, np.float64)
     s = s[s >= floor]
+    if rule not in ("f1", "pu"):
+        raise ValueError(f"unknown threshold rule {rule!r}; use 'f1' or 'pu'")
     t, src = (otsu_logit(s), "valley") if len(s) >= 2 else (0.5, "floor")
     if label_scores is not None and len(label_scores):
         lab_peaks = s if labelled_peak_scores is None else np.asarray(labelled_peak_scores, np.float64)
-        m = LABEL_MARGIN if margin is None else float(margin)
-        cap = _logit_shift(pu_label_threshold(label_scores, lab_peaks, floor=floor), -m)
-        # a "valley" above the median label score, with the network calling most labels particles,
-        # cuts through them: the scores are not bimodal (few or no background peaks, e.g. clean
-        # data), so Otsu split the particles themselves and the labels decide
-        splits_labels = src == "valley" and t > float(np.median(label_scores)) >= 0.5
-        if cap > t or splits_labels:
-            t, src = cap, "labels"
+        if rule == "f1":
+            if len(lab_peaks[lab_peaks >= floor]):
+                t, src = f1_label_threshold(label_scores, lab_peaks, floor=floor)[0], "labels"
+        else:
+            m = LABEL_MARGIN if margin is None else float(margin)
+            cap = _logit_shift(pu_label_threshold(label_scores, lab_peaks, floor=floor), -m)
+            # a "valley" above the median label score, with the network calling most labels particles,
+            # cuts through them: the scores are not bimodal (few or no background peaks), the labels decide
+            splits_labels = src == "valley" and t > float(np.median(label_scores)) >= 0.5
+            if cap > t or splits_labels:
+                t, src = cap, "labels"
     if t < floor:
         t, src = floor, "floor"
     return float(t), src
@@ -134,6 +148,61 @@ def pu_label_threshold(label_scores: np.ndarray, peak_scores: np.ndarray, *, flo
         if value > best:
             best, best_t = value, float(t)
     return best_t
+
+
+def f1_label_threshold(label_scores: np.ndarray, peak_scores: np.ndarray, *, floor: float = AUTO_FLOOR,
+                       shift: float | None = None, min_recall: float | None = None) -> tuple[float, dict[str, float]]:
+    """The threshold that maximises the F1 estimated from the labels and the peak counts.
+
+    The labels are a random sample of the particles (the PU assumption), so the fraction of label
+    scores at least ``t`` estimates the recall ``r(t)``; if ``P`` particles lie in the labelled
+    tomograms, the peaks at least ``t`` hold ``P · r(t)`` of them among ``N(t)`` peaks, and
+    ``F1(t) = 2 P r(t) / (N(t) + P)``. ``P`` itself is bounded by every threshold, ``P ≤ N(t) / r(t)``
+    (no more true picks than picks); the tightest bound over the thresholds that keep at least
+    ``min_recall`` of the labels is the estimate (exact where the strictest such threshold is clean).
+
+    Training labels score higher than the particles the network has not seen (the gap measured on the
+    look-alike benchmark: 0.1-0.6 logit units), so their logit-scores are lowered by ``shift`` first.
+
+    Parameters
+    ----------
+    label_scores : ndarray
+        Best peak score near each labelled particle (0 when none).
+    peak_scores : ndarray
+        Scores of the peaks in the tomograms that hold the labels.
+    floor : float
+        Lowest threshold considered.
+    shift, min_recall : float, optional
+        Default :data:`LABEL_SHIFT` and :data:`MIN_RECALL`.
+
+    Returns
+    -------
+    threshold, details
+        ``details``: ``n_particles`` (the estimate ``P``), ``recall`` and ``f1`` estimated at the threshold.
+    """
+    shift = LABEL_SHIFT if shift is None else float(shift)
+    min_recall = MIN_RECALL if min_recall is None else float(min_recall)
+    zl = _logit(np.asarray(label_scores, np.float64)) - shift
+    peaks = np.asarray(peak_scores, np.float64)
+    zp = np.sort(_logit(peaks[peaks >= floor]))
+    if not len(zl) or not len(zp):
+        return float(floor), {"n_particles": float("nan"), "recall": float("nan"), "f1": float("nan")}
+    cand = np.unique(zp)
+    recall = (zl[None, :] >= cand[:, None]).mean(axis=1)
+    above = len(zp) - np.searchsorted(zp, cand, side="left")
+    ok = recall >= min_recall
+    if not ok.any():  # the labels all score below the peaks' floor: keep everything above it
+        return float(floor), {"n_particles": float("nan"), "recall": 0.0, "f1": float("nan")}
+    n_pos = float(np.min(above[ok] / recall[ok]))
+    f1 = 2.0 * n_pos * recall / (above + n_pos)
+    k = int(np.argmax(f1))
+    t = float(1.0 / (1.0 + np.exp(-cand[k])))
+    return max(t, float(floor)), {"n_particles": n_pos, "recall": float(recall[k]), "f1": float(f1[k])}
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
 
 
 def _logit_shift(p: float, delta: float) -> float:
@@ -168,8 +237,8 @@ def label_scores(picks: pd.DataFrame, labels: pd.DataFrame, radius: float) -> np
     return np.asarray(out, np.float64)
 
 
-def apply_auto_threshold(picks: pd.DataFrame, contract: dict,
-                         margin: float | None = None) -> tuple[pd.DataFrame, dict[str, dict]]:
+def apply_auto_threshold(picks: pd.DataFrame, contract: dict, margin: float | None = None,
+                         rule: str = "f1") -> tuple[pd.DataFrame, dict[str, dict]]:
     """Keep the picks above the threshold chosen per class by :func:`choose_threshold` (``margin``:
     its label margin, default :data:`LABEL_MARGIN`).
 
@@ -185,7 +254,7 @@ def apply_auto_threshold(picks: pd.DataFrame, contract: dict,
         ls = label_scores(g, lab, radius) if len(lab) else None
         lab_peaks = g.loc[g["tomogram"].isin(set(lab["tomogram"])), "score"].to_numpy()
         t, src = choose_threshold(g["score"].to_numpy(), ls, labelled_peak_scores=lab_peaks, floor=AUTO_FLOOR,
-                                  margin=margin)
+                                  margin=margin, rule=rule)
         info[str(cls)] = {"threshold": t, "source": src, "n_labels_seen": 0 if ls is None else int(len(ls))}
         logger.info("class %s: automatic threshold %.3f (%s)", cls, t, src)
         keep.append(g[g["score"] >= t])

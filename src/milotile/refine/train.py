@@ -50,7 +50,7 @@ from milotile.refine.recipe import (
     default_epochs,
     default_z_context,
 )
-from milotile.refine.shape import fit_shape_models
+from milotile.refine.shape import fit_shape_references
 from milotile.refine.targets import target_geometry
 from milotile.refine.threshold import AUTO_FLOOR, label_records
 from milotile.refine.validation import regions_from_labels, split_validation, validate
@@ -194,6 +194,7 @@ def train(
     picker.contract = contract  # shared: validation updates the suggested threshold
     val_radius = float(contract["match_radius"])
     epochs = int(recipe.epochs)
+    t_loop = time.perf_counter()
     for epoch in range(start_epoch + 1, epochs + 1):
         ds.set_epoch(epoch)
         rec = step.epoch(loader, epoch)
@@ -209,7 +210,7 @@ def train(
                 contract["suggested_threshold"] = res["val_threshold"]
         _checkpoint(run_dir, recipe.arch, cfg, model, contract, opt, epoch, {"best_f1": best_f1, "record": rec}, improved)
         runlog.log_epoch(rec)
-        _log_epoch(rec, epochs)
+        _log_epoch(rec, epochs, _eta(t_loop, epoch - start_epoch, epochs - epoch))
     _plots(runlog, run_dir, bool(regions))
     best = run_dir / "best.pt"
     return Picker.load(best if best.exists() else run_dir / "last.pt", device=dev)
@@ -308,14 +309,14 @@ def _contract(col: Any, recipe: PickerRecipe, model: torch.nn.Module, class_name
                                gauss=recipe.gauss, compress=recipe.compress, compress_how=recipe.compress_how,
                                clip=recipe.clip, thresh=recipe.thresh, tau=float(recipe.tau), geom=geom,
                                voxel_size=float(col[names[0]].voxel_size), train_stats=stats, val_radius=val_radius)
-    contract.update(tta=int(recipe.tta), prior=prior_info, train_labels=label_records(user_df, class_names),
+    contract.update(tta=int(recipe.tta), cpu_bf16=bool(recipe.cpu_bf16), prior=prior_info, train_labels=label_records(user_df, class_names),
                     recipe=recipe.to_dict(),
                     train_negatives=[[str(t), float(x), float(y), float(z)] for t, x, y, z in
                                      neg[["tomogram", "x", "y", "z"]].itertuples(index=False)],
                     init_from=None if init is None else init["path"])
     if recipe.shape_check:
-        contract["shape"] = fit_shape_models(readers, {n: volume_stats(col, n)[1] for n in set(user_df["tomogram"])},
-                                             user_df, class_names, recipe.bbox / 2.0)
+        contract["shape"] = fit_shape_references(readers, {n: volume_stats(col, n)[1] for n in set(user_df["tomogram"])},
+                                                 user_df, class_names, recipe.bbox / 2.0)
     return contract
 
 
@@ -363,10 +364,16 @@ def _stats(col: Any, names: Sequence[str], gauss: float, compress: bool, compres
     return stats
 
 
-def _log_epoch(rec: dict, epochs: int) -> None:
+def _eta(t_start: float, done: int, left: int) -> float:
+    """Seconds the ``left`` epochs will take at the mean pace of the ``done`` ones since ``t_start``."""
+    return (time.perf_counter() - t_start) / max(done, 1) * max(left, 0)
+
+
+def _log_epoch(rec: dict, epochs: int, eta: float | None = None) -> None:
     val = f" val P {rec['val_precision']:.3f} R {rec['val_recall']:.3f} F1 {rec['val_f1']:.3f}" if "val_f1" in rec else ""
-    logger.info("epoch %d/%d loss %.4f (hm %.4f cr %.4f cons %.4f) %.1f s%s", rec["epoch"], epochs, rec["loss"],
-                rec["hm_loss"], rec["cr_loss"], rec["consis_loss"], rec["seconds"], val)
+    left = f", ETA {eta:.0f} s" if eta is not None and rec["epoch"] < epochs else ""
+    logger.info("epoch %d/%d loss %.4f (hm %.4f cr %.4f cons %.4f) %.1f s%s%s", rec["epoch"], epochs, rec["loss"],
+                rec["hm_loss"], rec["cr_loss"], rec["consis_loss"], rec["seconds"], left, val)
 
 
 def _labels(col: Any, labels: Any, val_labels: Any, classes: Any, bbox: float,
