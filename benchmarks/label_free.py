@@ -137,6 +137,12 @@ def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clu
             "recall": round(float((sel & hit).sum() / max(hit.sum(), 1)), 4)}
 
 
+def save_partial(a: argparse.Namespace, res: dict) -> None:
+    """The figures so far, to ``<work>/partial.json`` (a stopped run keeps what it measured)."""
+    (Path(a.work) / "partial.json").write_text(json.dumps({**res, "partial": True, "load_avg": os.getloadavg()},
+                                                          indent=2, default=str) + "\n")
+
+
 def run(a: argparse.Namespace) -> dict:
     import milotile as mt
     from milotile.explore import atlas, select
@@ -213,6 +219,8 @@ def run(a: argparse.Namespace) -> dict:
     for tag, clusters in sels.items():
         q = selection_quality(table, centred, target, clusters, lv)
         out[f"selection_{tag}"] = q
+        log.info("%s selection (%ss): %s", tag, lv, q)
+        save_partial(a, {**out, "stages": st.rows})
         if not clusters:
             out[f"picker_{tag}"] = None
             continue
@@ -224,6 +232,7 @@ def run(a: argparse.Namespace) -> dict:
         out[f"picker_{tag}"] = train_and_pick(col, labels[["tomogram", "x", "y", "z"]], gt_t, r,
                                               work / "runs" / f"refine-{tag}", a, st, tag)
         log.info("%s: selection %s -> picker %s", tag, q, out[f"picker_{tag}"])
+        save_partial(a, {**out, "stages": st.rows})
     man = manual_labels(gt, target, a.manual, a.seed)
     out["picker_manual"] = train_and_pick(col, man, gt_t, r, work / "runs" / "refine-manual", a, st, "manual")
     log.info("manual (%d labels): %s", len(man), out["picker_manual"])
