@@ -372,9 +372,10 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
             res[f"f1_margin_{m:g}"] = scores(allp, true, rad / 2, t_m)["f1_auto"]
         recs = mt.nn.RunLog(run).records()
         res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
+                   train_s=round(float(sum(x["seconds"] for x in recs)), 1),  # the epochs' time (no set-up)
                    rescored_from=str(run), shape_refitted=bool(refit))
-        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res,
-                        **({"setting": int(tag[2:])} if run.name.startswith("run_la") else {})})
+        la = {"setting": int(tag[2:]), "tune": int(tag[2:]) in TUNE_SETTINGS} if run.name.startswith("run_la") else {}
+        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res, **la})
         print(records[-1], flush=True)
     out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),
            "wall_s": 0.0, "recipes": {}, "records": records, "summary": summarise(records).to_dict(orient="records")}

@@ -168,6 +168,8 @@ def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     c.add_argument("--key", default=None, help="atlas key (default: the only atlas)")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--clusters", type=lambda v: parse_ints(v, what="--clusters"), help="cluster ids, e.g. 3,7,12")
+    g.add_argument("--subclusters", type=lambda v: parse_ints(v, what="--subclusters"),
+                   help="sub-cluster ids (the atlas's k-means over-clusters, column subcluster), e.g. 40,113")
     g.add_argument("--selection", help="name of a selection exported from the app")
     g.add_argument("--parquet", help="parquet exported by nextPYP/Phoenix (name, coord) or a tomogram/x/y/z table")
     c.add_argument("--name", default=None, help="output name (default from the source)")
@@ -225,7 +227,8 @@ def run_select(args: argparse.Namespace) -> int:
     from milotile.explore.atlas import load_atlas
     from milotile.explore.select import select, selection_dir
 
-    labels = select(args.store, args.key, clusters=args.clusters, selection=args.selection, parquet=args.parquet,
+    labels = select(args.store, args.key, clusters=args.clusters, subclusters=args.subclusters,
+                    selection=args.selection, parquet=args.parquet,
                     name=args.name, class_name=args.class_name, negatives=args.negatives)
     a = load_atlas(args.store, args.key)
     name = args.name or labels.attrs.get("name") or ""
