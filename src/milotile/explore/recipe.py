@@ -156,7 +156,8 @@ class ExploreRecipe(Recipe):
     def network_config(self, device_type: str) -> dict[str, Any]:
         """Builder keywords of ``simsiam-<mode>`` (:func:`milotile.nn.registry.create`) on ``device_type``."""
         widths = self.widths if self.widths is not None else (CPU_WIDTHS if device_type == "cpu" else GPU_WIDTHS)
-        return {"dim": int(self.dim), **(self.model_config or {}), "widths": [int(w) for w in widths]}
+        extra = {k: _lists(v) for k, v in (self.model_config or {}).items()}
+        return {"dim": int(self.dim), **extra, "widths": [int(w) for w in widths]}
 
     def resolved(self, *, bbox: int, batch_size: int, device_type: str) -> ExploreRecipe:
         """The recipe with the bank- and device-dependent defaults filled in (what a run trains with)."""
@@ -167,6 +168,12 @@ class ExploreRecipe(Recipe):
 def _tuples(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return tuple(_tuples(x) for x in v)
+    return v
+
+
+def _lists(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_lists(x) for x in v]
     return v
 
 
