@@ -98,11 +98,12 @@ def build_collection(work: Path, sz: dict) -> tuple:
 
 def explore_phases(col, bank, sz: dict, dev: torch.device, amps: list[bool], work: Path, rows: list) -> None:
     from milotile.explore import embed, train
+    from milotile.explore.recipe import ExploreRecipe
 
     for amp in amps:
         with Phase("explore_train", dev, rows, amp=amp, patches=int(bank.n), epochs=sz["explore_epochs"]) as r:
-            enc = train(col, bank, epochs=sz["explore_epochs"], device=str(dev), amp=amp, out=work / f"e_{amp}",
-                        save_every=1000)
+            recipe = ExploreRecipe().replace(epochs=sz["explore_epochs"], amp=amp, save_every=1000)
+            enc = train(col, bank, recipe=recipe, device=str(dev), out=work / f"e_{amp}")
         if "error" not in r:
             r["patches_per_s"] = round(bank.n * sz["explore_epochs"] / r["wall_s"], 1)
         else:

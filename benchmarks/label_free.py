@@ -154,6 +154,7 @@ def run(a: argparse.Namespace) -> dict:
         enriched_clusters,
         purest_cluster,
     )
+    from milotile.explore.recipe import ExploreRecipe
 
     work = Path(a.work)
     st = Stages()
@@ -185,9 +186,10 @@ def run(a: argparse.Namespace) -> dict:
     r = float(gt_t["radius"].iloc[0])
     match = r / 2 + 1.0  # the demo's: a candidate is the target's when on its centre (what the gallery shows)
     if reused is None:
-        enc = st.run("explore_train", lambda: explore_train(
-            col, bank, bbox=a.crop, epochs=a.explore_epochs, out=work / "runs" / "explore", seed=a.seed,
-            device="cpu", model_config={"widths": [int(w) for w in a.widths.split(",")]}))
+        recipe = ExploreRecipe().replace(bbox=a.crop, epochs=a.explore_epochs, seed=a.seed,
+                                         widths=tuple(int(w) for w in a.widths.split(",")))
+        enc = st.run("explore_train", lambda: explore_train(col, bank, recipe=recipe, out=work / "runs" / "explore",
+                                                            device="cpu"))
         emb_key = st.run("explore_embed", lambda: enc.embed(col, bank)).key
     else:
         emb_key = reused["embeddings"]
