@@ -185,8 +185,9 @@ def extract_patches(
         params["dog"] = mining["dog"]
     names = [n for n in col.names if n in set(df["tomogram"].astype(str))]
     tilts = any(m in TILT_MODES for m in ms)
-    sources = _sources(col, table, names, tilts)
-    _check_bbox(col, names, int(bbox))
+    pres = {n: preprocessed_volume(col, n) for n in names}  # resolved once: metadata reads per tomogram
+    sources = _sources(col, table, names, tilts, pres)
+    _check_bbox(col, names, int(bbox), pres)
     if tilts:  # before the bank is marked incomplete: a bad window must not touch a bank already written
         _check_tilt_window(col, names, ms, tuple(tilt_window))
     so = col.stage_output(f"patches/{key}", params, sources)
@@ -195,16 +196,16 @@ def extract_patches(
         return key
     with so:
         so.begin()
-        _write_bank(col, so, df, names, ms, key, params)
+        _write_bank(col, so, df, names, ms, key, params, pres)
     return key
 
 
-def _check_bbox(col: Any, names: Sequence[str], bbox: int) -> None:
+def _check_bbox(col: Any, names: Sequence[str], bbox: int, pres: dict) -> None:
     """Refuse a patch side below 2 or larger than a tomogram's y/x extent on the grid patches are cut from."""
     if bbox < 2:
         raise InputError(f"--bbox must be at least 2 voxels, got {bbox}")
     for name in names:
-        pre = preprocessed_volume(col, name)
+        pre = pres[name]
         shape = tuple(pre[0].shape) if pre is not None else tuple(col[name].shape)
         if bbox > min(shape[1], shape[2]):
             raise InputError(
@@ -214,11 +215,12 @@ def _check_bbox(col: Any, names: Sequence[str], bbox: int) -> None:
             )
 
 
-def _sources(col: Any, table: str, names: Sequence[str], tilts: bool) -> dict[str, str | None]:
-    """What a bank depends on: the coordinate table, the (preprocessed) volumes and tilt series."""
+def _sources(col: Any, table: str, names: Sequence[str], tilts: bool, pres: dict) -> dict[str, str | None]:
+    """What a bank depends on: the coordinate table, the (preprocessed) volumes (``pres``: each name's
+    :func:`preprocessed_volume`) and tilt series."""
     out: dict[str, str | None] = {f"tables/{table}": col.source_token(f"tables/{table}")}
     for name in names:
-        if preprocessed_volume(col, name) is not None:
+        if pres[name] is not None:
             out[f"{PREPROCESSED}/{name}"] = col.source_token(f"{PREPROCESSED}/{name}")
         else:
             out.update(tomogram_sources(col, name))
@@ -228,7 +230,7 @@ def _sources(col: Any, table: str, names: Sequence[str], tilts: bool) -> dict[st
 
 
 def _write_bank(col: Any, so: Any, df: pd.DataFrame, names: Sequence[str], ms: tuple[str, ...], key: str,
-                params: dict) -> None:
+                params: dict, pres: dict) -> None:
     bbox, shift_list, chunk_n = params["bbox"], params["shifts"], params["chunk_n"]
     normalize, sign_opt, tilt_window = params["normalize"], params["tilt_sign_option"], params["tilt_window"]
     n_s = 1 + len(shift_list)
@@ -237,7 +239,7 @@ def _write_bank(col: Any, so: Any, df: pd.DataFrame, names: Sequence[str], ms: t
     signs, geometry, pre_params = {}, {}, {}
     for name in names:
         sub = df[df["tomogram"].astype(str) == name]
-        pre = preprocessed_volume(col, name)
+        pre = pres[name]
         if pre is None:
             vol, grid = col[name].data(0), Grid()
             pre_params[name] = None
