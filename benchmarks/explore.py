@@ -94,6 +94,14 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
 
     params = {"n_tomograms": a.n_tomograms, "size": a.size, "snr": a.snr, "n_particles": a.n_particles,
               "data_seed": a.data_seed, "border": a.border, "border_z": a.border_z, "preset": a.preset}
+    lookalike = a.preset == "lookalike"
+    if lookalike:  # the setting draws size, SNR, species...; the tomogram count follows its particles per species
+        from milotile.synth.lookalike import draw_setting
+
+        st = draw_setting(a.setting)
+        params = {"preset": a.preset, "setting": a.setting, "data_seed": a.data_seed, "border": a.border,
+                  "border_z": a.border_z, "per_species": a.per_species,
+                  "n_tomograms": max(2, -(-a.per_species // st.particles_per_species)), "invert": st.contrast > 0}
     bank_params = {"bbox": a.bbox, "modes": a.modes}
     from milotile.ops.patches import TILT_MODES
     from milotile.stages.patches import DEFAULT_TILT_WINDOW
@@ -128,16 +136,21 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         return col, info["key"], pd.read_parquet(work / "gt.parquet"), info
     for p in ("synth", "store.zarr"):
         shutil.rmtree(work / p, ignore_errors=True)
-    size = tuple(int(s) for s in a.size.split(","))
     t0 = time.perf_counter()
-    hard = a.preset == "hard"  # issue 15: four species r 12/9/7/5, crowders, membranes, gold, gradient
-    res = synth(work / "synth", n_tomograms=a.n_tomograms, size=size, seed=a.data_seed, snr=a.snr,
-                filament=hard, n_particles=None if hard else a.n_particles, preset=a.preset)
+    if lookalike:  # issue 23: 8-12 similar-sized species, acquisition drawn from the setting
+        res = synth(work / "synth", n_tomograms=params["n_tomograms"], seed=a.data_seed, preset="lookalike",
+                    setting=a.setting)
+    else:
+        size = tuple(int(s) for s in a.size.split(","))
+        hard = a.preset == "hard"  # issue 15: four species r 12/9/7/5, crowders, membranes, gold, gradient
+        res = synth(work / "synth", n_tomograms=a.n_tomograms, size=size, seed=a.data_seed, snr=a.snr,
+                    filament=hard, n_particles=None if hard else a.n_particles, preset=a.preset)
     t1 = time.perf_counter()
     with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
         col = mt.ingest(res.manifest, work / "store.zarr")
         preprocess(col)
-        cands = mine(col, border=a.border, border_z=a.border_z)
+        # bright particles (the look-alike's contrast +1) are mined with --invert, as a user who sees them would
+        cands = mine(col, border=a.border, border_z=a.border_z, invert=bool(params.get("invert", False)))
         t2 = time.perf_counter()
         key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128, key=bank_key,
                               **extra)
@@ -237,14 +250,16 @@ def supervised_reference(x: np.ndarray, y: np.ndarray, scoring: str = "accuracy"
     return float(cross_val_score(clf, x, y, cv=cv, scoring=scoring).mean())
 
 
-def cluster_purity(x: np.ndarray, y: np.ndarray, n_clusters: int, seed: int = 0) -> float:
-    """Purity of k-means clusters (standardised features): share of points in their cluster's majority species."""
+def cluster_quality(x: np.ndarray, y: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[float, float]:
+    """Purity (share of points in their cluster's majority species) and adjusted Rand index against ``y`` of
+    one k-means fit (``n_clusters``, standardised features)."""
     from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
     from sklearn.preprocessing import StandardScaler
 
     lab = KMeans(n_clusters, n_init=4, random_state=seed).fit_predict(StandardScaler().fit_transform(x))
     hits = sum(np.unique(y[lab == c], return_counts=True)[1].max() for c in np.unique(lab))
-    return float(hits / len(y))
+    return float(hits / len(y)), float(adjusted_rand_score(y, lab))
 
 
 def score_all(feats: dict[str, np.ndarray], y: np.ndarray, repeats: int, scoring: str = "accuracy",
@@ -262,7 +277,8 @@ def score_all(feats: dict[str, np.ndarray], y: np.ndarray, repeats: int, scoring
             if len(scorings) > 1:
                 m, sd = r["accuracy"]
                 out[name].setdefault("accuracy", {})[metric] = {"mean": round(m, 4), "std": round(sd, 4)}
-        out[name]["purity"] = round(cluster_purity(x, y, n_clusters), 4)
+        pur, ari = cluster_quality(x, y, n_clusters)
+        out[name]["purity"], out[name]["ari"] = round(pur, 4), round(ari, 4)
     return out
 
 
@@ -331,13 +347,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="tilt-series SNR(s), comma-separated (one store each; default 0.04,0.15; hard 0.02,0.1); "
                     "every seed runs at every SNR")
     ap.add_argument("--data-seed", type=int, default=0)
-    ap.add_argument("--preset", choices=("easy", "hard"), default="easy",
-                    help="synth preset; hard = issue 15's setting (use with --snr 0.1 --size 128,256,256)")
+    ap.add_argument("--preset", choices=("easy", "hard", "lookalike"), default="easy",
+                    help="synth preset; hard = issue 15's setting (use with --snr 0.1 --size 128,256,256); lookalike = "
+                    "issue 23's 8-12 similar-sized species with acquisition drawn from --settings")
+    ap.add_argument("--settings", default="0,1,2,3,5",
+                    help="lookalike: setting numbers (each draws size, SNR, tilt range, contrast, species...)")
+    ap.add_argument("--tune-settings", default="0,1,2",
+                    help="lookalike: settings the defaults may be chosen on; the others are reported only")
+    ap.add_argument("--per-species", type=int, default=15,
+                    help="lookalike: particles of each species per collection (sets the tomogram count, >= 2)")
+    ap.add_argument("--min-class", type=int, default=5,
+                    help="species with fewer matched candidates are left out of the scores (5-fold CV)")
+    ap.add_argument("--dump", action="store_true",
+                    help="write each run's embeddings and candidate truth to <work>/.../features_*.npz")
     ap.add_argument("--modes", default=None,
                     help="patch modes: slab (3d) or tilthalves,slice / tiltsum,slice (2d3d); several runs separated "
                     "by ';' (default slab; hard 'slab;tilthalves,slice')")
-    ap.add_argument("--border", type=int, default=16, help="mining exclusion band in y/x (half a patch)")
-    ap.add_argument("--border-z", type=int, default=8, help="mining exclusion band in z")
+    ap.add_argument("--border", type=int, default=None,
+                    help="mining exclusion band in y/x (default 16, half a patch; lookalike 8: its volumes are 100-200 "
+                    "wide and patches at the edge are padded)")
+    ap.add_argument("--border-z", type=int, default=None, help="mining exclusion band in z (default 8; lookalike 4)")
     ap.add_argument("--bbox", type=int, default=32)
     ap.add_argument("--match-radius", type=float, default=4.0, help="candidate-particle match distance (voxels)")
     ap.add_argument("--match-frac", type=float, default=0.5,
@@ -371,16 +400,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=None, help="work folder, the store is reused (default: a temporary one)")
     ap.add_argument("--out", default=None, help="JSON path (default results/explore[_quick].json)")
     a = ap.parse_args(argv)
-    hard = a.preset == "hard"  # the recipe chosen on the hard setting (see results/explore_hard.json)
+    hard = a.preset in ("hard", "lookalike")  # the recipe chosen on the hard setting (results/explore_hard.json)
     for name, easy_val, hard_val in (("size", "64,256,256", "128,256,256"), ("snr", "0.04,0.15", "0.02,0.1"),
                                      ("epochs", 20, 12), ("crop", None, 24),
                                      ("modes", "slab", "slab;tilthalves,slice")):
         if getattr(a, name) is None:
             setattr(a, name, hard_val if hard else easy_val)
+    la = a.preset == "lookalike"
+    a.border = a.border if a.border is not None else 8 if la else 16
+    a.border_z = a.border_z if a.border_z is not None else 4 if la else 8
     if a.quick:
         a.n_tomograms, a.size, a.n_particles, a.epochs, a.seeds, a.snr = 3, "64,192,192", 45, 5, "0", "0.04"
     if a.out is None:
-        name = "explore_quick.json" if a.quick else "explore_hard.json" if hard else "explore.json"
+        name = ("explore_quick.json" if a.quick else "explore_lookalike.json" if a.preset == "lookalike"
+                else "explore_hard.json" if hard else "explore.json")
         a.out = str(Path(__file__).parent / "results" / name)
     return a
 
@@ -398,12 +431,22 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
     table = col.read_table(f"patches-{key}")
     labels = label_candidates(table, gt, a.match_radius, a.match_frac)
     on_gt = labels != ""
+    sp_all, sp_n = np.unique(labels[on_gt].astype(str), return_counts=True)
+    rare = sp_all[sp_n < a.min_class]  # too few candidates for 5-fold CV: left out of the scores (logged)
+    if len(rare):
+        log.warning("species with fewer than %d matched candidates left out of the scores: %s", a.min_class,
+                    dict(zip(rare.tolist(), sp_n[sp_n < a.min_class].tolist(), strict=True)))
+        on_gt &= ~np.isin(labels.astype(str), rare)
     y = labels[on_gt].astype(str)
     counts = {str(k): int(v) for k, v in zip(*np.unique(y, return_counts=True), strict=True)}
     gt_counts = {str(k): int(v) for k, v in gt["species"].value_counts().items()}
     log.info("SNR %g: %d candidates, %d on ground-truth particles %s (of %s)", snr, bank.n, on_gt.sum(), counts,
              gt_counts)
     chance = float(max(counts.values()) / len(y))
+    # look-alike: 8-12 species of unequal candidate counts -> balanced accuracy (mean recall), chance 1 / species
+    scoring = "balanced_accuracy" if a.preset == "lookalike" else "accuracy"
+    if scoring != "accuracy":
+        chance = 1.0 / len(counts)
 
     # raw-pixel baselines on the same patches (the original copy, per-patch min-max as in the bank; a
     # tilt-halves bank gives the model's input: the tilt sum of both halves and the slice)
@@ -421,9 +464,9 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             if nc < min(raw.shape):
                 pca_all[f"pca_{nc}{suffix}"] = PCA(nc, random_state=0).fit(raw).transform(raw)
     base_feats.update({k: v[on_gt] for k, v in pca_all.items()})
-    baseline = score_all(base_feats, y, a.cv_repeats)
+    baseline = score_all(base_feats, y, a.cv_repeats, scoring)
     ref_raw = raws.get(f"_crop{a.crop}", raw_all)
-    supervised = round(supervised_reference(ref_raw[on_gt], y), 4)
+    supervised = round(supervised_reference(ref_raw[on_gt], y, scoring), 4)
     # species + decoys: the candidates on similar-sized crowders form a fifth class (balanced accuracy)
     decoys = None if a.no_decoys else decoy_table(work)
     on_d = y_d = base_d = sup_d = None
@@ -463,7 +506,13 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
                 feats[kind] = enc.transform(allx[on_gt], feature=kind)
             feats[f"{kind}_tta" if not a.tta else f"{kind}_plain"] = enc.transform(allx[on_gt], feature=kind,
                                                                                    tta=not a.tta)
-        q = score_all(feats, y, a.cv_repeats)
+        q = score_all(feats, y, a.cv_repeats, scoring)
+        if getattr(a, "dump", False):  # the stored embedding and the truth of every candidate (atlas experiments)
+            np.savez_compressed(work / f"features_{a.modes.replace(',', '+')}_seed{seed}.npz",
+                                emb=emb.values(), species=labels.astype(str),
+                                decoy=np.zeros(len(labels), bool) if on_d is None else (on_d & ~on_gt),
+                                pca=pca_all.get(f"pca_16_crop{a.crop}", pca_all.get("pca_16")),
+                                xyz=table[["x", "y", "z"]].to_numpy(), tomogram=table["tomogram"].astype(str).to_numpy())
         qd = None if on_d is None else score_all({a.feature: emb.values()[on_d]}, y_d, a.cv_repeats,
                                                  "balanced_accuracy", plain_too=True)[a.feature]
         runs.append({
@@ -502,6 +551,9 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
             "best_pca": best_pca[0],
             "simsiam_purity_per_seed": [r["knn5"][a.feature]["purity"] for r in runs],
             "best_pca_purity": max(v["purity"] for k, v in baseline.items() if k.startswith("pca")),
+            "simsiam_ari_per_seed": [r["knn5"][a.feature]["ari"] for r in runs],
+            "best_pca_ari": max(v["ari"] for k, v in baseline.items() if k.startswith("pca")),
+            "scoring": scoring,
             "raw_pixels_best": max(baseline["raw_pixels"][m]["mean"] for m in ("std", "cos")),
             "supervised_reference": supervised,
             "chance": round(chance, 4),
@@ -544,6 +596,49 @@ def decoy_summary(baseline: dict, runs: list[dict], y: np.ndarray, feature: str,
     }
 
 
+def print_lookalike_row(s: dict) -> None:
+    """One line per (setting, seed, mode): learned vs best PCA (balanced 5-NN, purity, ARI) and the references."""
+    d = s.get("with_decoys") or {}
+    log.info("lookalike setting %d%s seed %d %-16s SNR %.3f: 5-NN %.3f vs PCA %.3f | purity %.3f vs %.3f | ARI %.3f "
+             "vs %.3f | supervised %.3f chance %.3f | +decoys %.3f vs %.3f | load %.1f",
+             s["setting"], "T" if s["tune"] else "R", s["seed"], s["modes"], s["snr"], s["simsiam_std_per_seed"][0],
+             s["best_pca"], s["simsiam_purity_per_seed"][0], s["best_pca_purity"], s["simsiam_ari_per_seed"][0],
+             s["best_pca_ari"], s["supervised_reference"], s["chance"],
+             (d.get("simsiam_std_per_seed") or [float("nan")])[0], d.get("best_pca", {}).get("balanced_accuracy",
+                                                                                        float("nan")),
+             s["load_avg"][0])
+
+
+def lookalike_table(summaries: list[dict]) -> list[dict]:
+    """Per setting and mode (mean and worst over seeds): learned minus best-PCA 5-NN, purity and ARI."""
+    rows = []
+    keys = sorted({(s["setting"], s["modes"]) for s in summaries})
+    for setting, modes in keys:
+        ss = [s for s in summaries if s["setting"] == setting and s["modes"] == modes]
+        knn = np.array([s["simsiam_std_per_seed"][0] for s in ss])
+        pca = np.array([s["best_pca"] for s in ss])
+        pur = np.array([s["simsiam_purity_per_seed"][0] for s in ss])
+        pur_p = np.array([s["best_pca_purity"] for s in ss])
+        ari = np.array([s["simsiam_ari_per_seed"][0] for s in ss])
+        ari_p = np.array([s["best_pca_ari"] for s in ss])
+        rows.append({
+            "setting": setting, "group": "tune" if ss[0]["tune"] else "report", "modes": modes,
+            "seeds": [s["seed"] for s in ss], "snr": round(ss[0]["snr"], 4),
+            "n_species": ss[0]["lookalike"]["n_species"], "contrast": ss[0]["lookalike"]["contrast"],
+            "knn5_balanced_learned": round(float(knn.mean()), 4), "knn5_balanced_pca": round(float(pca.mean()), 4),
+            "knn5_gain_mean": round(float((knn - pca).mean()), 4), "knn5_gain_worst": round(float((knn - pca).min()), 4),
+            "purity_learned": round(float(pur.mean()), 4), "purity_pca": round(float(pur_p.mean()), 4),
+            "purity_gain_worst": round(float((pur - pur_p).min()), 4),
+            "ari_learned": round(float(ari.mean()), 4), "ari_pca": round(float(ari_p.mean()), 4),
+            "supervised_reference": round(float(np.mean([s["supervised_reference"] for s in ss])), 4),
+            "chance": ss[0]["chance"],
+            "with_decoys_learned": [(s.get("with_decoys") or {}).get("simsiam_std_per_seed", [None])[0] for s in ss],
+            "with_decoys_pca": [(s.get("with_decoys") or {}).get("best_pca", {}).get("balanced_accuracy") for s in ss],
+            "load_avg_1m": [round(s["load_avg"][0], 2) for s in ss],
+        })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     torch.set_num_threads(a.threads)
@@ -561,13 +656,31 @@ def main(argv: list[str] | None = None) -> int:
     snrs = [float(v) for v in str(a.snr).split(",")]
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else []
     settings = []
-    for modes in a.modes.split(";"):  # e.g. "slab;tilthalves,slice": the 3d and the 2d3d bank of the same data
-        for snr in snrs:
-            wd = work / f"snr{snr:g}"
-            wd.mkdir(parents=True, exist_ok=True)
-            a.modes = modes
-            settings.append(evaluate_setting(a, snr, seeds, wd, dev))
-            settings[-1]["summary"]["modes"] = modes
+    all_modes = a.modes.split(";")
+    if a.preset == "lookalike":  # settings x seeds; a seed draws the content and trains the model
+        from milotile.synth.lookalike import draw_setting
+
+        tune = {int(v) for v in a.tune_settings.split(",") if v}
+        for setting in (int(v) for v in a.settings.split(",")):
+            for seed in seeds:
+                a.setting, a.data_seed = setting, seed
+                wd = work / f"la{setting}_s{seed}"
+                wd.mkdir(parents=True, exist_ok=True)
+                st = draw_setting(setting)
+                for modes in all_modes:
+                    a.modes = modes
+                    settings.append(evaluate_setting(a, st.snr, [seed], wd, dev))
+                    settings[-1]["summary"].update(modes=modes, setting=setting, seed=seed, tune=setting in tune,
+                                                   lookalike=st.as_dict(), load_avg=os.getloadavg())
+                    print_lookalike_row(settings[-1]["summary"])
+    else:
+        for modes in all_modes:  # e.g. "slab;tilthalves,slice": the 3d and the 2d3d bank of the same data
+            for snr in snrs:
+                wd = work / f"snr{snr:g}"
+                wd.mkdir(parents=True, exist_ok=True)
+                a.modes = modes
+                settings.append(evaluate_setting(a, snr, seeds, wd, dev))
+                settings[-1]["summary"]["modes"] = modes
 
     speed: dict = {}
     if not a.no_speed:
@@ -600,7 +713,11 @@ def main(argv: list[str] | None = None) -> int:
         "speed": speed,
         "total_run_s": round(time.perf_counter() - t_all, 1),
     }
-    print(json.dumps(result["summary"], indent=2))
+    if a.preset == "lookalike":
+        result["lookalike_table"] = lookalike_table([s["summary"] for s in settings])
+        print(json.dumps(result["lookalike_table"], indent=2))
+    else:
+        print(json.dumps(result["summary"], indent=2))
     print(json.dumps(speed, indent=2))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import milotile as mt  # noqa: E402
 from milotile.metrics import evaluate, pr_curve  # noqa: E402
 from milotile.refine import predict  # noqa: E402
-from milotile.refine.threshold import apply_auto_threshold  # noqa: E402
+from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold  # noqa: E402
 from milotile.synth import synth  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -331,15 +331,23 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
     :data:`milotile.refine.threshold.LABEL_MARGIN`), and their means."""
     from milotile.nn.checkpoint import load_checkpoint
     from milotile.refine.data import VolumeReader
-    from milotile.refine.shape import apply_shape_check, fit_shape_models
+    from milotile.refine.shape import check_shapes, fit_shape_references
     from milotile.stages.preprocess import volume_stats
 
     records = []
     for r in runs:
         run = Path(r)
-        _, seed, species, n, name = run.name.split("_", 4)
-        data = run.parent / f"hard_{seed}"
-        gt = pd.read_parquet(data / "ground_truth.parquet")
+        labels = pd.read_parquet(run / "labels.parquet")
+        if run.name.startswith("run_la"):  # run_la<setting>_s<seed>_<recipe>
+            tag, seed, name = run.name.split("_", 2)
+            data = run.parent / f"la_set{tag[6:]}_{seed}"
+            gt = pd.read_parquet(data / "ground_truth.parquet")
+            species = lookalike_labels(gt, int(tag[6:]), int(seed[1:]))[0]
+            n = len(labels)
+        else:  # run_s<seed>_<species>_<n>_<recipe>
+            _, seed, species, n, name = run.name.split("_", 4)
+            data = run.parent / f"hard_{seed}"
+            gt = pd.read_parquet(data / "ground_truth.parquet")
         sp = gt[gt["species"] == species]
         true, rad = sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0])
         contract = load_checkpoint(run / ("best.pt" if (run / "best.pt").exists() else "last.pt"))["contract"]
@@ -349,14 +357,12 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
         refit = refit_shape or not contract.get("shape")
         if refit:
             col = mt.open(data / "store.zarr")
-            labels = pd.read_parquet(run / "labels.parquet")
-            names = sorted(set(raw["tomogram"]) | set(labels["tomogram"]))
+            names = sorted(set(labels["tomogram"]))
             readers = {t: VolumeReader(col[t].data(0), t) for t in names}
             stds = {t: volume_stats(col, t)[1] for t in names}
-            contract = {**contract, "shape": fit_shape_models(readers, stds, labels, contract["classes"],
-                                                              float(contract["bbox"]) / 2)}
-            allp = pd.concat([apply_shape_check(g, readers[t], stds[t], contract["shape"])
-                              for t, g in raw.groupby("tomogram", sort=False)], ignore_index=True)
+            contract = {**contract, "shape": fit_shape_references(readers, stds, labels, contract["classes"],
+                                                                  float(contract["bbox"]) / 2)}
+            allp = check_shapes(col, raw[raw["score"] >= AUTO_FLOOR].reset_index(drop=True), contract)
         auto = float(apply_auto_threshold(allp, contract)[1]["particle"]["threshold"])
         res = scores(allp, true, rad / 2, auto)
         raw_auto = float(apply_auto_threshold(raw, contract)[1]["particle"]["threshold"])
@@ -367,7 +373,8 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
         recs = mt.nn.RunLog(run).records()
         res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
                    rescored_from=str(run), shape_refitted=bool(refit))
-        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res})
+        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res,
+                        **({"setting": int(tag[6:])} if run.name.startswith("run_la") else {})})
         print(records[-1], flush=True)
     out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),
            "wall_s": 0.0, "recipes": {}, "records": records, "summary": summarise(records).to_dict(orient="records")}

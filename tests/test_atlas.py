@@ -97,7 +97,8 @@ def test_atlas_hdbscan_and_errors(tmp_path):
 def test_atlas_umap_and_tsne_transform_new_points(tmp_path):
     col, sp = write_embedding_store(tmp_path / "s.zarr", n=1500, d=32, bank=False)
     for method in ("umap", "tsne"):
-        a = atlas(col, method=method, n_clusters=3, overcluster=40, fit_sample=600, neighbors=15, overwrite=True)
+        a = atlas(col, method=method, n_clusters=3, overcluster=40, fit_sample=600, neighbors=15, overwrite=True,
+                  transform="model")
         t = a.table
         assert np.isfinite(t[["map_x", "map_y"]].to_numpy()).all()
         # transformed (non-sample) points land next to fitted points of their own species
@@ -163,6 +164,27 @@ def test_select_clusters_writes_labels_refine_reads(tmp_path):
         select(col)
 
 
+def test_select_writes_negatives_from_other_clusters(tmp_path):
+    from milotile.formats import read_labels
+
+    col, _ = write_embedding_store(tmp_path / "s.zarr", n=400, d=16)
+    a = atlas(col, method="pca", n_clusters=3, overcluster=30, fit_sample=400)
+    labels = select(col, clusters=[0], negatives=[1, 2], name="target", interactive_info=False)
+    neg = labels.attrs["negatives"]
+    t = a.table
+    assert sorted(neg["id"]) == sorted(t[t["cluster"].isin([1, 2])]["id"])
+    assert not set(neg["id"]) & set(labels["id"])
+    back = read_labels(tmp_path / "s.zarr" / "tables" / "negatives-target.parquet", col)  # refine train --negatives
+    assert len(back) == len(neg) and set(back["class"]) == {"negative"}
+    assert col.table_params("negatives-target")["negative_clusters"] == [1, 2]
+    before = col.read_table("labels-target")
+    with pytest.raises(InputError, match="both as --clusters and as --negatives"):
+        select(col, clusters=[0], negatives=[0, 1], name="target")
+    with pytest.raises(InputError, match="no cluster 7"):
+        select(col, clusters=[0], negatives=[7], name="target")
+    pd.testing.assert_frame_equal(col.read_table("labels-target"), before)  # a refused call changes nothing
+
+
 def test_plots_and_thumbnails(tmp_path):
     from PIL import Image
 
@@ -217,15 +239,23 @@ def _get(url, data=None):
 
 
 def test_app_http_api_select_export_download(tmp_path):
+    import hashlib
     import io
 
     import starfile
 
     from milotile.explore.serve import make_server
+    from milotile.store import open_collection
 
     col, _ = write_embedding_store(tmp_path / "s.zarr", n=400, d=16, tomograms=True)
     a = atlas(col, method="pca", n_clusters=3, overcluster=20, fit_sample=400)
-    srv = make_server(a, port=0)
+    assert (tmp_path / "s.zarr" / "runs" / "zarr.json").is_file()  # the atlas run folder sits in a marked runs/
+    srv = make_server(load_atlas(open_collection(col.url, mode="r")), port=0)  # as `explore serve`: read-only
+
+    def digest():
+        return {str(p): hashlib.sha1(p.read_bytes()).hexdigest() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+
+    before = digest()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
@@ -248,6 +278,7 @@ def test_app_http_api_select_export_download(tmp_path):
         want = t[(t.map_x.between(x0, x1)) & (t.map_y.between(y0, y1)) & t.cluster.isin([0, 1, -1])]["id"].to_numpy()
         assert info["n"] == len(want) > 0 and (np.sort(ids) == np.sort(want)).all()
         assert sum(info["per_tomogram"].values()) == info["n"]
+        assert digest() == before  # serving, thumbnails and selections write nothing into the store
         out = json.loads(_get(base + "/api/export", {"selection": info["selection"], "name": "pick-a"})[0])
         assert out["n"] == len(want)
         stored = col.read_table("labels-pick-a")
@@ -296,6 +327,20 @@ def test_knn_transform_places_new_points_with_their_group(tmp_path):
     anchors = np.eye(4, dtype=np.float32)
     xy = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], float)
     np.testing.assert_allclose(knn_interpolate(anchors, anchors, xy, k=3), xy, atol=1e-4)
+
+    class ExactIndex:  # an index over the anchors, as UMAP's pynndescent one (query -> indices, distances)
+        def __init__(self, a):
+            self.tree = cKDTree(a)
+
+        def query(self, q, k):
+            d, j = self.tree.query(q, k=k)
+            return j, d
+
+    rng = np.random.default_rng(0)
+    many, q = rng.normal(size=(300, 5)).astype(np.float32), rng.normal(size=(50, 5)).astype(np.float32)
+    many_xy = rng.uniform(size=(300, 2))
+    np.testing.assert_allclose(knn_interpolate(q, many, many_xy, k=10, index=ExactIndex(many)),
+                               knn_interpolate(q, many, many_xy, k=10), atol=1e-4)
     col, sp = write_embedding_store(tmp_path / "s.zarr", n=1000, d=16, bank=False)
     a = atlas(col, method="tsne", transform="knn", n_clusters=3, overcluster=30, fit_sample=400, neighbors=15)
     t = a.table

@@ -25,6 +25,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--use-gl=swiftshader", "--enable-unsa
          "--disable-dev-shm-usage"]
 
 pytestmark = [
+    pytest.mark.client("chromium"),
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable (apt-get install chromium; scripts/ensure_chromium.sh)"),
 ]
 

@@ -364,3 +364,60 @@ def test_star_tomograms_star_round_trip_without_collection(tmp_path, col, picks)
         read_labels(path)
     with pytest.raises(InputError, match="unknown STAR export option"):
         export(picks, "star", tmp_path / "x.star", col=col, kv=300)
+
+
+# ------------------------------------------------------------------------------------ headed tables (issue 27)
+HEADED = {
+    "image_name\tx\ty\tz": "\t",  # the file a new user has: MiLoPYP's name column with plain x y z
+    "tomogram,x,y,z": ",",
+    "tomo x y z": " ",
+    "name;X;Y;Z": ";",
+    "rlnTomoName\trlnCoordinateX\trlnCoordinateY\trlnCoordinateZ": "\t",
+    "image_name x_coord y_coord z_coord": " ",
+}
+
+
+@pytest.mark.parametrize("header", list(HEADED))
+@pytest.mark.parametrize("suffix", [".tsv", ".txt", ".csv"])
+def test_headed_tables_with_usual_column_names_just_work(tmp_path, col, header, suffix):
+    sep = HEADED[header]
+    p = tmp_path / f"labels{suffix}"
+    p.write_text("\n".join([header, sep.join(["tomo_a", "10", "20", "5"]), sep.join(["tomo_b", "11.5", "21", "6"])]) + "\n")
+    df = read_labels(p, col)
+    assert df["tomogram"].tolist() == ["tomo_a", "tomo_b"]
+    np.testing.assert_allclose(df[["x", "y", "z"]].to_numpy(), [[10, 20, 5], [11.5, 21, 6]])
+    # an --order given for it (the user tried) does not turn it into a bare-column file
+    np.testing.assert_allclose(read_labels(p, col, order="xyz")[["x", "y", "z"]].to_numpy(), df[["x", "y", "z"]].to_numpy())
+
+
+def test_headed_table_without_tomogram_column_uses_the_file_name(tmp_path):
+    p = tmp_path / "tomo_a.txt"
+    p.write_text("x y z score\n1 2 3 0.5\n")
+    df = read_labels(p)
+    assert df["tomogram"].tolist() == ["tomo_a"] and df["score"].tolist() == [0.5]
+
+
+def test_header_with_unknown_columns_names_the_accepted_forms(tmp_path):
+    p = tmp_path / "l.tsv"
+    p.write_text("foo\tbar\tbaz\n1\t2\t3\n")
+    with pytest.raises(InputError, match=r"image_name.*x y z.*rlnCoordinateX.*coord") as exc:
+        read_labels(p, order="xyz")
+    assert "non-numeric" not in str(exc.value)
+
+
+def test_training_labels_and_negatives_read_headed_tsv(tmp_path, col):
+    from milotile.refine.labels import load_label_table
+
+    p = tmp_path / "neg.tsv"
+    p.write_text("image_name\tx\ty\tz\ntomo_a\t10\t20\t5\n")
+    df = load_label_table(p, col, "negatives")
+    assert df[["tomogram", "x", "y", "z"]].values.tolist() == [["tomo_a", 10.0, 20.0, 5.0]]
+
+
+@pytest.mark.parametrize("out, expected", [("dir/csv", "dir/csv/picks.csv"), ("dir/", "dir/picks.csv"),
+                                           ("dir/p.csv", "dir/p.csv"), ("existing", "existing/picks.csv")])
+def test_csv_out_folder_or_file(tmp_path, picks, out, expected):
+    (tmp_path / "existing").mkdir()
+    files = export(picks, "csv", str(tmp_path / out) + ("/" if out.endswith("/") else ""))
+    assert files == [tmp_path / expected] and files[0].is_file()
+    assert not list(tmp_path.rglob("csv.csv"))

@@ -233,6 +233,7 @@ def test_export_ngff04_cli_zarr_v2(store, tmp_path):
 
 # ------------------------------------------------------------------------------------ napari
 @pytest.mark.slow
+@pytest.mark.client("napari")
 def test_napari_opens_every_layer_overlaid(store):
     out = run_client("napari", "napari_check.py", *[str(store / p) for p in IMAGES.values()])
     res = {k: out["results"][str(store / p)] for k, p in IMAGES.items()}
@@ -243,6 +244,9 @@ def test_napari_opens_every_layer_overlaid(store):
     assert tomo[0]["scale"] == [VS, VS, VS] and tomo[0]["world_origin"] == [0, 0, 0]
     # opening the tomogram also overlays its label images (listed in <image>/labels)
     assert [(la["type"], la["shape"]) for la in tomo[1:]] == [("Labels", list(SHAPE))]
+    # layers are named after the tomogram and the colour map (not "data", "labels/labels/clusters")
+    assert [la["name"] for la in tomo] == ["ta: tomogram", "ta: clusters"]
+    assert res["preprocessed"]["layers"][0]["name"] == "ta: preprocessed"
     ref = _extent(tomo[0]["scale"], tomo[0]["translate"], tomo[0]["shape"])
     heat = res["heatmap"]["layers"]
     assert [h["type"] for h in heat] == ["Image", "Image"]  # one layer per class (channel axis)
@@ -267,17 +271,19 @@ def test_napari_opens_every_layer_overlaid(store):
 
 # ------------------------------------------------------------------------------------ copick
 @pytest.mark.slow
-def test_copick_reads_exported_project_after_moving_it(store, tmp_path):
+@pytest.mark.client("copick")
+def test_copick_reads_exported_project_from_another_folder_and_after_moving_it(store, tmp_path):
     col = mt.open(store)
     picks = col.read_table("picks")
     files = export(picks, "copick", tmp_path / "proj", col=col, tomo_type="wbp")
     assert tmp_path / "proj" / "ExperimentRuns" / "ta" / "VoxelSpacing10.000" / "wbp.zarr" in files
     cfg = json.loads((tmp_path / "proj" / "copick_config.json").read_text())
-    assert cfg["overlay_root"] == "local://."
+    assert cfg["overlay_root"] == f"local://{(tmp_path / 'proj').resolve().as_posix()}"
     assert cfg["pickable_objects"][0]["radius"] == pytest.approx(4.0 * VS)
-    moved = tmp_path / "elsewhere" / "project"
-    shutil.move(str(tmp_path / "proj"), moved)  # a relative overlay_root keeps the tree portable
-    out = run_client("copick", "copick_check.py", "copick_config.json", cwd=moved)
+    # copick run from a folder that is not the project's (copick 1.31 resolves a relative root there)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = run_client("copick", "copick_check.py", str(tmp_path / "proj" / "copick_config.json"), cwd=elsewhere)
     run = out["runs"]["ta"]
     tomo = run["voxel_spacings"]["10.000"]["wbp"]
     assert tomo["version"] == "0.4" and tomo["numpy_shape"] == list(SHAPE)
@@ -292,10 +298,30 @@ def test_copick_reads_exported_project_after_moving_it(store, tmp_path):
     assert p["object"] == "ribosome" and p["user_id"] == "milotile" and p["n"] == 3
     np.testing.assert_allclose(p["positions_A"], picks[["x", "y", "z"]].to_numpy() * VS)
     assert p["scores"] == pytest.approx(picks["score"].tolist())
+    # a relative root keeps the tree movable; copick then runs from inside the project
+    export(picks, "copick", tmp_path / "rel", col=col, tomo_type="wbp", overlay_root="local://.")
+    moved = elsewhere / "project"
+    shutil.move(str(tmp_path / "rel"), moved)
+    out_moved = run_client("copick", "copick_check.py", "copick_config.json", cwd=moved)
+    assert out_moved["runs"]["ta"]["picks"][0]["n"] == 3
+    assert out_moved["runs"]["ta"]["voxel_spacings"]["10.000"]["wbp"]["numpy_shape"] == list(SHAPE)
     # and milotile reads the moved project back to the same voxels
     back = read_labels(moved / "copick_config.json", col)
     np.testing.assert_allclose(back[["x", "y", "z"]].to_numpy(), picks[["x", "y", "z"]].to_numpy())
     print("copick versions", out["versions"])
+
+
+def test_copick_export_radius_defaults_to_the_pickers_box(store, tmp_path):
+    """A picks table from `refine pick` records half the picker's box; export uses it without --radius."""
+    from milotile.cli import main as cli_main
+
+    col = mt.open(store)
+    picks = col.read_table("picks").drop(columns="radius")
+    col.write_table("picks-box", picks, params={"radius": 6.0, "nms_distance": 6.0})
+    rc = cli_main(["export", "picks-box", "--format", "copick", "--store", str(store), "--out", str(tmp_path / "p")])
+    assert rc == 0
+    cfg = json.loads((tmp_path / "p" / "copick_config.json").read_text())
+    assert cfg["pickable_objects"][0]["radius"] == pytest.approx(6.0 * VS)
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -304,6 +330,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.client("copick")
 def test_ingest_copick_project_written_by_copick_leaves_it_untouched(tmp_path):
     rng = np.random.default_rng(3)
     vol = rng.normal(size=(20, 36, 44)).astype(np.float32)

@@ -12,11 +12,14 @@ from milotile.refine.data import VolumeReader
 from milotile.refine.shape import (
     MIN_LABELS,
     SHAPE_CAP,
+    SHAPE_VERSION,
     SHAPE_WEIGHT,
     ShapeModel,
+    ShapeReference,
     apply_shape_check,
     fit_shape_models,
     radial_profiles,
+    shape_descriptors,
 )
 
 R_PART, R_DECOY = 6.0, 8.5
@@ -123,6 +126,60 @@ def test_peaks_on_labels_get_their_leave_one_out_distance() -> None:
     assert np.allclose(m.peak_d2(prof, "other", parts), inside)  # no labels in that tomogram
 
 
+def _rods_and_balls(seed: int, noise: float = 0.6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dark balls of radius 6 and dark rods (radius 2.5, half-length 6: the same extent) on noise."""
+    rng = np.random.default_rng(seed)
+    shape = (40, 192, 192)
+    vol = rng.normal(0, noise, shape).astype(np.float32)
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    balls, rods = [], []
+    centres = [(20, y, x) for y in range(20, 180, 30) for x in range(20, 180, 30)]
+    rng.shuffle(centres)
+    for i, (cz, cy, cx) in enumerate(centres):
+        if i % 2 == 0:
+            vol[(zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= R_PART**2] -= 1.0
+            balls.append((cz, cy, cx))
+        else:  # a rod along a random in-plane direction
+            a = rng.uniform(0, np.pi)
+            u = np.array([0.0, np.sin(a), np.cos(a)])
+            d = np.stack([zz - cz, yy - cy, xx - cx])
+            along = np.tensordot(u, d, axes=1)
+            perp2 = (d**2).sum(0) - along**2
+            vol[(np.abs(along) <= R_PART) & (perp2 <= 2.5**2)] -= 1.5
+            rods.append((cz, cy, cx))
+    return vol, np.asarray(balls, float), np.asarray(rods, float)
+
+
+def test_descriptors_see_the_angular_variation() -> None:
+    vol, balls, rods = _rods_and_balls(0, noise=0.0)
+    d_ball = shape_descriptors(_reader(vol), balls, R_PART, 1.0)
+    d_rod = shape_descriptors(_reader(vol), rods, R_PART, 1.0)
+    n = int(np.ceil(1.6 * R_PART))
+    assert d_ball.shape == (len(balls), 2 * n)
+    assert np.abs(d_ball[:, n + 1 : n + 5]).max() < 0.3  # a ball is round: shells inside it are uniform
+    assert (d_rod[:, n + 2 : n + 5].mean(1) > 0.4).all()  # a rod is not: its shells vary with direction
+
+
+def test_reference_ranks_label_shapes_above_look_alikes_of_the_same_size() -> None:
+    vol, balls, rods = _rods_and_balls(1)
+    rd = _reader(vol)
+    lab = balls[:6]
+    ref = ShapeReference(R_PART, shape_descriptors(rd, lab, R_PART, float(vol.std())),
+                         [["t", *p] for p in lab.tolist()])
+    peaks = np.concatenate([balls, rods])
+    desc = shape_descriptors(rd, peaks, R_PART, float(vol.std()))
+    llr, m = ref.log_ratio(desc, desc, ["t"] * len(peaks), peaks)
+    is_ball = np.arange(len(peaks)) < len(balls)
+    assert llr[is_ball].min() > llr[~is_ball].max()  # every ball above every rod
+    adj = ref.adjustment(llr, m)
+    assert (adj <= 0).all() and np.median(adj[is_ball]) > -0.5 and (adj[~is_ball] < -2).all()
+    # a peak on a label is scored without that label (leave-one-out), not by the model that saw it
+    llr_off, _ = ref.log_ratio(desc, desc)
+    assert (llr[:6] < llr_off[:6]).all()
+    again = ShapeReference.from_dict(ref.to_dict())
+    assert np.allclose(again.log_ratio(desc, desc)[0], llr_off)
+
+
 @pytest.mark.slow
 def test_trained_picker_carries_the_check_and_pick_applies_it(tmp_path) -> None:
     import milotile as mt
@@ -137,7 +194,8 @@ def test_trained_picker_carries_the_check_and_pick_applies_it(tmp_path) -> None:
                    device="cpu", repeats=1, tta=1, arch_config={"start_filts": 4, "stem_ch": 4, "feat_dim": 8})
     assert set(picker.contract["shape"]) == set(picker.classes)
     spec = picker.contract["shape"][picker.classes[0]]
-    assert spec["n_labels"] == 6 and spec["radius"] == 6.0 and len(spec["labels"]) == 6
+    assert spec["version"] == SHAPE_VERSION and spec["radius"] == 6.0 and len(spec["labels"]) == 6
+    assert np.asarray(spec["descriptors"]).shape == (6, 2 * int(np.ceil(1.6 * 6.0)))
     kw = dict(threshold=0.01, max_picks=None, write_heatmaps=False, table=None)
     checked = pick(col, picker, **kw)
     plain = pick(col, picker, shape_check=False, **kw)
@@ -147,4 +205,4 @@ def test_trained_picker_carries_the_check_and_pick_applies_it(tmp_path) -> None:
     merged = checked.merge(plain, on=["tomogram", "x", "y", "z"], suffixes=("", "_plain"))
     assert len(merged) == len(checked)
     assert np.allclose(merged["score_model"], merged["score_plain"])
-    assert (merged["shape_d2"] > 0).all()
+    assert np.isfinite(merged["shape_d2"]).all()  # every peak was compared with the labels

@@ -121,13 +121,13 @@ def test_cli_widths_flag(tmp_path):
         cli.build_parser().parse_args(["explore", "train", "s.zarr", "--widths", "16,32"])
 
 
-def test_limit_threads_sets_torch_and_env(monkeypatch):
-    from milotile.cluster import limit_threads
+def test_set_threads_sets_torch_and_env(monkeypatch):
+    from milotile.runtime import set_threads
 
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     try:
-        limit_threads(1)
+        set_threads(1)
         assert torch.get_num_threads() == 1
         import os
 
@@ -272,3 +272,21 @@ def test_concurrent_consolidations_keep_every_entry(scale_runs, tmp_path):
     flat = zarr.open_group(str(store), mode="r", use_consolidated=True).metadata.consolidated_metadata
     assert {f"derived/extra{k}/n{i}" for k in (0, 1) for i in range(8)} <= set(flat.flattened_metadata)
     assert not list((store / ".locks").glob("*.lock"))
+
+
+def test_progress_in_a_log_file_is_periodic_lines_not_bars(monkeypatch, caplog, capfd):
+    """stderr not a terminal: progress arrives as log lines, never as carriage-return bar runs."""
+    import dask.array as da
+
+    import milotile.runtime as rt
+
+    monkeypatch.setattr(rt, "_interactive", lambda: False)
+    monkeypatch.setenv("MILOTILE_PROGRESS_INTERVAL", "0")
+    x = da.ones((8, 8), chunks=(2, 8))
+    with caplog.at_level(logging.INFO, logger="milotile.runtime"):
+        (total,) = rt.compute_with_progress([x.sum()], desc="unit")
+    assert total == 64
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unit: ")]
+    assert lines and lines[-1].startswith("unit: ") and "tasks (100 %)" in lines[-1]
+    err = capfd.readouterr().err
+    assert "\r" not in err and "[####" not in err

@@ -73,6 +73,7 @@ def _assert_same(store: Path, ref: Path) -> None:
 
 # ------------------------------------------------------------------------- plain dask processes
 @pytest.mark.slow
+@pytest.mark.client("dask processes")
 def test_dask_scheduler_and_worker_processes(base_store, reference, tmp_path):
     """`dask scheduler` + `dask worker` (2 worker processes) with --scheduler: identical results."""
     dask_bin = Path(sys.executable).with_name("dask")
@@ -133,6 +134,7 @@ def slurm(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.client("slurm")
 def test_slurm_jobqueue_cluster_gives_identical_results(base_store, reference, slurm, tmp_path):
     """--cluster-config kind: slurm starts its Dask workers as SLURM batch jobs (dask-jobqueue)."""
     store = tmp_path / "s.zarr"

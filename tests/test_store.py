@@ -125,6 +125,31 @@ def test_manifest_and_reingest_is_noop_and_changed_file_needs_overwrite(tmp_path
     np.testing.assert_array_equal(col["a"].data().compute(), new)
 
 
+def test_reingest_sees_an_edit_between_the_sampled_blocks(tmp_path, capsys):
+    """Same size, mtime restored, edit where the sampled check never looks: the whole-file hash sees it."""
+    rec = tmp_path / "a.rec"
+    write_mrc(rec, _vol((32, 256, 256)), voxel_size=5.0)  # 8 MiB: above the sampled check's 6 MiB
+    store = tmp_path / "s.zarr"
+    mt.ingest(rec, store, chunks=CHUNKS)
+    st = os.stat(rec)
+    off = (1 << 20) + (64 << 10) + 1000  # after the first MiB and the first sampled block, before the next
+    with open(rec, "r+b") as fh:
+        fh.seek(off)
+        b = fh.read(4)
+        fh.seek(off)
+        fh.write(bytes(x ^ 0xFF for x in b))
+    os.utime(rec, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(rec).st_size == st.st_size and os.stat(rec).st_mtime_ns == st.st_mtime_ns
+    snap = _store_snapshot(store)
+    mt.ingest(rec, store, chunks=CHUNKS, quick_check=True)  # the opt-in sampled check misses it (documented)
+    with pytest.raises(InputError, match="changed .*pass --overwrite"):
+        mt.ingest(rec, store, chunks=CHUNKS)
+    assert _store_snapshot(store) == snap
+    assert cli_main(["info", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "sha1 of the whole file" in out and "whole-file fingerprint" in out
+
+
 # ---- bad input: one clear sentence, exit code 2, nothing written -------------------------------
 def _good(tmp_path):
     write_mrc(tmp_path / "good.rec", _vol(), voxel_size=5.0)

@@ -16,8 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from milotile.api import Candidates, Collection, ingest, open  # noqa: A004
-from milotile.cluster import cluster
+from milotile.cluster import cluster  # light: dask loads when a cluster starts
 from milotile.errors import InputError, StoreError
 
 __version__ = "0.1.0"
@@ -31,11 +30,17 @@ __all__ = ["Candidates", "Collection", "InputError", "StoreError", "__version__"
            *SUBPACKAGES]
 
 
+#: the workflow API (milotile.api loads the store: dask, zarr, pandas), imported on first use
+_API = ("Candidates", "Collection", "ingest", "open")
+
+
 def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module("milotile.api"), name)
     if name in SUBPACKAGES:
         return importlib.import_module(f"milotile.{name}")
     raise AttributeError(f"module 'milotile' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(SUBPACKAGES))
+    return sorted(set(globals()) | set(SUBPACKAGES) | set(_API))

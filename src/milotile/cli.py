@@ -2,13 +2,15 @@
 
 Global options choose the Dask cluster (``--scheduler``, ``--workers``, ``--threads-per-worker``,
 ``--cluster-config``); stages that compute start it before running. Bad input is reported as one
-sentence on stderr with exit status 2, without a traceback.
+sentence on stderr with exit status 2, without a traceback; a full disk, a quota, a read-only or
+forbidden folder (:data:`FS_ERRORS`) with one sentence naming the path and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import math
@@ -120,7 +122,6 @@ def cluster_from_args(args: argparse.Namespace):
 
 def _io_snapshot(client) -> tuple[dict, int]:
     """Store I/O counters of this process plus every worker, and the number of parallel slots."""
-    import os
 
     import milotile.iostats as iostats
 
@@ -135,7 +136,9 @@ def _io_snapshot(client) -> tuple[dict, int]:
     else:
         import dask
 
-        slots = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        from milotile.runtime import init_threads
+
+        slots = int(dask.config.get("num_workers", None) or init_threads())
     return iostats.merge(parts), slots
 
 
@@ -194,8 +197,45 @@ def _check_store_arg(args: argparse.Namespace) -> None:
         check_store(store, must_exist=args.command != "ingest" and not getattr(args, "creates_store", False))
 
 
+#: File-system errors a write can meet, told in one sentence instead of a traceback (exit status 1).
+FS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def fs_error(exc: BaseException) -> OSError | None:
+    """The file-system error of :data:`FS_ERRORS` behind ``exc`` (itself, or its cause/context chain)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in FS_ERRORS:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def fs_error_message(err: OSError, args: argparse.Namespace) -> str:
+    """One sentence: which path, what went wrong, and that the output is left incomplete."""
+    path = err.filename or getattr(args, "store", None) or getattr(args, "out", None) or "the output"
+    verb = "access" if err.errno in (errno.EACCES, errno.EPERM) else "write to"
+    return (f"cannot {verb} {path}: {FS_ERRORS[err.errno]}; what was being written is left marked incomplete "
+            "(`milotile info` shows it) and is redone by the next run once the cause is fixed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``milotile`` console script."""
+    from milotile.runtime import init_threads
+
+    try:  # before any stage imports numpy or torch: their thread pools read the environment once
+        init_threads()
+    except InputError as exc:
+        print(f"milotile: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
@@ -222,6 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("milotile: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk, a read-only folder, a quota: one sentence, not a traceback
+        err = fs_error(exc)
+        if err is None:
+            raise
+        log.debug("file-system error", exc_info=True)
+        print(f"milotile {args.command}: error: {fs_error_message(err, args)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,10 +22,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
-
 from milotile.errors import InputError
-from milotile.runtime import active_client, compute_with_progress, gpu_resources  # noqa: F401  (re-exported)
+from milotile.runtime import (  # noqa: F401  (re-exported)
+    active_client,
+    compute_with_progress,
+    gpu_resources,
+    init_threads,
+    set_threads,
+    threads_per_task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +114,11 @@ def cluster(
     scheduler : str, optional
         Address of a running scheduler (``tcp://host:8786``); no cluster is started.
     workers : int, optional
-        Number of local workers (default: number of cores, at most 8; one per GPU when CUDA is present).
+        Number of local workers (default: the CPU budget of :func:`milotile.runtime.cpu_budget`, at
+        most 8; one per GPU when CUDA is present).
     threads_per_worker : int, optional
-        Threads per local worker (default 1: scipy filters hold the GIL).
+        Threads per local worker (default 1: scipy filters hold the GIL). Torch in a worker uses the
+        worker's share of the budget divided by its threads.
     config : path, optional
         YAML file with a ``cluster`` mapping (``kind: slurm|pbs|...``, ``options``, ``jobs``, ``gpu``),
         see ``config/cluster.yaml``; ``kind: local`` uses its ``workers``/``threads_per_worker``.
@@ -126,6 +133,7 @@ def cluster(
     ------
     distributed.Client
     """
+    import dask
     from distributed import Client, LocalCluster
 
     quiet_dask_logs()  # before the cluster starts: distributed resets its levels on import
@@ -148,7 +156,7 @@ def cluster(
     else:
         if owned is None:
             n_gpu = _cuda_devices()
-            ncores = os.cpu_count() or 1
+            ncores = init_threads()
             n = int(workers) if workers is not None else (n_gpu if n_gpu else min(ncores, 8))
             tpw = int(threads_per_worker) if threads_per_worker is not None else max(1, ncores // n if n_gpu else 1)
             kwargs: dict[str, Any] = dict(
@@ -169,7 +177,7 @@ def cluster(
     nworkers = len(info.get("workers", {}))
     local_cores = None
     if owned is not None and scheduler is None and isinstance(owned, LocalCluster):
-        local_cores = max(1, (os.cpu_count() or 1) // max(1, nworkers))
+        local_cores = threads_per_task(nworkers)
     client.register_plugin(worker_setup(local_cores), name="milotile-worker-setup")
     log.info("Dask cluster ready: %d workers; dashboard at %s", nworkers, link)
     try:
@@ -287,17 +295,6 @@ def _worker_log_config() -> dict:
                         "distributed.nanny": "warning", "distributed.scheduler": "warning"}}
 
 
-def limit_threads(n: int) -> None:
-    """Use ``n`` intra-op threads for torch/OpenMP/MKL in this process (set before or after torch import)."""
-    import sys
-
-    n = max(1, int(n))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(n)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
-
-
 def worker_setup(cores: int | None = None) -> Any:
     """A worker plugin: count store I/O (:mod:`milotile.iostats`) and size torch's thread pool.
 
@@ -316,7 +313,7 @@ def worker_setup(cores: int | None = None) -> Any:
 
             iostats.enable()
             nthreads = int(getattr(worker.state, "nthreads", 1) or 1)
-            limit_threads(max(1, (self.cores or nthreads) // nthreads))
+            set_threads(threads_per_task(nthreads, self.cores or nthreads))
 
     return _Setup(cores)
 
@@ -333,9 +330,11 @@ def local_scheduler(kind: str = "threads", threads: int | None = None) -> Iterat
     import milotile.iostats as iostats
 
     iostats.enable()
-    ncores = os.cpu_count() or 1
+    import dask
+
+    ncores = init_threads()
     nthreads = 1 if kind == "sync" else int(threads or ncores)
-    limit_threads(max(1, ncores // nthreads))
+    set_threads(threads_per_task(nthreads, ncores))
     cfg: dict[str, Any] = {"scheduler": "synchronous" if kind == "sync" else "threads"}
     if kind == "threads":
         cfg["num_workers"] = nthreads

@@ -1,7 +1,7 @@
 """Read a whole copick project with the real ``copick`` package and print what it sees.
 
-Runs inside the copick client environment (copick 1.x pins zarr 2), with the working directory
-set to the project folder (a relative ``overlay_root`` resolves there). Usage:
+Runs inside the copick client environment (copick 1.x pins zarr 2), from any working directory (a
+relative ``overlay_root`` resolves against it, an absolute one anywhere). Usage:
 ``python copick_check.py copick_config.json``; prints one JSON document with the runs, voxel
 spacings, tomograms (shape, scale and mean of every level, read through zarr 2) and picks.
 """

@@ -34,10 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voxel-size", type=float, default=None, metavar="A", help="voxel size (Å) when no --store")
     p.add_argument("--no-score", action="store_true", help="milopyp: leave out the score column")
     p.add_argument("--radius", type=float, default=None, metavar="VOXELS",
-                   help="particle radius in voxels: IMOD point size, copick pickable-object radius (Å from it)")
+                   help="particle radius in voxels: IMOD point size, copick pickable-object radius (Å from it); "
+                   "default for a store's picks table: half the picker's box")
     p.add_argument("--tomo-type", default="wbp", help="copick: tomogram type of the exported volumes (with --store)")
     p.add_argument("--overlay-root", default=None, metavar="URL",
-                   help="copick: overlay_root written into a new config (default 'local://.', relative: portable)")
+                   help="copick: overlay_root written into a new config (default local://<absolute OUT>, which "
+                   "copick opens from any folder; 'local://.' keeps the project movable but copick must then "
+                   "run from inside it)")
     p.set_defaults(handler=run, needs_cluster=False)
 
     q = sub.add_parser(
@@ -52,7 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_picks(spec: str, store: str | None):
-    """A picks table from a file, or from ``tables/<spec>.parquet`` of ``store``."""
+    """A picks table from a file, or from ``tables/<spec>.parquet`` of ``store``.
+
+    A store table written by ``refine pick`` gets a ``radius`` column (level-0 voxels, half the picker's
+    box) when it has none, so exports (copick pickable objects, IMOD point size) carry the particle size.
+    """
     import pandas as pd
 
     from milotile.errors import InputError
@@ -70,7 +77,12 @@ def load_picks(spec: str, store: str | None):
 
         col = open_collection(store, mode="r")
         if col.has_table(spec):
-            return col.read_table(spec)
+            df = col.read_table(spec)
+            params = col.table_params(spec)
+            radius = params.get("radius") or params.get("nms_distance")  # older picks: NMS radius = half the box
+            if "radius" not in df.columns and radius:
+                df = df.assign(radius=float(radius))
+            return df
     raise InputError(f"Picks {spec!r} is neither a file nor a table of the store {store!r}.")
 
 

@@ -1,4 +1,4 @@
-"""``milotile refine train``: train the positive-unlabeled picker (``refine pick`` is added by refine_pick)."""
+"""``milotile refine train``: train the positive-unlabeled picker (``pick``, ``review``, ``retrain``: refine_pick, refine_review)."""
 
 from __future__ import annotations
 
@@ -61,8 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add_recipe_options(p.add_argument_group("recipe (milotile.refine.recipe.PickerRecipe)"), PickerRecipe)
     p.set_defaults(handler=run)
     from milotile.commands.refine_pick import register_pick
+    from milotile.commands.refine_review import register_review
 
     register_pick(sub)
+    register_review(sub)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tilt-axis-angle", type=float, default=0.0, metavar="DEG",
                    help="tilt-axis direction of the aligned stacks, degrees from the image y axis (0 = IMOD)")
     p.add_argument("--overwrite", action="store_true", help="replace tomograms whose source changed")
+    p.add_argument("--quick-check", action="store_true",
+                   help="tell unchanged sources by size, mtime and 64 sampled blocks (milliseconds) instead of "
+                   "hashing every byte again (default; an edit that kept size and mtime is always seen)")
     p.add_argument("--copick-tomo-type", default=None, metavar="TYPE",
                    help="copick projects (a copick_config.json SOURCE): tomogram type to ingest (default: the only "
                    "or first); the project's picks go into the table copick-picks; the project is never written")
@@ -51,7 +54,7 @@ def run_ingest(args: argparse.Namespace) -> int:
 
     col = ingest(args.sources, args.store, order=args.order, voxel_size=args.voxel_size,
                  tilt_axis_angle=args.tilt_axis_angle, overwrite=args.overwrite,
-                 copick_tomo_type=args.copick_tomo_type)
+                 copick_tomo_type=args.copick_tomo_type, quick_check=args.quick_check)
     configs = [s for s in args.sources if is_copick_config(s)]
     if configs:
         import pandas as pd
@@ -87,6 +90,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{col.url}: {len(col)} tomograms")
     if len(info):
         print(info.to_string(index=False))
+        print("re-ingest compares each source's whole-file fingerprint (`ingest --quick-check`: size, mtime and "
+              "sampled blocks)")
     derived = col.derived(status=True)
     if derived:
         print("derived:")

@@ -24,7 +24,7 @@ import zarr
 
 from milotile.errors import InputError
 from milotile.ops.stats import block_moments, merge_moments
-from milotile.store import as_collection
+from milotile.store import as_collection, missing_input
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,7 @@ def open_bank(col: Any, key: str | PatchBank | None = None, mode: str | None = N
         raise InputError(f"unknown exploration mode {mode!r}; use '3d' or '2d3d'.")
     keys = _bank_keys(col)
     if not keys:
-        raise InputError(
-            f"store {col.url} has no patch bank under patches/; run the patch extraction stage first."
-        )
+        raise missing_input(col.url, "patches", "patch bank")
     if key is None:
         cand = keys
         if mode is not None and len(keys) > 1:
@@ -210,7 +208,8 @@ def open_bank(col: Any, key: str | PatchBank | None = None, mode: str | None = N
             )
         key = cand[0]
     elif key not in keys:
-        raise InputError(f"store {col.url} has no patch bank {key!r}; available: {', '.join(keys)}.")
+        raise InputError(f"store {col.url} has no patch bank {key!r}; available: {', '.join(keys) or 'none'} "
+                         "(`milotile patches` makes them).")
     grp = col.zarr_group[PATCHES][key]
     arr = grp["data"]
     if arr.ndim != 5 or arr.shape[3] != arr.shape[4]:

@@ -62,6 +62,8 @@ class Encoder:
     arch, config : the registry name and builder config.
     path : pathlib.Path or None
         The checkpoint file (needed to embed on a distributed cluster), as ``Picker.path``.
+    amp : bool
+        Mixed precision while embedding (CUDA; the CPU with ``MILOTILE_CPU_BF16=1``); False for fp32.
     """
 
     model: SimSiam
@@ -70,6 +72,7 @@ class Encoder:
     config: dict[str, Any]
     path: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = True
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device | None = None) -> Encoder:
@@ -137,7 +140,7 @@ class Encoder:
         for i in range(0, x.shape[0], batch_size):
             xb = normalize(x[i : i + batch_size].to(self.device), self.contract["mean"], self.contract["std"])
             views = dihedral(xb) if tta else [xb]
-            with autocast(self.device, cpu=True):
+            with autocast(self.device, enabled=self.amp, cpu=True):
                 f = sum(self.model.features(v, feature).float() for v in views) / len(views)
             out.append(f.float().cpu().numpy())
         if not out:

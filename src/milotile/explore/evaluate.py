@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["candidate_species", "purity", "cluster_scores", "species_enrichment", "enriched_clusters"]
+__all__ = ["candidate_species", "purity", "cluster_scores", "species_enrichment", "enriched_clusters",
+           "purest_cluster", "best_cluster_selection"]
 
 
 def candidate_species(cands: pd.DataFrame, truth: pd.DataFrame, radius: float | None = None) -> np.ndarray:
@@ -67,3 +68,39 @@ def enriched_clusters(table: pd.DataFrame, species: np.ndarray, target: str, min
     e = species_enrichment(table, species, target)
     chosen = e[e["fraction"] >= min_fraction]["cluster"].astype(int).tolist()
     return chosen or e["cluster"].astype(int).head(1).tolist()
+
+
+def purest_cluster(table: pd.DataFrame, species: np.ndarray, target: str, min_hits: int = 1) -> int | None:
+    """The oracle's choice: the single cluster with the largest share of ``target`` candidates (ties: more hits),
+    among clusters holding at least ``min_hits`` of them; ``None`` when no cluster does."""
+    e = species_enrichment(table, species, target)
+    e = e[e["hits"] >= min_hits]
+    return int(e["cluster"].iloc[0]) if len(e) else None
+
+
+def best_cluster_selection(labels: np.ndarray, species: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per species: the single cluster that, taken as a selection of that species, has the best F1 against the
+    species' candidates, with its precision, recall and size (unassigned ``-1`` is never a selection).
+
+    ``species`` holds the species of every candidate, ``None`` (or ``""``) for candidates on no particle:
+    the background counts against precision, as it would in a user's selection.
+    """
+    lab = np.asarray(labels)
+    sp = np.array(["" if v is None else str(v) for v in np.asarray(species, dtype=object)], dtype=object)
+    out: dict[str, dict[str, float]] = {}
+    clusters = np.unique(lab[lab >= 0])
+    for target in sorted(set(sp.tolist()) - {""}):
+        hit = sp == target
+        best = {"cluster": -1, "f1": 0.0, "precision": 0.0, "recall": 0.0, "size": 0, "hits": 0}
+        for c in clusters:
+            m = lab == c
+            tp = int((m & hit).sum())
+            if not tp:
+                continue
+            prec, rec = tp / int(m.sum()), tp / int(hit.sum())
+            f1 = 2 * prec * rec / (prec + rec)
+            if f1 > best["f1"]:
+                best = {"cluster": int(c), "f1": round(f1, 4), "precision": round(prec, 4), "recall": round(rec, 4),
+                        "size": int(m.sum()), "hits": tp}
+        out[target] = {**best, "n_species": int(hit.sum())}
+    return out

@@ -22,7 +22,8 @@ from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UNASSIGNED", "OverClusters", "fit_overclusters", "assign_centroids", "hdbscan_labels"]
+__all__ = ["UNASSIGNED", "OverClusters", "fit_overclusters", "assign_centroids", "hdbscan_labels",
+           "hdbscan_embedding_labels"]
 
 #: cluster id of outliers / noise
 UNASSIGNED = -1
@@ -180,3 +181,32 @@ def hdbscan_labels(
         out[ok] = _size_rank(np.bincount(out[ok]))[out[ok]]
     log.info("HDBSCAN (min_cluster_size %d): %d clusters, %d unassigned", mcs, int(out.max()) + 1, int((~ok).sum()))
     return out
+
+
+def hdbscan_embedding_labels(
+    feats: np.ndarray,
+    *,
+    min_cluster_size: int | None = None,
+    dims: int | None = 10,
+    seed: int = 0,
+) -> np.ndarray:
+    """HDBSCAN in the embedding space (prepared features, optionally PCA-reduced to ``dims``), not on the map.
+
+    Dense groups of candidates become clusters; the diffuse rest (background of every kind) is noise
+    (``-1``), so it cannot dilute a cluster. Cluster ids are renumbered by decreasing size.
+    """
+    from sklearn.cluster import HDBSCAN
+
+    x = np.asarray(feats, np.float32)
+    if dims is not None and x.shape[1] > dims and len(x) > dims:
+        from sklearn.decomposition import PCA
+
+        x = PCA(int(dims), random_state=seed).fit_transform(x)
+    mcs = int(min_cluster_size or max(5, len(x) // 200))
+    lab = HDBSCAN(min_cluster_size=mcs, copy=True).fit_predict(np.asarray(x, np.float64)).astype(np.int32)
+    ok = lab >= 0
+    if ok.any():
+        lab[ok] = _size_rank(np.bincount(lab[ok]))[lab[ok]]
+    log.info("HDBSCAN in %d dims (min_cluster_size %d): %d clusters, %d noise", x.shape[1], mcs,
+             int(lab.max()) + 1, int((~ok).sum()))
+    return lab

@@ -32,6 +32,7 @@ __all__ = [
     "selection_counts",
     "labels_from_ids",
     "save_selection",
+    "save_negatives",
     "select",
     "write_interactive_info",
 ]
@@ -138,6 +139,22 @@ def save_selection(atlas: Any, ids: np.ndarray, name: str, params: dict[str, Any
     return labels
 
 
+def save_negatives(atlas: Any, ids: np.ndarray, name: str, params: dict[str, Any]) -> pd.DataFrame:
+    """Write ``tables/negatives-<name>`` (``tomogram, x, y, z, class="negative", id, cluster``; read by
+    ``refine train --negatives``) and its MiLoPYP TSV next to the selection's."""
+    from milotile.formats.milopyp import write_coordinate_tsv
+
+    name = check_name(name)
+    neg = labels_from_ids(atlas.table, ids, "negative")
+    col = atlas.collection
+    col.write_table(f"negatives-{name}", neg, params={"atlas": atlas.key, "n": int(len(neg)), **params},
+                    sources={f"tables/{atlas.table_name}": col.source_token(f"tables/{atlas.table_name}")})
+    tsv = selection_dir(atlas) / f"negatives-{name}.tsv"
+    write_coordinate_tsv(neg, tsv)
+    log.info("negatives %s: %d candidates -> tables/negatives-%s.parquet and %s", name, len(neg), name, tsv)
+    return neg
+
+
 def selection_dir(atlas: Any) -> Path:
     """Local folder of selection exports (``runs/atlas-<key>/selections``)."""
     p = Path(atlas.run_dir) / "selections"
@@ -182,6 +199,7 @@ def select(
     name: str | None = None,
     class_name: str | None = None,
     interactive_info: bool = True,
+    negatives: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Labels from chosen clusters, a saved app selection or a nextPYP/Phoenix parquet export.
 
@@ -203,11 +221,16 @@ def select(
         ``class`` column value (default: the name).
     interactive_info : bool
         Also write MiLoPYP's ``interactive_info_parquet.gzip`` for the whole atlas.
+    negatives : sequence of int, optional
+        Cluster ids whose candidates are *not* the target (another species, membranes, gold): written
+        to ``tables/negatives-<name>`` for ``refine train --negatives`` (never overlapping the labels'
+        clusters or ids).
 
     Returns
     -------
     pandas.DataFrame
-        The labels (``tomogram, x, y, z, class, id, cluster``), also in ``tables/labels-<name>``.
+        The labels (``tomogram, x, y, z, class, id, cluster``), also in ``tables/labels-<name>``; with
+        ``negatives``, ``labels.attrs["negatives"]`` holds the negatives table.
     """
     from milotile.explore.atlas import load_atlas
 
@@ -235,7 +258,23 @@ def select(
         ids = _ids_from_parquet(a, parquet)
         name = name or Path(parquet).name.split(".")[0]
         params = {"source": "parquet", "parquet": os.fspath(parquet)}
+    neg_ids = None
+    if negatives is not None:
+        neg = [int(c) for c in negatives]
+        known = set(a.table["cluster"].unique().tolist())
+        bad = [c for c in neg if c not in known]
+        if bad:
+            raise InputError(f"atlas {a.key!r} has no cluster {bad[0]} (--negatives); clusters are "
+                             f"{', '.join(str(c) for c in sorted(known))}.")
+        if clusters is not None and set(neg) & {int(c) for c in clusters}:
+            raise InputError(f"cluster(s) {sorted(set(neg) & {int(c) for c in clusters})} are given both as "
+                             "--clusters and as --negatives; a cluster is either the target or not.")
+        neg_ids = np.setdiff1d(selection_ids(a.table, clusters=neg), ids)
+        if not len(neg_ids):
+            raise InputError(f"the --negatives clusters {neg} hold no candidates outside the selection.")
     labels = save_selection(a, ids, name, params, class_name)
+    if neg_ids is not None:
+        labels.attrs["negatives"] = save_negatives(a, neg_ids, labels.attrs["name"], {**params, "negative_clusters": neg})
     if interactive_info:
         write_interactive_info(a, selection_dir(a).parent / "interactive_info_parquet.gzip")
     return labels

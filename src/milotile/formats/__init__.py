@@ -27,6 +27,7 @@ from milotile.formats._common import (
     as_path,
     collection_info,
     concat_tables,
+    headed_columns,
     open_collection,
     rescale,
 )
@@ -71,8 +72,8 @@ def _first_words(path: Path) -> list[str]:
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.strip():
-                    return line.replace(",", " ").split()
+                if line.strip() and not line.startswith("#"):
+                    return line.replace(",", " ").replace(";", " ").split()
     except OSError:
         pass
     return []
@@ -118,8 +119,7 @@ def detect_format(path: str | os.PathLike) -> str:
         return "table"
     if is_coordinate_tsv(path):
         return "tsv"
-    words = _first_words(path)
-    if {"tomogram", "x", "y", "z"} <= set(words):
+    if headed_columns(_first_words(path))[1] is not None:  # a header naming its coordinate columns
         return "table"
     return "txt"
 
@@ -188,7 +188,7 @@ def read_labels(
     info: dict[str, TomoInfo] = collection_info(col)
     names = set(info) if info else None
     if fmt == "table":
-        df = read_table(path, class_name=class_name)
+        df = read_table(path, class_name=class_name, tomogram=tomogram or (path.stem if path.is_file() else None))
     elif fmt == "tsv":
         df = read_coordinate_tsv(path, class_name)
     elif fmt == "txt":

@@ -24,6 +24,37 @@ LABEL_COLUMNS = ["tomogram", "x", "y", "z", "class"]
 DEFAULT_CLASS = "particle"
 #: Column orders accepted for legacy coordinate files (which coordinate each column holds).
 ORDERS = ("xyz", "xzy", "zxy", "yxz")
+#: Header names of the tomogram column of a label table, in order of preference (case-insensitive).
+NAME_COLUMNS = ("tomogram", "image_name", "tomo", "tomo_name", "tomogram_name", "name", "rlntomoname",
+                "rlnmicrographname", "run")
+#: Header names of the three coordinate columns (x, y, z), in order of preference (case-insensitive).
+XYZ_COLUMNS = (("x", "y", "z"), ("x_coord", "y_coord", "z_coord"),
+               ("rlncoordinatex", "rlncoordinatey", "rlncoordinatez"),
+               ("coordinate_x", "coordinate_y", "coordinate_z"), ("coord_x", "coord_y", "coord_z"))
+#: A single column holding ``[x, y, z]`` (MiLoPYP's Phoenix export).
+COORD_COLUMN = "coord"
+#: The headed layouts every label reader accepts, for refusals (one phrase).
+HEADED_FORMS = (
+    "a header row (tab-, comma- or space-separated) with a tomogram column (tomogram, image_name, tomo, name, "
+    "rlnTomoName) and coordinates (x y z, x_coord y_coord z_coord, rlnCoordinateX/Y/Z, or coord = [x, y, z])"
+)
+
+
+def headed_columns(columns: Iterable[str]) -> tuple[str | None, tuple[str, str, str] | str | None]:
+    """Find the tomogram column and the coordinate columns among the header names ``columns``.
+
+    Returns ``(name column or None, (x, y, z) columns | "coord" | None)`` with the names as written
+    in the header (matching is case-insensitive; see :data:`NAME_COLUMNS`, :data:`XYZ_COLUMNS`).
+    """
+    cols = [str(c) for c in columns]
+    lower = {c.strip().lower(): c for c in reversed(cols)}
+    name = next((lower[n] for n in NAME_COLUMNS if n in lower), None)
+    for triple in XYZ_COLUMNS:
+        if all(a in lower for a in triple):
+            return name, (lower[triple[0]], lower[triple[1]], lower[triple[2]])
+    if COORD_COLUMN in lower:
+        return name, lower[COORD_COLUMN]
+    return name, None
 
 
 @dataclass(frozen=True)
@@ -68,8 +99,9 @@ def check_order(order: str | None, what: str) -> str:
     """Validate a legacy column order string such as ``"xzy"``."""
     if order is None:
         raise InputError(
-            f"{what} holds bare coordinate columns; pass order='xyz', 'xzy' or 'zxy' (--order) "
-            "to say which coordinate each column is."
+            f"{what} holds bare coordinate columns without a header; pass order='xyz', 'xzy' or 'zxy' (--order) "
+            "to say which coordinate each column is, or give the file a header row naming its columns "
+            "(tomogram/image_name, x, y, z)."
         )
     order = str(order).lower()
     if order not in ORDERS:
@@ -151,6 +183,23 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def safe_name(name: str) -> str:
     """A file-system friendly version of a tomogram / class name."""
     return _SAFE.sub("-", str(name)).strip("-") or "unnamed"
+
+
+def output_file(out: str | os.PathLike, suffix: str, default_name: str) -> Path:
+    """The file an exporter writes for ``--out out``: one rule for every single-file format.
+
+    ``out`` is a folder (``<out>/<default_name>``) when it is an existing folder, ends with a path
+    separator or has no file suffix (``--out dir/csv`` is the folder ``dir/csv``); a path with the
+    format's ``suffix`` is that file; another suffix is replaced by ``suffix``.
+    """
+    raw = os.fspath(out)
+    path = as_path(raw)
+    if raw.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+        return path / default_name
+    if path.suffix.lower() != suffix:
+        log.warning("output %s: writing %s (the %s format's suffix)", path, path.with_suffix(suffix).name, suffix)
+        return path.with_suffix(suffix)
+    return path
 
 
 def as_path(path: str | os.PathLike) -> Path:

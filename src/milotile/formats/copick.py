@@ -7,11 +7,14 @@ Layout (copick's data model, ``docs/datamodel.md``)::
     <root>/ExperimentRuns/<run>/VoxelSpacing<size:.3f>/<tomo_type>.zarr   OME-NGFF 0.4, Zarr v2
 
 :func:`write_copick` writes a complete project: the config (``pickable_objects`` with label,
-colour and radius in Å; ``overlay_root`` relative, ``local://.``, unless one is chosen), the picks
+colour and radius in Å; ``overlay_root`` the project's absolute folder, ``local:///abs/path``, unless
+one is chosen), the picks
 and, given the collection, every tomogram as a 3-level NGFF 0.4 / Zarr v2 multiscale (what copick
 1.x with zarr 2 and the CryoET Data Portal read), written chunk by chunk.
-A relative ``overlay_root`` is how the tree stays portable: copick resolves it against the working
-directory (run copick from the project folder), milotile against the config file's folder.
+copick 1.31 resolves a relative ``overlay_root`` (``local://.``) against the *working directory*, so a
+project with it opens empty from any other folder; the default is therefore absolute. A relative root
+(``overlay_root="local://."``) keeps the tree movable for users who run copick from the project
+folder; milotile itself resolves a relative root against the config file's folder.
 
 A picks file holds ``pickable_object_name``, ``user_id``, ``session_id``, ``run_name``,
 ``voxel_spacing``, ``unit: "angstrom"`` and ``points``: each with ``location`` ``{x, y, z}`` in Å
@@ -208,8 +211,8 @@ def write_copick(
     tomo_type : str
         copick tomogram type of the written volumes (``wbp``, ``denoised``...).
     overlay_root : str, optional
-        ``overlay_root`` of a new config (e.g. ``local:///data/project`` or ``s3://...``); default
-        ``local://.`` (relative: the tree can be moved).
+        ``overlay_root`` of a new config (e.g. ``local://.`` or ``s3://...``); default the absolute
+        output folder ``local:///abs/out``, which copick opens from any working directory.
     radius : float or dict, optional
         Particle radius in Å (one, or per object) for ``pickable_objects``; default the picks'
         ``radius`` column (voxels) times the voxel size, when present.
@@ -330,7 +333,9 @@ def _write_config(out: Path, objects: list[str], radii: dict[str, float], spacin
             "pickable_objects": [],
             "user_id": user_id,
             "session_id": session_id,
-            "overlay_root": overlay_root or "local://.",
+            # copick resolves a relative root against the working directory, not the config's folder:
+            # the absolute folder opens from anywhere (``overlay_root="local://."`` keeps the tree movable)
+            "overlay_root": overlay_root or f"local://{out.resolve().as_posix()}",
             "overlay_fs_args": {"auto_mkdir": True},
         }
     known = {o["name"] for o in config["pickable_objects"]}

@@ -26,6 +26,7 @@ import pandas as pd
 from milotile.errors import InputError
 from milotile.formats._common import (
     DEFAULT_CLASS,
+    HEADED_FORMS,
     as_path,
     check_order,
     columns_to_xyz,
@@ -144,10 +145,13 @@ def read_coordinate_txt(
         Standard label table.
     """
     path = as_path(path)
-    order = check_order(order, f"Coordinate file {path}")
     arr = _parse_numeric(path)
     if arr is None:
-        raise InputError(f"Coordinate file {path} starts with a non-numeric line; it is not a coordinate file.")
+        raise InputError(
+            f"Coordinate file {path} starts with a header naming no known columns; expected {HEADED_FORMS}, "
+            "or headerless numeric columns x y z [score] with --order."
+        )
+    order = check_order(order, f"Coordinate file {path}")
     xyz = columns_to_xyz(arr[:, :3], order) if len(arr) else np.zeros((0, 3))
     score = arr[:, 3] if arr.shape[1] == 4 else None
     return make_table(tomogram or path.stem, xyz, class_name or DEFAULT_CLASS, score)

@@ -34,7 +34,14 @@ import numpy as np
 import pandas as pd
 
 from milotile.errors import InputError
-from milotile.formats._common import DEFAULT_CLASS, TomoInfo, as_path, concat_tables, make_table
+from milotile.formats._common import (
+    DEFAULT_CLASS,
+    TomoInfo,
+    as_path,
+    concat_tables,
+    make_table,
+    output_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +200,7 @@ def write_star(
     """
     import starfile
 
-    out = as_path(out)
-    if out.suffix.lower() != ".star":
-        out = out / "particles.star" if out.is_dir() or not out.suffix else out.with_suffix(".star")
+    out = output_file(out, ".star", "particles.star")
     out.parent.mkdir(parents=True, exist_ok=True)
     names = picks["tomogram"].astype(str).to_numpy()
     missing = sorted(set(names) - set(info))

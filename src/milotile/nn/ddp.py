@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from milotile.runtime import set_threads, threads_per_task
+
 log = logging.getLogger(__name__)
 
 __all__ = ["is_distributed", "rank_world", "init_from_env", "wrap", "shard", "launch", "all_mean", "is_main"]
@@ -120,7 +122,7 @@ def _worker(rank: int, world: int, port: int, backend: str, fn: Callable[..., An
     if backend == "nccl":
         torch.cuda.set_device(rank)
     else:  # CPU ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        set_threads(threads_per_task(world))
     dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         result = fn(*args, **kwargs)

@@ -50,7 +50,12 @@ class Picker:
         Where the model runs.
     path : pathlib.Path or None
         Checkpoint the picker was loaded from.
+    amp : bool
+        Mixed precision on CUDA (bf16, else fp16) while predicting; set False for fp32
+        (``benchmarks/gpu.sh`` measures both).
     """
+
+    amp: bool = True
 
     def __init__(self, model: torch.nn.Module, contract: dict[str, Any], device: torch.device | str | None = None,
                  path: str | os.PathLike[str] | None = None) -> None:
@@ -141,7 +146,7 @@ class Picker:
         return bool(self.contract.get("cpu_bf16", False))
 
     def _autocast(self) -> Any:
-        return autocast(self.device, cpu="native" if self.cpu_bf16 else False)
+        return autocast(self.device, enabled=self.amp, cpu="native" if self.cpu_bf16 else False)
 
     @torch.no_grad()
     def _predict_once(self, x: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ from milotile.refine.decode import (
     empty_picks,
     picker_grid,
 )
-from milotile.refine.shape import SHAPE_COLUMNS, shape_checked
+from milotile.refine.shape import SHAPE_COLUMNS, check_shapes
 from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold
 from milotile.runtime import gpu_resources
 from milotile.stages.preprocess import tomogram_sources, volume_stats
@@ -392,10 +392,12 @@ def pick(
 
     checked = bool(shape_check) and bool(contract.get("shape"))
 
+    # the shape check compares every peak with all peaks of its class, so it sees them from the floor up
+    floor = min(float(threshold), AUTO_FLOOR) if checked else float(threshold)
+
     def one(name: str) -> tuple[pd.DataFrame, dict[str, str | None]]:
         return _pick_one(col, name, picker, run, grid, classes, write_heatmaps, tile, halo,
-                         {"threshold": float(threshold), "nms_distance": nms, "max_picks": max_picks, "border": border},
-                         checked)
+                         {"threshold": floor, "nms_distance": nms, "max_picks": max_picks, "border": border})
 
     tables = []
     t0 = time.perf_counter()
@@ -407,6 +409,9 @@ def pick(
             log.info("picked %d/%d tomograms in %.0f s%s", i, len(names), took,
                      f", ETA {took / i * (len(names) - i):.0f} s" if i < len(names) else "")
     picks = pd.concat(tables, ignore_index=True) if any(len(d) for d in tables) else empty_picks()
+    if checked and len(picks):
+        picks = check_shapes(col, picks, contract)
+        picks = picks[picks["score"] > float(threshold)].reset_index(drop=True)
     picks = picks[PICK_COLUMNS + [c for c in SHAPE_COLUMNS if c in picks]]
     if auto and len(picks):
         picks, info = apply_auto_threshold(picks, contract)
@@ -415,7 +420,8 @@ def pick(
         threshold = min((v["threshold"] for v in info.values()), default=float(threshold))
     if table:
         params = {"threshold": float(threshold), "nms_distance": nms, "border": border, "max_picks": max_picks,
-                  "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run, "shape_check": checked}
+                  "names": names, "checkpoint": str(getattr(picker, "path", None)), "run": run, "shape_check": checked,
+                  "radius": float(contract["bbox"]) / 2 if contract.get("bbox") else None}  # level-0 voxels
         col.write_table(table, picks, params=params, sources=sources, written_only=True)
     if out is not None:
         write_picks(picks, out)
@@ -459,10 +465,8 @@ def _in_order(fn: Any, items: Sequence[Any], k: int) -> Any:
 
 
 def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: list[str], write_heatmaps: bool,
-              tile: Sequence[int] | None, halo: Sequence[int] | None, decode: dict,
-              checked: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Predict (and store) the heatmap of one tomogram, decode it and apply the shape check; returns its
-    picks and sources."""
+              tile: Sequence[int] | None, halo: Sequence[int] | None, decode: dict) -> tuple[pd.DataFrame, dict]:
+    """Predict (and store) the heatmap of one tomogram and decode it; returns its picks and sources."""
     t = col[name]
     t0 = time.perf_counter()
     hm = predict_heatmap(col, name, picker, tile=tile, halo=halo)
@@ -475,8 +479,6 @@ def _pick_one(col: Any, name: str, picker: Any, run: str, grid: Grid, classes: l
     else:
         sources = tomogram_sources(col, name)
     df = decode_heatmap(hm, tomogram=name, shape=t.shape, voxel_size=t.voxel_size, grid=grid, classes=classes, **decode)
-    if checked:
-        df = shape_checked(col, name, df, picker.contract, threshold=decode["threshold"])
     log.info("%s: %d picks in %.1f s", name, len(df), time.perf_counter() - t0)
     return df, sources
 

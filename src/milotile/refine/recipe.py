@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 from typing import Any
-
-import numpy as np
 
 from milotile.errors import InputError
 from milotile.recipe import Recipe, option
@@ -194,17 +194,17 @@ def default_z_context(bbox: float, compress: bool = False) -> tuple[int, int]:
     b = float(bbox) / (2.0 if compress else 1.0)
     if not b > 0:
         raise InputError(f"bbox must be positive, got {bbox!r}.")
-    zd = int(np.clip(round(b / 6.0), 2, 4))
+    zd = min(max(round(b / 6.0), 2), 4)
     return zd, 4 * zd + 4
 
 
 def default_epochs(n_labels: int, repeats: int) -> int:
     """Epochs of the default recipe: about :data:`LABELLED_CROP_BUDGET` labelled crops, 6–20 epochs."""
-    return int(np.clip(round(LABELLED_CROP_BUDGET / max(int(n_labels) * max(int(repeats), 1), 1)), 6, 20))
+    return min(max(round(LABELLED_CROP_BUDGET / max(int(n_labels) * max(int(repeats), 1), 1)), 6), 20)
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def _positive(v: Any) -> bool:

@@ -37,11 +37,13 @@ import numpy as np
 import pandas as pd
 
 from milotile.errors import InputError
+from milotile.refine.threshold import AUTO_FLOOR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAPE_CAP", "SHAPE_COLUMNS", "SHAPE_WEIGHT", "ShapeModel", "apply_shape_check", "fit_shape_models",
-           "radial_profiles", "shape_checked"]
+__all__ = ["SHAPE_CAP", "SHAPE_COLUMNS", "SHAPE_VERSION", "SHAPE_WEIGHT", "ShapeModel", "ShapeReference",
+           "apply_shape_check", "check_shapes", "fit_shape_models", "fit_shape_references", "radial_profiles",
+           "shape_descriptors"]
 
 #: Logit units a peak loses per unit of ``d2 / scale − 1``.
 SHAPE_WEIGHT = 0.75
@@ -54,6 +56,9 @@ MIN_LABELS = 4
 #: Outer edge of the profile and the background shell, in particle radii.
 PROFILE_EXTENT = 1.6
 BACKGROUND_SHELL = (1.3, 1.6)
+#: Version 2: logit units per unit of log density ratio below the labels' median, and the largest penalty.
+SHAPE_WEIGHT_V2 = 0.5
+SHAPE_CAP_V2 = 8.0
 
 
 class _Geometry:
@@ -258,22 +263,215 @@ def apply_shape_check(picks: pd.DataFrame, reader: Any, std: float, models: Mapp
     return out
 
 
-def shape_checked(col: Any, name: str, picks: pd.DataFrame, contract: Mapping[str, Any],
-                  threshold: float | None = None) -> pd.DataFrame:
-    """``picks`` of tomogram ``name`` with the picker's shape check applied (unchanged without one).
+# ---------------------------------------------------------------------------------------------- version 2
+#: Version of the shape check written by :func:`fit_shape_references` (1: radial profiles and a
+#: distance to the labels' Gaussian, :class:`ShapeModel`; still applied for older pickers).
+SHAPE_VERSION = 2
 
-    The picker's contract holds the models (``contract["shape"]``, written by
-    :func:`milotile.refine.train`); ``threshold`` (the ``score > threshold`` rule of ``pick``) is
-    applied again to the checked scores.
+
+def shape_descriptors(reader: Any, points_zyx: np.ndarray, radius: float, std: float) -> np.ndarray:
+    """Orientation-free shape descriptors around points of one tomogram.
+
+    For each one-voxel spherical shell out to 1.6 particle radii: the shell's mean density minus the
+    mean of the 1.3-1.6 radius shell (the radial profile of :func:`radial_profiles`) and the standard
+    deviation of the voxels within the shell (the *angular* variation: zero for a sphere, large for
+    a ring, a rod or a dumbbell of the same size). Both are in units of the tomogram's standard
+    deviation ``std``.
+
+    Returns
+    -------
+    ndarray, shape (n, 2 * ceil(1.6 radius))
+        Profile, then angular standard deviation, per shell.
+    """
+    geo = _Geometry(radius)
+    pts = np.rint(np.asarray(points_zyx, np.float64).reshape(-1, 3)).astype(np.int64)
+    n = geo.n_shells
+    out = np.empty((len(pts), 2 * n), np.float64)
+    scale = 1.0 / max(float(std), 1e-12)
+    for i, c in enumerate(pts):
+        box = reader.read(c - geo.half, geo.size).ravel().astype(np.float64)
+        sums = np.bincount(geo.shell, weights=box, minlength=n + 1)[:n]
+        sq = np.bincount(geo.shell, weights=box * box, minlength=n + 1)[:n]
+        mean = sums / geo.counts
+        out[i, :n] = (mean - box[geo.background].mean()) * scale
+        out[i, n:] = np.sqrt(np.maximum(sq / geo.counts - mean * mean, 0.0)) * scale
+    return out
+
+
+class _Gauss:
+    """Gaussian with a Ledoit-Wolf shrunk covariance: log-density of rows."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        from sklearn.covariance import LedoitWolf
+
+        lw = LedoitWolf().fit(np.asarray(x, np.float64))
+        self.mean = lw.location_
+        sign, logdet = np.linalg.slogdet(lw.covariance_)
+        if sign <= 0:
+            raise InputError("the shape check's covariance is singular (identical descriptors?)")
+        self.precision = np.linalg.inv(lw.covariance_)
+        self.logdet = float(logdet)
+
+    def logpdf(self, x: np.ndarray) -> np.ndarray:
+        v = np.asarray(x, np.float64) - self.mean
+        return -0.5 * (np.einsum("ij,jk,ik->i", v, self.precision, v) + self.logdet)
+
+
+@dataclass
+class ShapeReference:
+    """The labelled particles' shape descriptors of one class (the contract's version-2 shape check).
+
+    At pick time :meth:`log_ratio` compares each peak's descriptor under a Gaussian of the labels with
+    one of *all* peaks of that class in the picked tomograms (particles and everything else the network
+    fires on: other species, crowders, membranes). Their log ratio estimates, up to a constant, the
+    log-odds that a peak is shaped like the labels (the positive-unlabeled density ratio
+    ``f_labels / f_peaks``), so shapes the labels do not have lose score however high the network
+    scored them.
+
+    Attributes
+    ----------
+    radius : float
+        Particle radius (level-0 voxels) the descriptors are taken at.
+    descriptors : ndarray, shape (n_labels, d)
+        The labels' :func:`shape_descriptors`.
+    labels : list
+        ``[tomogram, z, y, x]`` of each label, row by row with ``descriptors``.
+    weight, cap : float
+        A peak's logit changes by ``weight · clip(llr − m, −cap, 0)``, ``m`` the labels' median
+        leave-one-out log ratio.
+    """
+
+    radius: float
+    descriptors: np.ndarray
+    labels: list
+    weight: float = SHAPE_WEIGHT_V2
+    cap: float = SHAPE_CAP_V2
+
+    def log_ratio(self, peaks: np.ndarray, background: np.ndarray, tomogram: Sequence[str] | None = None,
+                  points_zyx: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """Log density ratio of each peak (labels' Gaussian over the background's) and the labels' median
+        leave-one-out ratio ``m``.
+
+        ``background``: descriptors of all peaks of the class (at least ``d + 2`` rows are advised; fewer
+        fall back to the peaks themselves). A peak within half a radius of a label of the same tomogram
+        (``tomogram`` and ``points_zyx`` given) is scored by the labels' Gaussian fitted *without* that
+        label: the model fits its own labels better than the particles it has not seen.
+        """
+        lab = np.asarray(self.descriptors, np.float64)
+        bg = _Gauss(background)
+        full = _Gauss(lab)
+        out = full.logpdf(peaks) - bg.logpdf(peaks)
+        loo = np.empty(len(lab))
+        loo_models = []
+        for i in range(len(lab)):
+            g = _Gauss(np.delete(lab, i, axis=0))
+            loo_models.append(g)
+            loo[i] = float(g.logpdf(lab[i : i + 1])[0] - bg.logpdf(lab[i : i + 1])[0])
+        if tomogram is not None and points_zyx is not None and len(out) and self.labels:
+            from scipy.spatial import cKDTree
+
+            names = np.asarray([str(r[0]) for r in self.labels])
+            pts = np.asarray(points_zyx, np.float64).reshape(-1, 3)
+            tom = np.asarray([str(t) for t in tomogram])
+            for name in set(tom) & set(names):
+                li = np.flatnonzero(names == name)
+                pi = np.flatnonzero(tom == name)
+                lab_pts = np.asarray([self.labels[k][1:4] for k in li], np.float64)
+                dist, j = cKDTree(lab_pts).query(pts[pi])
+                for p, d, jj in zip(pi, dist, j, strict=True):
+                    if d <= self.radius / 2:
+                        g = loo_models[int(li[jj])]
+                        out[p] = float(g.logpdf(peaks[p : p + 1])[0] - bg.logpdf(peaks[p : p + 1])[0])
+        return out, float(np.median(loo))
+
+    def adjustment(self, llr: np.ndarray, m: float) -> np.ndarray:
+        """Logit change of each peak from its log ratio (:meth:`log_ratio`)."""
+        return self.weight * np.clip(np.asarray(llr, np.float64) - m, -self.cap, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for the picker's contract."""
+        return {"version": SHAPE_VERSION, "radius": self.radius, "descriptors": np.asarray(self.descriptors).tolist(),
+                "labels": [list(r) for r in self.labels], "weight": self.weight, "cap": self.cap}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShapeReference:
+        """Inverse of :meth:`to_dict`."""
+        return cls(float(d["radius"]), np.asarray(d["descriptors"], np.float64), [list(r) for r in d.get("labels") or []],
+                   float(d.get("weight", SHAPE_WEIGHT_V2)), float(d.get("cap", SHAPE_CAP_V2)))
+
+
+def fit_shape_references(readers: Mapping[str, Any], stds: Mapping[str, float], labels: pd.DataFrame,
+                         classes: Sequence[str], radius: float) -> dict[str, dict[str, Any]]:
+    """The version-2 shape check of each class with at least :data:`MIN_LABELS` labels (contract dictionaries).
+
+    ``labels`` carries ``tomogram, x, y, z`` and the channel index ``cls`` (as the trainer makes it;
+    without it every label is of ``classes[0]``).
+    """
+    cls_idx = labels["cls"].to_numpy() if "cls" in labels else np.zeros(len(labels), np.int64)
+    out: dict[str, dict[str, Any]] = {}
+    for k, name in enumerate(classes):
+        sel = labels[cls_idx == k]
+        if len(sel) < MIN_LABELS:
+            logger.info("class %s: %d labels, too few for the shape check (at least %d); not checked",
+                        name, len(sel), MIN_LABELS)
+            continue
+        groups = list(sel.groupby("tomogram", sort=True))
+        desc = np.concatenate([shape_descriptors(readers[t], g[["z", "y", "x"]].to_numpy(), radius, stds[t])
+                               for t, g in groups])
+        rows = [[str(t), float(z), float(y), float(x)] for t, g in groups for z, y, x in g[["z", "y", "x"]].to_numpy()]
+        out[str(name)] = ShapeReference(float(radius), desc, rows).to_dict()
+    return out
+
+
+def check_shapes(col: Any, picks: pd.DataFrame, contract: Mapping[str, Any]) -> pd.DataFrame:
+    """``picks`` (all tomograms, decoded at a low floor) with the picker's shape check applied.
+
+    Version-2 checks (:class:`ShapeReference`) compare each peak with the labels and with all peaks of
+    its class in ``picks``; version-1 checks (:class:`ShapeModel`, older pickers) are applied per
+    tomogram. Adds ``score_model`` (the network's score) and ``shape_d2`` (version 2: the labels' median
+    log ratio minus the peak's, ≤ 0 for a peak at least as label-like as a typical label; version 1:
+    ``d2 / scale``). Rows keep their order.
     """
     models = (contract or {}).get("shape") or {}
-    if not models or not len(picks):
-        return picks
+    out = picks.copy()
+    out["score_model"] = out["score"].astype(np.float64)
+    out["shape_d2"] = np.nan
+    if not models or not len(out):
+        return out
     from milotile.refine.data import VolumeReader
     from milotile.stages.preprocess import volume_stats
 
-    t = col[name]
-    out = apply_shape_check(picks, VolumeReader(t.data(0), name), volume_stats(col, name)[1], models)
-    if threshold is not None:
-        out = out[out["score"] > float(threshold)]
-    return out.reset_index(drop=True)
+    readers: dict[str, Any] = {}
+    stds: dict[str, float] = {}
+    for name in out["tomogram"].unique():
+        readers[str(name)] = VolumeReader(col[str(name)].data(0), str(name))
+        stds[str(name)] = float(volume_stats(col, str(name))[1])
+    for cls, g in out.groupby("class", sort=False):
+        spec = models.get(str(cls))
+        if spec is None:
+            continue
+        if int(spec.get("version", 1)) < SHAPE_VERSION:
+            for name, gt in g.groupby("tomogram", sort=False):
+                done = apply_shape_check(gt, readers[str(name)], stds[str(name)], {str(cls): spec})
+                out.loc[gt.index, ["score", "shape_d2"]] = done[["score", "shape_d2"]].to_numpy()
+            continue
+        ref = ShapeReference.from_dict(spec)
+        pts = g[["z", "y", "x"]].to_numpy(np.float64)
+        desc = np.empty((len(g), 2 * _Geometry(ref.radius).n_shells))
+        tom = g["tomogram"].astype(str).to_numpy()
+        for name in np.unique(tom):
+            sel = tom == name
+            desc[sel] = shape_descriptors(readers[name], pts[sel], ref.radius, stds[name])
+        # the background: the peaks the automatic threshold considers (from AUTO_FLOOR up), so a peak's
+        # checked score does not depend on how low the picks were decoded
+        bg = desc[g["score"].to_numpy(np.float64) >= AUTO_FLOOR]
+        if len(bg) < 2:
+            bg = desc
+        if len(bg) < 2:
+            continue
+        llr, m = ref.log_ratio(desc, bg, tom, pts)
+        s = np.clip(g["score"].to_numpy(np.float64), 1e-7, 1 - 1e-7)
+        logit = np.log(s / (1 - s)) + ref.adjustment(llr, m)
+        out.loc[g.index, "score"] = 1.0 / (1.0 + np.exp(-logit))
+        out.loc[g.index, "shape_d2"] = m - llr
+    return out

@@ -45,8 +45,14 @@ AUTO_FLOOR = 0.05
 #: (10 picker runs, 6 labels, big and small species) the mean F1 at margins 0.25 / 0.5 / 0.75 / 1.0 / 1.5
 #: was 0.593 / 0.629 / 0.662 / 0.647 / 0.594.
 LABEL_MARGIN = 0.75
+#: Logit units the training labels' scores are lowered by before they estimate the recall
+#: (:func:`f1_label_threshold`).
+LABEL_SHIFT = 0.0
+#: Fewest fraction of the labels a threshold must keep to bound the number of particles.
+MIN_RECALL = 0.5
 
-__all__ = ["apply_auto_threshold", "choose_threshold", "label_records", "label_scores", "otsu_logit", "pu_label_threshold"]
+__all__ = ["apply_auto_threshold", "choose_threshold", "f1_label_threshold", "label_records", "label_scores", "otsu_logit",
+           "pu_label_threshold"]
 
 
 def otsu_logit(scores: np.ndarray, bins: int = 128) -> float:
@@ -75,6 +81,7 @@ def choose_threshold(
     labelled_peak_scores: np.ndarray | None = None,
     floor: float = 0.05,
     margin: float | None = None,
+    rule: str = "f1",
 ) -> tuple[float, str]:
     """Threshold for the picks of one class.
 
@@ -87,28 +94,38 @@ def choose_threshold(
     labelled_peak_scores : ndarray, optional
         Scores of the peaks in the tomograms that hold the labels (default ``peak_scores``).
     floor : float
-        Peaks below this are ignored by the valley search (and it is the lowest threshold returned).
+        Peaks below this are ignored (and it is the lowest threshold returned).
     margin : float, optional
-        Logit units below the chosen label score (default :data:`LABEL_MARGIN`).
+        Rule ``"pu"`` only: logit units below the chosen label score (default :data:`LABEL_MARGIN`).
+    rule : {"f1", "pu"}
+        ``"f1"`` (default): :func:`f1_label_threshold`, the threshold of the best F1 estimated from the
+        labels and the peak counts. ``"pu"``: the previous rule, the larger of Otsu's valley and Lee &
+        Liu's ``r² / N`` label score lowered by ``margin`` (kept for comparison).
 
     Returns
     -------
     threshold, source
-        ``source`` is ``"valley"``, ``"labels"`` or ``"floor"``.
+        ``source`` is ``"labels"`` (estimated F1), ``"valley"`` (no labels among the peaks: Otsu's split
+        of the logit-scores), or ``"floor"``.
     """
     s = np.asarray(peak_scores, np.float64)
     s = s[s >= floor]
+    if rule not in ("f1", "pu"):
+        raise ValueError(f"unknown threshold rule {rule!r}; use 'f1' or 'pu'")
     t, src = (otsu_logit(s), "valley") if len(s) >= 2 else (0.5, "floor")
     if label_scores is not None and len(label_scores):
         lab_peaks = s if labelled_peak_scores is None else np.asarray(labelled_peak_scores, np.float64)
-        m = LABEL_MARGIN if margin is None else float(margin)
-        cap = _logit_shift(pu_label_threshold(label_scores, lab_peaks, floor=floor), -m)
-        # a "valley" above the median label score, with the network calling most labels particles,
-        # cuts through them: the scores are not bimodal (few or no background peaks, e.g. clean
-        # data), so Otsu split the particles themselves and the labels decide
-        splits_labels = src == "valley" and t > float(np.median(label_scores)) >= 0.5
-        if cap > t or splits_labels:
-            t, src = cap, "labels"
+        if rule == "f1":
+            if len(lab_peaks[lab_peaks >= floor]):
+                t, src = f1_label_threshold(label_scores, lab_peaks, floor=floor)[0], "labels"
+        else:
+            m = LABEL_MARGIN if margin is None else float(margin)
+            cap = _logit_shift(pu_label_threshold(label_scores, lab_peaks, floor=floor), -m)
+            # a "valley" above the median label score, with the network calling most labels particles,
+            # cuts through them: the scores are not bimodal (few or no background peaks), the labels decide
+            splits_labels = src == "valley" and t > float(np.median(label_scores)) >= 0.5
+            if cap > t or splits_labels:
+                t, src = cap, "labels"
     if t < floor:
         t, src = floor, "floor"
     return float(t), src
@@ -134,6 +151,61 @@ def pu_label_threshold(label_scores: np.ndarray, peak_scores: np.ndarray, *, flo
         if value > best:
             best, best_t = value, float(t)
     return best_t
+
+
+def f1_label_threshold(label_scores: np.ndarray, peak_scores: np.ndarray, *, floor: float = AUTO_FLOOR,
+                       shift: float | None = None, min_recall: float | None = None) -> tuple[float, dict[str, float]]:
+    """The threshold that maximises the F1 estimated from the labels and the peak counts.
+
+    The labels are a random sample of the particles (the PU assumption), so the fraction of label
+    scores at least ``t`` estimates the recall ``r(t)``; if ``P`` particles lie in the labelled
+    tomograms, the peaks at least ``t`` hold ``P · r(t)`` of them among ``N(t)`` peaks, and
+    ``F1(t) = 2 P r(t) / (N(t) + P)``. ``P`` itself is bounded by every threshold, ``P ≤ N(t) / r(t)``
+    (no more true picks than picks); the tightest bound over the thresholds that keep at least
+    ``min_recall`` of the labels is the estimate (exact where the strictest such threshold is clean).
+
+    Training labels score higher than the particles the network has not seen (the gap measured on the
+    look-alike benchmark: 0.1-0.6 logit units), so their logit-scores are lowered by ``shift`` first.
+
+    Parameters
+    ----------
+    label_scores : ndarray
+        Best peak score near each labelled particle (0 when none).
+    peak_scores : ndarray
+        Scores of the peaks in the tomograms that hold the labels.
+    floor : float
+        Lowest threshold considered.
+    shift, min_recall : float, optional
+        Default :data:`LABEL_SHIFT` and :data:`MIN_RECALL`.
+
+    Returns
+    -------
+    threshold, details
+        ``details``: ``n_particles`` (the estimate ``P``), ``recall`` and ``f1`` estimated at the threshold.
+    """
+    shift = LABEL_SHIFT if shift is None else float(shift)
+    min_recall = MIN_RECALL if min_recall is None else float(min_recall)
+    zl = _logit(np.asarray(label_scores, np.float64)) - shift
+    peaks = np.asarray(peak_scores, np.float64)
+    zp = np.sort(_logit(peaks[peaks >= floor]))
+    if not len(zl) or not len(zp):
+        return float(floor), {"n_particles": float("nan"), "recall": float("nan"), "f1": float("nan")}
+    cand = np.unique(zp)
+    recall = (zl[None, :] >= cand[:, None]).mean(axis=1)
+    above = len(zp) - np.searchsorted(zp, cand, side="left")
+    ok = recall >= min_recall
+    if not ok.any():  # the labels all score below the peaks' floor: keep everything above it
+        return float(floor), {"n_particles": float("nan"), "recall": 0.0, "f1": float("nan")}
+    n_pos = float(np.min(above[ok] / recall[ok]))
+    f1 = 2.0 * n_pos * recall / (above + n_pos)
+    k = int(np.argmax(f1))
+    t = float(1.0 / (1.0 + np.exp(-cand[k])))
+    return max(t, float(floor)), {"n_particles": n_pos, "recall": float(recall[k]), "f1": float(f1[k])}
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
 
 
 def _logit_shift(p: float, delta: float) -> float:
@@ -168,8 +240,8 @@ def label_scores(picks: pd.DataFrame, labels: pd.DataFrame, radius: float) -> np
     return np.asarray(out, np.float64)
 
 
-def apply_auto_threshold(picks: pd.DataFrame, contract: dict,
-                         margin: float | None = None) -> tuple[pd.DataFrame, dict[str, dict]]:
+def apply_auto_threshold(picks: pd.DataFrame, contract: dict, margin: float | None = None,
+                         rule: str = "f1") -> tuple[pd.DataFrame, dict[str, dict]]:
     """Keep the picks above the threshold chosen per class by :func:`choose_threshold` (``margin``:
     its label margin, default :data:`LABEL_MARGIN`).
 
@@ -185,7 +257,7 @@ def apply_auto_threshold(picks: pd.DataFrame, contract: dict,
         ls = label_scores(g, lab, radius) if len(lab) else None
         lab_peaks = g.loc[g["tomogram"].isin(set(lab["tomogram"])), "score"].to_numpy()
         t, src = choose_threshold(g["score"].to_numpy(), ls, labelled_peak_scores=lab_peaks, floor=AUTO_FLOOR,
-                                  margin=margin)
+                                  margin=margin, rule=rule)
         info[str(cls)] = {"threshold": t, "source": src, "n_labels_seen": 0 if ls is None else int(len(ls))}
         logger.info("class %s: automatic threshold %.3f (%s)", cls, t, src)
         keep.append(g[g["score"] >= t])

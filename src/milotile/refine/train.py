@@ -50,7 +50,7 @@ from milotile.refine.recipe import (
     default_epochs,
     default_z_context,
 )
-from milotile.refine.shape import fit_shape_models
+from milotile.refine.shape import fit_shape_references
 from milotile.refine.targets import target_geometry
 from milotile.refine.threshold import AUTO_FLOOR, label_records
 from milotile.refine.validation import regions_from_labels, split_validation, validate
@@ -315,8 +315,8 @@ def _contract(col: Any, recipe: PickerRecipe, model: torch.nn.Module, class_name
                                      neg[["tomogram", "x", "y", "z"]].itertuples(index=False)],
                     init_from=None if init is None else init["path"])
     if recipe.shape_check:
-        contract["shape"] = fit_shape_models(readers, {n: volume_stats(col, n)[1] for n in set(user_df["tomogram"])},
-                                             user_df, class_names, recipe.bbox / 2.0)
+        contract["shape"] = fit_shape_references(readers, {n: volume_stats(col, n)[1] for n in set(user_df["tomogram"])},
+                                                 user_df, class_names, recipe.bbox / 2.0)
     return contract
 
 

@@ -22,7 +22,7 @@ from milotile.metrics import average_precision, evaluate, pr_curve
 from milotile.refine.debug import debug_png
 from milotile.refine.decode import decode_heatmap, decode_options
 from milotile.refine.predict import predict_heatmap, region_grid
-from milotile.refine.shape import shape_checked
+from milotile.refine.shape import check_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def predict_region_picks(picker: Any, col: Any, reg: dict, stats: tuple[float, f
     nms, border = decode_options(picker.contract)
     pk = decode_heatmap(prob, tomogram=name, shape=t.shape, voxel_size=t.voxel_size, grid=grid, classes=picker.classes,
                         threshold=MIN_SCORE, nms_distance=nms, max_picks=None, border=border)
-    pk = shape_checked(col, name, pk, picker.contract, threshold=MIN_SCORE)
+    pk = check_shapes(col, pk, picker.contract)
+    pk = pk[pk["score"] > MIN_SCORE].reset_index(drop=True)
     return _inside(pk, reg["start"], reg["stop"]), prob, grid
 
 

@@ -81,7 +81,7 @@ def default_run_dir(col: Any, kind: str, name: str) -> Path:
     root = Path(col.path)
     if not root.exists():
         raise InputError(f"store {col.url} is not a local folder; pass out= for the run folder.")
-    return root / "runs" / f"segments-{kind}-{name}"
+    return Path(col.runs_dir(f"segments-{kind}-{name}"))  # the opaque runs/ node
 
 
 def _inputs(col: Any, name: str, kind: str) -> tuple[pd.DataFrame, zarr.Array]:

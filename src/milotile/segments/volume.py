@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from milotile.errors import InputError, StoreError
-from milotile.store import as_collection
+from milotile.errors import InputError
+from milotile.store import as_collection, missing_input
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def open_segments(col_or_store: Any, name: str | None = None) -> SegmentVolume:
 def read_rows(col: Any, table: str, volume: str) -> pd.DataFrame:
     """The rows of ``volume`` in ``tables/<table>`` (sorted by id, index reset)."""
     if not col.has_table(table):
-        raise StoreError(f"{col.url} has no table {table!r}; run the stage that writes it first.")
+        raise missing_input(col.url, table)
     df = col.read_table(table)
     if VOLUME_COL in df:
         df = df[df[VOLUME_COL].astype(str) == volume].drop(columns=[VOLUME_COL])

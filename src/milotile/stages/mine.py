@@ -21,6 +21,7 @@ from milotile.errors import InputError
 from milotile.ops.grid import Grid
 from milotile.ops.peaks import DOG_BLOCK, dog_peaks
 from milotile.stages.preprocess import PREPROCESSED, preprocessed_volume, tomogram_sources
+from milotile.store import missing_input
 
 __all__ = ["mine", "CANDIDATE_COLUMNS"]
 
@@ -53,7 +54,9 @@ def mine(
     dog : sequence of float
         Strictly increasing DoG sigmas (voxels of the processed grid); MiLoPYP default ``3, 5``.
     threshold_std : float
-        Threshold ``mean + threshold_std * std`` of the positive local-maximum responses.
+        Threshold ``mean + threshold_std * std`` of the positive local-maximum responses. When no
+        candidate passes it (in any tomogram) :class:`InputError` says which threshold to lower and
+        nothing is written.
     nms_distance : float
         NMS radius (voxels of the processed grid; MiLoPYP's ``min_distance`` 7).
     border : int
@@ -81,7 +84,7 @@ def mine(
     """
     names = list(names) if names is not None else col.names
     if not names:
-        raise InputError(f"{col.url} holds no tomograms; run `milotile ingest` first")
+        raise missing_input(col.url, "tomograms", "tomograms")
     frames = []
     sources: dict[str, str | None] = {}
     for name in names:
@@ -112,6 +115,11 @@ def mine(
         logger.info("mine %s: %d candidates", name, len(out))
         frames.append(out)
     result = pd.concat(frames, ignore_index=True)[CANDIDATE_COLUMNS] if frames else pd.DataFrame(columns=CANDIDATE_COLUMNS)
+    if not len(result):  # an empty table would only fail later, far from its cause: refuse here, write nothing
+        raise InputError(
+            f"mining found 0 candidates in {len(names)} tomogram(s) above mean + {threshold_std:g} std of the DoG "
+            f"responses; lower --threshold-std (or --border {border} / --border-z {border_z}, or try --invert)"
+        )
     params = {
         "stage": "mine", "dog": [float(v) for v in dog], "threshold_std": float(threshold_std),
         "nms_distance": float(nms_distance), "border": int(border), "border_z": int(border_z),

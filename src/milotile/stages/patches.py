@@ -186,6 +186,7 @@ def extract_patches(
     names = [n for n in col.names if n in set(df["tomogram"].astype(str))]
     tilts = any(m in TILT_MODES for m in ms)
     sources = _sources(col, table, names, tilts)
+    _check_bbox(col, names, int(bbox))
     if tilts:  # before the bank is marked incomplete: a bad window must not touch a bank already written
         _check_tilt_window(col, names, ms, tuple(tilt_window))
     so = col.stage_output(f"patches/{key}", params, sources)
@@ -196,6 +197,21 @@ def extract_patches(
         so.begin()
         _write_bank(col, so, df, names, ms, key, params)
     return key
+
+
+def _check_bbox(col: Any, names: Sequence[str], bbox: int) -> None:
+    """Refuse a patch side below 2 or larger than a tomogram's y/x extent on the grid patches are cut from."""
+    if bbox < 2:
+        raise InputError(f"--bbox must be at least 2 voxels, got {bbox}")
+    for name in names:
+        pre = preprocessed_volume(col, name)
+        shape = tuple(pre[0].shape) if pre is not None else tuple(col[name].shape)
+        if bbox > min(shape[1], shape[2]):
+            raise InputError(
+                f"--bbox {bbox} is larger than tomogram {name} ({shape[1]} x {shape[2]} voxels in y, x on the "
+                f"{'preprocessed' if pre is not None else 'level-0'} grid); choose a patch side up to "
+                f"{min(shape[1], shape[2])}"
+            )
 
 
 def _sources(col: Any, table: str, names: Sequence[str], tilts: bool) -> dict[str, str | None]:

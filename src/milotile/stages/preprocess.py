@@ -38,8 +38,9 @@ from milotile.ops.intensity import contrast_clip
 from milotile.ops.preprocess import TRUNCATE, filtered_volume
 from milotile.ops.resample import COMPRESS_MODES
 from milotile.ops.stats import block_moments, global_stats, merge_moments, moments_to_stats
-from milotile.store import multiscale_metadata, write_dask
+from milotile.store import missing_input, multiscale_metadata, write_dask
 from milotile.store.arrays import DEFAULT_CHUNKS, clip_chunks
+from milotile.store.ngff import grey_channel
 
 __all__ = [
     "PREPROCESSED",
@@ -182,7 +183,7 @@ def preprocess(
     binning = int(bin)
     names = list(names) if names is not None else col.names
     if not names:
-        raise InputError(f"{col.url} holds no tomograms; run `milotile ingest` first")
+        raise missing_input(col.url, "tomograms", "tomograms")
     out: dict[str, dict] = {}
     for name in names:
         t = col[name]
@@ -271,6 +272,7 @@ def _preprocess_volume(t: Any, so: Any, clip: tuple[float, float]) -> dict:
     ome["multiscales"][0]["datasets"][0]["coordinateTransformations"].append(
         {"type": "translation", "translation": [o * vs for o in grid.offset]}
     )
+    ome["omero"] = grey_channel("preprocessed", (0.0, 1.0))  # contrast-clipped to [0, 1]; napari names the layer
     group.attrs["ome"] = ome
     meta = so.finish(
         grid=grid.to_dict(), stats={"mean": mean, "std": std}, shape=list(y.shape), full_shape=list(t.shape),

@@ -10,6 +10,7 @@ from milotile.store.collection import (
 )
 from milotile.store.ingest import collect_sources, ingest, read_angles, read_manifest
 from milotile.store.mrc import ORDERS, OrientedMRC, read_header, write_mrc
+from milotile.store.producers import missing_input, producer
 from milotile.store.stage_output import StageOutput, output_status, source_token
 
 __all__ = [
@@ -24,9 +25,11 @@ __all__ = [
     "create_array",
     "downsample_block",
     "ingest",
+    "missing_input",
     "multiscale_metadata",
     "open_collection",
     "output_status",
+    "producer",
     "read_angles",
     "read_header",
     "read_manifest",

@@ -37,6 +37,7 @@ import zarr
 from milotile.errors import InputError, StoreError
 from milotile.store.identity import absolute_url, new_store_id, open_store
 from milotile.store.lock import LOCKS, StoreLockedError, writer_lock
+from milotile.store.producers import missing_input
 from milotile.store.stage_output import (
     StageOutput,
     canonical,
@@ -200,11 +201,14 @@ class Collection:
         self._tilts: dict[str, TiltSeries] = {}
         self._written: list[str] = []  # stage outputs begun since the last consolidation
         self.storage_options = storage_options or {}
+        #: False for a read-only open (``mode="r"``): nothing is ever written through this object
+        self.writable = mode != "r"
         # absolute before any zarr object exists: a Dask worker elsewhere resolves it the same way
         self.url = absolute_url(url, self.storage_options)
         self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         meta = _store_meta(self.fs, self._root, self.url, must_exist=mode == "r") or {}
         created = not meta
+        check_version(meta, self.url, writable=mode != "r")
         self.store_id: str | None = meta.get("store_id")
         if self.store_id is None and mode != "r":
             self.store_id = new_store_id()
@@ -218,7 +222,10 @@ class Collection:
             self.zarr_group.attrs["milotile"] = meta
         self._migrate_opaque(writable=mode != "r")
         if mode != "r":
-            self._ensure_opaque(LOCKS)  # before any lock file appears, so zarr never lists them
+            # every writable open makes sure of the markers, before any plain file appears under them:
+            # a folder created later by any writer (a run folder, a lock file, a table) is never listed
+            for name in OPAQUE:
+                self._ensure_opaque(name)
         if mode != "r" and created:
             self.consolidate()  # a new store: consolidated metadata from the start (stages update it)
 
@@ -241,7 +248,7 @@ class Collection:
                 else:
                     log.warning(
                         "%s holds %s/ without its zarr marker (a store from an older milotile); zarr-python "
-                        "warns when listing it until the store is opened writable once (e.g. `milotile info`).",
+                        "warns when listing it until a milotile command writes to the store (it adds the marker).",
                         self.url, name,
                     )
 
@@ -518,7 +525,8 @@ class Collection:
         return self.fs.exists(self._table_path(name))
 
     def write_table(self, name: str, df: pd.DataFrame, params: dict | None = None,
-                    sources: dict[str, str | None] | None = None, *, written_only: bool = False) -> str:
+                    sources: dict[str, str | None] | None = None, *, written_only: bool = False,
+                    consolidate: bool = True) -> str:
         """Write ``df`` to ``tables/<name>.parquet`` atomically (temporary file, then rename).
 
         ``params`` (JSON-able: the stage parameters that made the table) are stored in the parquet
@@ -526,7 +534,10 @@ class Collection:
         the inputs, see :mod:`milotile.store.stage_output`) and the table's own token come back
         from :meth:`table_sources`. ``written_only``: the calling stage wrote its Zarr nodes only
         through stage outputs, so the consolidated metadata is updated from those alone
-        (``consolidate(written_only=True)``) instead of a walk of the store.
+        (``consolidate(written_only=True)``) instead of a walk of the store. ``consolidate=False``
+        writes the parquet file and nothing else (a table is a file inside the opaque ``tables``
+        node, so the consolidated metadata does not list it): for frequent small writers such as
+        the review page's verdict tables.
         """
         import json
 
@@ -534,6 +545,7 @@ class Collection:
         import pyarrow.parquet as pq
 
         path = self._table_path(name)
+        made = not self.fs.exists(self._join(TABLES, "zarr.json"))
         self._ensure_opaque(TABLES)
         buf = io.BytesIO()
         table = pa.Table.from_pandas(df, preserve_index=False)
@@ -551,14 +563,15 @@ class Collection:
         self.fs.mv(tmp, path)
         log.info("wrote table %s (%d rows)", path, len(df))
         # a stage's table is its last output: refresh the consolidated metadata for remote readers
-        self.consolidate(written_only=written_only)
+        if consolidate or made:
+            self.consolidate(written_only=written_only)
         return path
 
     def read_table(self, name: str) -> pd.DataFrame:
         """Read ``tables/<name>.parquet``."""
         path = self._table_path(name)
         if not self.fs.exists(path):
-            raise InputError(f"{self.url} has no table {name!r}; run the stage that makes it first")
+            raise missing_input(self.url, name)
         with self.fs.open(path, "rb") as fh:
             return pd.read_parquet(fh)
 
@@ -569,7 +582,7 @@ class Collection:
 
         path = self._table_path(name)
         if not self.fs.exists(path):
-            raise InputError(f"{self.url} has no table {name!r}; run the stage that makes it first")
+            raise missing_input(self.url, name)
         with self.fs.open(path, "rb") as fh:
             meta = pq.read_schema(fh).metadata or {}
         raw = meta.get(key)
@@ -635,6 +648,7 @@ class Collection:
                     "levels": len(t.levels),
                     "tilts": ts.shape[0] if ts is not None else 0,
                     "source": t.meta.get("source", ""),
+                    "fingerprint": _fingerprint_label(t.meta),
                 }
             )
         return pd.DataFrame(rows)
@@ -642,6 +656,34 @@ class Collection:
     def __repr__(self) -> str:
         return f"Collection({self.url!r}, {len(self)} tomograms)"
 
+
+
+def _fingerprint_label(meta: dict) -> str:
+    """``"<first 10 hex digits> (<what was hashed>)"`` for ``info``: the check re-ingest compares."""
+    fp = str(meta.get("fingerprint") or "")
+    kind = meta.get("fingerprint_kind") or ("sha1 of the whole file" if fp else "none")
+    return f"{fp[:10]} ({kind})" if fp else kind
+
+
+def check_version(meta: dict, url: str, *, writable: bool) -> None:
+    """Refuse to write a store made by a newer milotile; reading it only logs a warning.
+
+    A newer layout may hold nodes this code does not know, so writing could leave a store that neither
+    version reads correctly; reading shows what this version understands and says so.
+    """
+    try:
+        version = int(meta.get("version", STORE_VERSION))
+    except (TypeError, ValueError):
+        raise InputError(f"{url} has an unreadable store version {meta.get('version')!r}") from None
+    if version <= STORE_VERSION:
+        return
+    if writable:
+        raise InputError(
+            f"{url} was written by a newer milotile (store version {version}, this milotile writes version "
+            f"{STORE_VERSION}); upgrade milotile to write to it"
+        )
+    log.warning("%s has store version %d, newer than this milotile's %d: reading what this version knows",
+                url, version, STORE_VERSION)
 
 
 def _root_metadata(fs: Any, path: str, url: str) -> dict | None:

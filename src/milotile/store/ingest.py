@@ -50,6 +50,7 @@ from milotile.store.mrc import (
     quick_fingerprint,
     read_header,
 )
+from milotile.store.ngff import grey_channel
 from milotile.store.stage_output import make_token
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,7 @@ def ingest(
     overwrite: bool = False,
     chunks: Sequence[int] = DEFAULT_CHUNKS,
     copick_tomo_type: str | None = None,
+    quick_check: bool = False,
 ) -> Collection:
     """Ingest tomograms (and aligned tilt series) into a collection store.
 
@@ -376,6 +378,11 @@ def ingest(
         Zarr chunk shape of the volumes.
     copick_tomo_type : str, optional
         Tomogram type taken from copick projects (default: the only or first type).
+    quick_check : bool
+        Re-ingest decision from size, mtime and 64 sampled blocks (milliseconds) instead of the
+        whole-file SHA-1 (one read of every file already in the store, 0.28-0.58 GB/s per core here; see
+        ``benchmarks/ingest.py --hash``). The quick check misses an edit between the sampled blocks
+        when size and mtime were kept.
 
     Returns
     -------
@@ -393,17 +400,18 @@ def ingest(
     plans = _validate(collect_sources(sources, copick_tomo_type), order, voxel_size)
     col = as_collection(store, mode="a")
     with writer_lock(col, TOMOGRAMS):  # one ingest at a time: they share staging/
-        return _ingest_plans(col, plans, order, voxel_size, tilt_axis_angle, overwrite, chunks)
+        return _ingest_plans(col, plans, order, voxel_size, tilt_axis_angle, overwrite, chunks,
+                             "quick" if quick_check else "full")
 
 
 def _ingest_plans(col: Collection, plans: list[_Plan], order: str, voxel_size: float | None,
-                  tilt_axis_angle: float, overwrite: bool, chunks: Sequence[int]) -> Collection:
+                  tilt_axis_angle: float, overwrite: bool, chunks: Sequence[int], check: str = "full") -> Collection:
     """Skip unchanged tomograms, then stage, check and move the others into place (lock held)."""
-    _decide(col, plans, order, voxel_size, tilt_axis_angle, overwrite)
+    _decide(col, plans, order, voxel_size, tilt_axis_angle, overwrite, check)
     todo = [p for p in plans if p.action != "skip"]
     for p in plans:
         if p.action == "skip":
-            log.info("%s unchanged, skipped", p.src.name)
+            log.info("%s unchanged (%s), skipped", p.src.name, CHECKS[check])
     if not todo:
         return col
 
@@ -491,11 +499,15 @@ def _write_attrs(col: Collection, stage_root: zarr.Group, plan: _Plan, order: st
     """OME metadata and the ``milotile`` attributes (source, fingerprints, token, statistics)."""
     name = plan.src.name
     g = stage_root[TOMOGRAMS][name]
-    g.attrs["ome"] = multiscale_metadata(name, plan.voxel_size, _n_levels(plan.shape))  # no listing
     _, mean, var, _ = vol_stats
+    ome = multiscale_metadata(name, plan.voxel_size, _n_levels(plan.shape))
+    sd = float(np.sqrt(max(var, 0.0)))
+    ome["omero"] = grey_channel("tomogram", (float(mean) - 3 * sd, float(mean) + 3 * sd))  # napari: "<name>: tomogram"
+    g.attrs["ome"] = ome  # no listing
     g.attrs["milotile"] = {
         "source": col.relative_path(plan.src.rec_path), "size_bytes": plan.size_bytes, "mtime_ns": plan.mtime_ns,
-        "quick_fingerprint": plan.quick, "fingerprint": fp, "token": make_token(fp, order, plan.voxel_size),
+        "quick_fingerprint": plan.quick, "fingerprint": fp, "fingerprint_kind": _fingerprint_kind(plan.src.rec_path),
+        "token": make_token(fp, order, plan.voxel_size),
         "voxel_size": plan.voxel_size, "order": order, "shape": list(plan.shape),
         "stats": {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))}, "complete": True,
     }
@@ -506,9 +518,15 @@ def _write_attrs(col: Collection, stage_root: zarr.Group, plan: _Plan, order: st
         "source": col.relative_path(plan.src.tilt_path),
         "angle_file": col.relative_path(plan.src.angle_path), "size_bytes": plan.tilt_size,
         "mtime_ns": plan.tilt_mtime, "quick_fingerprint": plan.tilt_quick, "fingerprint": tilt_fp,
+        "fingerprint_kind": _fingerprint_kind(plan.src.tilt_path),
         "token": make_token(tilt_fp, angles, float(tilt_axis_angle), plan.tilt_pixel), "angles": angles,
         "tilt_axis_angle": float(tilt_axis_angle), "pixel_size": plan.tilt_pixel, "complete": True,
     }
+
+
+def _fingerprint_kind(path: str) -> str:
+    """What :func:`_fingerprint` hashes for ``path`` (recorded beside the fingerprint, shown by ``info``)."""
+    return "sha1 of the level-0 chunk files" if os.path.isdir(path) else "sha1 of the whole file"
 
 
 def _fingerprint(path: str) -> str:
@@ -529,20 +547,50 @@ def _source_array(plan: _Plan, chunks: Sequence[int]) -> da.Array:
                          name=f"mrc-{plan.src.name}-{plan.mtime_ns}")
 
 
-def _same_file(meta: dict, size: int | None, mtime: int | None, quick: str | None, path: str | None) -> bool:
-    """Whether a source file still holds what was ingested: size, mtime and the sampled content hash
-    agree, or (after a touch or a copy) the full content fingerprint does."""
-    if meta.get("size_bytes") == size and meta.get("mtime_ns") == mtime and meta.get("quick_fingerprint") == quick:
+#: How a re-ingest tells an unchanged source from a changed one (``ingest(check=...)``).
+CHECKS = {
+    "full": "whole-file SHA-1",
+    "quick": "size, mtime and sampled blocks (--quick-check), else whole-file SHA-1",
+}
+
+
+def _same_file(meta: dict, size: int | None, mtime: int | None, quick: str | None, path: str | None,
+               check: str = "full", fingerprints: dict[str, str] | None = None) -> bool:
+    """Whether a source file still holds what was ingested.
+
+    ``check="full"``: its whole-file fingerprint equals the stored one (an edit anywhere is seen, whatever
+    the size and mtime). ``check="quick"``: size, mtime and the sampled hash agree (an edit between the
+    sampled blocks with the mtime restored is missed), else the whole-file fingerprint decides.
+    """
+    if check == "quick" and meta.get("size_bytes") == size and meta.get("mtime_ns") == mtime \
+            and meta.get("quick_fingerprint") == quick:
         return True
-    return path is not None and meta.get("fingerprint") == _fingerprint(path)
+    if path is None:
+        return False
+    fp = (fingerprints or {}).get(path) or _fingerprint(path)
+    return meta.get("fingerprint") == fp
+
+
+def _fingerprints(paths: list[str]) -> dict[str, str]:
+    """Whole-file fingerprints of ``paths``, a few files at a time (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = sorted(set(paths))
+    if not paths:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(4, len(paths), os.cpu_count() or 1)) as pool:
+        return dict(zip(paths, pool.map(_fingerprint, paths), strict=True))
 
 
 def _decide(col: Collection, plans: list[_Plan], order: str, voxel_size: float | None, tilt_axis_angle: float,
-            overwrite: bool) -> None:
-    """Per tomogram: skip it when tomogram, tilt stack and angles are unchanged; refuse a changed one
-    without ``overwrite``. Derived data of a replaced input become stale through its new token."""
+            overwrite: bool, check: str = "full") -> None:
+    """Per tomogram: skip it when tomogram, tilt stack and angles are unchanged (``check``: see
+    :data:`CHECKS`); refuse a changed one without ``overwrite``. Derived data of a replaced input
+    become stale through its new token."""
     tomo_root = col.group(TOMOGRAMS, create=True)
     tilt_root = col.group(TILTS)
+    known = [p for p in plans if _node_meta(tomo_root, p.src.name).get("complete")]
+    fps = _fingerprints([q for p in known for q in (p.src.rec_path, p.src.tilt_path) if q]) if check == "full" else {}
     for plan in plans:
         name = plan.src.name
         try:
@@ -553,14 +601,15 @@ def _decide(col: Collection, plans: list[_Plan], order: str, voxel_size: float |
             plan.action = "overwrite"  # left over from a crash: redo
             continue
         same_opts = meta.get("order") == order and (voxel_size is None or meta.get("voxel_size") == plan.voxel_size)
-        same = same_opts and _same_file(meta, plan.size_bytes, plan.mtime_ns, plan.quick, plan.src.rec_path)
+        same = same_opts and _same_file(meta, plan.size_bytes, plan.mtime_ns, plan.quick, plan.src.rec_path,
+                                        check, fps)
         tmeta = _node_meta(tilt_root, name)
         if plan.tilt_shape is None:
             same_tilt = not tmeta
         else:
             same_tilt = (
                 bool(tmeta.get("complete"))
-                and _same_file(tmeta, plan.tilt_size, plan.tilt_mtime, plan.tilt_quick, plan.src.tilt_path)
+                and _same_file(tmeta, plan.tilt_size, plan.tilt_mtime, plan.tilt_quick, plan.src.tilt_path, check, fps)
                 and tmeta.get("angles") == [float(a) for a in plan.src.angles]
                 and tmeta.get("tilt_axis_angle") == float(tilt_axis_angle)
             )

@@ -67,6 +67,23 @@ def label_attrs(
     return {"version": NGFF_VERSION, "multiscales": [ms], "image-label": il}
 
 
+def _image_name(image: zarr.Group, default: str) -> str:
+    """The multiscales name of the image a label image belongs to (its tomogram / volume name)."""
+    ms = dict(image.attrs.get("ome", {})).get("multiscales") or [{}]
+    return str(ms[0].get("name") or default)
+
+
+def _label_channel(name: str) -> dict:
+    """An ``omero`` channel named after the colour map: napari-ome-zarr then calls the layer
+    ``"<image>: <name>"`` instead of ``labels/labels/<name>`` (its colours still come from ``image-label``).
+    No ``window``: napari would pass it on as ``contrast_limits``, which a Labels layer refuses."""
+    from milotile.store.ngff import grey_channel
+
+    block = grey_channel(name, (0.0, 1.0), active=False)
+    del block["channels"][0]["window"]
+    return block
+
+
 def _register(image: zarr.Group, name: str) -> zarr.Group:
     grp = image.require_group(LABELS)
     ome = dict(grp.attrs.get("ome", {}))
@@ -82,7 +99,9 @@ def _label_group(image: zarr.Group, name: str, scale: Sequence[float], colors: A
     if name in grp:
         del grp[name]
     lab = grp.create_group(name)
-    lab.attrs["ome"] = label_attrs(name, scale, colors=colors, properties=properties, unit=unit)
+    ome = label_attrs(_image_name(image, name), scale, colors=colors, properties=properties, unit=unit)
+    ome["omero"] = _label_channel(name)
+    lab.attrs["ome"] = ome
     if attributes:
         lab.attrs.update(attributes)
     return lab
@@ -211,7 +230,8 @@ def write_tomogram_labels(
             target = tomo.data(level)
             sub = data[::f, ::f, ::f][: target.shape[0], : target.shape[1], : target.shape[2]]
             write_dask(sub, grp, str(level), chunks=tuple(c[0] for c in target.chunks), dimension_names=AXES_ZYX)
-        ome = multiscale_metadata(name, tomo.voxel_size, len(levels))
+        ome = multiscale_metadata(image, tomo.voxel_size, len(levels))
+        ome["omero"] = _label_channel(name)  # napari: layer "<tomogram>: <colour map>"
         table = [{"label-value": int(v), "rgba": [int(c) for c in rgba]} for v, rgba in sorted((colors or {}).items())]
         ome["image-label"] = label_attrs(name, (1.0, 1.0, 1.0), colors=table or None,
                                          properties=[dict(p) for p in properties or []] or None)["image-label"]

@@ -86,6 +86,19 @@ def omero_metadata(
     }
 
 
+def grey_channel(label: str, window: tuple[float, float], *, active: bool = True) -> dict:
+    """The ``omero`` block of a one-channel (greyscale) image, so viewers name its layer.
+
+    napari-ome-zarr 0.10 names an image layer ``"<multiscales name>: <channel label>"`` only when an
+    ``omero`` channel exists (else ``data``, ``data [1]``, ...): tomograms get ``"<name>: tomogram"``,
+    preprocessed volumes ``"<name>: preprocessed"``, colour maps ``"<tomogram>: <colour map>"``.
+    """
+    block = omero_metadata([label], window=window, colors=["FFFFFF"])
+    block["channels"][0]["active"] = bool(active)
+    block["rdefs"] = {"model": "greyscale"}
+    return block
+
+
 def _level_transforms(scale: Sequence[float], translation: Sequence[float] | None) -> list[dict]:
     t: list[dict] = [{"type": "scale", "scale": [float(s) for s in scale]}]
     if translation is not None and any(float(v) for v in translation):

@@ -17,6 +17,10 @@ Routes
 ``GET /api/selection/<sid>.bin``  uint32 ids of a selection
 ``POST /api/export``           ``{selection, name}`` -> ``tables/labels-<name>`` + download links
 ``GET /download/<name>.<parquet|tsv|star>``  the exported selection
+
+With a review (``make_server(..., review=ReviewApp(...))``, ``milotile refine review`` or
+``explore serve --picks``) the same server also serves the review page at ``/review`` and its routes
+(:mod:`milotile.explore.serve.review`); without an atlas ``/`` leads to the review page.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class AtlasApp:
 
     # -- data --------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        """Key, size, clusters, tomograms and map bounds."""
+        """Key, size, clusters, tomograms and map bounds (``review``: whether the review tab is served)."""
         cl = self.atlas.clusters()
         finite = self.xy[np.isfinite(self.xy).all(axis=1)]
         lo, hi = (finite.min(axis=0), finite.max(axis=0)) if len(finite) else (np.zeros(2), np.ones(2))
@@ -156,9 +160,25 @@ class AtlasApp:
             raise InputError(f"unknown selection {body.get('selection')!r}; select points first.") from None
         name = check_name(str(body.get("name") or "selection"))
         params = {"source": "app", **sel["geometry"], "clusters": sel["clusters"]}
-        labels = save_selection(self.atlas, sel["ids"], name, params)
+        labels = save_selection(self._writable_atlas(), sel["ids"], name, params)
         return {"name": name, "n": int(len(labels)), "table": f"labels-{name}",
                 "downloads": {f: f"/download/{name}.{f}" for f in ("parquet", "tsv", "star")}}
+
+    def _writable_atlas(self) -> Any:
+        """The atlas on a writable open of its store: the app serves from a read-only open and writes
+        only when the user exports a selection."""
+        col = self.atlas.collection
+        if getattr(col, "writable", True):
+            return self.atlas
+        from dataclasses import replace
+
+        from milotile.store import open_collection
+
+        with self._lock:
+            if not hasattr(self, "_writable"):
+                self._writable = replace(self.atlas, collection=open_collection(
+                    col.url, mode="r+", storage_options=col.storage_options))
+        return self._writable
 
     def download(self, name: str, fmt: str) -> bytes:
         """Bytes of an exported selection in ``parquet``, ``tsv`` (MiLoPYP) or ``star`` (RELION 5)."""
@@ -183,7 +203,7 @@ class AtlasApp:
         raise KeyError(fmt)
 
 
-def _handler(app: AtlasApp) -> type[BaseHTTPRequestHandler]:
+def _handler(app: AtlasApp | None, review: Any = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "milotile-atlas"
 
@@ -210,6 +230,13 @@ def _handler(app: AtlasApp) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             p = url.path
             try:
+                if review is not None and (p == "/review" or (app is None and p in ("/", "/index.html"))):
+                    return self._send((STATIC / "review.html").read_bytes(), _TYPES[".html"])
+                got = review.get(p) if review is not None else None
+                if got is not None:
+                    return self._send(*got)
+                if app is None and (p.startswith("/api/") or p.startswith("/thumb/") or p.startswith("/download/")):
+                    return self._error(404, "no atlas is served")
                 if p in ("/", "/index.html"):
                     self._send((STATIC / "index.html").read_bytes(), _TYPES[".html"])
                 elif p == "/favicon.ico":
@@ -220,7 +247,7 @@ def _handler(app: AtlasApp) -> type[BaseHTTPRequestHandler]:
                         return self._error(404, "not found")
                     self._send(f.read_bytes(), _TYPES.get(f.suffix, "application/octet-stream"))
                 elif p == "/api/meta":
-                    self._json(app.meta())
+                    self._json({**app.meta(), "review": review is not None})
                 elif p == "/api/points.bin":
                     self._send(app.points(), "application/octet-stream")
                 elif p == "/api/nearest":
@@ -249,7 +276,12 @@ def _handler(app: AtlasApp) -> type[BaseHTTPRequestHandler]:
             try:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(n) or b"{}")
-                if p == "/api/select":
+                got = review.post(p, body) if review is not None else None
+                if got is not None:
+                    self._json(got)
+                elif app is None:
+                    self._error(404, "no atlas is served")
+                elif p == "/api/select":
                     self._json(app.select(body))
                 elif p == "/api/export":
                     self._json(app.export(body))
@@ -261,26 +293,37 @@ def _handler(app: AtlasApp) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def make_server(atlas: Any, host: str = "127.0.0.1", port: int = 7000, thumb_px: int = 96) -> ThreadingHTTPServer:
-    """A ready (not yet serving) HTTP server for ``atlas``; ``port=0`` picks a free port."""
-    app = AtlasApp(atlas, thumb_px=thumb_px)
-    server = ThreadingHTTPServer((host, int(port)), _handler(app))
+def make_server(atlas: Any, host: str = "127.0.0.1", port: int = 7000, thumb_px: int = 96,
+                review: Any = None) -> ThreadingHTTPServer:
+    """A ready (not yet serving) HTTP server for ``atlas`` (may be ``None`` with a ``review``,
+    :class:`milotile.explore.serve.review.ReviewApp`); ``port=0`` picks a free port."""
+    if atlas is None and review is None:
+        raise InputError("nothing to serve: give an atlas or picks to review.")
+    app = AtlasApp(atlas, thumb_px=thumb_px) if atlas is not None else None
+    server = ThreadingHTTPServer((host, int(port)), _handler(app, review))
     server.daemon_threads = True
     server.app = app  # type: ignore[attr-defined]
+    server.review = review  # type: ignore[attr-defined]
     return server
 
 
-def serve(col: Any, key: str | None = None, *, host: str = "127.0.0.1", port: int = 7000, thumb_px: int = 96) -> None:
-    """Serve the selection app for the atlas ``key`` of ``col`` until interrupted."""
+def serve(col: Any, key: str | None = None, *, host: str = "127.0.0.1", port: int = 7000, thumb_px: int = 96,
+          review: Any = None, atlas: bool = True) -> None:
+    """Serve the selection app for the atlas ``key`` of ``col`` (and the review page when ``review``
+    is given; ``atlas=False``: the review page alone) until interrupted."""
     from milotile.explore.atlas import load_atlas
+    from milotile.store import as_collection
 
-    a = load_atlas(col, key)
+    # serving the atlas only reads; an export reopens it writable (review verdicts go through their own log)
+    a = load_atlas(as_collection(col, mode="r"), key) if atlas else None
     try:
-        server = make_server(a, host, port, thumb_px)
+        server = make_server(a, host, port, thumb_px, review=review)
     except OSError as exc:
         raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port.") from None
-    log.info("atlas %s (%d points): open http://%s:%d/  (Ctrl-C stops; from a laptop: ssh -L %d:localhost:%d HOST)",
-             a.key, len(a), host, server.server_address[1], server.server_address[1], server.server_address[1])
+    what = f"atlas {a.key} ({len(a)} points)" if a is not None else "review"
+    page = "review" if a is None else ""
+    log.info("%s: open http://%s:%d/%s  (Ctrl-C stops; from a laptop: ssh -L %d:localhost:%d HOST)",
+             what, host, server.server_address[1], page, server.server_address[1], server.server_address[1])
     try:
         server.serve_forever()
     finally:

@@ -219,6 +219,7 @@
     const t0 = performance.now();
     meta = await (await fetch("/api/meta")).json();
     $("key").textContent = meta.key;
+    $("reviewlink").hidden = !meta.review;
     const buf = new Float32Array(await (await fetch("/api/points.bin")).arrayBuffer());
     n = buf.length / 3;
     nPal = Math.max(1, ...meta.clusters.map((c) => c.id + 2));

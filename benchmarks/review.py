@@ -1,0 +1,326 @@
+"""Benchmark: the review loop (issue 25) with a simulated reviewer who answers from the ground truth.
+
+Two parts (``--part loop browser``):
+
+**loop** — data: ``synth --preset hard`` (or ``--preset lookalike --setting K``, as
+``benchmarks/refine_hard.py`` makes them). Round 0: the default picker trained from 6 labels of the
+target species in the first tomogram (``refine_hard.choose_labels`` / ``lookalike_labels``), every peak
+down to score 0.05 picked; its F1 at the automatic threshold is the "0 verdicts" figure. Then for each
+budget N (``--verdicts 20 50``), on the same round-0 picker:
+
+* **review** — the first N items of the review queue (:func:`milotile.refine.review.review_order`:
+  picks nearest the automatic threshold, every third one from the uniform random sample) are answered
+  from the truth (a pick within half a particle radius of a target particle is accepted; otherwise
+  rejected as "other species" when it lies on another species, else "junk"), stored through
+  :class:`~milotile.refine.review.VerdictLog`, and :func:`milotile.refine.review.retrain` fine-tunes,
+  picks and chooses the threshold from the reviewed sample (automatic threshold below 10 sample verdicts);
+* **rethreshold** — the round-0 picks at the threshold the same sample chooses (no retraining);
+* **random labels** — N more labels of the target drawn at random from the truth (what N more manual
+  labels would buy), fine-tuned from the same round-0 picker with the same epochs, automatic threshold.
+
+Reported: F1 / precision / recall (Hungarian matching within half the radius, ``refine_hard.scores``), the
+best-threshold F1 for reference, the sample's estimated precision against the true precision (round-0
+picks at their threshold and the new picks at the reviewed threshold), and the retrain + pick time of a
+round on the CPU.
+
+**browser** — ``--n-picks`` (10⁴) random picks over the hard tomograms, the review page in headless
+Chromium: page load until the first thumbnail is shown, the next-thumbnail latency (arrow key to the
+thumbnail displayed; thumbnails are prefetched), the verdict round trip (``y`` to the next thumbnail,
+the verdict written into the store in between), each measured inside the page (the key event's time stamp
+to the thumbnail in the DOM) and from Playwright (key press sent to the change seen; adds Playwright's
+round trips and polling), and the server's cold thumbnail time (empty chunk cache).
+
+Example::
+
+    nice -n 10 python benchmarks/review.py --part browser loop --verdicts 20 50 --species small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import milotile as mt  # noqa: E402
+from milotile.errors import InputError  # noqa: E402
+from milotile.refine import predict  # noqa: E402
+from milotile.refine.review import VerdictLog, estimate, retrain, review_order, reviewed_threshold  # noqa: E402
+from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def answer(pick: pd.Series, gt: pd.DataFrame, target: str) -> tuple[str, str]:
+    """The simulated reviewer: accept a pick on a target particle, else reject it with the reason."""
+    g = gt[gt["tomogram"] == pick["tomogram"]]
+    d = np.sqrt((g["x"] - pick["x"]) ** 2 + (g["y"] - pick["y"]) ** 2 + (g["z"] - pick["z"]) ** 2)
+    hit = g[d <= g["radius"] / 2.0]
+    if len(hit) and (hit["species"] == target).any():
+        return "accept", ""
+    near = g[d <= g["radius"]]
+    return "reject", "other species" if len(near) else "junk"
+
+
+def f1_at(picks: pd.DataFrame, true: pd.DataFrame, r: float, thr: float) -> dict:
+    from refine_hard import scores
+
+    return scores(picks, true, r / 2, thr)
+
+
+def true_precision(picks: pd.DataFrame, true: pd.DataFrame, r: float, thr: float) -> float:
+    from milotile.metrics import evaluate
+
+    e = evaluate(picks, true, r / 2, by="tomogram", threshold=thr).iloc[-1]
+    return float(e["precision"])
+
+
+def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], None]) -> list[dict]:
+    from refine_hard import choose_labels, make_data, make_lookalike
+
+    records: list[dict] = []
+    base_kw = {} if args.base_epochs is None else {"epochs": args.base_epochs}
+    ft_kw = json.loads(args.finetune)
+    for seed in args.seeds:
+        if args.preset == "hard":
+            col, gt = make_data(work, seed, None)
+            targets = args.species
+        else:
+            col, gt, _ = make_lookalike(work, args.setting, seed)
+            from refine_hard import lookalike_labels
+
+            targets = [lookalike_labels(gt, args.setting, seed)[0]]
+        for target in targets:
+            sp = gt[gt["species"] == target]
+            r = float(sp["radius"].iloc[0])
+            true = sp[["tomogram", "x", "y", "z"]]
+            labels = choose_labels(gt, target, args.labels, seed)
+            base = {"preset": args.preset, "setting": args.setting if args.preset == "lookalike" else None,
+                    "seed": seed, "species": target, "n_labels": len(labels)}
+            run0 = work / f"review_s{seed}_{target}_r0"
+            if run0.exists():
+                shutil.rmtree(run0)
+            t0 = time.perf_counter()
+            picker = mt.refine.train(col, labels, out=run0, seed=seed, device="cpu", bbox=2 * r, **base_kw)
+            train0 = time.perf_counter() - t0
+            cands = predict.pick(col, picker, threshold=AUTO_FLOOR, write_heatmaps=False, table=None)
+            thr0 = float(apply_auto_threshold(cands, picker.contract)[1]["particle"]["threshold"])
+            col.write_table("picks-bench", cands, params={"threshold": thr0, "run": run0.name,
+                                                          "checkpoint": str(picker.path)})
+            res0 = f1_at(cands, true, r, thr0)
+            rec0 = {**base, "method": "round0", "verdicts": 0, "train_s": round(train0, 1), "load": load(), **res0}
+            records.append(rec0)
+            print(rec0, flush=True)
+            save(records)
+            order, sample = review_order(cands["score"].to_numpy(), thr0, seed=seed)
+            for n in args.verdicts:
+                name = f"bench-s{seed}-{target}-{n}"
+                for t in (f"labels-{name}", f"negatives-{name}"):
+                    if col.has_table(t):
+                        (Path(col.path) / "tables" / f"{t}.parquet").unlink()
+                log = VerdictLog(col, name, who="simulated")
+                for pos in range(min(n, len(order))):
+                    i = int(order[pos])
+                    row = cands.iloc[i]
+                    v, why = answer(row, gt, target)
+                    log.add(v, tomogram=row["tomogram"], x=row["x"], y=row["y"], z=row["z"], reason=why,
+                            sample=bool(sample[pos]), score=float(row["score"]), pick=i, picks="picks-bench",
+                            run=run0.name)
+                df = log.frame()
+                smp = df[df["sample"].astype(bool)]
+                acc = (smp["verdict"] == "accept").to_numpy()
+                est0 = estimate(smp["score"].to_numpy(), acc, thr0)
+                common = {**base, "verdicts": n, "n_sample": int(len(smp)), "n_accepted": int((df["verdict"] == "accept").sum())}
+                # rethreshold only
+                try:
+                    rt = reviewed_threshold(smp["score"].to_numpy(), acc)
+                    rrec = {**common, "method": "rethreshold", **f1_at(cands, true, r, rt["threshold"]),
+                            "est_precision": rt["precision"], "true_precision": true_precision(cands, true, r, rt["threshold"])}
+                except InputError as exc:  # too few sample verdicts: recorded
+                    rrec = {**common, "method": "rethreshold", "note": str(exc)}
+                records.append(rrec)
+                print(rrec, flush=True)
+                save(records)
+                # review + retrain
+                out = work / f"review_s{seed}_{target}_v{n}"
+                if out.exists():
+                    shutil.rmtree(out)
+                res = retrain(col, run0, name=name, out=out, table=None, write_heatmaps=False, **ft_kw)
+                est = res["estimate"]
+                rec = {**common, "method": "review", **f1_at(res["candidates"], true, r, res["threshold"]),
+                       "threshold_source": "sample" if est is not None else "auto",
+                       "est_precision_round0": est0["precision"], "est_precision_round0_ci": est0["precision_ci"],
+                       "true_precision_round0": true_precision(cands, true, r, thr0),
+                       "est_precision": None if est is None else est["precision"],
+                       "est_precision_ci": None if est is None else est["precision_ci"],
+                       "true_precision": true_precision(res["candidates"], true, r, res["threshold"]),
+                       "retrain_s": res["train_s"], "pick_s": res["pick_s"], "n_train_labels": res["n_labels"],
+                       "n_negatives": res["n_negatives"], "load": load()}
+                records.append(rec)
+                print(rec, flush=True)
+                save(records)
+                # the same budget as random manual labels
+                rng = np.random.default_rng([seed, n])
+                pool = sp.merge(labels, on=["tomogram", "x", "y", "z"], how="left", indicator=True)
+                pool = pool[pool["_merge"] == "left_only"]
+                extra = pool.iloc[np.sort(rng.choice(len(pool), min(n, len(pool)), replace=False))]
+                more = pd.concat([labels, extra[["tomogram", "x", "y", "z"]]], ignore_index=True)
+                out = work / f"random_s{seed}_{target}_v{n}"
+                if out.exists():
+                    shutil.rmtree(out)
+                t0 = time.perf_counter()
+                p2 = mt.refine.train(col, more, init_from=picker.path, out=out, device="cpu", **ft_kw)
+                tr = time.perf_counter() - t0
+                c2 = predict.pick(col, p2, threshold=AUTO_FLOOR, write_heatmaps=False, table=None)
+                thr2 = float(apply_auto_threshold(c2, p2.contract)[1]["particle"]["threshold"])
+                rrec = {**base, "method": "random_labels", "verdicts": n, "n_labels": len(more),
+                        **f1_at(c2, true, r, thr2), "retrain_s": round(tr, 1), "load": load()}
+                records.append(rrec)
+                print(rrec, flush=True)
+                save(records)
+    return records
+
+
+def run_browser(args: argparse.Namespace, work: Path) -> dict:
+    """Page load and thumbnail latencies at ``args.n_picks`` picks in headless Chromium."""
+    from playwright.sync_api import sync_playwright
+    from refine_hard import make_data
+
+    from milotile.explore.serve import make_server
+    from milotile.explore.serve.review import ReviewApp
+
+    col, _ = make_data(work, 0, None)
+    rng = np.random.default_rng(0)
+    n = int(args.n_picks)
+    rows = []
+    for name, k in zip(col.names, [len(a) for a in np.array_split(np.arange(n), len(col.names))], strict=True):
+        zs, ys, xs = col[name].shape
+        rows.append(pd.DataFrame({"tomogram": name, "x": rng.uniform(8, xs - 8, k), "y": rng.uniform(8, ys - 8, k),
+                                  "z": rng.uniform(8, zs - 8, k), "score": rng.beta(0.6, 0.6, k)}))
+    picks = pd.concat(rows, ignore_index=True)
+    col.write_table("picks-browser", picks, params={"threshold": 0.5, "run": None})
+    for t in ("labels-browser", "negatives-browser"):
+        if col.has_table(t):
+            (Path(col.path) / "tables" / f"{t}.parquet").unlink()
+    # cold server-side thumbnails (fresh chunk cache, random picks)
+    app = ReviewApp(col, "picks-browser", name="browser", box=24)
+    ts = []
+    for i in rng.choice(len(picks), 40, replace=False):
+        t0 = time.perf_counter()
+        app.thumbnail(int(i))
+        ts.append(1000 * (time.perf_counter() - t0))
+    cold = {"cold_thumb_ms_median": round(float(np.median(ts)), 1), "cold_thumb_ms_p95": round(float(np.percentile(ts, 95)), 1)}
+    app = ReviewApp(col, "picks-browser", name="browser", box=24)
+    srv = make_server(None, port=0, review=app)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/review"
+    chromium = os.environ.get("MILOTILE_CHROMIUM") or shutil.which("chromium")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=flags)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            t0 = time.perf_counter()
+            page.goto(url)
+            page.wait_for_function("window.review && window.review.ready", timeout=120000)
+            load_ms = 1000 * (time.perf_counter() - t0)
+            page_ms = page.evaluate("window.review.loadMs")
+
+            def step(key: str, k: int) -> list[float]:
+                out = []
+                for _ in range(k):
+                    shown = page.evaluate("window.review.shown")
+                    t = time.perf_counter()
+                    page.keyboard.press(key)
+                    page.wait_for_function(f"window.review.shown !== {shown}")
+                    out.append(1000 * (time.perf_counter() - t))
+                    page.wait_for_timeout(args.dwell_ms)  # a reviewer looks at the pick meanwhile
+                return out
+
+            page.evaluate("window.review.keyMs = []")
+            nxt = step("ArrowRight", 40)
+            key_next = page.evaluate("window.review.keyMs")
+            page.evaluate("window.review.keyMs = []")
+            verdict = step("y", 20)
+            key_verdict = page.evaluate("window.review.keyMs")
+            browser.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    stored = len(col.read_table("labels-browser"))
+    return {"n_picks": n, "page_load_ms": round(load_ms, 1), "page_ready_ms_in_page": round(page_ms, 1),
+            "next_thumb_ms_median": round(float(np.median(nxt)), 1), "next_thumb_ms_p95": round(float(np.percentile(nxt, 95)), 1),
+            "verdict_to_next_ms_median": round(float(np.median(verdict)), 1),
+            "verdict_to_next_ms_p95": round(float(np.percentile(verdict, 95)), 1),
+            "in_page_key_to_thumb_ms_median": round(float(np.median(key_next)), 1),
+            "in_page_key_to_thumb_ms_p95": round(float(np.percentile(key_next, 95)), 1),
+            "in_page_verdict_to_thumb_ms_median": round(float(np.median(key_verdict)), 1),
+            "in_page_verdict_to_thumb_ms_p95": round(float(np.percentile(key_verdict, 95)), 1),
+            "verdicts_stored": stored,
+            "dwell_ms": args.dwell_ms, **cold, "load": load()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", nargs="+", choices=("loop", "browser"), default=["browser", "loop"])
+    ap.add_argument("--preset", choices=("hard", "lookalike"), default="hard")
+    ap.add_argument("--setting", type=int, default=0, help="look-alike setting")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--species", nargs="+", default=["small"])
+    ap.add_argument("--labels", type=int, default=6)
+    ap.add_argument("--verdicts", type=int, nargs="+", default=[20, 50])
+    ap.add_argument("--n-picks", type=float, default=1e4)
+    ap.add_argument("--dwell-ms", type=int, default=150, help="pause between key presses in the browser part")
+    ap.add_argument("--base-epochs", type=int, default=None, help="round-0 epochs (default: the recipe's)")
+    ap.add_argument("--finetune", default="{}", metavar="JSON",
+                    help='recipe overrides of both fine-tuning arms, e.g. \'{"epochs": 2, "repeats": 2}\' (default: none)')
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default="/tmp/review_bench")
+    ap.add_argument("--json", default=str(RESULTS / "review.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    out = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    out["commands"] = sorted(set(out.get("commands", [])) | {" ".join(sys.argv)})
+    if "browser" in args.part:
+        res = run_browser(args, work)
+        print(res, flush=True)
+        out["browser"] = res
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+    if "loop" in args.part:
+        key = f"loop_{args.preset}" + (f"_set{args.setting}" if args.preset == "lookalike" else "")
+        def save(records: list[dict]) -> None:
+            out[key] = records
+            out[key + "_options"] = {"base_epochs": args.base_epochs, "finetune": json.loads(args.finetune),
+                                     "verdicts": args.verdicts, "species": args.species, "seeds": args.seeds}
+            Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+
+        save(run_loop(args, work, save))
+        df = pd.DataFrame(out[key])
+        cols = [c for c in ("species", "method", "verdicts", "f1_auto", "p_auto", "r_auto", "f1_best", "est_precision",
+                            "true_precision", "retrain_s") if c in df]
+        print(df[cols].to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

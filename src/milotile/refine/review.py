@@ -1,0 +1,484 @@
+"""The review loop: a person accepts or rejects picks, every verdict is stored, the next round uses them.
+
+Three parts, each usable without the others:
+
+* **Queue** (:func:`review_order`): picks ordered by how much a verdict would teach — the ones whose
+  score is nearest the threshold first (in logit units) — interleaved with a *uniform random sample*
+  of all picks (every ``sample_every``-th item). A verdict on a sampled pick is flagged ``sample``:
+  only those estimate precision and recall, so the estimates carry no selection bias.
+* **Estimates** (:func:`estimate`, :func:`reviewed_threshold`): among the reviewed sample, the
+  fraction accepted at score ``>= t`` estimates the precision of the picks kept at ``t``; the
+  fraction of accepted sample picks scoring ``>= t`` estimates the recall *within the reviewed table*
+  (particles the picker never proposed are not counted; added particles show they exist). Both with
+  Wilson score intervals. The reviewed threshold maximises the estimated F1 (or reaches a target
+  precision).
+* **Verdict tables** (:class:`VerdictLog`): accepted picks and added particles go to
+  ``tables/labels-<name>``, rejections to ``tables/negatives-<name>``, each row with who, when, the
+  picker run, the picks table, the pick's row and score, the reason and the sample flag. Written on
+  every verdict, so a closed browser tab loses nothing.
+
+:func:`retrain` is the next round: fine-tune from the previous picker (:func:`milotile.refine.train.train`
+with ``init_from``) on its labels plus the accepted picks, its negatives plus the rejections; pick again;
+re-score the reviewed sample with the new picker and choose the threshold from it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from milotile.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["REASONS", "VerdictLog", "estimate", "load_picks", "retrain", "review_order", "reviewed_threshold",
+           "wilson_interval"]
+
+#: Reasons a rejected pick can be tagged with (keys 1-4 on the review page).
+REASONS = ("other species", "junk", "gold", "duplicate")
+#: Every ``SAMPLE_EVERY``-th queue item is drawn uniformly at random from all picks.
+SAMPLE_EVERY = 3
+#: Fewest reviewed sample picks from which :func:`retrain` re-chooses the threshold.
+MIN_SAMPLE = 10
+#: Box (voxels) of the thumbnails for a table without a picker (imported picks) and without ``radius``.
+DEFAULT_BOX = 32.0
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+_VERDICTS = ("accept", "reject", "add")
+_COLUMNS = ["vid", "tomogram", "x", "y", "z", "class", "verdict", "reason", "sample", "score", "pick", "picks",
+            "run", "who", "when"]
+
+
+# ------------------------------------------------------------------------------- statistics
+def wilson_interval(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (``(0, 1)`` when ``n == 0``).
+
+    Examples
+    --------
+    >>> lo, hi = wilson_interval(8, 10)
+    >>> round(lo, 3), round(hi, 3)
+    (0.49, 0.943)
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1.0 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return float(max(0.0, mid - half)), float(min(1.0, mid + half))
+
+
+def _logit(s: np.ndarray) -> np.ndarray:
+    s = np.clip(np.asarray(s, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(s / (1 - s))
+
+
+def review_order(scores: Sequence[float], threshold: float | None, *, sample_every: int = SAMPLE_EVERY,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The review queue: row indices of the picks in review order and which of them are the random sample.
+
+    Parameters
+    ----------
+    scores
+        Pick scores (probabilities; a table without scores passes constant values).
+    threshold
+        The picks' threshold (default: the median score).
+    sample_every
+        Every ``sample_every``-th item is the next pick of a uniform random permutation of all picks
+        (not yet queued); the others are the picks nearest the threshold in logit units. ``1``: the
+        whole queue is the random sample.
+    seed
+        Seed of the random sample (the same seed gives the same queue, so a reloaded page resumes).
+
+    Returns
+    -------
+    order, sample
+        ``order`` (int64, every row once) and ``sample`` (bool, per queue position).
+    """
+    s = np.asarray(scores, np.float64)
+    n = len(s)
+    if sample_every < 1:
+        raise InputError(f"sample_every must be at least 1, got {sample_every}")
+    t = float(np.median(s)) if threshold is None and n else float(threshold or 0.5)
+    near = np.argsort(np.abs(_logit(s) - _logit(np.array([t])))[:], kind="stable")
+    rand = np.random.default_rng(seed).permutation(n)
+    taken = np.zeros(n, bool)
+    order = np.empty(n, np.int64)
+    sample = np.zeros(n, bool)
+    i_near = i_rand = 0
+    for pos in range(n):
+        from_sample = (pos + 1) % sample_every == 0
+        if from_sample:
+            while taken[rand[i_rand]]:
+                i_rand += 1
+            j = rand[i_rand]
+        else:
+            while taken[near[i_near]]:
+                i_near += 1
+            j = near[i_near]
+        taken[j] = True
+        order[pos] = j
+        sample[pos] = from_sample
+    return order, sample
+
+
+def estimate(scores: Sequence[float], accepted: Sequence[bool], threshold: float, *, z: float = 1.96) -> dict[str, Any]:
+    """Precision and recall (within the reviewed table) of the picks kept at ``score >= threshold``.
+
+    Parameters
+    ----------
+    scores, accepted
+        Score and verdict of each reviewed *random-sample* pick (verdicts on the queue's informative
+        picks would bias the estimate).
+    threshold
+        The threshold to evaluate.
+    z
+        Normal quantile of the Wilson intervals (1.96: 95 %).
+
+    Returns
+    -------
+    dict
+        ``precision``, ``precision_ci``, ``recall``, ``recall_ci``, ``f1`` (NaN where undefined),
+        ``n_sample``, ``n_above`` (sample picks at ``>= threshold``), ``n_accepted``.
+    """
+    s = np.asarray(scores, np.float64)
+    a = np.asarray(accepted, bool)
+    above = s >= threshold
+    n_above, k_above, n_acc = int(above.sum()), int((above & a).sum()), int(a.sum())
+    p = k_above / n_above if n_above else float("nan")
+    r = k_above / n_acc if n_acc else float("nan")
+    f1 = 2 * p * r / (p + r) if n_above and n_acc and p + r > 0 else float("nan")
+    return {"threshold": float(threshold), "precision": p, "precision_ci": wilson_interval(k_above, n_above, z),
+            "recall": r, "recall_ci": wilson_interval(k_above, n_acc, z), "f1": f1,
+            "n_sample": int(len(s)), "n_above": n_above, "n_accepted": n_acc}
+
+
+def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, target_precision: float | None = None,
+                       min_reviews: int = MIN_SAMPLE, z: float = 1.96) -> dict[str, Any]:
+    """Choose the pick threshold from a reviewed random sample of picks.
+
+    Each distinct sample score is a candidate threshold; its precision and recall are estimated
+    with :func:`estimate`. Default: the candidate with the highest estimated F1 (ties: the higher
+    threshold); with ``target_precision``: the lowest candidate whose estimated precision reaches
+    it (the highest-precision candidate when none does). The returned threshold lies halfway (in
+    logit units) between the chosen score and the next lower sample score, so that the
+    reviewed picks at the chosen score are kept by ``score >= threshold`` and ``score > threshold``.
+
+    Parameters
+    ----------
+    scores, verdicts
+        Score (under the picker being thresholded) and verdict (``True`` = accepted) of each
+        reviewed random-sample pick.
+    target_precision
+        Optional precision to reach instead of the F1 optimum.
+    min_reviews
+        Fewest reviewed picks (and at least one accepted) to decide; fewer raise :class:`InputError`.
+    z
+        Normal quantile of the Wilson intervals.
+
+    Returns
+    -------
+    dict
+        :func:`estimate` at the chosen threshold plus ``rule`` (``"f1"`` / ``"precision"``).
+    """
+    s = np.asarray(scores, np.float64)
+    a = np.asarray(verdicts, bool)
+    if len(s) != len(a):
+        raise InputError(f"scores and verdicts differ in length ({len(s)} and {len(a)}).")
+    if len(s) < min_reviews or not a.any():
+        raise InputError(f"{len(s)} reviewed sample picks ({int(a.sum())} accepted): review at least {min_reviews} "
+                         "random-sample picks, one of them accepted, to choose a threshold.")
+    cands = np.unique(s[s > 0])[::-1] if (s > 0).any() else np.unique(s)[::-1]
+    est = [estimate(s, a, float(c), z=z) for c in cands]
+    if target_precision is None:
+        f1 = np.array([e["f1"] if np.isfinite(e["f1"]) else -1.0 for e in est])
+        k = int(np.argmax(f1))  # first maximum = the highest threshold among ties
+        rule = "f1"
+    else:
+        ok = [i for i, e in enumerate(est) if np.isfinite(e["precision"]) and e["precision"] >= target_precision]
+        k = ok[-1] if ok else int(np.nanargmax([e["precision"] for e in est]))
+        rule = "precision"
+    chosen = float(cands[k])
+    lower = s[s < chosen]
+    thr = (1 / (1 + np.exp(-(_logit(np.array([chosen]))[0] + _logit(np.array([lower.max()]))[0]) / 2))
+           if len(lower) else chosen * 0.999)
+    out = estimate(s, a, float(thr), z=z)
+    out.update(rule=rule, chosen_score=chosen)
+    return out
+
+
+# ------------------------------------------------------------------------------- picks
+def load_picks(col: Any, spec: str | os.PathLike[str] | pd.DataFrame = "picks") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A picks table to review and what is known about it.
+
+    Parameters
+    ----------
+    col
+        The collection.
+    spec
+        A table of the store (``picks``), a file in any layout :func:`milotile.formats.read_labels`
+        reads (STAR, copick JSON, IMOD ``.mod``, MiLoPYP TSV, parquet/CSV), or a DataFrame.
+
+    Returns
+    -------
+    picks, info
+        ``picks`` with ``tomogram, x, y, z, score, class`` (score 1 and class ``particle`` when missing);
+        ``info``: ``table`` (name or file), ``run``, ``checkpoint``, ``threshold``, ``box`` (voxels).
+    """
+    from milotile.formats import read_labels
+
+    params: dict[str, Any] = {}
+    if isinstance(spec, pd.DataFrame):
+        df, name = spec.copy(), "dataframe"
+    elif "/" not in str(spec) and not str(spec).startswith(".") and col.has_table(str(spec)):
+        df, name = col.read_table(str(spec)), str(spec)
+        params = col.table_params(name)
+    elif Path(spec).exists():
+        p = Path(spec)
+        df = (pd.read_parquet(p) if p.suffix.lower() in (".parquet", ".pq") else read_labels(p, col))
+        name = p.name
+    else:
+        raise InputError(f"Picks {str(spec)!r} are neither a table of {col.url} nor a file.")
+    missing = {"tomogram", "x", "y", "z"} - set(df.columns)
+    if missing:
+        raise InputError(f"Picks {name!r} lack the column(s) {sorted(missing)}.")
+    unknown = sorted(set(df["tomogram"].astype(str)) - set(col.names))
+    if unknown:
+        raise InputError(f"Picks {name!r} name tomogram(s) {unknown[:5]} that are not in {col.url}.")
+    df = df.reset_index(drop=True)
+    df["tomogram"] = df["tomogram"].astype(str)
+    if "score" not in df:
+        df["score"] = 1.0
+    if "class" not in df:
+        df["class"] = df["species"].astype(str) if "species" in df else "particle"
+    ckpt = params.get("checkpoint")
+    box = _box(ckpt, df)
+    thr = params.get("threshold")
+    run = params.get("run") or (Path(ckpt).parent.name if ckpt and ckpt != "None" else None)
+    return df, {"table": name, "run": run, "checkpoint": ckpt if ckpt and ckpt != "None" else None,
+                "threshold": None if thr is None else float(thr), "box": box}
+
+
+def _box(ckpt: str | None, df: pd.DataFrame) -> float:
+    """The picker's box (its contract ``bbox``), else twice a ``radius`` column, else :data:`DEFAULT_BOX`."""
+    if ckpt and ckpt != "None" and Path(ckpt).is_file():
+        try:
+            from milotile.nn.checkpoint import load_checkpoint
+
+            return float(load_checkpoint(Path(ckpt), map_location="cpu")["contract"]["bbox"])
+        except (KeyError, OSError, RuntimeError, InputError) as exc:
+            log.warning("no box from %s (%s); using the default", ckpt, exc)
+    if "radius" in df and len(df):
+        return float(2 * np.nanmedian(df["radius"].to_numpy(np.float64)))
+    return DEFAULT_BOX
+
+
+# ------------------------------------------------------------------------------- verdicts
+class VerdictLog:
+    """Verdicts of a review, kept in ``tables/labels-<name>`` (accept, add) and ``tables/negatives-<name>`` (reject).
+
+    Every change rewrites the table it touches (atomically, :meth:`Collection.write_table`), so the
+    store always holds every verdict made so far. These two tables are the only thing it writes.
+
+    Parameters
+    ----------
+    col
+        The collection (opened writable).
+    name
+        Review name (default ``review``): the tables are ``labels-<name>`` and ``negatives-<name>``.
+    who
+        Reviewer recorded with each verdict (default the login name).
+    """
+
+    def __init__(self, col: Any, name: str = "review", who: str | None = None):
+        if not _NAME.match(str(name)):
+            raise InputError(f"review name {name!r} must be letters, digits, '_', '-' or '.' (at most 80).")
+        self.col = col
+        self.name = str(name)
+        self.who = who or _user()
+        self._lock = threading.Lock()
+        frames = [col.read_table(t) for t in self.tables.values() if col.has_table(t)]
+        rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_COLUMNS)
+        rows = rows.sort_values("when", kind="stable") if len(rows) else rows  # undo takes the latest
+        self.rows: list[dict[str, Any]] = rows.to_dict("records")
+
+    @property
+    def tables(self) -> dict[str, str]:
+        """``{"labels": "labels-<name>", "negatives": "negatives-<name>"}``."""
+        return {"labels": f"labels-{self.name}", "negatives": f"negatives-{self.name}"}
+
+    def frame(self, verdicts: Sequence[str] = _VERDICTS) -> pd.DataFrame:
+        """The verdicts (all, or of the given kinds) in the order they were made."""
+        with self._lock:
+            df = pd.DataFrame(self.rows, columns=_COLUMNS)
+        return df[df["verdict"].isin(list(verdicts))].reset_index(drop=True)
+
+    def add(self, verdict: str, *, tomogram: str, x: float, y: float, z: float, cls: str = "particle",
+            reason: str = "", sample: bool = False, score: float = float("nan"), pick: int = -1,
+            picks: str = "", run: str | None = None) -> dict[str, Any]:
+        """Record one verdict (``accept``, ``reject`` or ``add`` = a missed particle) and write its table.
+
+        A new verdict on a pick already judged (same ``picks`` table and ``pick`` row) replaces the
+        old one.
+        """
+        if verdict not in _VERDICTS:
+            raise InputError(f"verdict must be one of {_VERDICTS}, got {verdict!r}")
+        if reason and reason not in REASONS:
+            raise InputError(f"reason must be one of {REASONS}, got {reason!r}")
+        if str(tomogram) not in set(self.col.names):
+            raise InputError(f"tomogram {tomogram!r} is not in {self.col.url}")
+        row = {"vid": uuid.uuid4().hex[:12], "tomogram": str(tomogram), "x": float(x), "y": float(y), "z": float(z),
+               "class": str(cls), "verdict": verdict, "reason": str(reason if verdict == "reject" else ""),
+               "sample": bool(sample), "score": float(score), "pick": int(pick), "picks": str(picks),
+               "run": "" if run is None else str(run), "who": self.who,
+               "when": datetime.now(UTC).isoformat(timespec="seconds")}
+        with self._lock:
+            old = [r for r in self.rows if pick >= 0 and int(r["pick"]) == pick and r["picks"] == picks]
+            self.rows = [r for r in self.rows if not any(r is o for o in old)] + [row]
+            self._write({_kind(row["verdict"])} | {_kind(o["verdict"]) for o in old})
+        return row
+
+    def undo(self, vid: str | None = None) -> dict[str, Any] | None:
+        """Remove the verdict ``vid`` (default the last one made); returns it (``None`` when there is none)."""
+        with self._lock:
+            if not self.rows:
+                return None
+            i = len(self.rows) - 1 if vid is None else next((k for k, r in enumerate(self.rows) if r["vid"] == vid), -1)
+            if i < 0:
+                return None
+            row = self.rows.pop(i)
+            self._write({_kind(row["verdict"])})
+        return row
+
+    def _write(self, kinds: set[str]) -> None:
+        df = pd.DataFrame(self.rows, columns=_COLUMNS)
+        for kind in sorted(kinds):
+            sub = df[df["verdict"].map(_kind) == kind].reset_index(drop=True)
+            sub = sub.astype({"x": float, "y": float, "z": float, "score": float, "pick": np.int64, "sample": bool})
+            self.col.write_table(self.tables[kind], sub, params={"source": "review", "review": self.name},
+                                 consolidate=False)
+
+
+def _kind(verdict: str) -> str:
+    return "negatives" if verdict == "reject" else "labels"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------- next round
+def sample_verdicts(log_df: pd.DataFrame, picks: str | None = None) -> pd.DataFrame:
+    """The reviewed random-sample verdicts (of one picks table when ``picks`` is given)."""
+    df = log_df[log_df["sample"].astype(bool) & log_df["verdict"].isin(["accept", "reject"])]
+    if picks is not None:
+        df = df[df["picks"] == picks]
+    return df.reset_index(drop=True)
+
+
+def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out: str | os.PathLike[str] | None = None,
+            train_on_sample: bool = False, floor: float = 0.05, table: str | None = "picks",
+            target_precision: float | None = None, device: str | None = "cpu", write_heatmaps: bool = True,
+            **overrides: Any) -> dict[str, Any]:
+    """One more round: fine-tune the picker of ``run`` with the review's verdicts and pick again.
+
+    Parameters
+    ----------
+    col
+        The collection.
+    run
+        The previous picker (run folder or checkpoint).
+    name
+        Review name (tables ``labels-<name>``, ``negatives-<name>``).
+    out
+        New run folder (default ``<store>/runs/<run>-r<k>``).
+    train_on_sample
+        Also train on the random-sample verdicts. Default ``False``: they are held out, so the
+        threshold and the precision estimate of the new picker stay unbiased.
+    floor
+        Lowest score kept when picking again (the candidates of the next review).
+    table
+        Store table for the new picks at the reviewed threshold (``None``: none); the candidates down
+        to ``floor`` go to ``<table>-all`` (the next round's review table).
+    target_precision
+        Passed to :func:`reviewed_threshold`.
+    device
+        Training and prediction device.
+    write_heatmaps
+        Store the new picker's heatmaps (the review page's overlay).
+    **overrides
+        Recipe overrides for :func:`milotile.refine.train.train` (e.g. ``epochs``).
+
+    Returns
+    -------
+    dict
+        ``run`` (new run folder), ``picks`` (DataFrame at the threshold), ``candidates``, ``threshold``,
+        ``estimate`` (of the new picks, or ``None`` with too few sample verdicts), ``n_labels``,
+        ``n_negatives``, ``train_s``, ``pick_s``.
+    """
+    from milotile.refine.picker import Picker
+    from milotile.refine.predict import pick
+    from milotile.refine.threshold import label_scores
+    from milotile.refine.train import train
+
+    old = Picker.load(run, device="cpu")
+    contract = old.contract
+    verdicts = VerdictLog(col, name).frame()
+    train_rows = verdicts if train_on_sample else verdicts[~verdicts["sample"].astype(bool)]
+    cls0 = (contract.get("classes") or ["particle"])[0]
+    prev_lab = pd.DataFrame(contract.get("train_labels") or [], columns=["tomogram", "x", "y", "z", "class"])
+    new_lab = train_rows[train_rows["verdict"].isin(["accept", "add"])][["tomogram", "x", "y", "z"]].assign(**{"class": cls0})
+    labels = pd.concat([prev_lab, new_lab], ignore_index=True)
+    prev_neg = pd.DataFrame(contract.get("train_negatives") or [], columns=["tomogram", "x", "y", "z"])
+    negs = pd.concat([prev_neg, train_rows[train_rows["verdict"] == "reject"][["tomogram", "x", "y", "z"]]],
+                     ignore_index=True)
+    if out is None:
+        base = Path(old.path).parent
+        k = 1
+        while (base.parent / f"{base.name}-r{k}").exists():
+            k += 1
+        out = base.parent / f"{base.name}-r{k}"
+    t0 = time.perf_counter()
+    picker = train(col, labels, negatives=negs if len(negs) else None, init_from=old.path, out=out, device=device,
+                   **overrides)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cands = pick(col, picker, threshold=floor, write_heatmaps=write_heatmaps, table=None)
+    pick_s = time.perf_counter() - t0
+    samp = sample_verdicts(verdicts)
+    est = None
+    if len(samp) >= MIN_SAMPLE and (samp["verdict"] == "accept").any():
+        new_scores = label_scores(cands, samp, radius=float(contract["bbox"]) / 4.0)
+        est = reviewed_threshold(new_scores, samp["verdict"] == "accept", target_precision=target_precision)
+        threshold = float(est["threshold"])
+    else:
+        from milotile.refine.threshold import apply_auto_threshold
+
+        log.warning("%d reviewed sample picks: threshold chosen automatically (review at least %d for one from the "
+                    "sample)", len(samp), MIN_SAMPLE)
+        _, info = apply_auto_threshold(cands, picker.contract)
+        threshold = float(min(v["threshold"] for v in info.values())) if info else floor
+    picks = cands[cands["score"] >= threshold].reset_index(drop=True)
+    run_id = Path(picker.path).parent.name
+    if table:
+        params = {"threshold": threshold, "checkpoint": str(picker.path), "run": run_id, "review": name,
+                  "estimate": None if est is None else {k: v for k, v in est.items()}}
+        col.write_table(table, picks, params=params, written_only=True)
+        col.write_table(f"{table}-all", cands, params={**params, "floor": float(floor)}, written_only=True)
+    return {"run": str(Path(picker.path).parent), "picks": picks, "candidates": cands, "threshold": threshold,
+            "estimate": est, "n_labels": int(len(labels)), "n_negatives": int(len(negs)),
+            "train_s": round(train_s, 1), "pick_s": round(pick_s, 1)}

@@ -1,0 +1,228 @@
+"""The review loop without a browser: queue, estimates, reviewed threshold, verdict tables, the server's
+routes (imported picks, heatmap overlay, writes limited to the verdict tables) and ``refine retrain``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from review_data import review_store
+
+from milotile.errors import InputError
+from milotile.refine.review import (
+    VerdictLog,
+    estimate,
+    review_order,
+    reviewed_threshold,
+    wilson_interval,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return review_store(tmp_path_factory.mktemp("review"))
+
+
+# ------------------------------------------------------------------------------------ statistics
+def test_wilson_interval():
+    lo, hi = wilson_interval(8, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.49, 0.943)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and 0.1 < hi < 0.2  # never a zero-width interval at 0/n
+    assert wilson_interval(50, 100, z=1.0)[1] - wilson_interval(50, 100, z=1.0)[0] < wilson_interval(50, 100)[1] - wilson_interval(50, 100)[0]
+
+
+def test_review_order_interleaves_a_uniform_sample():
+    rng = np.random.default_rng(1)
+    s = rng.uniform(0, 1, 3000)
+    order, sample = review_order(s, 0.5, sample_every=3, seed=4)
+    assert sorted(order.tolist()) == list(range(len(s)))  # every pick once
+    assert sample.tolist() == [(i + 1) % 3 == 0 for i in range(len(s))]
+    near = order[~sample][:50]
+    assert np.abs(s[near] - 0.5).max() < 0.02  # informative picks: nearest the threshold first
+    first = order[sample][:300]  # the sample spans all scores, not just the threshold's neighbourhood
+    assert s[first].min() < 0.05 and s[first].max() > 0.95 and abs(np.median(s[first]) - 0.5) < 0.1
+    again, _ = review_order(s, 0.5, sample_every=3, seed=4)
+    np.testing.assert_array_equal(order, again)  # a reloaded page gets the same queue
+    with pytest.raises(InputError):
+        review_order(s, 0.5, sample_every=0)
+
+
+def test_sample_estimate_is_unbiased_and_covered():
+    rng = np.random.default_rng(2)
+    s = rng.beta(0.7, 0.7, 20000)
+    truth = rng.uniform(size=len(s)) < s  # a pick is a particle with probability = its score
+    t = 0.6
+    true_p = truth[s >= t].mean()
+    true_r = (truth & (s >= t)).sum() / truth.sum()
+    hits_p = hits_r = 0
+    errs = []
+    for seed in range(40):
+        order, sample = review_order(s, t, seed=seed)
+        rows = order[sample][:150]
+        e = estimate(s[rows], truth[rows], t)
+        errs.append(e["precision"] - true_p)
+        hits_p += e["precision_ci"][0] <= true_p <= e["precision_ci"][1]
+        hits_r += e["recall_ci"][0] <= true_r <= e["recall_ci"][1]
+    assert abs(np.mean(errs)) < 0.02  # unbiased
+    assert hits_p >= 34 and hits_r >= 34  # ~95 % intervals
+    # the informative picks alone would be biased: all near the threshold
+    order, sample = review_order(s, t, seed=0)
+    rows = order[~sample][:150]
+    assert abs(estimate(s[rows], truth[rows], t)["precision"] - true_p) > 0.1
+
+
+def test_reviewed_threshold():
+    rng = np.random.default_rng(3)
+    good, bad = rng.uniform(0.6, 1.0, 30), rng.uniform(0.0, 0.4, 30)
+    s = np.r_[good, bad]
+    v = np.r_[np.ones(30, bool), np.zeros(30, bool)]
+    r = reviewed_threshold(s, v)
+    assert bad.max() < r["threshold"] < good.min()
+    assert r["precision"] == 1.0 and r["recall"] == 1.0 and r["rule"] == "f1"
+    # mixed scores: a precision target moves the threshold up
+    s2 = np.r_[s, rng.uniform(0.5, 0.7, 20)]
+    v2 = np.r_[v, np.zeros(20, bool)]
+    f1 = reviewed_threshold(s2, v2)
+    hp = reviewed_threshold(s2, v2, target_precision=0.99)
+    assert hp["threshold"] >= f1["threshold"] and hp["precision"] >= 0.99
+    with pytest.raises(InputError, match="at least 10"):
+        reviewed_threshold(s[:5], v[:5])
+    with pytest.raises(InputError):
+        reviewed_threshold(bad, np.zeros(30, bool))  # nothing accepted
+
+
+# ------------------------------------------------------------------------------------ verdicts
+def test_verdict_log_persists_replaces_and_undoes(store):
+    col, picks, _ = store
+    log = VerdictLog(col, "unit", who="me")
+    a = log.add("accept", tomogram="tomo_000", x=1, y=2, z=3, pick=0, picks="picks", run="r0", score=0.9, sample=True)
+    log.add("reject", tomogram="tomo_001", x=4, y=5, z=6, reason="gold", pick=1, picks="picks", run="r0")
+    assert len(col.read_table("labels-unit")) == 1 and col.read_table("negatives-unit")["reason"].tolist() == ["gold"]
+    log.add("reject", tomogram="tomo_000", x=1, y=2, z=3, reason="junk", pick=0, picks="picks")  # changed mind
+    assert len(col.read_table("labels-unit")) == 0 and len(col.read_table("negatives-unit")) == 2
+    again = VerdictLog(col, "unit")
+    assert again.frame()["verdict"].tolist() == ["reject", "reject"] and set(again.frame()["who"]) == {"me"}
+    gone = again.undo()
+    assert gone["pick"] == 0 and len(col.read_table("negatives-unit")) == 1
+    assert log.undo(a["vid"]) is None  # a replaced verdict cannot be undone twice
+    with pytest.raises(InputError, match="reason"):
+        log.add("reject", tomogram="tomo_000", x=1, y=2, z=3, reason="ugly")
+    with pytest.raises(InputError, match="not in"):
+        log.add("accept", tomogram="nope", x=1, y=2, z=3)
+    with pytest.raises(InputError, match="review name"):
+        VerdictLog(col, "a/b")
+
+
+# ------------------------------------------------------------------------------------ server
+def _files(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_server_routes_imported_star_heatmap_and_writes_only_verdicts(store, tmp_path):
+    from milotile.explore.serve import make_server
+    from milotile.explore.serve.review import ReviewApp
+    from milotile.formats import export
+
+    col, picks, n_true = store
+    star = tmp_path / "picks.star"
+    export(picks.assign(**{"class": "particle"}), "star", star, col=col)  # picks from other software
+    # a heatmap for run "fake-run" with one hot blob at level-0 (x, y, z) = (48, 24, 16) in tomo_000
+    grp = col.zarr_group.require_group("derived/heatmaps/fake-run/tomo_000")
+    hm = np.zeros((1, 16, 48, 48), np.float32)
+    hm[0, 8, 12, 24] = 1.0  # model grid: 2x binned, offset 0.5 voxel
+    grp.create_array("0", data=hm)
+    vs = col["tomo_000"].voxel_size
+    grp.attrs["ome"] = {"multiscales": [{"datasets": [{"path": "0", "coordinateTransformations": [
+        {"type": "scale", "scale": [1.0, 2 * vs, 2 * vs, 2 * vs]},
+        {"type": "translation", "translation": [0.0, 0.5 * vs, 0.5 * vs, 0.5 * vs]}]}]}]}
+    root = Path(col.path)
+    before = _files(root)
+
+    app = ReviewApp(col, str(star), name="imported", threshold=0.4)
+    assert app.info["table"] == "picks.star" and len(app.picks) == len(picks)
+    srv = make_server(None, port=0, review=app)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    u = f"http://127.0.0.1:{srv.server_address[1]}"
+
+    def get(path):
+        return urllib.request.urlopen(u + path).read()
+
+    def post(path, body):
+        req = urllib.request.Request(u + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req).read())
+
+    try:
+        assert b"review.js" in get("/")  # no atlas: / is the review page
+        meta = json.loads(get("/api/review/meta"))
+        assert meta["n"] == len(picks) and meta["box"] == 32.0 and meta["tables"]["labels"] == "labels-imported"
+        q = json.loads(get("/api/review/queue"))
+        assert sorted(q["order"]) == list(range(len(picks)))
+        from PIL import Image
+
+        im = Image.open(__import__("io").BytesIO(get(f"/review/thumb/{q['order'][0]}.png")))
+        assert im.size == (3 * 128 + 4, 128)  # xy | xz | yz
+        assert np.asarray(im).std() > 5
+        sl = Image.open(__import__("io").BytesIO(get("/api/review/slice/0/16.png")))
+        assert sl.size == (96, 96)
+        # the heatmap overlay is on the slice's grid, hot where the blob is (run from the picks' table params)
+        app.info["run"] = "fake-run"
+        heat = np.asarray(Image.open(__import__("io").BytesIO(get("/api/review/heatmap/0/16.png"))))
+        assert heat.shape == (96, 96, 4)
+        yy, xx = np.unravel_index(np.argmax(heat[..., 3]), heat.shape[:2])
+        assert abs(yy - 24.5) <= 1 and abs(xx - 48.5) <= 1
+        with pytest.raises(urllib.error.HTTPError):
+            get("/api/review/heatmap/1/16.png")  # no heatmap for tomo_001
+        for pos in range(12):
+            i = q["order"][pos]
+            r = post("/api/review/verdict", {"pick": i, "verdict": "accept" if i < n_true else "reject"})
+        assert r["estimate"]["n_sample"] == 4
+        post("/api/review/add", {"tomogram": "tomo_001", "x": 10, "y": 11, "z": 12})
+        with pytest.raises(urllib.error.HTTPError):
+            post("/api/review/add", {"tomogram": "tomo_001", "x": 500, "y": 11, "z": 12})
+        lab = col.read_table("labels-imported")
+        assert set(lab["picks"]) == {"picks.star"} and (lab["verdict"] == "add").sum() == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    after = _files(root)
+    changed = {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
+    assert changed == {"tables/labels-imported.parquet", "tables/negatives-imported.parquet"}
+
+
+# ------------------------------------------------------------------------------------ next round
+@pytest.mark.slow
+def test_retrain_uses_verdicts_and_the_sample(tmp_path):
+    import milotile as mt
+    from milotile.refine.review import retrain
+
+    col, picks, n_true = review_store(tmp_path)
+    gt = picks.iloc[:n_true]
+    tiny = dict(bbox=12, arch_config={"start_filts": 4, "stem_ch": 4, "feat_dim": 8}, crop=(4, 32, 32), batch_size=2,
+                seed=3, device="cpu", max_pos=32, n_unlabeled=32, repeats=1)
+    first = mt.refine.train(col, gt[gt.tomogram == "tomo_000"].iloc[:4], epochs=1, out=tmp_path / "run0", **tiny)
+    col.write_table("picks", picks, params={"threshold": 0.4, "run": "run0", "checkpoint": str(first.path)})
+    log = VerdictLog(col, "review", who="sim")
+    order, sample = review_order(picks["score"], 0.4, seed=0)
+    for pos in range(36):
+        i = int(order[pos])
+        r = picks.iloc[i]
+        log.add("accept" if i < n_true else "reject", tomogram=r.tomogram, x=r.x, y=r.y, z=r.z, pick=i,
+                picks="picks", run="run0", score=r.score, sample=bool(sample[pos]), reason="" if i < n_true else "junk")
+    res = retrain(col, tmp_path / "run0", epochs=1, floor=0.01)
+    new = mt.refine.Picker.load(res["run"])
+    n_train = int((~sample[:36]).sum())
+    n_acc = sum(int(order[p]) < n_true for p in range(36) if not sample[p])
+    assert len(new.contract["train_labels"]) == 4 + n_acc  # sample verdicts held out
+    assert len(new.contract["train_negatives"]) == n_train - n_acc
+    assert new.contract["init_from"].endswith("best.pt") or new.contract["init_from"].endswith("last.pt")
+    assert res["estimate"] is not None and res["estimate"]["n_sample"] == 12
+    assert col.table_params("picks")["threshold"] == pytest.approx(res["threshold"])
+    assert (col.read_table("picks")["score"] >= res["threshold"]).all()
+    assert len(col.read_table("picks-all")) >= len(col.read_table("picks"))
