@@ -51,6 +51,7 @@ def quality(work: Path, a: argparse.Namespace) -> list[dict]:
     from milotile.explore.atlas import atlas
     from milotile.explore.data import open_bank
     from milotile.explore.evaluate import candidate_species, cluster_scores
+    from milotile.explore.recipe import CPU_WIDTHS, ExploreRecipe
 
     out = []
     for snr in [float(s) for s in a.snr.split(",")]:
@@ -60,8 +61,8 @@ def quality(work: Path, a: argparse.Namespace) -> list[dict]:
         sw.mkdir(parents=True, exist_ok=True)
         col, key, gt, info = xb.build_store(sw, ns)
         t0 = time.perf_counter()
-        enc = train(col, key=key, mode="3d", epochs=a.epochs, batch_size=64, lr=0.05, out=sw / "run", seed=0,
-                    model_config={"widths": [32, 64, 128]}, save_every=1000)
+        recipe = ExploreRecipe().replace(epochs=a.epochs, batch_size=64, widths=CPU_WIDTHS, seed=0, save_every=1000)
+        enc = train(col, key=key, mode="3d", recipe=recipe, out=sw / "run")
         train_s = time.perf_counter() - t0
         cands = col.read_table(f"patches-{key}")
         species = candidate_species(cands, gt)

@@ -91,8 +91,9 @@ def train_models(work: Path, manifest: Path, a: argparse.Namespace) -> tuple[Pat
         col.preprocess(gauss=0.8)
         col.mine(dog=(2, 3), threshold_std=0.5, nms_distance=4, border=4, border_z=2)
         key = extract_patches(col, table="candidates", bbox=a.bbox, modes=("slab",))
-    enc = mt.explore.train(col, key=key, epochs=1, batch_size=16, out=work / "runs" / "explore",
-                           model_config={"widths": [8, 16, 32], "blocks": [1, 1, 1]})
+    recipe = mt.explore.ExploreRecipe().replace(epochs=1, batch_size=16, widths=(8, 16, 32),
+                                                model_config={"blocks": [1, 1, 1]})
+    enc = mt.explore.train(col, key=key, recipe=recipe, out=work / "runs" / "explore")
     gt = pd.read_parquet(manifest.parent / "ground_truth.parquet")
     labels = gt[gt["tomogram"] == gt["tomogram"].iloc[0]][["tomogram", "x", "y", "z"]]
     lab = work / "labels.parquet"

@@ -19,6 +19,8 @@ beside ``N`` busy single-thread processes on ``C`` CPUs the scheduler gives it `
 measured time over that; the target is ≤ 1.3. On a machine shared with other work the load average
 (recorded before each run) adds to ``N``: figures taken at a high load understate the effect of the
 busy processes, so compare before and after of the same condition, measured back to back.
+``cpu_ratio_to_quiet`` (CPU seconds beside the busy processes / quiet) does not depend on the share:
+CPU burnt by OpenMP threads spinning while their partners wait for a core shows up there.
 
 Usage::
 
@@ -83,18 +85,26 @@ def stage_commands(stage: str, tag: str) -> list[list[str]]:
     }[stage]
 
 
-def setup(work: Path, size: str, env: dict) -> None:
-    """Synthetic collection, store, preprocess, candidates, patches and a picker for ``refine pick``."""
+def setup(work: Path, size: str, env: dict, stages: list[str]) -> None:
+    """What the ``stages`` need: synthetic collection and store (always), candidates and patches
+    (explore), labels (refine), a trained picker (refine-pick). Steps whose output exists are skipped."""
     import pandas as pd
 
-    for args in (["synth", "src", "--n-tomograms", "2", "--size", size],
-                 ["ingest", "--store", "s.zarr", "src/tomograms.txt"],
-                 ["preprocess", "s.zarr"], ["mine", "s.zarr"], ["patches", "s.zarr", "--bbox", "16"]):
-        _run(args, env, work)
+    steps = [("src/tomograms.txt", ["synth", "src", "--n-tomograms", "2", "--size", size]),
+             ("s.zarr/tomograms", ["ingest", "--store", "s.zarr", "src/tomograms.txt"]),
+             ("s.zarr/derived/preprocessed", ["preprocess", "s.zarr"])]
+    if {"mine", "explore"} & set(stages):
+        steps.append(("s.zarr/tables/candidates.parquet", ["mine", "s.zarr"]))
+    if "explore" in stages:
+        steps.append(("s.zarr/patches/candidates-slab-b16", ["patches", "s.zarr", "--bbox", "16"]))
+    for done, args in steps:
+        if not (work / done).exists():
+            _run(args, env, work)
     gt = pd.read_parquet(work / "src" / "ground_truth.parquet")
     gt[gt.species == gt.species.value_counts().index[0]].to_parquet(work / "labels.parquet")
-    for args in stage_commands("refine-train", "setup"):
-        _run(args, env, work)
+    if "refine-pick" in stages and not (work / "runs" / "r_setup" / "best.pt").exists():
+        for args in stage_commands("refine-train", "setup"):
+            _run(args, env, work)
 
 
 def busy_processes(n: int, kind: str) -> list[subprocess.Popen]:
@@ -115,14 +125,15 @@ def main() -> None:
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--size", default="32,96,96", help="tomogram shape Z,Y,X of the two synthetic tomograms")
     p.add_argument("--out", default=str(RESULTS / "contention.json"))
-    p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument("--work", default=None, help="working folder to use and keep (set-up steps already done are reused)")
     a = p.parse_args()
     busy = [int(v) for v in a.busy.split(",")]
     if busy[0] != 0:
         busy.insert(0, 0)  # the quiet time is the reference
     stages = [s for s in a.stages.split(",") if s]
     cpus = os.cpu_count() or 1
-    work = Path(tempfile.mkdtemp(prefix="contention-"))
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="contention-"))
+    work.mkdir(parents=True, exist_ok=True)
     base_env = {k: v for k, v in os.environ.items()
                 if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY",
                              "KMP_BLOCKTIME", "GOMP_SPINCOUNT", "MILOTILE_THREADS")}
@@ -131,7 +142,7 @@ def main() -> None:
                     "machine_before": machine(), "runs": []}
     t_start = time.perf_counter()
     try:
-        setup(work, a.size, base_env)
+        setup(work, a.size, base_env, stages)
         quiet: dict[tuple[str, str], dict] = {}
         for n in busy:
             procs = busy_processes(n, a.busy_kind)
@@ -154,7 +165,8 @@ def main() -> None:
                         share = max(1.0, (u + n) / cpus)
                         row.update(quiet_cpus_used=round(u, 2), share_ratio=round(share, 2),
                                    ratio_to_quiet=round(wall / q["wall_s"], 2),
-                                   ratio_to_fair=round(wall / (q["wall_s"] * share), 2))
+                                   ratio_to_fair=round(wall / (q["wall_s"] * share), 2),
+                                   cpu_ratio_to_quiet=round(cpu / max(q["cpu_s"], 1e-9), 2))
                         result["runs"].append(row)
                         _save(result, a.out)  # partial results survive an interrupted run
                         print(f"{stage:<13} {mode:<6} busy {n}: {wall:6.1f} s (cpu {cpu:5.1f} s) "
@@ -165,7 +177,7 @@ def main() -> None:
                     proc.kill()
                     proc.wait()
     finally:
-        if not a.keep:
+        if not a.work:
             shutil.rmtree(work, ignore_errors=True)
     result["machine_after"] = machine()
     result["total_s"] = round(time.perf_counter() - t_start, 1)

@@ -76,6 +76,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
+from milotile.explore.recipe import FEATURES, OPTIMIZERS, ExploreRecipe  # noqa: E402
+
+#: the pipeline's recipe; the options below that it covers default to it
+DEFAULT = ExploreRecipe()
+
 log = logging.getLogger("bench.explore")
 
 
@@ -371,10 +376,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--match-radius", type=float, default=4.0, help="candidate-particle match distance (voxels)")
     ap.add_argument("--match-frac", type=float, default=0.5,
                     help="... or this fraction of the particle radius when larger (big species: DoG peaks off-centre)")
-    ap.add_argument("--epochs", type=int, default=None, help="default 20; hard 12")
+    ap.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT.epochs} (the recipe's); hard 12")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--optimizer", default="sgd")
+    ap.add_argument("--lr", type=float, default=DEFAULT.lr)
+    ap.add_argument("--optimizer", default=DEFAULT.optimizer, choices=OPTIMIZERS)
     ap.add_argument("--widths", default="32,64,128", help="trunk widths (default 32,64,128, the pipeline's CPU default; 16,32,64 saves time; MiLoPYP: 64,128,256)")
     ap.add_argument("--shifts", default=None, metavar="JSON",
                     help="positive-pair offsets [[dx,dy,dz],...] of the patch bank (default MiLoPYP's four)")
@@ -385,9 +390,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="centre crop the model sees (train bbox; default the patch; hard 24, the largest species' diameter)")
     ap.add_argument("--strong-aug", default=None, help="JSON overrides of the strong view's AugmentConfig")
     ap.add_argument("--weak-aug", default=None, help="JSON overrides of the weak view's AugmentConfig")
-    ap.add_argument("--feature", default="centre", choices=("pred", "proj", "fc", "trunk", "centre"),
+    ap.add_argument("--feature", default=DEFAULT.feature, choices=FEATURES,
                     help="the headline (stored) embedding output (default centre, the pipeline default)")
-    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULT.tta,
                     help="headline embedding averaged over the 8 flips/rot90 (default: yes, the pipeline default)")
     ap.add_argument("--seeds", default="0,1", help="training seeds (same data)")
     ap.add_argument("--pca", default="4,8,16,32,64", help="PCA component counts of the baseline")
@@ -402,7 +407,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     hard = a.preset in ("hard", "lookalike")  # the recipe chosen on the hard setting (results/explore_hard.json)
     for name, easy_val, hard_val in (("size", "64,256,256", "128,256,256"), ("snr", "0.04,0.15", "0.02,0.1"),
-                                     ("epochs", 20, 12), ("crop", None, 24),
+                                     ("epochs", DEFAULT.epochs, 12), ("crop", None, 24),
                                      ("modes", "slab", "slab;tilthalves,slice")):
         if getattr(a, name) is None:
             setattr(a, name, hard_val if hard else easy_val)
@@ -416,6 +421,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                 else "explore_hard.json" if hard else "explore.json")
         a.out = str(Path(__file__).parent / "results" / name)
     return a
+
+
+def recipe_of(a: argparse.Namespace) -> ExploreRecipe:
+    """The exploration recipe of a benchmark run: :class:`ExploreRecipe`'s defaults with this script's options."""
+    return ExploreRecipe().replace(
+        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, bbox=a.crop, feature=a.feature,
+        tta=a.tta, widths=tuple(int(w) for w in a.widths.split(",")), save_every=a.epochs,
+        strong_aug=json.loads(a.strong_aug) if a.strong_aug else None,
+        weak_aug=json.loads(a.weak_aug) if a.weak_aug else None)
 
 
 def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: Path, dev: torch.device) -> dict:
@@ -484,17 +498,13 @@ def evaluate_setting(a: argparse.Namespace, snr: float, seeds: list[int], work: 
     log.info("SNR %g baseline: best PCA %.3f (%s, %s); raw pixels %s; chance %.3f; supervised reference %.3f", snr,
              *best_pca, baseline["raw_pixels"], chance, supervised)
 
-    cfg = {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": a.optimizer, "bbox": a.crop,
-           "feature": a.feature, "tta": a.tta,
-           "model_config": {"widths": [int(w) for w in a.widths.split(",")]},
-           "strong_aug": json.loads(a.strong_aug) if a.strong_aug else None,
-           "weak_aug": json.loads(a.weak_aug) if a.weak_aug else None}
+    recipe = recipe_of(a)
     runs = []
     for seed in seeds:
         run_dir = work / f"run_seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.perf_counter()
-        enc = train(col, key=key, out=run_dir, seed=seed, device=str(dev), save_every=a.epochs, **cfg)
+        enc = train(col, key=key, recipe=recipe.replace(seed=seed), out=run_dir, device=str(dev))
         t_train = time.perf_counter() - t0
         recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         t0 = time.perf_counter()
@@ -703,9 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(dev), "torch_threads": torch.get_num_threads(),
         "common": {"bbox": a.bbox, "shifts": a.shifts or "milopyp", "mine_border_yx_z": [a.border, a.border_z], "match_radius": a.match_radius, "match_frac": a.match_frac,
                    "data_seed": a.data_seed, "pca_components": a.pca,
-                   "recipe": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": a.optimizer,
-                              "widths": a.widths, "crop": a.crop, "feature": a.feature, "tta": a.tta, "strong_aug": a.strong_aug, "weak_aug": a.weak_aug,
-                              "seeds": seeds}},
+                   "recipe": {**recipe_of(a).to_dict(), "seeds": seeds}},
         "knn": f"k=5, stratified 5-fold CV repeated {a.cv_repeats} times (mean, std over repeats); "
                "'std' = standardised Euclidean, 'cos' = L2-normalised",
         "summary": [s["summary"] for s in settings],

@@ -262,7 +262,7 @@ def case_edited_tlt(work: Path, cluster: Cluster, durations: dict, rng: random.R
             **_info(work, cluster.address)}
 
 
-CASES = [case_lost_worker, case_relative_store, case_two_writers, case_edited_tlt]
+CASES = [case_edited_tlt, case_relative_store, case_lost_worker, case_two_writers]  # cheapest first
 
 
 def print_table(cases: list[dict]) -> None:

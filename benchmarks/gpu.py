@@ -98,11 +98,12 @@ def build_collection(work: Path, sz: dict) -> tuple:
 
 def explore_phases(col, bank, sz: dict, dev: torch.device, amps: list[bool], work: Path, rows: list) -> None:
     from milotile.explore import embed, train
+    from milotile.explore.recipe import ExploreRecipe
 
     for amp in amps:
         with Phase("explore_train", dev, rows, amp=amp, patches=int(bank.n), epochs=sz["explore_epochs"]) as r:
-            enc = train(col, bank, epochs=sz["explore_epochs"], device=str(dev), amp=amp, out=work / f"e_{amp}",
-                        save_every=1000)
+            recipe = ExploreRecipe().replace(epochs=sz["explore_epochs"], amp=amp, save_every=1000)
+            enc = train(col, bank, recipe=recipe, device=str(dev), out=work / f"e_{amp}")
         if "error" not in r:
             r["patches_per_s"] = round(bank.n * sz["explore_epochs"] / r["wall_s"], 1)
         else:
@@ -152,10 +153,14 @@ def predict_big(picker, shape: tuple, dev: torch.device, amps: list[bool], work:
     (work / "big.mrc").unlink()
     prepare_s = time.perf_counter() - t0
     nvox = math.prod(shape)
-    probe = torch.zeros((1, 1, 32, 64, 64), device=dev)
+    probe = torch.zeros((1, 32, 64, 64), device=dev)  # (B, D, H, W)
     model = picker.model
-    with torch.no_grad():
-        fpv = model_flops(lambda: model(probe)) / probe.numel()  # forward FLOPs per input voxel
+    try:
+        with torch.no_grad():
+            fpv = model_flops(lambda: model(probe)) / probe.numel()  # forward FLOPs per input voxel
+    except Exception as exc:  # noqa: BLE001 - the rate is still worth having
+        log.warning("FLOP count failed (%s); no fraction of peak", exc)
+        fpv = float("nan")
     peak = gpu_peak() if dev.type == "cuda" else None
     for amp in amps:
         picker.amp = amp
@@ -166,7 +171,7 @@ def predict_big(picker, shape: tuple, dev: torch.device, amps: list[bool], work:
             continue
         r["voxels_per_s"] = round(nvox / r["wall_s"])
         r["flops_per_s"] = fpv * nvox / r["wall_s"]
-        if peak is not None:
+        if peak is not None and fpv == fpv:
             r["fraction_of_peak"] = round(r["flops_per_s"] / peak["bf16_flops" if amp else "fp32_flops"], 4)
             r["peak_assumed"] = peak
     picker.amp = True

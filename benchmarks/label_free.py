@@ -10,7 +10,8 @@ explore embed -> explore atlas -> select clusters -> refine train on the selecti
 and scored against the truth (Hungarian matching within half the target's radius, F1 at the picker's own
 automatic threshold, as ``refine pick`` writes it). The cluster choice:
 
-* **rule** -- the documented rule (:func:`milotile.explore.evaluate.enriched_clusters`): every cluster whose
+* **rule** -- the documented rule (:func:`milotile.explore.evaluate.enriched_clusters`), at ``--level``
+  (default the atlas's sub-clusters, its k-means over-clusters; ``cluster``: the merged clusters): every one whose
   candidates are mostly (>= 50 %) on the centres of target particles, what a user does by choosing the
   gallery rows that show the target; the truth stands in for the user's eye;
 * **oracle** -- the single cluster purest in the target (:func:`~milotile.explore.evaluate.purest_cluster`),
@@ -127,12 +128,19 @@ def train_and_pick(col, labels: pd.DataFrame, gt_t: pd.DataFrame, r: float, run:
             "precision": round(float(e["precision"]), 4), "recall": round(float(e["recall"]), 4)}
 
 
-def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clusters: list[int]) -> dict:
-    sel = np.isin(table["cluster"].to_numpy(), clusters)
+def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clusters: list[int],
+                      column: str = "cluster") -> dict:
+    sel = np.isin(table[column].to_numpy(), clusters)
     hit = np.asarray(species, dtype=object) == target
     return {"clusters": clusters, "n": int(sel.sum()), "on_target": int((sel & hit).sum()),
             "precision": round(float((sel & hit).sum() / max(sel.sum(), 1)), 4),
             "recall": round(float((sel & hit).sum() / max(hit.sum(), 1)), 4)}
+
+
+def save_partial(a: argparse.Namespace, res: dict) -> None:
+    """The figures so far, to ``<work>/partial.json`` (a stopped run keeps what it measured)."""
+    (Path(a.work) / "partial.json").write_text(json.dumps({**res, "partial": True, "load_avg": os.getloadavg()},
+                                                          indent=2, default=str) + "\n")
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -146,6 +154,7 @@ def run(a: argparse.Namespace) -> dict:
         enriched_clusters,
         purest_cluster,
     )
+    from milotile.explore.recipe import ExploreRecipe
 
     work = Path(a.work)
     st = Stages()
@@ -177,9 +186,10 @@ def run(a: argparse.Namespace) -> dict:
     r = float(gt_t["radius"].iloc[0])
     match = r / 2 + 1.0  # the demo's: a candidate is the target's when on its centre (what the gallery shows)
     if reused is None:
-        enc = st.run("explore_train", lambda: explore_train(
-            col, bank, bbox=a.crop, epochs=a.explore_epochs, out=work / "runs" / "explore", seed=a.seed,
-            device="cpu", model_config={"widths": [int(w) for w in a.widths.split(",")]}))
+        recipe = ExploreRecipe().replace(bbox=a.crop, epochs=a.explore_epochs, seed=a.seed,
+                                         widths=tuple(int(w) for w in a.widths.split(",")))
+        enc = st.run("explore_train", lambda: explore_train(col, bank, recipe=recipe, out=work / "runs" / "explore",
+                                                            device="cpu"))
         emb_key = st.run("explore_embed", lambda: enc.embed(col, bank)).key
     else:
         emb_key = reused["embeddings"]
@@ -194,26 +204,37 @@ def run(a: argparse.Namespace) -> dict:
                "best_single_cluster": best_cluster_selection(table["cluster"].to_numpy(), on_any)}
     log.info("atlas: %s", {k: v for k, v in quality.items() if k != "best_single_cluster"})
     log.info("best single cluster for %s: %s", target, quality["best_single_cluster"].get(target))
-    rule = enriched_clusters(table, centred, target)
-    oracle = purest_cluster(table, centred, target)
+    lv = a.level
+    rule = enriched_clusters(table, centred, target, column=lv)
+    oracle = purest_cluster(table, centred, target, column=lv)
+    # the other level's selections, for the record (no picker trained on them)
+    other = "cluster" if lv == "subcluster" else "subcluster"
+    other_sel = {t: selection_quality(table, centred, target, c, other) for t, c in (
+        ("rule", enriched_clusters(table, centred, target, column=other)),
+        ("oracle", [purest_cluster(table, centred, target, column=other)]))}
+    quality[f"best_single_{other}"] = best_cluster_selection(table[other].to_numpy(), on_any).get(target)
+    quality[f"best_single_{lv}"] = best_cluster_selection(table[lv].to_numpy(), on_any).get(target)
     out: dict = {"preset": a.preset, "setting": a.setting if a.preset == "lookalike" else None, "seed": a.seed,
                  "target": target, "radius": r, "n_target": int(len(gt_t)), "centred_recall": centred_recall,
-                 "atlas": quality, "reused_explore": reused}
+                 "atlas": quality, "reused_explore": reused, "level": lv, f"selections_{other}": other_sel}
     sels = {"rule": rule, "oracle": [oracle] if oracle is not None else []}
     for tag, clusters in sels.items():
-        q = selection_quality(table, centred, target, clusters)
+        q = selection_quality(table, centred, target, clusters, lv)
         out[f"selection_{tag}"] = q
+        log.info("%s selection (%ss): %s", tag, lv, q)
+        save_partial(a, {**out, "stages": st.rows})
         if not clusters:
             out[f"picker_{tag}"] = None
             continue
         if tag == "oracle" and sorted(clusters) == sorted(rule):
             out["picker_oracle"] = {**out["picker_rule"], "same_as_rule": True}
             continue
-        labels = st.run(f"select_{tag}", lambda c=clusters, t=tag: select(col, atl.key, clusters=c,
-                                                                          name=f"lf-{t}", interactive_info=False))
+        labels = st.run(f"select_{tag}", lambda c=clusters, t=tag: select(
+            col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False))
         out[f"picker_{tag}"] = train_and_pick(col, labels[["tomogram", "x", "y", "z"]], gt_t, r,
                                               work / "runs" / f"refine-{tag}", a, st, tag)
         log.info("%s: selection %s -> picker %s", tag, q, out[f"picker_{tag}"])
+        save_partial(a, {**out, "stages": st.rows})
     man = manual_labels(gt, target, a.manual, a.seed)
     out["picker_manual"] = train_and_pick(col, man, gt_t, r, work / "runs" / "refine-manual", a, st, "manual")
     log.info("manual (%d labels): %s", len(man), out["picker_manual"])
@@ -241,6 +262,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-clusters", type=int, default=48)
     ap.add_argument("--overcluster", type=int, default=256)
     ap.add_argument("--cluster-method", default="spectral")
+    ap.add_argument("--level", choices=("subcluster", "cluster"), default="subcluster",
+                    help="the atlas level the rule and the oracle choose from (the other level's selections are "
+                    "reported without a picker)")
     ap.add_argument("--refine-epochs", type=int, default=None, help="default: the picker recipe's")
     ap.add_argument("--manual", type=int, default=6, help="manual labels of the reference picker")
     ap.add_argument("--threads", type=int, default=2)

@@ -347,10 +347,10 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
         run = Path(r)
         labels = pd.read_parquet(run / "labels.parquet")
         if run.name.startswith("run_la"):  # run_la<setting>_s<seed>_<recipe>
-            tag, seed, name = run.name.split("_", 2)
-            data = run.parent / f"la_set{tag[6:]}_{seed}"
+            tag, seed, name = run.name[len("run_"):].split("_", 2)  # la<setting>, s<seed>, recipe
+            data = run.parent / f"la_set{tag[2:]}_{seed}"
             gt = pd.read_parquet(data / "ground_truth.parquet")
-            species = lookalike_labels(gt, int(tag[6:]), int(seed[1:]))[0]
+            species = lookalike_labels(gt, int(tag[2:]), int(seed[1:]))[0]
             n = len(labels)
         else:  # run_s<seed>_<species>_<n>_<recipe>
             _, seed, species, n, name = run.name.split("_", 4)
@@ -380,9 +380,10 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
             res[f"f1_margin_{m:g}"] = scores(allp, true, rad / 2, t_m)["f1_auto"]
         recs = mt.nn.RunLog(run).records()
         res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
+                   train_s=round(float(sum(x["seconds"] for x in recs)), 1),  # the epochs' time (no set-up)
                    rescored_from=str(run), shape_refitted=bool(refit))
-        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res,
-                        **({"setting": int(tag[6:])} if run.name.startswith("run_la") else {})})
+        la = {"setting": int(tag[2:]), "tune": int(tag[2:]) in TUNE_SETTINGS} if run.name.startswith("run_la") else {}
+        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res, **la})
         print(records[-1], flush=True)
     out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),
            "wall_s": 0.0, "recipes": {}, "records": records, "summary": summarise(records).to_dict(orient="records")}

@@ -56,7 +56,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import milotile as mt  # noqa: E402
 from milotile.errors import InputError  # noqa: E402
 from milotile.refine import predict  # noqa: E402
-from milotile.refine.review import VerdictLog, estimate, retrain, review_order, reviewed_threshold  # noqa: E402
+from milotile.refine.review import (  # noqa: E402
+    VerdictLog,
+    design_weights,
+    estimate,
+    retrain,
+    review_order,
+    reviewed_threshold,
+    sample_weights,
+)
 from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,6 +72,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def answers(picks: pd.DataFrame, gt: pd.DataFrame, target: str) -> np.ndarray:
+    """:func:`answer` for every pick at once (bool: accepted)."""
+    out = np.zeros(len(picks), bool)
+    for name, g in gt.groupby("tomogram"):
+        rows = np.flatnonzero((picks["tomogram"] == name).to_numpy())
+        if not len(rows):
+            continue
+        p = picks.iloc[rows][["x", "y", "z"]].to_numpy(np.float64)
+        q = g[["x", "y", "z"]].to_numpy(np.float64)
+        d = np.sqrt(((p[:, None, :] - q[None, :, :]) ** 2).sum(-1))
+        hit = (d <= g["radius"].to_numpy()[None, :] / 2.0) & (g["species"].to_numpy() == target)[None, :]
+        out[rows] = hit.any(axis=1)
+    return out
 
 
 def answer(pick: pd.Series, gt: pd.DataFrame, target: str) -> tuple[str, str]:
@@ -134,21 +157,24 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
                     if col.has_table(t):
                         (Path(col.path) / "tables" / f"{t}.parquet").unlink()
                 log = VerdictLog(col, name, who="simulated")
+                n_strata = [int((cands["score"] < thr0).sum()), int((cands["score"] >= thr0).sum())]
                 for pos in range(min(n, len(order))):
                     i = int(order[pos])
                     row = cands.iloc[i]
                     v, why = answer(row, gt, target)
+                    st = int(row["score"] >= thr0)
                     log.add(v, tomogram=row["tomogram"], x=row["x"], y=row["y"], z=row["z"], reason=why,
-                            sample=bool(sample[pos]), score=float(row["score"]), pick=i, picks="picks-bench",
-                            run=run0.name)
+                            sample=bool(sample[pos]), stratum=st, stratum_n=n_strata[st], score=float(row["score"]),
+                            pick=i, picks="picks-bench", run=run0.name)
                 df = log.frame()
+                w = sample_weights(df)
+                acc = (df["verdict"] == "accept").to_numpy()
+                est0 = estimate(df["score"].to_numpy(), acc, thr0, weights=w)
                 smp = df[df["sample"].astype(bool)]
-                acc = (smp["verdict"] == "accept").to_numpy()
-                est0 = estimate(smp["score"].to_numpy(), acc, thr0)
                 common = {**base, "verdicts": n, "n_sample": int(len(smp)), "n_accepted": int((df["verdict"] == "accept").sum())}
                 # rethreshold only
                 try:
-                    rt = reviewed_threshold(smp["score"].to_numpy(), acc)
+                    rt = reviewed_threshold(df["score"].to_numpy(), acc, weights=w)
                     rrec = {**common, "method": "rethreshold", **f1_at(cands, true, r, rt["threshold"]),
                             "est_precision": rt["precision"], "true_precision": true_precision(cands, true, r, rt["threshold"])}
                 except InputError as exc:  # too few sample verdicts: recorded
@@ -193,6 +219,71 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
                 records.append(rrec)
                 print(rrec, flush=True)
                 save(records)
+    return records
+
+
+def run_rescore(args: argparse.Namespace) -> list[dict]:
+    """The review's sample on saved picks (no training): ``--runs`` are run folders of
+    ``benchmarks/refine_hard.py --preset lookalike`` (``picks_all.parquet``, ``best.pt``, data at
+    ``<run>/../la_set<K>_s<seed>``). For each budget N and ``--queue-seeds`` queues, the simulated reviewer
+    answers the first N queue items; reported: the sample's estimated precision at the automatic threshold
+    against the true one, and F1 at the threshold the sample chooses (the picks themselves unchanged)."""
+    import re
+
+    from refine_hard import lookalike_labels
+
+    from milotile.refine.picker import Picker
+
+    records = []
+    for run in map(Path, args.runs):
+        m = re.match(r"run_la(\d+)_s(\d+)_(.+)", run.name)
+        if m is None:
+            raise SystemExit(f"{run}: not a look-alike run folder")
+        setting, seed, recipe = int(m[1]), int(m[2]), m[3]
+        gt = pd.read_parquet(run.parent / f"la_set{setting}_s{seed}" / "ground_truth.parquet")
+        target = lookalike_labels(gt, setting, seed)[0]
+        sp = gt[gt["species"] == target]
+        r = float(sp["radius"].iloc[0])
+        true = sp[["tomogram", "x", "y", "z"]]
+        picks = pd.read_parquet(run / "picks_all.parquet").reset_index(drop=True)
+        contract = Picker.load(run).contract
+        thr0 = float(apply_auto_threshold(picks, contract)[1]["particle"]["threshold"])
+        acc_all = answers(picks, gt, target)
+        base = {"setting": setting, "seed": seed, "recipe": recipe, "species": target, "n_picks": len(picks)}
+        res0 = f1_at(picks, true, r, thr0)
+        p0 = true_precision(picks, true, r, thr0)
+        records.append({**base, "verdicts": 0, "method": "auto", **res0, "true_precision": p0})
+        print(records[-1], flush=True)
+        sc = picks["score"].to_numpy()
+        n_strata = np.array([(sc < thr0).sum(), (sc >= thr0).sum()])
+        for n in args.verdicts:
+            errs, f1s, thr_errs, covered = [], [], [], 0
+            for qs in range(args.queue_seeds):
+                order, sample = review_order(sc, thr0, seed=qs)
+                rows = order[:n]
+                stratum = (sc[rows] >= thr0).astype(int)
+                w = design_weights(stratum, n_strata[stratum], sample[:n])
+                e = estimate(sc[rows], acc_all[rows], thr0, weights=w)
+                if np.isfinite(e["precision"]):
+                    errs.append(e["precision"] - p0)
+                    covered += e["precision_ci"][0] <= p0 <= e["precision_ci"][1]
+                try:
+                    rt = reviewed_threshold(sc[rows], acc_all[rows], weights=w)
+                    f1s.append(f1_at(picks, true, r, rt["threshold"])["f1_auto"])
+                    thr_errs.append(rt["precision"] - true_precision(picks, true, r, rt["threshold"]))
+                except InputError:
+                    f1s.append(res0["f1_auto"])  # too few sample verdicts: the automatic threshold stays
+            rec = {**base, "verdicts": n, "method": "rethreshold", "n_sample": int(sample[:n].sum()),
+                   "f1_auto_mean": round(float(np.mean(f1s)), 4), "f1_auto_min": round(float(np.min(f1s)), 4),
+                   "f1_gain_mean": round(float(np.mean(f1s)) - res0["f1_auto"], 4),
+                   "precision_abs_err_mean": round(float(np.mean(np.abs(errs))), 4) if errs else None,
+                   "precision_abs_err_p90": round(float(np.percentile(np.abs(errs), 90)), 4) if errs else None,
+                   "precision_bias": round(float(np.mean(errs)), 4) if errs else None,
+                   "ci_coverage": round(covered / max(len(errs), 1), 3),
+                   "chosen_precision_abs_err_mean": round(float(np.mean(np.abs(thr_errs))), 4) if thr_errs else None,
+                   "queue_seeds": args.queue_seeds, "load": load()}
+            records.append(rec)
+            print(rec, flush=True)
     return records
 
 
@@ -277,7 +368,9 @@ def run_browser(args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", nargs="+", choices=("loop", "browser"), default=["browser", "loop"])
+    ap.add_argument("--part", nargs="+", choices=("loop", "browser", "rescore"), default=["browser", "loop"])
+    ap.add_argument("--runs", nargs="*", default=[], help="rescore: refine_hard look-alike run folders")
+    ap.add_argument("--queue-seeds", type=int, default=10, help="rescore: review queues per budget")
     ap.add_argument("--preset", choices=("hard", "lookalike"), default="hard")
     ap.add_argument("--setting", type=int, default=0, help="look-alike setting")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -305,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         res = run_browser(args, work)
         print(res, flush=True)
         out["browser"] = res
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+    if "rescore" in args.part:
+        out["rescore_lookalike"] = run_rescore(args)
+        out["rescore_options"] = {"runs": args.runs, "verdicts": args.verdicts, "queue_seeds": args.queue_seeds}
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     if "loop" in args.part:
         key = f"loop_{args.preset}" + (f"_set{args.setting}" if args.preset == "lookalike" else "")

@@ -320,6 +320,7 @@ def main() -> None:
     log.info("peak: %.1f GFLOP/s fp32, %.1f GFLOP/s bf16 (%s)", peak["fp32_flops"] / 1e9, peak["bf16_flops"] / 1e9,
              peak["assumptions"])
     if a.auto_batch is None:
+        from milotile.explore.recipe import ExploreRecipe
         from milotile.explore.train import _auto_batch
         from milotile.nn.device import cpu_bf16_supported
 
@@ -327,7 +328,8 @@ def main() -> None:
             mode = "3d"
 
         amp = dev.type == "cuda" or cpu_bf16_supported()  # as explore.train decides
-        a.auto_batch = _auto_batch("simsiam-3d", {"dim": 128, "widths": [32, 64, 128]}, _Bank(), a.bbox, dev, amp)
+        cfg = ExploreRecipe().network_config("cpu")  # the CPU recipe's network
+        a.auto_batch = _auto_batch("simsiam-3d", cfg, _Bank(), a.bbox, dev, amp)
     skip = set(a.skip.split(","))
     load0 = os.getloadavg()
     t_all = time.perf_counter()

@@ -11,6 +11,7 @@ from milotile.refine.prior import estimate_prior, positive_voxels_per_particle
 from milotile.refine.targets import target_geometry
 from milotile.refine.threshold import (
     LABEL_MARGIN,
+    LABEL_SHIFT,
     apply_auto_threshold,
     choose_threshold,
     f1_label_threshold,
@@ -80,6 +81,10 @@ def test_tta_views_are_exact_on_the_stride2_grid() -> None:
                            pred(x) * np.arange(10))
 
 
+def _raise(p: np.ndarray, logit_units: float) -> np.ndarray:
+    return 1 / (1 + np.exp(-(np.log(p / (1 - p)) + logit_units)))
+
+
 def _f1_at(s: np.ndarray, truth: np.ndarray, thr: float) -> float:
     keep = s >= thr
     return 2 * (keep & truth).sum() / (keep.sum() + truth.sum())
@@ -97,8 +102,8 @@ def test_f1_rule_tracks_the_best_threshold(decoy_mean: float) -> None:
     truth = np.r_[np.zeros(len(bg) + len(crowd)), np.ones(len(fg))].astype(bool)
     best = max(_f1_at(s, truth, t) for t in np.unique(s))
     gaps, old = [], []
-    for k in range(10):  # ten draws of 9 labels
-        lab = np.random.default_rng(k).choice(fg, 9, replace=False)
+    for k in range(10):  # ten draws of 9 labels, scored LABEL_SHIFT higher than the particles (training labels)
+        lab = _raise(np.random.default_rng(k).choice(fg, 9, replace=False), LABEL_SHIFT)
         t, src = choose_threshold(s, lab)
         assert src == "labels"
         gaps.append(best - _f1_at(s, truth, t))
@@ -106,7 +111,7 @@ def test_f1_rule_tracks_the_best_threshold(decoy_mean: float) -> None:
     # 9 labels are a noisy sample: an unlucky draw (labels all among the top scorers) still costs F1
     assert np.median(gaps) < 0.05 and np.mean(gaps) < 0.1, gaps
     if decoy_mean == 0.9:  # decoys just below the particles: the r²/N rule lets them in, this one does not
-        assert np.mean(gaps) < np.mean(old) - 0.1, (gaps, old)
+        assert np.mean(gaps) < np.mean(old) - 0.05 and np.median(gaps) < np.median(old) - 0.1, (gaps, old)
     t, info = f1_label_threshold(lab, s)
     assert 0.5 * len(fg) < info["n_particles"] < 2.5 * len(fg)  # the particle count it estimated
 
@@ -145,8 +150,8 @@ def test_apply_auto_threshold_uses_contract_labels() -> None:
                           "score": [0.97, 0.9, 0.8, 0.06, 0.07, 0.08], "class": "particle"})
     contract = {"bbox": 16, "train_labels": [["t", 10.0, 10.0, 10.0, "particle"]]}
     kept, info = apply_auto_threshold(picks, contract)
-    assert info["particle"]["source"] == "labels"  # one label, at 0.97: one particle among the peaks
-    assert set(kept["x"]) == {10.0}
+    assert info["particle"]["source"] == "labels"  # one label, at 0.97: the picks near it, not the low peaks
+    assert 10.0 in set(kept["x"]) and set(kept["x"]) <= {10.0, 30.0}
     kept2, info2 = apply_auto_threshold(picks, {"bbox": 16, "train_labels": []})
     assert info2["particle"]["source"] == "valley" and set(kept2["x"]) == {10.0, 30.0, 50.0}
 

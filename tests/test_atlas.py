@@ -369,3 +369,22 @@ def test_app_thumbnail_of_a_tilt_halves_bank_shows_tilt_sum_and_slice(tmp_path):
     png = AtlasApp(a, thumb_px=32).thumbnail(3)
     img = Image.open(io.BytesIO(png))
     assert img.size == (2 * 32, 32)  # two panels (tilt sum, slice), not three
+
+
+def test_subclusters_nest_in_clusters_and_can_be_selected(tmp_path):
+    """Two-level atlas: each point's sub-cluster is its k-means over-cluster, which lies inside one cluster;
+    ``select(subclusters=...)`` takes exactly their points, and unassigned points have neither level."""
+    col, sp = write_embedding_store(tmp_path / "s.zarr", n=600, d=16, species=3)
+    a = atlas(col, method="pca", n_clusters=3, overcluster=30, fit_sample=400, chunk_rows=128)
+    t = a.table
+    ok = t["cluster"] >= 0
+    assert ((t["subcluster"] >= 0) == ok).all()
+    assert t.loc[ok, "subcluster"].nunique() > 3 * t.loc[ok, "cluster"].nunique()
+    assert (t[ok].groupby("subcluster")["cluster"].nunique() == 1).all()  # a sub-cluster never straddles clusters
+    subs = sorted(t.loc[ok, "subcluster"].unique()[:2].tolist())
+    labels = select(col, subclusters=subs, interactive_info=False)
+    want = t[t["subcluster"].isin(subs)]
+    assert (labels["id"].to_numpy() == want["id"].to_numpy()).all()
+    assert col.table_params(f"labels-subclusters-{subs[0]}-{subs[1]}")["subclusters"] == subs
+    with pytest.raises(InputError, match="no subcluster 999"):
+        select(col, subclusters=[999])

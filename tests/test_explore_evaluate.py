@@ -33,3 +33,10 @@ def test_purest_cluster_and_rule() -> None:
     assert purest_cluster(table, species, "b") == 2
     assert enriched_clusters(table, species, "a") == [1]  # >= 50 %: cluster 1 only
     assert sorted(enriched_clusters(table, species, "b")) == [2]
+
+
+def test_rule_and_oracle_at_the_subcluster_level() -> None:
+    table, species = _atlas()
+    table["subcluster"] = np.array([0, 0, 0, 1, 1, 1, 2, 2] + [3] * 4 + [4] * 4 + [-1])  # cluster 0 split in 3
+    assert purest_cluster(table, species, "a", column="subcluster") == 2  # 2 of 2 'a'
+    assert sorted(enriched_clusters(table, species, "a", column="subcluster")) == [2, 3]

@@ -110,9 +110,9 @@ def test_negatives_teach_the_picker_what_not_to_pick(two_species, tmp_path) -> N
     lab, neg = ribo.iloc[:6], prot.iloc[:6]
     kw = dict(FAST, bbox=16, epochs=8, device="cpu", shape_check=False, repeats=3)
     plain = train(col, lab, out=tmp_path / "plain", **kw)
-    with_neg = train(col, lab, negatives=neg, out=tmp_path / "neg", negative_weight=5.0, **kw)
+    with_neg = train(col, lab, negatives=neg, out=tmp_path / "neg", **kw)  # the default weight, 5
     assert with_neg.contract["train_negatives"][0][0] == "tomo_000" and len(with_neg.contract["train_negatives"]) == 6
-    assert with_neg.contract["recipe"]["negative_weight"] == 5.0
+    assert with_neg.contract["recipe"]["negative_weight"] == PickerRecipe().negative_weight == 5.0
     held_prot, held_ribo = prot.iloc[6:], ribo.iloc[6:]
     s_plain, s_neg = _score_at(plain, col, held_prot), _score_at(with_neg, col, held_prot)
     r_neg = _score_at(with_neg, col, held_ribo)

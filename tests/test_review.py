@@ -9,13 +9,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from review_data import review_store
 
 from milotile.errors import InputError
 from milotile.refine.review import (
     VerdictLog,
+    design_weights,
     estimate,
     review_order,
     reviewed_threshold,
@@ -46,8 +46,9 @@ def test_review_order_interleaves_a_uniform_sample():
     assert sample.tolist() == [(i + 1) % 3 == 0 for i in range(len(s))]
     near = order[~sample][:50]
     assert np.abs(s[near] - 0.5).max() < 0.02  # informative picks: nearest the threshold first
-    first = order[sample][:300]  # the sample spans all scores, not just the threshold's neighbourhood
-    assert s[first].min() < 0.05 and s[first].max() > 0.95 and abs(np.median(s[first]) - 0.5) < 0.1
+    first = order[sample][:300]  # the sample spans all scores, 3/4 of it from the picks kept at the threshold
+    assert s[first].min() < 0.05 and s[first].max() > 0.95
+    assert abs((s[first] >= 0.5).mean() - 0.75) < 0.01
     again, _ = review_order(s, 0.5, sample_every=3, seed=4)
     np.testing.assert_array_equal(order, again)  # a reloaded page gets the same queue
     with pytest.raises(InputError):
@@ -61,20 +62,22 @@ def test_sample_estimate_is_unbiased_and_covered():
     t = 0.6
     true_p = truth[s >= t].mean()
     true_r = (truth & (s >= t)).sum() / truth.sum()
+    n_strata = np.array([(s < t).sum(), (s >= t).sum()])
     hits_p = hits_r = 0
     errs = []
     for seed in range(40):
         order, sample = review_order(s, t, seed=seed)
-        rows = order[sample][:150]
-        e = estimate(s[rows], truth[rows], t)
+        rows, smp = order[:450], sample[:450]  # 450 verdicts, 150 of them the random sample
+        stratum = (s[rows] >= t).astype(int)
+        w = design_weights(stratum, n_strata[stratum], smp)
+        e = estimate(s[rows], truth[rows], t, weights=w)
         errs.append(e["precision"] - true_p)
         hits_p += e["precision_ci"][0] <= true_p <= e["precision_ci"][1]
         hits_r += e["recall_ci"][0] <= true_r <= e["recall_ci"][1]
     assert abs(np.mean(errs)) < 0.02  # unbiased
+    assert np.mean(np.abs(errs)) < 0.06
     assert hits_p >= 34 and hits_r >= 34  # ~95 % intervals
-    # the informative picks alone would be biased: all near the threshold
-    order, sample = review_order(s, t, seed=0)
-    rows = order[~sample][:150]
+    # unweighted, the same verdicts are biased: the informative ones all lie near the threshold
     assert abs(estimate(s[rows], truth[rows], t)["precision"] - true_p) > 0.1
 
 
@@ -182,7 +185,9 @@ def test_server_routes_imported_star_heatmap_and_writes_only_verdicts(store, tmp
         for pos in range(12):
             i = q["order"][pos]
             r = post("/api/review/verdict", {"pick": i, "verdict": "accept" if i < n_true else "reject"})
-        assert r["estimate"]["n_sample"] == 4
+        assert r["estimate"]["n_sample"] == 4 and r["estimate"]["n_reviewed"] == 12
+        lab = col.read_table("labels-imported")
+        assert set(lab["stratum"]) <= {0, 1} and (lab["stratum_n"] > 0).all()
         post("/api/review/add", {"tomogram": "tomo_001", "x": 10, "y": 11, "z": 12})
         with pytest.raises(urllib.error.HTTPError):
             post("/api/review/add", {"tomogram": "tomo_001", "x": 500, "y": 11, "z": 12})
@@ -210,11 +215,14 @@ def test_retrain_uses_verdicts_and_the_sample(tmp_path):
     col.write_table("picks", picks, params={"threshold": 0.4, "run": "run0", "checkpoint": str(first.path)})
     log = VerdictLog(col, "review", who="sim")
     order, sample = review_order(picks["score"], 0.4, seed=0)
+    n_strata = [int((picks["score"] < 0.4).sum()), int((picks["score"] >= 0.4).sum())]
     for pos in range(36):
         i = int(order[pos])
         r = picks.iloc[i]
+        st = int(r.score >= 0.4)
         log.add("accept" if i < n_true else "reject", tomogram=r.tomogram, x=r.x, y=r.y, z=r.z, pick=i,
-                picks="picks", run="run0", score=r.score, sample=bool(sample[pos]), reason="" if i < n_true else "junk")
+                picks="picks", run="run0", score=r.score, sample=bool(sample[pos]), stratum=st, stratum_n=n_strata[st],
+                reason="" if i < n_true else "junk")
     res = retrain(col, tmp_path / "run0", epochs=1, floor=0.01)
     new = mt.refine.Picker.load(res["run"])
     n_train = int((~sample[:36]).sum())

@@ -17,6 +17,7 @@ from review_data import review_store
 from test_atlas_browser import CHROMIUM, launch
 
 pytestmark = [
+    pytest.mark.client("chromium"),
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable (apt-get install chromium; scripts/ensure_chromium.sh)"),
 ]
 

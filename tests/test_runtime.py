@@ -115,8 +115,12 @@ def test_cpu_defaults_of_explore_train(tmp_path):
 
 
 def test_cli_widths_flag(tmp_path):
+    from milotile.commands.recipe_options import recipe_from_args
+    from milotile.explore.recipe import ExploreRecipe
+
     args = cli.build_parser().parse_args(["explore", "train", "s.zarr", "--widths", "16,32,64"])
-    assert args.widths == (16, 32, 64) and args.batch_size is None and args.nproc == 1
+    recipe = recipe_from_args(ExploreRecipe, args)
+    assert recipe.widths == (16, 32, 64) and recipe.batch_size is None and args.nproc == 1
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["explore", "train", "s.zarr", "--widths", "16,32"])
 

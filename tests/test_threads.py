@@ -113,7 +113,8 @@ print(json.dumps(sorted(m for m in ("torch", "dask", "distributed", "zarr", "pan
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["refine", "train", "--help"], ["explore", "embed", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["refine", "train", "--help"], ["explore", "embed", "--help"],
+                                  ["explore", "train", "--help"]])
 def test_help_imports_no_heavy_library(argv):
     out = subprocess.run([sys.executable, "-c", _HELP, *argv], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

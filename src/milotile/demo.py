@@ -250,6 +250,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     from milotile.api import ingest, open_collection
     from milotile.cluster import cluster
     from milotile.explore import train as explore_train
+    from milotile.explore.recipe import ExploreRecipe
     from milotile.refine import train as refine_train
 
     out = Path(cfg.out).resolve()
@@ -298,8 +299,8 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         report.add("patches2d3d", s, key=bank2d3d.key, mode="tilthalves+slice")
 
         # 5. exploration: SimSiam ----------------------------------------------------------------
-        encoder, s = _timed(lambda: explore_train(col, bank3d, epochs=cfg.explore_epochs, batch_size=128,
-                                                  out=out / "runs" / "explore3d", seed=cfg.seed))
+        recipe = ExploreRecipe().replace(epochs=cfg.explore_epochs, batch_size=128, seed=cfg.seed)
+        encoder, s = _timed(lambda: explore_train(col, bank3d, recipe=recipe, out=out / "runs" / "explore3d"))
         report.add("explore", s, epochs=cfg.explore_epochs, checkpoint=str(encoder.path))
         emb, s = _timed(lambda: encoder.embed(col, bank3d))
         report.add("embed", s, rows=len(emb), dims=int(emb.array.shape[1]), key=emb.key)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from functools import partial
 
 from milotile.commands import parse_ints
+from milotile.commands.recipe_options import add_recipe_options, recipe_from_args
 from milotile.errors import InputError
+from milotile.explore.recipe import FEATURES, ExploreRecipe
 
 log = logging.getLogger(__name__)
 
-#: milotile.explore.model.FEATURES, spelled out so that parsing the command line does not import torch
-_FEATURES = ("pred", "proj", "fc", "trunk", "centre")
+#: the embedding outputs (milotile.explore.recipe imports no torch)
+_FEATURES = FEATURES
 
 __all__ = ["register", "run", "run_train", "run_embed", "run_atlas", "run_serve", "run_select"]
 
@@ -36,39 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t.add_argument("--mode", choices=["3d", "2d3d"], default=None,
                    help="3d: slab patches; 2d3d: tilt halves (or MiLoPYP's tilt sum) + slice patches (default: from the bank)")
     t.add_argument("--key", default=None, help="patch bank key (default: the only bank)")
-    t.add_argument("--bbox", type=int, default=None, help="patch side in pixels; smaller than the bank = centre crop")
-    t.add_argument("--epochs", type=int, default=20, help="number of epochs (default 20)")
-    t.add_argument("--batch-size", type=int, default=None,
-                   help="patches per step (default: 256 on a GPU; on the CPU the largest batch <= 256 whose "
-                   "activations fit MILOTILE_TRAIN_MEMORY_MB=256, i.e. < 1 GiB RSS)")
-    t.add_argument("--widths", type=partial(parse_ints, n=3, what="--widths"), default=None, metavar="W1,W2,W3",
-                   help="trunk channels per stage (default 64,128,256 on a GPU as MiLoPYP; 32,64,128 on the CPU, "
-                   "a quarter of the FLOPs with the same embedding accuracy in benchmarks/explore.py)")
-    t.add_argument("--lr", type=float, default=0.05, help="base learning rate (default 0.05)")
-    t.add_argument("--optimizer", choices=["sgd", "sgd-plain", "adamw"], default="sgd",
-                   help="sgd: momentum 0.9 + weight decay; sgd-plain: MiLoPYP's plain SGD (default sgd)")
-    t.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
-    t.add_argument("--no-cosine", action="store_true", help="constant learning rate instead of cosine decay")
     t.add_argument("--out", default=None, help="run folder (default STORE/runs/explore-<mode>-<key>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    t.add_argument("--save-every", type=int, default=10, help="keep a checkpoint every N epochs (default 10)")
-    t.add_argument("--seed", type=int, default=317, help="random seed (default 317)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last.pt with its recipe (--epochs may grow)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     t.add_argument("--weights", default=None, metavar="PATH", help="local weights file for initialisation")
-    t.add_argument("--feature", choices=_FEATURES, default="centre",
-                   help="default embedding output stored with the model (default centre: the backbone's last map "
-                   "pooled over its central third and over the ring around it, best on the hard benchmark; trunk: "
-                   "globally pooled; MiLoPYP stores pred)")
-    t.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="embeddings average over the 8 flips/90° rotations of each patch by default (default: yes; "
-                   "--no-tta embeds 8x faster)")
-    for view in ("strong", "weak"):
-        t.add_argument(f"--{view}-aug", type=_json_object, default=None, metavar="JSON",
-                       help=f"overrides of the {view} view's augmentation, e.g. '{{\"noise\": 0.5, \"rotate_deg\": 180}}' "
-                       "(fields of milotile.explore.AugmentConfig; default: the mode's recipe)")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes (DDP: one per GPU, or gloo CPU processes); "
                    "under torchrun the group is taken from its environment instead")
+    add_recipe_options(t.add_argument_group("recipe (milotile.explore.recipe.ExploreRecipe)"), ExploreRecipe)
     t.set_defaults(handler=run, needs_cluster=False)
 
     e = sub.add_parser(
@@ -92,22 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_atlas(sub)
 
 
-def _json_object(text: str) -> dict:
-    """Parse a JSON object option (argparse type)."""
-    import json
-
-    try:
-        val = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc.msg})") from exc
-    if not isinstance(val, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return val
-
-
 def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """``explore atlas`` / ``serve`` / ``select`` (the exploration atlas and target selection)."""
-    from milotile.commands import parse_ints
 
     a = sub.add_parser(
         "atlas",
@@ -168,6 +131,8 @@ def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     c.add_argument("--key", default=None, help="atlas key (default: the only atlas)")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--clusters", type=lambda v: parse_ints(v, what="--clusters"), help="cluster ids, e.g. 3,7,12")
+    g.add_argument("--subclusters", type=lambda v: parse_ints(v, what="--subclusters"),
+                   help="sub-cluster ids (the atlas's k-means over-clusters, column subcluster), e.g. 40,113")
     g.add_argument("--selection", help="name of a selection exported from the app")
     g.add_argument("--parquet", help="parquet exported by nextPYP/Phoenix (name, coord) or a tomogram/x/y/z table")
     c.add_argument("--name", default=None, help="output name (default from the source)")
@@ -225,7 +190,8 @@ def run_select(args: argparse.Namespace) -> int:
     from milotile.explore.atlas import load_atlas
     from milotile.explore.select import select, selection_dir
 
-    labels = select(args.store, args.key, clusters=args.clusters, selection=args.selection, parquet=args.parquet,
+    labels = select(args.store, args.key, clusters=args.clusters, subclusters=args.subclusters,
+                    selection=args.selection, parquet=args.parquet,
                     name=args.name, class_name=args.class_name, negatives=args.negatives)
     a = load_atlas(args.store, args.key)
     name = args.name or labels.attrs.get("name") or ""
@@ -253,14 +219,8 @@ def run_train(args: argparse.Namespace) -> int:
     """Handler of ``explore train`` (``--nproc N``: N DDP processes, see :mod:`milotile.nn.ddp`)."""
     from milotile.nn import ddp
 
-    kwargs = dict(
-        store=args.store, key=args.key, mode=args.mode, bbox=args.bbox, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
-        cosine=not args.no_cosine, out=args.out, seed=args.seed, resume=args.resume,
-        save_every=args.save_every, device=args.device, weights=args.weights, feature=args.feature,
-        model_config={"widths": list(args.widths)} if args.widths else None,
-        strong_aug=args.strong_aug, weak_aug=args.weak_aug, tta=args.tta,
-    )
+    kwargs = dict(store=args.store, recipe=recipe_from_args(ExploreRecipe, args), key=args.key, mode=args.mode,
+                  out=args.out, resume=args.resume, device=args.device, weights=args.weights)
     ddp.init_from_env()  # under torchrun: join its process group
     if args.nproc > 1 and not ddp.is_distributed():
         path = ddp.launch(_train_rank, args.nproc, kwargs)[0]

@@ -36,7 +36,7 @@ def register_review(refine_sub: argparse._SubParsersAction) -> None:  # type: ig
         "review",
         help="accept or reject picks in the browser (one port)",
         description="Serves the review page: the picks as thumbnails (xy, xz, yz slices at the picker's box), the "
-        "ones nearest the threshold first, every third one a random sample that estimates precision and recall; "
+        "ones nearest the threshold first, every third one from a random sample stratified at the threshold (unbiased precision and recall estimates); "
         "keys y / n / 1-4 (reject with a reason) / u (undo) / arrows; a slice view with the picks as circles, the "
         "heatmap and click-to-add. Verdicts are written into STORE as they are made: tables/labels-NAME "
         "(accepted and added) and tables/negatives-NAME (rejected). From a laptop: ssh -L 7000:localhost:7000 HOST.",

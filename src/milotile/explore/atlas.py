@@ -11,7 +11,7 @@
    client is running (the fitted reducer is scattered once), so memory stays bounded by the
    sample plus one block per worker;
 4. colours each point from a 2D colormap of its map position and each cluster from a palette;
-5. writes ``tables/atlas-<key>.parquet`` (``id, tomogram, x, y, z, map_x, map_y, cluster,
+5. writes ``tables/atlas-<key>.parquet`` (``id, tomogram, x, y, z, map_x, map_y, cluster, subcluster,
    color, cluster_color`` + the candidate's other columns) with the parameters, and the fitted
    reducer to ``runs/atlas-<key>/reducer.pkl``. A second call with the same parameters on the same
    embeddings reuses them.
@@ -254,11 +254,11 @@ def _block_task(
     keep[skip - start] = False
     feats = reducer.prepare(x[keep])
     xy = np.full((len(x), 2), np.nan, np.float32)
-    lab = np.full(len(x), UNASSIGNED, np.int32)
+    lab = np.full((len(x), 2), UNASSIGNED, np.int32)
     if keep.any():
         xy[keep] = reducer.project(feats)
         if with_clusters and reducer.overclusters is not None:
-            lab[keep] = reducer.overclusters.predict(feats)
+            lab[keep] = np.stack(reducer.overclusters.predict_levels(feats), axis=1)
     return start, xy, lab
 
 
@@ -272,7 +272,7 @@ def _project_all(
     skips = [sample[(sample >= s) & (sample < s + step)] for s in starts]
     todo = [(s, min(s + step, n), sk) for s, sk in zip(starts, skips, strict=True) if len(sk) < min(s + step, n) - s]
     xy = np.full((n, 2), np.nan, np.float32)
-    lab = np.full(n, UNASSIGNED, np.int32)
+    lab = np.full((n, 2), UNASSIGNED, np.int32)  # cluster, sub-cluster
     so = dict(getattr(col, "storage_options", {}) or {})
     path = f"{EMBEDDINGS}/{key}"
     if client is not None and todo:
@@ -305,7 +305,7 @@ def _get_client(client: Any | None) -> Any | None:
 
 
 def _params(emb_attrs: dict, n: int, **opts: Any) -> dict[str, Any]:
-    return {"embeddings": {k: v for k, v in emb_attrs.items()}, "n": int(n), **opts, "version": 1}
+    return {"embeddings": {k: v for k, v in emb_attrs.items()}, "n": int(n), **opts, "version": 2}
 
 
 def _sources(col: Any, key: str) -> dict[str, str | None]:
@@ -362,7 +362,10 @@ def atlas(
     n_clusters : int
         Final clusters (spectral clustering of the k-means centroids).
     overcluster : int
-        k-means centroids (MiLoPYP: 256).
+        k-means centroids (MiLoPYP: 256). Each is a *sub-cluster* (column ``subcluster``, the centroid's
+        index): the finer level of a two-level atlas. Background candidates outnumber each species, so the
+        spectral merge of centroids into ``n_clusters`` mixes them into the species' clusters; a selection of
+        sub-clusters is purer (``benchmarks/atlas_findable.py``).
     cluster_method : {"spectral", "hdbscan"}
         MiLoPYP's k-means + spectral recipe, or HDBSCAN on the sample's map.
     neighbors, min_dist : UMAP options (``neighbors`` is the t-SNE perplexity).
@@ -439,11 +442,11 @@ def atlas(
                                   _get_client(client))
     xy[sample] = ((xy_s - reducer.lo) / (reducer.hi - reducer.lo)).astype(np.float32)
     if cluster_method == "spectral":
-        lab[sample] = reducer.overclusters.predict(feats)
-    else:
-        lab = hdbscan_labels(xy[sample], xy, sample)
+        lab[sample] = np.stack(reducer.overclusters.predict_levels(feats), axis=1)
+    else:  # HDBSCAN's clusters have no finer level
+        lab = np.repeat(hdbscan_labels(xy[sample], xy, sample)[:, None], 2, axis=1)
     t4 = time.perf_counter()
-    table = _atlas_table(col, key, n, xy, lab)
+    table = _atlas_table(col, key, n, xy, lab[:, 0], lab[:, 1])
     timings = {"prepare_s": t1 - t0, "fit_projection_s": t2 - t1, "fit_clusters_s": t3 - t2,
                "transform_s": t4 - t3, "sample": int(len(sample)), "where": where}
     _save(col, key, table, params, reducer, timings)
@@ -453,7 +456,7 @@ def atlas(
     return Atlas(col, key, table, {"params": params, "timings": timings})
 
 
-def _atlas_table(col: Any, key: str, n: int, xy: np.ndarray, lab: np.ndarray) -> pd.DataFrame:
+def _atlas_table(col: Any, key: str, n: int, xy: np.ndarray, lab: np.ndarray, sub: np.ndarray) -> pd.DataFrame:
     tname = f"embeddings-{key}"
     base = col.read_table(tname).reset_index(drop=True) if col.has_table(tname) else pd.DataFrame(index=range(n))
     if len(base) != n:
@@ -468,6 +471,7 @@ def _atlas_table(col: Any, key: str, n: int, xy: np.ndarray, lab: np.ndarray) ->
             out[c] = base[c].to_numpy()
     out["map_x"], out["map_y"] = xy[:, 0], xy[:, 1]
     out["cluster"] = lab.astype(np.int32)
+    out["subcluster"] = sub.astype(np.int32)
     out["color"] = to_hex(rgb)
     out["cluster_color"] = to_hex(crgb)
     rest = [c for c in base.columns if c not in out.columns]

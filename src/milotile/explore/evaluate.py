@@ -53,27 +53,32 @@ def cluster_scores(labels: np.ndarray, species: np.ndarray) -> dict[str, float]:
             "n": int(ok.sum()), "unassigned": round(float(np.mean(lab < 0)) if len(lab) else 0.0, 4)}
 
 
-def species_enrichment(table: pd.DataFrame, species: np.ndarray, target: str) -> pd.DataFrame:
-    """Per cluster: ``size``, ``hits`` (candidates on a ``target`` particle) and ``fraction`` = hits/size."""
-    df = pd.DataFrame({"cluster": table["cluster"].to_numpy(), "hit": np.asarray(species, dtype=object) == target})
+def species_enrichment(table: pd.DataFrame, species: np.ndarray, target: str, column: str = "cluster") -> pd.DataFrame:
+    """Per cluster: ``size``, ``hits`` (candidates on a ``target`` particle) and ``fraction`` = hits/size.
+
+    ``column``: ``"cluster"`` or ``"subcluster"`` (the atlas's finer level); the result's column is ``cluster``.
+    """
+    df = pd.DataFrame({"cluster": table[column].to_numpy(), "hit": np.asarray(species, dtype=object) == target})
     g = df[df["cluster"] >= 0].groupby("cluster").agg(size=("hit", "size"), hits=("hit", "sum"))
     g["fraction"] = g["hits"] / g["size"]
     return g.sort_values(["fraction", "hits"], ascending=False).reset_index()
 
 
-def enriched_clusters(table: pd.DataFrame, species: np.ndarray, target: str, min_fraction: float = 0.5) -> list[int]:
+def enriched_clusters(table: pd.DataFrame, species: np.ndarray, target: str, min_fraction: float = 0.5,
+                      column: str = "cluster") -> list[int]:
     """The documented cluster choice: every cluster whose candidates are mostly (≥ ``min_fraction``) on
     ``target`` particles — what a user does by picking the gallery rows that show the target; the
-    single most enriched cluster when none reaches the threshold."""
-    e = species_enrichment(table, species, target)
+    single most enriched cluster when none reaches the threshold. ``column``: the level (``"subcluster"``)."""
+    e = species_enrichment(table, species, target, column)
     chosen = e[e["fraction"] >= min_fraction]["cluster"].astype(int).tolist()
     return chosen or e["cluster"].astype(int).head(1).tolist()
 
 
-def purest_cluster(table: pd.DataFrame, species: np.ndarray, target: str, min_hits: int = 1) -> int | None:
+def purest_cluster(table: pd.DataFrame, species: np.ndarray, target: str, min_hits: int = 1,
+                   column: str = "cluster") -> int | None:
     """The oracle's choice: the single cluster with the largest share of ``target`` candidates (ties: more hits),
-    among clusters holding at least ``min_hits`` of them; ``None`` when no cluster does."""
-    e = species_enrichment(table, species, target)
+    among clusters holding at least ``min_hits`` of them; ``None`` when no cluster does. ``column``: the level."""
+    e = species_enrichment(table, species, target, column)
     e = e[e["hits"] >= min_hits]
     return int(e["cluster"].iloc[0]) if len(e) else None
 

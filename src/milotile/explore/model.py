@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from milotile.errors import InputError
+from milotile.explore.recipe import FEATURES  # what :meth:`SimSiam.features` can return
 from milotile.nn.registry import register
 from milotile.nn.resnet import ResNetTrunk
 
@@ -18,8 +19,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SimSiam", "simsiam_loss", "output_std", "load_weights", "FEATURES"]
 
-#: what :meth:`SimSiam.features` can return
-FEATURES = ("pred", "proj", "fc", "trunk", "centre")
 #: how the trunk's last map is pooled before the fc head (training)
 POOLS = ("mean", "centre")
 

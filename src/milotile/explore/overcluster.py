@@ -53,12 +53,19 @@ class OverClusters:
 
     def predict(self, x: np.ndarray, block: int = 65536) -> np.ndarray:
         """Cluster id per row of ``x`` (``-1`` for outliers), computed block by block."""
+        return self.predict_levels(x, block)[0]
+
+    def predict_levels(self, x: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster id and sub-cluster id (the nearest k-means centroid) per row of ``x``; ``-1`` in both for
+        outliers."""
         near, dist = assign_centroids(x, self.centroids, block=block)
         labels = self.groups[near].astype(np.int32)
+        sub = near.astype(np.int32)
         if self.outlier_z is not None:
             z = (dist - self.dist_mean[near]) / np.maximum(self.dist_std[near], 1e-12)
             labels[z > self.outlier_z] = UNASSIGNED
-        return labels
+            sub[z > self.outlier_z] = UNASSIGNED
+        return labels, sub
 
 
 def assign_centroids(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:

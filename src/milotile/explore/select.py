@@ -66,15 +66,21 @@ def selection_ids(
     polygon: Sequence[Sequence[float]] | None = None,
     box: Sequence[float] | None = None,
     clusters: Sequence[int] | None = None,
+    subclusters: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Ids (``table["id"]``, sorted) of atlas points in the polygon / box and in ``clusters``.
+    """Ids (``table["id"]``, sorted) of atlas points in the polygon / box, in ``clusters`` and in ``subclusters``.
 
     With no polygon and no box every point of the listed clusters is selected; ``clusters=None``
-    means all clusters (``-1`` is the unassigned group).
+    means all clusters (``-1`` is the unassigned group); ``subclusters`` likewise for the ``subcluster``
+    column (the k-means over-clusters the clusters are merged from).
     """
     mask = np.ones(len(table), bool)
     if clusters is not None:
         mask &= np.isin(table["cluster"].to_numpy(), np.asarray(list(clusters), np.int64))
+    if subclusters is not None:
+        if "subcluster" not in table.columns:
+            raise InputError("this atlas has no sub-clusters; re-run `milotile explore atlas --overwrite`.")
+        mask &= np.isin(table["subcluster"].to_numpy(), np.asarray(list(subclusters), np.int64))
     if polygon is not None or box is not None:
         xy = table[["map_x", "map_y"]].to_numpy()
         if polygon is not None:
@@ -194,6 +200,7 @@ def select(
     key: str | None = None,
     *,
     clusters: Sequence[int] | None = None,
+    subclusters: Sequence[int] | None = None,
     selection: str | None = None,
     parquet: str | os.PathLike | None = None,
     name: str | None = None,
@@ -211,6 +218,8 @@ def select(
         Atlas key (default: the only atlas).
     clusters : sequence of int, optional
         Cluster ids to take (MiLoPYP's ``select_sublabels.py --use_classes``).
+    subclusters : sequence of int, optional
+        Sub-cluster ids to take (the atlas's ``subcluster`` column: its k-means over-clusters).
     selection : str, optional
         Name of a selection exported from the app (``tables/labels-<selection>``); re-exported.
     parquet : path, optional
@@ -234,20 +243,23 @@ def select(
     """
     from milotile.explore.atlas import load_atlas
 
-    given = sum(v is not None for v in (clusters, selection, parquet))
+    given = sum(v is not None for v in (clusters, subclusters, selection, parquet))
     if given != 1:
-        raise InputError("give exactly one of --clusters, --selection or --parquet.")
+        raise InputError("give exactly one of --clusters, --subclusters, --selection or --parquet.")
     a = load_atlas(col, key)
-    if clusters is not None:
-        cl = [int(c) for c in clusters]
-        known = set(a.table["cluster"].unique().tolist())
+    if clusters is not None or subclusters is not None:
+        level = "cluster" if clusters is not None else "subcluster"
+        cl = [int(c) for c in (clusters if clusters is not None else subclusters)]
+        if level not in a.table.columns:
+            raise InputError(f"atlas {a.key!r} has no sub-clusters; re-run `milotile explore atlas --overwrite`.")
+        known = set(a.table[level].unique().tolist())
         unknown = [c for c in cl if c not in known]
         if unknown:
-            raise InputError(f"atlas {a.key!r} has no cluster {unknown[0]}; clusters are "
+            raise InputError(f"atlas {a.key!r} has no {level} {unknown[0]}; {level}s are "
                              f"{', '.join(str(c) for c in sorted(known))}.")
-        ids = selection_ids(a.table, clusters=cl)
-        name = name or "clusters-" + "-".join(str(c) for c in cl)
-        params: dict[str, Any] = {"source": "clusters", "clusters": cl}
+        ids = selection_ids(a.table, **{f"{level}s": cl})
+        name = name or f"{level}s-" + "-".join(str(c) for c in cl)
+        params: dict[str, Any] = {"source": f"{level}s", f"{level}s": cl}
     elif selection is not None:
         prev = a.collection.read_table(f"labels-{check_name(selection)}")
         ids = np.sort(prev["id"].to_numpy(np.int64))

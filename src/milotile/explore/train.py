@@ -30,7 +30,14 @@ from milotile.explore.data import (
     open_bank,
 )
 from milotile.explore.embed import Encoder
-from milotile.explore.model import FEATURES, load_weights, output_std, simsiam_loss
+from milotile.explore.model import load_weights, output_std, simsiam_loss
+from milotile.explore.recipe import (
+    CPU_WIDTHS,
+    FIXED_ON_RESUME,
+    GPU_WIDTHS,
+    OPTIMIZERS,
+    ExploreRecipe,
+)
 from milotile.nn import ddp, registry
 from milotile.nn.checkpoint import load_checkpoint, save_checkpoint
 from milotile.nn.device import amp_dtype, autocast, pick_device, seed_everything
@@ -39,9 +46,8 @@ from milotile.store import as_collection
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "OPTIMIZERS", "cosine_lr"]
+__all__ = ["CPU_WIDTHS", "GPU_WIDTHS", "OPTIMIZERS", "ExploreRecipe", "checkpoint_recipe", "cosine_lr", "train"]
 
-OPTIMIZERS = ("sgd", "sgd-plain", "adamw")
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int, cosine: bool = True, final_factor: float = 1e-3) -> float:
@@ -71,12 +77,6 @@ def _default_run_dir(col: Any, key: str, mode: str) -> Path:
     if not root.exists():
         raise InputError(f"store {col.url} is not a local folder; pass out= for the run folder.")
     return Path(col.runs_dir(f"explore-{mode}-{key}"))  # <store>/runs (an opaque node: zarr never lists it)
-
-
-#: trunk widths when training on the CPU: a quarter of the FLOPs of MiLoPYP's (64, 128, 256), with
-#: the same k-NN species accuracy in benchmarks/explore.py (0.98 at SNR 0.04 / 0.15)
-CPU_WIDTHS = (32, 64, 128)
-GPU_WIDTHS = (64, 128, 256)
 
 
 def _auto_batch(arch: str, config: dict[str, Any], bank: Any, bbox: int, dev: torch.device, amp: bool) -> int:
@@ -109,29 +109,15 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 def train(
     col_or_store: Any,
     bank: PatchBank | str | None = None,
+    recipe: ExploreRecipe | None = None,
     *,
     key: str | None = None,
     mode: str | None = None,
-    bbox: int | None = None,
-    epochs: int = 20,
-    batch_size: int | None = None,
-    lr: float = 0.05,
-    optimizer: str = "sgd",
-    weight_decay: float = 1e-4,
-    cosine: bool = True,
     out: str | os.PathLike[str] | None = None,
-    seed: int = 317,
     resume: bool = False,
-    save_every: int = 10,
     device: str | None = None,
     weights: str | os.PathLike[str] | None = None,
-    dim: int = 128,
-    feature: str = "centre",
-    tta: bool = True,
-    amp: bool = True,
-    model_config: dict[str, Any] | None = None,
-    strong_aug: dict[str, Any] | None = None,
-    weak_aug: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Encoder:
     """Train a SimSiam exploration model on a patch bank of the store.
 
@@ -141,114 +127,104 @@ def train(
         The store holding ``patches/<key>`` and ``tables/patches-<key>.parquet``.
     bank : PatchBank or str, optional
         The patch bank (as ``col.patches(...)`` returns it) or its key.
+    recipe : ExploreRecipe, optional
+        The hyper-parameters (:class:`milotile.explore.recipe.ExploreRecipe`; default: its defaults, the
+        recipe chosen on ``benchmarks/explore.py``): patch side ``bbox``, ``epochs``, ``batch_size``,
+        trunk ``widths``, ``lr``, ``optimizer``, ``weight_decay``, ``cosine``, ``save_every``, ``seed``,
+        embedding ``feature`` and ``tta``, ``strong_aug`` / ``weak_aug``, ``dim``, ``amp``,
+        ``model_config``. The resolved recipe is stored in the checkpoint's contract (``"recipe"``).
     key : str, optional
         Patch-bank key (default: ``bank``, else the only bank, or the only one matching ``mode``).
     mode : {"3d", "2d3d"}, optional
         Default: the bank's (1 channel → ``3d``, 2 channels → ``2d3d``).
-    bbox : int, optional
-        Patch side; smaller than the bank's means a centre crop. Default: the bank's.
-    epochs : int
-        Total number of epochs (a resumed run continues up to it).
-    batch_size : int, optional
-        Patches per step (reduced to the bank size for tiny banks). Default: 256 on a GPU; on the CPU
-        the largest batch up to 256 whose activations fit ``MILOTILE_TRAIN_MEMORY_MB`` (256 MiB),
-        which keeps the training process under ~1 GiB RSS (see :func:`milotile.nn.device.auto_batch_size`).
-    lr : float
-        Base learning rate.
-    optimizer : {"sgd", "sgd-plain", "adamw"}
-        ``sgd``: momentum 0.9 and ``weight_decay``; ``sgd-plain``: MiLoPYP's plain SGD.
-    weight_decay : float
-    cosine : bool
-        Cosine decay to ``lr·1e-3`` (else constant).
     out : path, optional
         Run folder (default ``<store>/runs/explore-<mode>-<key>``).
-    seed : int
-        Seeds initialisation, data order and augmentation (per epoch, so resume replays them).
     resume : bool
-        Continue from ``<out>/last.pt``.
-    save_every : int
-        Also keep ``checkpoints/epoch-NNNN.pt`` every N epochs (``last.pt`` is written every epoch).
+        Continue from ``<out>/last.pt`` with the recipe stored there; ``epochs``, ``save_every``,
+        ``feature``, ``tta`` and ``amp`` may change, a different value of a field the checkpoint fixes
+        (:data:`milotile.explore.recipe.FIXED_ON_RESUME`) is an :class:`InputError` naming it.
     device : str, optional
         ``"cpu"``, ``"cuda"``...; default CUDA when available.
     weights : path, optional
         Local weights file for a partial initialisation (no download ever).
-    dim : int
-        Embedding width (128 as in MiLoPYP).
-    feature : {"pred", "proj", "fc", "trunk", "centre"}
-        Which output :meth:`Encoder.embed` returns by default (stored in the contract). ``centre`` (the
-        backbone's last map pooled over its central third and over the ring around it) separates
-        species best on the hard benchmark (``benchmarks/explore.py --preset hard``); ``trunk`` is the
-        globally pooled backbone; MiLoPYP stores ``pred``.
-    tta : bool
-        Whether embeddings average over the 8 flips/90° rotations of each patch by default (stored
-        in the contract; :func:`milotile.explore.embed` can override it). On by default: in-plane
-        orientation is a nuisance, and the average gains 0.01-0.03 k-NN accuracy on the hard
-        benchmark, at 8 forward passes per patch.
-    amp : bool
-        Mixed precision: bf16/fp16 on CUDA; bf16 on CPUs with native bf16 when ``MILOTILE_CPU_BF16=1``.
-    model_config : dict, optional
-        Extra builder arguments (``widths``, ``blocks``, ``pred_dim``). Without ``widths`` the trunk
-        is ``(64, 128, 256)`` (MiLoPYP's) on a GPU and the narrower ``CPU_WIDTHS`` on the CPU.
-    strong_aug, weak_aug : dict, optional
-        Overrides of :class:`milotile.explore.augment.AugmentConfig` fields for the two views.
+    **overrides
+        Any recipe field (``train(col, epochs=5, lr=0.1)``), applied with :meth:`ExploreRecipe.replace`;
+        an unknown name is an :class:`InputError` that suggests the closest one.
 
     Returns
     -------
     Encoder
         The trained model (eval mode) with its contract and ``path`` = ``<out>/last.pt``.
+
+    Notes
+    -----
+    ``batch_size`` ``None``: 256 on a GPU; on the CPU the largest batch up to 256 whose activations fit
+    ``MILOTILE_TRAIN_MEMORY_MB`` (256 MiB), which keeps the process under ~1 GiB RSS (see
+    :func:`milotile.nn.device.auto_batch_size`); reduced to the bank size for tiny banks. ``widths``
+    ``None``: MiLoPYP's ``(64, 128, 256)`` on a GPU, the narrower :data:`CPU_WIDTHS` on the CPU.
+    ``feature`` ``centre`` (the backbone's last map pooled over its central third and over the ring
+    around it) separates species best on ``benchmarks/explore.py --preset hard``; ``tta`` averages
+    embeddings over the 8 flips/90° rotations (0.01-0.03 k-NN accuracy on the hard benchmark, at 8
+    forward passes per patch). ``seed`` seeds initialisation, data order and augmentation per epoch,
+    so a resumed run replays them.
     """
+    recipe = _recipe(recipe, overrides)
+    given = {**recipe.changed(), **overrides}
     col = as_collection(col_or_store)
     bank = open_bank(col, key if key is not None else bank, mode)
     mode = bank.mode
-    bbox = check_crop(bank, bbox)
-    _check_args(bank, epochs, batch_size, optimizer, feature, save_every)
     run_dir = Path(out) if out is not None else _default_run_dir(col, bank.key, mode)
     last_path = run_dir / "last.pt"
+    if resume and last_path.is_file():
+        recipe = _resumed_recipe(last_path, recipe, given)
+    bbox = check_crop(bank, recipe.bbox)
+    if bank.n < 2:
+        raise InputError(f"patch bank {bank.key!r} has {bank.n} patch(es); training needs at least 2.")
     dev = ddp.local_device() if ddp.is_distributed() else pick_device(device)
     main = ddp.is_main()  # only rank 0 writes the run folder
-    model_config = dict(model_config or {})
-    if "widths" not in model_config:
-        model_config["widths"] = list(CPU_WIDTHS if dev.type == "cpu" else GPU_WIDTHS)
-    batch_size = _batch_size(batch_size, f"simsiam-{mode}", {"dim": int(dim), **model_config}, bank, bbox, dev, amp)
-    runlog = RunLog(run_dir)
-    strong, weak = _augment_configs(mode, strong_aug, weak_aug)
     arch = f"simsiam-{mode}"
-    config: dict[str, Any] = {"dim": int(dim), **model_config}
+    config: dict[str, Any] = recipe.network_config(dev.type)
+    batch_size = _batch_size(recipe.batch_size, arch, config, bank, bbox, dev, recipe.amp)
+    r = recipe = recipe.resolved(bbox=bbox, batch_size=batch_size, device_type=dev.type)
+    runlog = RunLog(run_dir)
+    strong, weak = _augment_configs(mode, r.strong_aug, r.weak_aug)
     options = {
-        "store": col.url, "key": bank.key, "mode": mode, "bbox": bbox, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
-        "cosine": cosine, "seed": seed, "save_every": save_every, "device": str(dev),
+        "store": col.url, "key": bank.key, "mode": mode, "bbox": bbox, "epochs": r.epochs,
+        "batch_size": batch_size, "lr": r.lr, "optimizer": r.optimizer, "weight_decay": r.weight_decay,
+        "cosine": r.cosine, "seed": r.seed, "save_every": r.save_every, "device": str(dev),
         "weights": None if weights is None else os.fspath(weights), "arch": arch, "config": config,
-        "feature": feature, "tta": bool(tta), "amp": amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
+        "feature": r.feature, "tta": r.tta, "amp": r.amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
+        "recipe": r.to_dict(),
     }
-    resume_ckpt, start_epoch, mean, std = _start(run_dir, bank, mode, bbox, epochs, resume, runlog if main else None)
+    resume_ckpt, start_epoch, mean, std = _start(run_dir, bank, mode, bbox, r.epochs, resume, runlog if main else None)
     if resume_ckpt is not None:
         arch, config = resume_ckpt["arch"], dict(resume_ckpt["config"])
     if main:
         runlog.save_options(options)
-    seed_everything(seed)
-    model, net, opt = _build(arch, config, resume_ckpt, weights, dev, optimizer, lr, weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype(dev) == torch.float16)
+    seed_everything(r.seed)
+    model, net, opt = _build(arch, config, resume_ckpt, weights, dev, r.optimizer, r.lr, r.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=r.amp and amp_dtype(dev) == torch.float16)
     bp = bank.params
     contract = {
         "mode": mode, "bbox": bbox, "channels": bank.channels, "layout": bank.layout, "mean": mean, "std": std,
         "n_shifts": bank.n_shifts, "bank_key": bank.key, "bank_bbox": bank.bbox,
         **bank_preprocessing(bp), "patch_modes": bp.get("modes"),
-        "shifts": bp.get("shifts"), "bank_params": bp, "feature": feature, "tta": bool(tta),
+        "shifts": bp.get("shifts"), "bank_params": bp, "feature": r.feature, "tta": r.tta,
         "embedding_dim": int(config["dim"]),
-        "n_train": bank.n, "store": col.url,
+        "n_train": bank.n, "store": col.url, "recipe": r.to_dict(),
     }
-    loader = PatchLoader(bank, batch_size, shuffle=True, drop_last=True, seed=seed, crop=bbox)
+    loader = PatchLoader(bank, batch_size, shuffle=True, drop_last=True, seed=r.seed, crop=bbox)
     views = (strong, weak, torch.tensor(mean, device=dev), torch.tensor(std, device=dev), bank.layout == "halves")
+    epochs = r.epochs
     log.info(
         "training %s on %d patches of bank %r (bbox %d, %d batches of %d per epoch, device %s), epochs %d..%d",
         arch, bank.n, bank.key, bbox, len(loader), batch_size, dev, start_epoch + 1, epochs,
     )
     t_loop = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        cur_lr = cosine_lr(lr, epoch, epochs, cosine)
+        cur_lr = cosine_lr(r.lr, epoch, epochs, r.cosine)
         _set_lr(opt, cur_lr)
-        rec = _epoch(model, net, opt, scaler, loader, views, epoch, seed, dev, amp, lr)
+        rec = _epoch(model, net, opt, scaler, loader, views, epoch, r.seed, dev, r.amp, r.lr)
         rec.update(epoch=epoch + 1, lr=cur_lr)
         if not main:
             continue
@@ -260,7 +236,7 @@ def train(
         extra = {"options": options}
         save_checkpoint(last_path, arch=arch, config=config, model=model, contract=contract,
                         optimizer=opt, epoch=epoch + 1, extra=extra)
-        if (epoch + 1) % save_every == 0 or epoch + 1 == epochs:
+        if (epoch + 1) % r.save_every == 0 or epoch + 1 == epochs:
             save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.pt", arch=arch, config=config,
                             model=model, contract=contract, optimizer=None, epoch=epoch + 1, extra=extra)
     if main and runlog.records():
@@ -269,21 +245,41 @@ def train(
     return Encoder(model, contract, arch, config, last_path if last_path.is_file() else None, dev)
 
 
-def _check_args(bank: PatchBank, epochs: int, batch_size: int | None, optimizer: str, feature: str,
-                save_every: int) -> None:
-    """Check the training options before any work."""
-    if epochs < 1:
-        raise InputError(f"epochs must be at least 1, got {epochs}.")
-    if batch_size is not None and batch_size < 2:
-        raise InputError(f"batch_size must be at least 2 (BatchNorm), got {batch_size}.")
-    if bank.n < 2:
-        raise InputError(f"patch bank {bank.key!r} has {bank.n} patch(es); training needs at least 2.")
-    if optimizer not in OPTIMIZERS:
-        raise InputError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
-    if feature not in FEATURES:
-        raise InputError(f"unknown embedding feature {feature!r}; use one of {', '.join(FEATURES)}.")
-    if save_every < 1:
-        raise InputError(f"save_every must be at least 1, got {save_every}.")
+def _recipe(recipe: ExploreRecipe | None, overrides: dict[str, Any]) -> ExploreRecipe:
+    """The run's recipe: the given one (or the defaults) with the keyword overrides."""
+    if recipe is not None and not isinstance(recipe, ExploreRecipe):
+        raise InputError(f"recipe must be an ExploreRecipe, got {type(recipe).__name__}.")
+    return (recipe or ExploreRecipe()).replace(**overrides)
+
+
+def checkpoint_recipe(ckpt: dict[str, Any]) -> ExploreRecipe:
+    """The (resolved) recipe an exploration checkpoint was trained with.
+
+    Checkpoints written before recipes existed are read from their stored options.
+    """
+    contract = ckpt.get("contract") or {}
+    if contract.get("recipe"):
+        return ExploreRecipe.from_dict(contract["recipe"])
+    opts = dict((ckpt.get("extra") or {}).get("options") or {})
+    cfg = dict(opts.pop("config", None) or ckpt.get("config") or {})
+    known = {k: v for k, v in opts.items() if k in ExploreRecipe.field_names() and v is not None}
+    known["dim"] = int(cfg.pop("dim", known.get("dim", 128)))
+    known["model_config"] = cfg or None
+    known.setdefault("bbox", contract.get("bbox"))
+    return ExploreRecipe.from_dict(known)
+
+
+def _resumed_recipe(last_path: Path, recipe: ExploreRecipe, given: dict[str, Any]) -> ExploreRecipe:
+    """The stored recipe of the run being resumed, with the given fields the checkpoint does not fix."""
+    stored = checkpoint_recipe(load_checkpoint(last_path, map_location="cpu"))
+    for name in given:
+        value = getattr(recipe, name)
+        if name in FIXED_ON_RESUME and value is not None and value != getattr(stored, name):
+            raise InputError(
+                f"cannot resume {str(last_path)!r} with {name}={value!r}: the run was started with "
+                f"{name}={getattr(stored, name)!r}; drop the option or start a new run (another --out)."
+            )
+    return stored.replace(**{k: getattr(recipe, k) for k in given if k not in FIXED_ON_RESUME})
 
 
 def _batch_size(batch_size: int | None, arch: str, config: dict[str, Any], bank: PatchBank, bbox: int,

@@ -3,15 +3,20 @@
 Three parts, each usable without the others:
 
 * **Queue** (:func:`review_order`): picks ordered by how much a verdict would teach — the ones whose
-  score is nearest the threshold first (in logit units) — interleaved with a *uniform random sample*
-  of all picks (every ``sample_every``-th item). A verdict on a sampled pick is flagged ``sample``:
-  only those estimate precision and recall, so the estimates carry no selection bias.
-* **Estimates** (:func:`estimate`, :func:`reviewed_threshold`): among the reviewed sample, the
-  fraction accepted at score ``>= t`` estimates the precision of the picks kept at ``t``; the
-  fraction of accepted sample picks scoring ``>= t`` estimates the recall *within the reviewed table*
-  (particles the picker never proposed are not counted; added particles show they exist). Both with
-  Wilson score intervals. The reviewed threshold maximises the estimated F1 (or reaches a target
-  precision).
+  score is nearest the threshold first (in logit units) — interleaved with a *stratified random
+  sample* (every ``sample_every``-th item): uniform within the picks kept at the threshold (stratum 1,
+  :data:`ABOVE_SHARE` = 3/4 of the sample) and within those below it (stratum 0). A verdict on a sampled
+  pick is flagged ``sample`` with its stratum and the stratum's size: only those estimate precision and
+  recall, so the estimates carry no selection bias. (A sample uniform over all picks wastes itself on
+  the many low-score candidates: on saved look-alike picks, 16 sample verdicts held 0-2 kept picks and
+  the precision estimate was off by up to 0.74, ``benchmarks/results/review_rescore_uniform_sample.log``.)
+* **Estimates** (:func:`estimate`, :func:`reviewed_threshold`): each sample verdict weighs the number
+  of picks it stands for (:func:`design_weights`: stratum size / verdicts in the stratum); the
+  weighted fraction accepted at score ``>= t`` estimates the precision of the picks kept at ``t``, the
+  weighted fraction of accepted sample picks scoring ``>= t`` the recall *within the reviewed table*
+  (particles the picker never proposed are not counted; added particles show they exist). Wilson score
+  intervals on the effective sample size (Kish). The reviewed threshold maximises the estimated F1 (or
+  reaches a target precision).
 * **Verdict tables** (:class:`VerdictLog`): accepted picks and added particles go to
   ``tables/labels-<name>``, rejections to ``tables/negatives-<name>``, each row with who, when, the
   picker run, the picks table, the pick's row and score, the reason and the sample flag. Written on
@@ -43,21 +48,25 @@ from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REASONS", "VerdictLog", "estimate", "load_picks", "retrain", "review_order", "reviewed_threshold",
-           "wilson_interval"]
+__all__ = ["REASONS", "VerdictLog", "design_weights", "estimate", "load_picks", "retrain", "review_order",
+           "reviewed_threshold", "sample_weights", "wilson_interval"]
 
 #: Reasons a rejected pick can be tagged with (keys 1-4 on the review page).
 REASONS = ("other species", "junk", "gold", "duplicate")
-#: Every ``SAMPLE_EVERY``-th queue item is drawn uniformly at random from all picks.
+#: Every ``SAMPLE_EVERY``-th queue item is drawn at random (stratified by the threshold).
 SAMPLE_EVERY = 3
+#: Share of the random sample drawn from the picks kept at the threshold (the rest from those below).
+ABOVE_SHARE = 0.75
 #: Fewest reviewed sample picks from which :func:`retrain` re-chooses the threshold.
 MIN_SAMPLE = 10
+#: Fewest sample picks a threshold chosen by :func:`reviewed_threshold` keeps.
+MIN_ABOVE = 5
 #: Box (voxels) of the thumbnails for a table without a picker (imported picks) and without ``radius``.
 DEFAULT_BOX = 32.0
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 _VERDICTS = ("accept", "reject", "add")
-_COLUMNS = ["vid", "tomogram", "x", "y", "z", "class", "verdict", "reason", "sample", "score", "pick", "picks",
-            "run", "who", "when"]
+_COLUMNS = ["vid", "tomogram", "x", "y", "z", "class", "verdict", "reason", "sample", "stratum", "stratum_n", "score",
+            "pick", "picks", "run", "who", "when"]
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -85,7 +94,7 @@ def _logit(s: np.ndarray) -> np.ndarray:
 
 
 def review_order(scores: Sequence[float], threshold: float | None, *, sample_every: int = SAMPLE_EVERY,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 above_share: float = ABOVE_SHARE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The review queue: row indices of the picks in review order and which of them are the random sample.
 
     Parameters
@@ -95,9 +104,12 @@ def review_order(scores: Sequence[float], threshold: float | None, *, sample_eve
     threshold
         The picks' threshold (default: the median score).
     sample_every
-        Every ``sample_every``-th item is the next pick of a uniform random permutation of all picks
-        (not yet queued); the others are the picks nearest the threshold in logit units. ``1``: the
-        whole queue is the random sample.
+        Every ``sample_every``-th item is the next pick of a random permutation of one stratum (not
+        yet queued); the others are the picks nearest the threshold in logit units. ``1``: the whole
+        queue is the random sample.
+    above_share
+        Share of the sample drawn from the picks at ``score >= threshold`` (stratum 1); the rest come
+        from those below (stratum 0); an exhausted stratum gives way to the other.
     seed
         Seed of the random sample (the same seed gives the same queue, so a reloaded page resumes).
 
@@ -112,18 +124,29 @@ def review_order(scores: Sequence[float], threshold: float | None, *, sample_eve
         raise InputError(f"sample_every must be at least 1, got {sample_every}")
     t = float(np.median(s)) if threshold is None and n else float(threshold or 0.5)
     near = np.argsort(np.abs(_logit(s) - _logit(np.array([t])))[:], kind="stable")
-    rand = np.random.default_rng(seed).permutation(n)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    strata = [perm[s[perm] < t], perm[s[perm] >= t]]  # a random order within each stratum
+    i_str = [0, 0]
     taken = np.zeros(n, bool)
     order = np.empty(n, np.int64)
     sample = np.zeros(n, bool)
-    i_near = i_rand = 0
+    i_near = 0
+    k_sample = 0
     for pos in range(n):
         from_sample = (pos + 1) % sample_every == 0
         if from_sample:
-            while taken[rand[i_rand]]:
-                i_rand += 1
-            j = rand[i_rand]
-        else:
+            want = int(np.floor((k_sample + 1) * above_share) > np.floor(k_sample * above_share))
+            k_sample += 1
+            for st in (want, 1 - want):
+                while i_str[st] < len(strata[st]) and taken[strata[st][i_str[st]]]:
+                    i_str[st] += 1
+                if i_str[st] < len(strata[st]):
+                    j = strata[st][i_str[st]]
+                    break
+            else:  # both strata exhausted (cannot happen while picks remain)
+                from_sample = False
+        if not from_sample:
             while taken[near[i_near]]:
                 i_near += 1
             j = near[i_near]
@@ -133,16 +156,54 @@ def review_order(scores: Sequence[float], threshold: float | None, *, sample_eve
     return order, sample
 
 
-def estimate(scores: Sequence[float], accepted: Sequence[bool], threshold: float, *, z: float = 1.96) -> dict[str, Any]:
+def design_weights(stratum: Sequence[int], stratum_n: Sequence[int], sample: Sequence[bool]) -> np.ndarray:
+    """Weight of each verdict of one picks table in the precision / recall estimates.
+
+    The picks judged from the informative part of the queue are known exactly (weight 1). The
+    sample verdicts of a stratum are a uniform sample of the stratum's other picks, so each stands
+    for ``(stratum size - informative verdicts in it) / sample verdicts in it`` picks. Rows with
+    stratum ``-1`` (none recorded) weigh 1.
+
+    Examples
+    --------
+    >>> design_weights([1, 1, 1, 0], [100, 100, 100, 900], [True, True, False, True]).tolist()
+    [49.5, 49.5, 1.0, 900.0]
+    """
+    st = np.asarray(stratum, np.int64)
+    sn = np.asarray(stratum_n, np.float64)
+    sm = np.asarray(sample, bool)
+    w = np.ones(len(st))
+    for k in np.unique(st[st >= 0]):
+        m = (st == k) & sm
+        if m.any():
+            w[m] = max(float(sn[m].max()) - int(((st == k) & ~sm).sum()), float(m.sum())) / m.sum()
+    return w
+
+
+def _wprop(num: np.ndarray, den: np.ndarray, w: np.ndarray, z: float) -> tuple[float, tuple[float, float]]:
+    """Weighted proportion ``sum(w num) / sum(w den)`` and its Wilson interval on Kish's effective size."""
+    wd = w[den]
+    if not len(wd) or wd.sum() <= 0:
+        return float("nan"), (0.0, 1.0)
+    p = float((w * (num & den)).sum() / wd.sum())
+    n_eff = float(wd.sum() ** 2 / (wd**2).sum())
+    return p, wilson_interval(p * n_eff, n_eff, z)
+
+
+def estimate(scores: Sequence[float], accepted: Sequence[bool], threshold: float, *,
+             weights: Sequence[float] | None = None, z: float = 1.96) -> dict[str, Any]:
     """Precision and recall (within the reviewed table) of the picks kept at ``score >= threshold``.
 
     Parameters
     ----------
     scores, accepted
-        Score and verdict of each reviewed *random-sample* pick (verdicts on the queue's informative
-        picks would bias the estimate).
+        Score and verdict of each reviewed pick. Unweighted, they must be a uniform random sample
+        (the queue's informative picks alone would bias the estimate); with ``weights`` from
+        :func:`design_weights`, every verdict of the queue counts.
     threshold
         The threshold to evaluate.
+    weights
+        Design weights of the sample verdicts (:func:`design_weights`; default equal).
     z
         Normal quantile of the Wilson intervals (1.96: 95 %).
 
@@ -154,22 +215,24 @@ def estimate(scores: Sequence[float], accepted: Sequence[bool], threshold: float
     """
     s = np.asarray(scores, np.float64)
     a = np.asarray(accepted, bool)
+    w = np.ones(len(s)) if weights is None else np.asarray(weights, np.float64)
     above = s >= threshold
-    n_above, k_above, n_acc = int(above.sum()), int((above & a).sum()), int(a.sum())
-    p = k_above / n_above if n_above else float("nan")
-    r = k_above / n_acc if n_acc else float("nan")
-    f1 = 2 * p * r / (p + r) if n_above and n_acc and p + r > 0 else float("nan")
-    return {"threshold": float(threshold), "precision": p, "precision_ci": wilson_interval(k_above, n_above, z),
-            "recall": r, "recall_ci": wilson_interval(k_above, n_acc, z), "f1": f1,
-            "n_sample": int(len(s)), "n_above": n_above, "n_accepted": n_acc}
+    p, p_ci = _wprop(a, above, w, z)
+    r, r_ci = _wprop(above, a, w, z)
+    f1 = 2 * p * r / (p + r) if np.isfinite(p) and np.isfinite(r) and p + r > 0 else float("nan")
+    return {"threshold": float(threshold), "precision": p, "precision_ci": p_ci, "recall": r, "recall_ci": r_ci,
+            "f1": f1, "n_sample": int(len(s)), "n_above": int(above.sum()), "n_accepted": int(a.sum())}
 
 
-def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, target_precision: float | None = None,
-                       min_reviews: int = MIN_SAMPLE, z: float = 1.96) -> dict[str, Any]:
+def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, weights: Sequence[float] | None = None,
+                       target_precision: float | None = None, min_reviews: int = MIN_SAMPLE,
+                       min_above: int = MIN_ABOVE, z: float = 1.96) -> dict[str, Any]:
     """Choose the pick threshold from a reviewed random sample of picks.
 
-    Each distinct sample score is a candidate threshold; its precision and recall are estimated
-    with :func:`estimate`. Default: the candidate with the highest estimated F1 (ties: the higher
+    Each distinct sample score that keeps at least ``min_above`` sample picks is a candidate
+    threshold (a precision from one or two picks is noise: on saved look-alike picks, the F1 optimum
+    over every score chose thresholds whose estimated precision was 1 and true precision 0.05);
+    its precision and recall are estimated with :func:`estimate`. Default: the candidate with the highest estimated F1 (ties: the higher
     threshold); with ``target_precision``: the lowest candidate whose estimated precision reaches
     it (the highest-precision candidate when none does). The returned threshold lies halfway (in
     logit units) between the chosen score and the next lower sample score, so that the
@@ -180,10 +243,14 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, tar
     scores, verdicts
         Score (under the picker being thresholded) and verdict (``True`` = accepted) of each
         reviewed random-sample pick.
+    weights
+        Design weights (:func:`design_weights`; default equal).
     target_precision
         Optional precision to reach instead of the F1 optimum.
     min_reviews
         Fewest reviewed picks (and at least one accepted) to decide; fewer raise :class:`InputError`.
+    min_above
+        Fewest sample picks a candidate threshold keeps (default :data:`MIN_ABOVE`).
     z
         Normal quantile of the Wilson intervals.
 
@@ -200,7 +267,9 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, tar
         raise InputError(f"{len(s)} reviewed sample picks ({int(a.sum())} accepted): review at least {min_reviews} "
                          "random-sample picks, one of them accepted, to choose a threshold.")
     cands = np.unique(s[s > 0])[::-1] if (s > 0).any() else np.unique(s)[::-1]
-    est = [estimate(s, a, float(c), z=z) for c in cands]
+    keep = np.array([(s >= c).sum() >= min(min_above, len(s)) for c in cands])
+    cands = cands[keep] if keep.any() else cands[-1:]
+    est = [estimate(s, a, float(c), weights=weights, z=z) for c in cands]
     if target_precision is None:
         f1 = np.array([e["f1"] if np.isfinite(e["f1"]) else -1.0 for e in est])
         k = int(np.argmax(f1))  # first maximum = the highest threshold among ties
@@ -213,7 +282,7 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, tar
     lower = s[s < chosen]
     thr = (1 / (1 + np.exp(-(_logit(np.array([chosen]))[0] + _logit(np.array([lower.max()]))[0]) / 2))
            if len(lower) else chosen * 0.999)
-    out = estimate(s, a, float(thr), z=z)
+    out = estimate(s, a, float(thr), weights=weights, z=z)
     out.update(rule=rule, chosen_score=chosen)
     return out
 
@@ -310,6 +379,7 @@ class VerdictLog:
         self._lock = threading.Lock()
         frames = [col.read_table(t) for t in self.tables.values() if col.has_table(t)]
         rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_COLUMNS)
+        rows = rows.assign(**{c: rows[c] if c in rows else d for c, d in (("stratum", -1), ("stratum_n", 0))})
         rows = rows.sort_values("when", kind="stable") if len(rows) else rows  # undo takes the latest
         self.rows: list[dict[str, Any]] = rows.to_dict("records")
 
@@ -325,9 +395,12 @@ class VerdictLog:
         return df[df["verdict"].isin(list(verdicts))].reset_index(drop=True)
 
     def add(self, verdict: str, *, tomogram: str, x: float, y: float, z: float, cls: str = "particle",
-            reason: str = "", sample: bool = False, score: float = float("nan"), pick: int = -1,
-            picks: str = "", run: str | None = None) -> dict[str, Any]:
+            reason: str = "", sample: bool = False, stratum: int = -1, stratum_n: int = 0,
+            score: float = float("nan"), pick: int = -1, picks: str = "", run: str | None = None) -> dict[str, Any]:
         """Record one verdict (``accept``, ``reject`` or ``add`` = a missed particle) and write its table.
+
+        ``sample``, ``stratum``, ``stratum_n``: the pick came from the queue's random sample, from
+        stratum 1 (kept at the threshold) or 0, which held ``stratum_n`` picks.
 
         A new verdict on a pick already judged (same ``picks`` table and ``pick`` row) replaces the
         old one.
@@ -340,7 +413,7 @@ class VerdictLog:
             raise InputError(f"tomogram {tomogram!r} is not in {self.col.url}")
         row = {"vid": uuid.uuid4().hex[:12], "tomogram": str(tomogram), "x": float(x), "y": float(y), "z": float(z),
                "class": str(cls), "verdict": verdict, "reason": str(reason if verdict == "reject" else ""),
-               "sample": bool(sample), "score": float(score), "pick": int(pick), "picks": str(picks),
+               "sample": bool(sample), "stratum": int(stratum), "stratum_n": int(stratum_n), "score": float(score), "pick": int(pick), "picks": str(picks),
                "run": "" if run is None else str(run), "who": self.who,
                "when": datetime.now(UTC).isoformat(timespec="seconds")}
         with self._lock:
@@ -365,7 +438,8 @@ class VerdictLog:
         df = pd.DataFrame(self.rows, columns=_COLUMNS)
         for kind in sorted(kinds):
             sub = df[df["verdict"].map(_kind) == kind].reset_index(drop=True)
-            sub = sub.astype({"x": float, "y": float, "z": float, "score": float, "pick": np.int64, "sample": bool})
+            sub = sub.astype({"x": float, "y": float, "z": float, "score": float, "pick": np.int64, "sample": bool,
+                              "stratum": np.int64, "stratum_n": np.int64})
             self.col.write_table(self.tables[kind], sub, params={"source": "review", "review": self.name},
                                  consolidate=False)
 
@@ -382,12 +456,14 @@ def _user() -> str:
 
 
 # ------------------------------------------------------------------------------- next round
-def sample_verdicts(log_df: pd.DataFrame, picks: str | None = None) -> pd.DataFrame:
-    """The reviewed random-sample verdicts (of one picks table when ``picks`` is given)."""
-    df = log_df[log_df["sample"].astype(bool) & log_df["verdict"].isin(["accept", "reject"])]
-    if picks is not None:
-        df = df[df["picks"] == picks]
-    return df.reset_index(drop=True)
+def sample_weights(verdicts: pd.DataFrame) -> np.ndarray:
+    """:func:`design_weights` of accept / reject verdicts, per picks table (other rows weigh 1)."""
+    w = np.ones(len(verdicts))
+    for _, g in verdicts[verdicts["verdict"].isin(["accept", "reject"])].groupby("picks"):
+        rows = verdicts.index.get_indexer(g.index)
+        w[rows] = design_weights(g["stratum"].to_numpy(np.int64), g["stratum_n"].to_numpy(np.int64),
+                                 g["sample"].to_numpy(bool))
+    return w
 
 
 def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out: str | os.PathLike[str] | None = None,
@@ -459,11 +535,14 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
     t0 = time.perf_counter()
     cands = pick(col, picker, threshold=floor, write_heatmaps=write_heatmaps, table=None)
     pick_s = time.perf_counter() - t0
-    samp = sample_verdicts(verdicts)
+    w_all = sample_weights(verdicts)  # the informative verdicts were trained on: only the sample judges
+    keep = verdicts["sample"].astype(bool) & verdicts["verdict"].isin(["accept", "reject"])
+    samp = verdicts[keep].reset_index(drop=True)
+    w = w_all[keep.to_numpy()]
     est = None
     if len(samp) >= MIN_SAMPLE and (samp["verdict"] == "accept").any():
         new_scores = label_scores(cands, samp, radius=float(contract["bbox"]) / 4.0)
-        est = reviewed_threshold(new_scores, samp["verdict"] == "accept", target_precision=target_precision)
+        est = reviewed_threshold(new_scores, samp["verdict"] == "accept", weights=w, target_precision=target_precision)
         threshold = float(est["threshold"])
     else:
         from milotile.refine.threshold import apply_auto_threshold

@@ -36,12 +36,14 @@ import pandas as pd
 
 from milotile.errors import InputError
 from milotile.refine.review import (
+    MIN_SAMPLE,
     REASONS,
     VerdictLog,
     estimate,
     load_picks,
     review_order,
     reviewed_threshold,
+    sample_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,8 @@ class ReviewApp:
         self.order, sample = review_order(scores, self.threshold, sample_every=sample_every, seed=seed)
         self.is_sample = np.zeros(len(self.picks), bool)
         self.is_sample[self.order[sample]] = True
+        n_above = int((scores >= self.threshold).sum())
+        self.n_stratum = (len(scores) - n_above, n_above)
         self.thumb_px = int(thumb_px)
         self.reader = ChunkReader(col)
         self.names = sorted(col.names)
@@ -217,15 +221,21 @@ class ReviewApp:
         """Precision and recall of the picks at the threshold from the reviewed random sample, and the
         threshold the sample would choose (when it can)."""
         df = self.log.frame(["accept", "reject"])
-        df = df[(df["picks"] == self.info["table"]) & df["sample"].astype(bool)]
+        df = df[df["picks"] == self.info["table"]].reset_index(drop=True)
+        w = sample_weights(df)
         rows = df["pick"].to_numpy(np.int64)
         scores = self.picks["score"].to_numpy(np.float64)[rows]
         acc = (df["verdict"] == "accept").to_numpy()
-        est = _clean(estimate(scores, acc, self.threshold))
+        smp = df["sample"].to_numpy(bool)
+        est = _clean(estimate(scores, acc, self.threshold, weights=w) if smp.any() else
+                     estimate(scores[:0], acc[:0], self.threshold))
         n_kept = int((self.picks["score"] >= self.threshold).sum())
-        est.update(n_kept=n_kept, n_reviewed=int(len(self.log.frame(["accept", "reject"]))))
+        est.update(n_kept=n_kept, n_reviewed=int(len(df)), n_sample=int(smp.sum()))
         try:
-            est["suggested"] = _clean(reviewed_threshold(scores, acc))
+            if smp.sum() < MIN_SAMPLE:
+                raise InputError(f"{int(smp.sum())} reviewed random-sample picks: review at least {MIN_SAMPLE} to "
+                                 "choose a threshold from the sample.")
+            est["suggested"] = _clean(reviewed_threshold(scores, acc, weights=w))
         except InputError as exc:
             est["suggested"] = {"error": str(exc)}
         return est
@@ -334,9 +344,11 @@ class ReviewApp:
         if verdict not in ("accept", "reject"):
             raise InputError(f"verdict must be accept or reject, got {verdict!r}")
         r = self.picks.iloc[i]
+        stratum = int(float(r["score"]) >= self.threshold)
         row = self.log.add(verdict, tomogram=r["tomogram"], x=r["x"], y=r["y"], z=r["z"], cls=str(r["class"]),
-                           reason=str(body.get("reason") or ""), sample=bool(self.is_sample[i]),
-                           score=float(r["score"]), pick=i, picks=self.info["table"], run=self.info["run"])
+                           reason=str(body.get("reason") or ""), sample=bool(self.is_sample[i]), stratum=stratum,
+                           stratum_n=int(self.n_stratum[stratum]), score=float(r["score"]), pick=i,
+                           picks=self.info["table"], run=self.info["run"])
         return {"row": _clean(row), "estimate": self.estimate()}
 
     def add(self, body: dict[str, Any]) -> dict[str, Any]:
