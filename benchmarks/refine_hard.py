@@ -27,6 +27,14 @@ Example::
 
     nice python benchmarks/refine_hard.py --seeds 0 1 --species big small --labels 6 18
 
+**F1 versus time** (``--curve``, issue 26): per seed one training of the first ``--species`` / ``--labels``
+checkpointed at every ``--budgets`` epoch count (resumed, so a k-epoch picker is the first k epochs of the
+longest run), each picked with ``--curve-picks`` (TTA views, bf16 autocast; the largest budget also with
+``--curve-picks-last``): F1 at the automatic and best threshold, training and picking wall and CPU seconds,
+voxels/s, and the label criterion the automatic threshold maximises (no ground truth: a candidate
+early-stopping signal). ``--variants-of RUN...`` picks saved runs again with ``--curve-picks``, paired with
+their own picks.
+
 **Look-alike preset** (``--preset lookalike --settings 0 1 2 ...``, issue 23): ``synth --preset lookalike``
 draws 8-12 species of radius 5-8 voxels in distinct shapes and the acquisition (size 100-200³, SNR
 0.03-0.3, tilt ±40-70°, defocus, voxel size, thickness, crowding, contrast sign) from the *setting*; the
@@ -512,6 +520,37 @@ def run_curve(work: Path, seeds: list[int], species: str, n_labels: int, budgets
     return records
 
 
+def run_variants(runs: list[str], variants: list[str]) -> list[dict]:
+    """Pick variants on saved runs (``run_s<seed>_<species>_<n>_<recipe>`` folders with ``picks_all.parquet`` and
+    ``best.pt``/``last.pt``, data in ``../hard_s<seed>``): the run's own picks re-scored, then the same network
+    picked with each variant; paired F1 and CPU time (``refine_pick_variants_paired.json`` was made this way)."""
+    from milotile.refine.picker import Picker
+
+    records = []
+    for r in runs:
+        run = Path(r)
+        _, seed, species, n, _name = run.name.split("_", 4)
+        data = run.parent / f"hard_{seed}"
+        gt = pd.read_parquet(data / "ground_truth.parquet")
+        sp = gt[gt["species"] == species]
+        true, rad = sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0])
+        ckpt = run / ("best.pt" if (run / "best.pt").exists() else "last.pt")
+        picker = Picker.load(ckpt, device="cpu")
+        allp = pd.read_parquet(run / "picks_all.parquet")
+        auto = float(apply_auto_threshold(allp, picker.contract)[1]["particle"]["threshold"])
+        res = scores(allp, true, rad / 2, auto)
+        base = {"seed": int(seed[1:]), "species": species, "n_labels": int(n), "run": str(run)}
+        records.append({**base, "pick": f"saved (tta {picker.contract.get('tta')}, cpu_bf16 "
+                        f"{bool(picker.contract.get('cpu_bf16', False))})", "f1_auto": res["f1_auto"],
+                        "f1_best": res.get("f1_best"), "label_criterion": label_criterion(allp, picker.contract)})
+        print("variants", records[-1], flush=True)
+        col = mt.open(data / "store.zarr")
+        for v in variants:
+            records.append({**base, "pick": v, **curve_pick(col, str(ckpt), true, rad, CURVE_PICKS[v])})
+            print("variants", records[-1], flush=True)
+    return records
+
+
 def summarise_curve(records: list[dict]) -> pd.DataFrame:
     """Mean over seeds per (epochs, pick variant): F1, training and picking time."""
     df = pd.DataFrame(records)
@@ -552,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve-picks", nargs="+", default=["tta1_bf16"], choices=list(CURVE_PICKS))
     ap.add_argument("--curve-picks-last", nargs="*", default=list(CURVE_PICKS), choices=list(CURVE_PICKS))
     ap.add_argument("--curve-train", default="{}", metavar="JSON", help="extra refine.train keywords of --curve")
+    ap.add_argument("--variants-of", nargs="+", default=None, metavar="RUN",
+                    help="pick saved runs (run_s<seed>_<species>_<n>_<recipe>) again with --curve-picks, paired with "
+                    "their own picks")
     ap.add_argument("--workdir", default="/tmp/refine_hard")
     ap.add_argument("--json", default=str(RESULTS / "refine_hard.json"))
     args = ap.parse_args(argv)
@@ -559,6 +601,15 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args.merge, args.json)
     if args.rescore:
         return rescore(args.rescore, args.json, args.refit_shape, args.margins)
+    if args.variants_of:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        recs = run_variants(args.variants_of, args.curve_picks)
+        cmd = " ".join(["python benchmarks/refine_hard.py", *(argv if argv is not None else sys.argv[1:])])
+        Path(args.json).write_text(json.dumps({"command": cmd, "load_avg": os.getloadavg(), "records": recs}, indent=2,
+                                              default=str) + "\n")
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     import torch
 

@@ -36,6 +36,12 @@ Example::
     nice .venv/bin/python benchmarks/refine_pick.py --quick
     nice .venv/bin/python benchmarks/refine_pick.py --workdir /tmp/pick_bench
 
+``--speed STORE CKPT`` (issue 26) measures only the pick speed of an existing store and picker: ``milotile
+refine pick`` as a whole command and the library's ``pick`` in-process, per TTA / bf16 variant, wall and
+CPU seconds and the load average (``refine_pick_speed.json``)::
+
+    nice .venv/bin/python benchmarks/refine_pick.py --speed /tmp/refine_hard/hard_s0/store.zarr RUN/last.pt
+
 Writes ``benchmarks/results/refine_pick.json`` (``--quick``: ``refine_pick_quick.json``).
 """
 
@@ -244,6 +250,67 @@ def accuracy(picks, true, first: str, match_r: float) -> dict:
             "curve": table}
 
 
+# --------------------------------------------------------------------------- pick speed (issue 26)
+#: ``--speed`` variants: ``refine pick`` options (TTA views, bf16 autocast on CPUs with AMX / AVX512-BF16).
+SPEED_VARIANTS = {"checkpoint": [], "tta4_fp32": ["--tta", "4", "--no-cpu-bf16"],
+                  "tta1_fp32": ["--tta", "1", "--no-cpu-bf16"], "tta1_bf16": ["--tta", "1", "--cpu-bf16"],
+                  "tta2_bf16": ["--tta", "2", "--cpu-bf16"]}
+
+
+def _cpu(who: int) -> float:
+    import resource
+
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def pick_speed(store: str, model: str, variants: list[str], workdir: Path, in_process: bool = True) -> dict:
+    """Voxels per second of ``milotile refine pick`` as the whole CLI command (a fresh process: start-up,
+    cluster, model load, statistics, network, decoding, shape check, writing the picks) and of the library's
+    ``pick`` in this process (dask's threads, no cluster), each with its CPU time (user + sys of the process
+    tree) and the load average: the machine may be shared, CPU seconds per voxel are the steadier figure."""
+    import resource
+    import subprocess
+
+    import milotile as mt
+    from milotile.refine.picker import Picker
+    from milotile.refine.predict import pick
+
+    col = mt.open(store)
+    voxels = sum(int(np.prod(col[n].shape)) for n in col.names)
+    exe = str(Path(sys.executable).with_name("milotile"))
+    out: dict = {"store": store, "model": model, "voxels": voxels, "cli": {}, "in_process": {}}
+    for name in variants:
+        opts = SPEED_VARIANTS[name]
+        cmd = [exe, "refine", "pick", store, "--model", model, "--no-heatmaps", "--out",
+               str(workdir / f"speed_{name}.parquet"), *opts]
+        load0, c0, t0 = os.getloadavg()[0], _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        out["cli"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "mvoxels_per_s": round(voxels / wall / 1e6, 3),
+                            "mvoxels_per_cpu_s": round(voxels / cpu / 1e6, 3), "load_avg_1m": [round(load0, 2),
+                            round(os.getloadavg()[0], 2)], "command": " ".join(cmd)}
+        print("cli", name, out["cli"][name], flush=True)
+        if not in_process:
+            continue
+        picker = Picker.load(model, device="cpu")
+        if "--tta" in opts:
+            picker.contract["tta"] = int(opts[opts.index("--tta") + 1])
+        if "--cpu-bf16" in opts or "--no-cpu-bf16" in opts:
+            picker.contract["cpu_bf16"] = "--cpu-bf16" in opts
+        load0, c0, t0 = os.getloadavg()[0], _cpu(resource.RUSAGE_SELF), time.perf_counter()
+        picks = pick(col, picker, write_heatmaps=False, table=None)
+        wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_SELF) - c0
+        out["in_process"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "picks": int(len(picks)),
+                                   "mvoxels_per_s": round(voxels / wall / 1e6, 3),
+                                   "mvoxels_per_cpu_s": round(voxels / cpu / 1e6, 3),
+                                   "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+        print("in-process", name, out["in_process"][name], flush=True)
+    return out
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 x 48 x 128 x 128, 3 epochs (smoke run, ~2 min)")
@@ -269,6 +336,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", default=None, help="keep (and reuse) data, picker and heatmaps here")
     ap.add_argument("--model", default=None, help="skip training and use this picker checkpoint")
     ap.add_argument("--json", default=None, help="output JSON name (default refine_pick[_quick])")
+    ap.add_argument("--speed", nargs=2, default=None, metavar=("STORE", "CKPT"),
+                    help="only the pick speed of this store and picker: `milotile refine pick` as a whole command "
+                         "and in-process, per --speed-variants (writes refine_pick_speed.json)")
+    ap.add_argument("--speed-variants", default="checkpoint,tta4_fp32,tta1_bf16",
+                    help=f"subset of {','.join(SPEED_VARIANTS)}")
+    ap.add_argument("--no-in-process", action="store_true", help="with --speed: the CLI only")
     # child mode (internal)
     ap.add_argument("--child", choices=sorted(CHILDREN), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
@@ -291,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CHILDREN[a.child](a), default=float))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if a.speed:
+        work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="pick_speed_"))
+        work.mkdir(parents=True, exist_ok=True)
+        res = pick_speed(a.speed[0], a.speed[1], a.speed_variants.split(","), work, not a.no_in_process)
+        cmd = " ".join(["python benchmarks/refine_pick.py", *(argv if argv is not None else sys.argv[1:])])
+        print("results:", write_results(a.json or "refine_pick_speed", {"command": cmd, **res}))
+        return 0
     import pandas as pd
 
     t_all = time.perf_counter()

@@ -76,9 +76,14 @@ def demo(milotile: str, out: Path, demo_args: list[str], cores: int) -> dict:
     out.mkdir(parents=True)
     res = timed([milotile, "demo", "--out", str(out), *demo_args], log=out.parent / f"{out.name}.log")
     report = json.loads((out / "demo_report.json").read_text())
-    stages = {k: v["seconds"] for k, v in report.items()}
-    facts = {k: {f: v[f] for f in ("f1_all", "f1_manual", "labels", "picks", "mean_recall", "accuracy")
-                 if f in v} for k, v in report.items()}
+    stage_rows = {k: v for k, v in report.items() if isinstance(v, dict) and "seconds" in v}
+    stages = {k: v["seconds"] for k, v in stage_rows.items()}
+    facts = {k: {f: v[f] for f in ("f1_all", "f1_manual", "labels", "epochs", "picks", "mean_recall", "accuracy")
+                 if f in v} for k, v in stage_rows.items()}
+    if any("cpu_seconds" in v for v in stage_rows.values()):  # the demo's own per-stage CPU seconds
+        res["stages_cpu_s"] = {k: v.get("cpu_seconds") for k, v in stage_rows.items()}
+    if "total" in report:
+        res["demo_total"] = report["total"]
     res.update(quiet_estimate_s=round(res["cpu_s"] / max(cores, 1), 1), stages_s=stages,
                stage_sum_s=round(sum(stages.values()), 1), facts={k: v for k, v in facts.items() if v},
                command=" ".join(shlex.quote(a) for a in [milotile, "demo", "--out", str(out), *demo_args]))

@@ -71,3 +71,23 @@ def contract_of(run) -> dict:
 
     best = run / "best.pt"
     return load_checkpoint(best if best.exists() else run / "last.pt")["contract"]
+
+
+def test_demo_report_times_every_stage_and_sums_up():
+    """Each stage records wall and CPU seconds; the summary adds the total, the cores and the load average."""
+    import time
+
+    from milotile.demo import DemoReport, cpu_seconds
+
+    report = DemoReport()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    while cpu_seconds() - c0 < 0.05:  # burn a little CPU in this stage
+        sum(i * i for i in range(1000))
+    report.add("busy", time.perf_counter() - t0, facts=1)
+    report.add("idle", 0.0)
+    busy, idle = report.stages["busy"], report.stages["idle"]
+    assert busy["cpu_seconds"] >= 0.05 and busy["facts"] == 1 and idle["cpu_seconds"] < busy["cpu_seconds"]
+    total = report.summary()
+    assert total["cpu_seconds"] >= 0.05 and total["wall_seconds"] >= busy["seconds"] - 0.05
+    assert total["cores"] >= 1 and list(total["stages_by_time"]) == ["busy", "idle"]
+    assert total["load_avg_1m_start"] >= 0

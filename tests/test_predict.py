@@ -277,3 +277,51 @@ def test_in_order_keeps_order_and_bounds_the_work_in_flight():
 
     assert list(P._in_order(work, list(range(10)), 3)) == [i * i for i in range(10)]
     assert peak[0] == 3
+
+
+def test_cpu_bf16_picker_switch(tmp_path, monkeypatch):
+    """``contract["cpu_bf16"]`` runs prediction under bf16 autocast on a CPU with native bf16 (close to fp32),
+    ``MILOTILE_CPU_BF16=0`` turns it off, and a stored heatmap is not reused across the switch."""
+    from milotile.nn.device import amp_dtype, cpu_has_bf16
+    from milotile.refine.model import unet4
+
+    torch.manual_seed(0)
+    model = unet4(start_filts=4, stem_ch=4, feat_dim=4).eval()
+    rf = model.receptive_field()
+    halo = [int(math.ceil((rf[0] - 1) / 2))] + [int(math.ceil(math.ceil((r - 1) / 2) / 2) * 2) for r in rf[1:]]
+    contract = {"kind": "refine-picker", "classes": ["particle"], "n_classes": 1, "bbox": 12.0, "crop": [8, 64, 64],
+                "down_ratio": 2, "out_stride": [1, 2, 2], "out_offset": [0.0, 0.0, 0.0], "gauss": 0.0,
+                "compress": False, "clip": [-3.0, 3.0], "receptive_field_model": list(rf), "halo": halo,
+                "xy_alignment": 2}
+    vol = _blob_volume((8, 64, 64), [(20, 20, 4), (40, 44, 4)], sigma=3.0)
+    stats = (float(vol.mean()), float(vol.std()))
+    fp32 = Picker(model, contract, device="cpu").predict_block(vol, stats)
+    picker = Picker(model, {**contract, "cpu_bf16": True}, device="cpu")
+    assert picker.cpu_bf16
+    bf = picker.predict_block(vol, stats)
+    if cpu_has_bf16():
+        assert amp_dtype(torch.device("cpu"), cpu="native") == torch.bfloat16
+        assert not np.array_equal(bf, fp32)  # really ran in bf16
+        np.testing.assert_allclose(bf, fp32, atol=0.05)
+    else:
+        np.testing.assert_array_equal(bf, fp32)
+    monkeypatch.setenv("MILOTILE_CPU_BF16", "0")
+    assert amp_dtype(torch.device("cpu"), cpu="native") is None
+    np.testing.assert_array_equal(picker.predict_block(vol, stats), fp32)
+    monkeypatch.delenv("MILOTILE_CPU_BF16")
+    # the stored heatmap's parameters record the switch: the fp32 heatmap is not reused for bf16
+    write_mrc(tmp_path / "t.mrc", vol, voxel_size=8.0)
+    col = mt.ingest(tmp_path / "t.mrc", tmp_path / "s.zarr")
+    ck = tmp_path / "run" / "last.pt"
+    from milotile.nn.checkpoint import save_checkpoint
+
+    save_checkpoint(ck, arch="unet4", config={"start_filts": 4, "stem_ch": 4, "feat_dim": 4}, model=model,
+                    contract={**contract, "preprocessing": 2})
+    loaded = Picker.load(ck, device="cpu")
+    P.pick(col, loaded, threshold=0.01, table=None)
+    params = dict(col.zarr_group["derived/heatmaps/run/t"].attrs)["milotile"]["params"]
+    assert params["cpu_bf16"] is False
+    loaded.contract["cpu_bf16"] = True
+    P.pick(col, loaded, threshold=0.01, table=None)
+    params = dict(col.zarr_group["derived/heatmaps/run/t"].attrs)["milotile"]["params"]
+    assert params["cpu_bf16"] is True

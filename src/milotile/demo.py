@@ -185,8 +185,9 @@ def _explore_only_picker(col: Any, atl: Any, cand_species: Any, species: str, gt
     The cluster rule (the demo cannot click): every cluster whose candidates are mostly (>= 50 %) on the
     centres of particles of the species (``cand_species``), see
     :func:`milotile.explore.evaluate.enriched_clusters` -- what a user does by choosing the gallery rows
-    that show the target. Crops per label and epoch are scaled so the picker
-    sees about as many crops per epoch as the manual-label run.
+    that show the target. Crops per label and epoch, and the epochs, are scaled so the picker
+    sees about as many labelled crops in all as the manual-label run (a selection of many candidates trains
+    fewer epochs, each seeing every selected label).
     """
     from milotile.explore import select
     from milotile.explore.evaluate import enriched_clusters
@@ -196,15 +197,18 @@ def _explore_only_picker(col: Any, atl: Any, cand_species: Any, species: str, gt
     chosen = enriched_clusters(atl.table, cand_species, species)
     sel = select(col, atl.key, clusters=chosen, name=f"explore-{species}", interactive_info=False)
     table_path = col._table_path(f"labels-explore-{species}")  # what `refine train --labels` is given
-    repeats = max(1, round(cfg.refine_repeats * n_manual / max(len(sel), 1)))
-    picker = refine_train(col, table_path, bbox=bbox, epochs=cfg.refine_epochs, arch="unet4",
+    manual = cfg.refine_repeats * n_manual  # labelled crops per epoch of the manual-label run
+    repeats = max(1, round(manual / max(len(sel), 1)))
+    # the manual run's labelled-crop budget: fewer epochs when one crop per selected label already exceeds it
+    epochs = min(int(cfg.refine_epochs), max(2, round(cfg.refine_epochs * manual / max(len(sel) * repeats, 1))))
+    picker = refine_train(col, table_path, bbox=bbox, epochs=epochs, arch="unet4",
                              arch_config={"start_filts": 16}, tau=0.01, repeats=repeats,
                              out=out / "runs" / "refine-explore", seed=cfg.seed)
     picks = picker.pick(col, out=out / "picks_explore.parquet")  # the validated threshold, as the manual run
     f1 = evaluate(picks, gt, radius=match, by="tomogram").set_index("group")["f1"].round(3).to_dict()
     on_target = float(np.mean(cand_species[sel["id"].to_numpy()] == species)) if len(sel) else 0.0
     return {"clusters": chosen, "labels": int(len(sel)), "label_precision": round(on_target, 3),
-            "repeats": repeats, "picks": int(len(picks)), "f1_per_tomogram": f1, "f1_all": float(f1["all"])}
+            "repeats": repeats, "epochs": epochs, "picks": int(len(picks)), "f1_per_tomogram": f1, "f1_all": float(f1["all"])}
 
 
 def _hard_setting(cfg: DemoConfig, out: Path, report: DemoReport) -> None:
@@ -226,9 +230,10 @@ def _hard_setting(cfg: DemoConfig, out: Path, report: DemoReport) -> None:
     radius = float(pool["radius"].iloc[0])
     picker = refine_train(col, labels, bbox=2 * radius, epochs=cfg.hard_epochs, out=out / "runs" / "refine_hard",
                           seed=cfg.seed)
-    picks = picker.pick(col, table=None, write_heatmaps=False)
+    picks = picker.pick(col, table=None)
     f1 = float(evaluate(picks, gt, radius / 2, by="tomogram").iloc[-1]["f1"])
-    plain = picker.pick(col, table=None, write_heatmaps=False, shape_check=False)  # the same network, no shape check
+    # the same network without the shape check: decoded again from the heatmaps stored by the first pick
+    plain = picker.pick(col, table=None, shape_check=False)
     f1_plain = float(evaluate(plain, gt, radius / 2, by="tomogram").iloc[-1]["f1"])
     dog = []
     for n in data.names:

@@ -109,6 +109,11 @@ class PickerRecipe(Recipe):
     max_pos: int = option(256, "per-crop cap of contrastive positives", cli=False)
     n_unlabeled: int = option(256, "per-crop cap of contrastive unlabeled voxels", cli=False)
     amp: bool = option(True, "mixed precision on CUDA", cli=False)
+    # bf16 holds F1 but is off by default until the full suite has run with it (tiled-vs-whole equality tests): on
+    # the hard preset (big species, 6 labels, the same 20-epoch networks, seeds 0 / 1) F1 at the automatic / best
+    # threshold was 0.796 / 0.873 and 0.575 / 0.842 with TTA 1 fp32, 0.817 / 0.873 and 0.575 / 0.840 with TTA 1 bf16
+    # (whole pick: 27 -> 20 CPU seconds for 25 M voxels); fewer TTA views cost F1: TTA 4 fp32 0.829 / 0.908 and
+    # 0.494 / 0.897, TTA 2 bf16 0.857 / 0.876 and 0.351 / 0.873 (benchmarks/results/refine_pick_variants_paired.json).
     cpu_bf16: bool = option(False, "bf16 autocast on CPUs with AMX / AVX512-BF16 when picking (recorded in the "
                                    "contract; MILOTILE_CPU_BF16=0 turns it off)")
     tta: int = option(4, "in-plane symmetries averaged when predicting (1-8; 1 = none)")
