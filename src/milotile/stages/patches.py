@@ -200,17 +200,15 @@ def extract_patches(
 
 
 def _check_bbox(col: Any, names: Sequence[str], bbox: int) -> None:
-    """Refuse a patch side below 2 or larger than a tomogram's y/x extent on the grid patches are cut from."""
+    """Refuse a patch side below 2 or larger than a tomogram's y/x extent (level-0 shape: no extra store reads)."""
     if bbox < 2:
         raise InputError(f"--bbox must be at least 2 voxels, got {bbox}")
     for name in names:
-        pre = preprocessed_volume(col, name)
-        shape = tuple(pre[0].shape) if pre is not None else tuple(col[name].shape)
+        shape = tuple(col[name].shape)
         if bbox > min(shape[1], shape[2]):
             raise InputError(
-                f"--bbox {bbox} is larger than tomogram {name} ({shape[1]} x {shape[2]} voxels in y, x on the "
-                f"{'preprocessed' if pre is not None else 'level-0'} grid); choose a patch side up to "
-                f"{min(shape[1], shape[2])}"
+                f"--bbox {bbox} is larger than tomogram {name} ({shape[1]} x {shape[2]} voxels in y, x); "
+                f"choose a patch side up to {min(shape[1], shape[2])}"
             )
 
 
