@@ -97,10 +97,10 @@ class DemoReport:
     def summary(self) -> dict[str, Any]:
         """Total wall and CPU time, the cores this process may use, the load average at start and end, and
         the stages by share of the wall time."""
-        import os
+        from milotile.runtime import cpu_budget
 
         wall = time.perf_counter() - self.t0
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = cpu_budget().count  # affinity, cgroup quota, SLURM: the one place that counts them
         cpu = cpu_seconds() - self.cpu0
         order = sorted(self.stages, key=lambda k: -self.stages[k]["seconds"])
         return {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "cores": cores,
