@@ -128,6 +128,11 @@ def test_threshold_without_labels_is_the_valley_and_the_old_rule_stays_available
     assert src == "labels" and t == pytest.approx(1 / (1 + np.exp(-(np.log(chosen / (1 - chosen)) - LABEL_MARGIN))))
     with pytest.raises(ValueError, match="rule"):
         choose_threshold(s, lab, rule="otsu")
+    # a weakly trained picker (3 labels, a flat heatmap: every peak 0.11-0.13, the labels among the top):
+    # the label shift must not take the labels below every peak (it did: 813 picks, F1 0.03 in the demo)
+    flat = np.linspace(0.110, 0.1334, 400)
+    t_flat, src_flat = choose_threshold(flat, np.array([0.127, 0.131, 0.128]))
+    assert src_flat == "labels" and 0.12 < t_flat <= 0.127 and (flat >= t_flat).sum() < 150
     # labels the network missed (all below the floor): nothing to estimate from, keep everything above it
     t2, info = f1_label_threshold(np.array([0.01, 0.02, 0.03]), s)
     assert t2 == pytest.approx(0.05) and info["recall"] == 0.0

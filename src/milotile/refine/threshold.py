@@ -114,7 +114,9 @@ def choose_threshold(
         lab_peaks = s if labelled_peak_scores is None else np.asarray(labelled_peak_scores, np.float64)
         if rule == "f1":
             if len(lab_peaks[lab_peaks >= floor]):
-                t, src = f1_label_threshold(label_scores, lab_peaks, floor=floor)[0], "labels"
+                t_f1, info = f1_label_threshold(label_scores, lab_peaks, floor=floor)
+                if info["recall"] > 0:  # else the labels score below the peaks: keep the valley
+                    t, src = t_f1, "labels"
         else:
             m = LABEL_MARGIN if margin is None else float(margin)
             cap = _logit_shift(pu_label_threshold(label_scores, lab_peaks, floor=floor), -m)
@@ -191,7 +193,9 @@ def f1_label_threshold(label_scores: np.ndarray, peak_scores: np.ndarray, *, flo
     recall = (zl[None, :] >= cand[:, None]).mean(axis=1)
     above = len(zp) - np.searchsorted(zp, cand, side="left")
     ok = recall >= min_recall
-    if not ok.any():  # the labels all score below the peaks' floor: keep everything above it
+    if not ok.any() and shift > 0:  # the shift took the labels below every peak (a flat heatmap): undo it
+        return f1_label_threshold(label_scores, peak_scores, floor=floor, shift=0.0, min_recall=min_recall)
+    if not ok.any():  # the labels score below the peaks: no estimate (the caller falls back to the valley)
         return float(floor), {"n_particles": float("nan"), "recall": 0.0, "f1": float("nan")}
     n_pos = float(np.min(above[ok] / recall[ok]))
     f1 = 2.0 * n_pos * recall / (above + n_pos)
