@@ -29,7 +29,7 @@ Measured on the hard benchmark (big species, 6 and 18 labels, three seeds; the t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +209,19 @@ def _gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lw.location_, np.linalg.pinv(lw.covariance_)
 
 
+def _labels_by_class(labels: pd.DataFrame, classes: Sequence[str]) -> Iterator[tuple[str, list]]:
+    """``(class name, [(tomogram, its labels), ...])`` of each class with at least :data:`MIN_LABELS` labels
+    (channel index ``cls``; without it every label is of ``classes[0]``); the others are logged."""
+    cls_idx = labels["cls"].to_numpy() if "cls" in labels else np.zeros(len(labels), np.int64)
+    for k, name in enumerate(classes):
+        sel = labels[cls_idx == k]
+        if len(sel) < MIN_LABELS:
+            logger.info("class %s: %d labels, too few for the shape check (at least %d); not checked",
+                        name, len(sel), MIN_LABELS)
+            continue
+        yield str(name), list(sel.groupby("tomogram", sort=True))
+
+
 def fit_shape_models(readers: Mapping[str, Any], stds: Mapping[str, float], labels: pd.DataFrame,
                      classes: Sequence[str], radius: float, *, weight: float = SHAPE_WEIGHT,
                      cap: float = SHAPE_CAP) -> dict[str, dict[str, Any]]:
@@ -217,15 +230,8 @@ def fit_shape_models(readers: Mapping[str, Any], stds: Mapping[str, float], labe
     ``labels`` carries ``tomogram, x, y, z`` and the channel index ``cls`` (as the trainer makes it;
     without it every label is of ``classes[0]``).
     """
-    cls_idx = labels["cls"].to_numpy() if "cls" in labels else np.zeros(len(labels), np.int64)
     out: dict[str, dict[str, Any]] = {}
-    for k, name in enumerate(classes):
-        sel = labels[cls_idx == k]
-        if len(sel) < MIN_LABELS:
-            logger.info("class %s: %d labels, too few for the shape check (at least %d); not checked",
-                        name, len(sel), MIN_LABELS)
-            continue
-        groups = list(sel.groupby("tomogram", sort=True))
+    for name, groups in _labels_by_class(labels, classes):
         prof = np.concatenate([radial_profiles(readers[t], g[["z", "y", "x"]].to_numpy(), radius, stds[t])
                                for t, g in groups])
         points = pd.concat([g for _, g in groups])[["tomogram", "z", "y", "x"]]
@@ -407,15 +413,8 @@ def fit_shape_references(readers: Mapping[str, Any], stds: Mapping[str, float], 
     ``labels`` carries ``tomogram, x, y, z`` and the channel index ``cls`` (as the trainer makes it;
     without it every label is of ``classes[0]``).
     """
-    cls_idx = labels["cls"].to_numpy() if "cls" in labels else np.zeros(len(labels), np.int64)
     out: dict[str, dict[str, Any]] = {}
-    for k, name in enumerate(classes):
-        sel = labels[cls_idx == k]
-        if len(sel) < MIN_LABELS:
-            logger.info("class %s: %d labels, too few for the shape check (at least %d); not checked",
-                        name, len(sel), MIN_LABELS)
-            continue
-        groups = list(sel.groupby("tomogram", sort=True))
+    for name, groups in _labels_by_class(labels, classes):
         desc = np.concatenate([shape_descriptors(readers[t], g[["z", "y", "x"]].to_numpy(), radius, stds[t])
                                for t, g in groups])
         rows = [[str(t), float(z), float(y), float(x)] for t, g in groups for z, y, x in g[["z", "y", "x"]].to_numpy()]
