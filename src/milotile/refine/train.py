@@ -467,8 +467,10 @@ class _Step:
                  recipe: PickerRecipe) -> None:
         self.model, self.opt, self.dev, self.r = model, opt, dev, recipe
         self.contrastive = bool(recipe.contrastive)
-        self.use_amp = bool(recipe.amp) and amp_dtype(dev) is not None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and amp_dtype(dev) == torch.float16)
+        # bf16 autocast on a CPU with AMX / AVX512-BF16 when the recipe asks for it (cpu_bf16)
+        self.cpu_amp: bool | str = "native" if recipe.cpu_bf16 else False
+        self.use_amp = bool(recipe.amp) and amp_dtype(dev, cpu=self.cpu_amp) is not None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and amp_dtype(dev, cpu=self.cpu_amp) == torch.float16)
         self.seed = int(recipe.seed)
         self.gen = torch.Generator().manual_seed(self.seed)
         self.flip_rng = np.random.default_rng(self.seed + 1)
@@ -494,12 +496,12 @@ class _Step:
         r, tau = self.r, float(self.r.tau)
         pu = {"risk": r.pu_risk, "negative_weight": float(r.negative_weight)}
         if not self.contrastive:
-            with autocast(self.dev, enabled=self.use_amp):
+            with autocast(self.dev, enabled=self.use_amp, cpu=self.cpu_amp):
                 hm = self.model(x)["hm"].float()
             loss, parts = pu_focal_loss(hm, tgt, tau, **pu)
             return loss, loss, torch.zeros(()), torch.zeros(()), parts
         axis = -1 if self.flip_rng.random() < 0.5 else -2
-        with autocast(self.dev, enabled=self.use_amp):
+        with autocast(self.dev, enabled=self.use_amp, cpu=self.cpu_amp):
             outp = self.model(torch.cat([x, torch.flip(x, dims=(axis,))], dim=0))
         b = x.shape[0]
         hm1, hm2 = outp["hm"][:b].float(), torch.flip(outp["hm"][b:], dims=(axis,)).float()
