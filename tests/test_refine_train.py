@@ -251,3 +251,27 @@ def test_head_z_dilation_widens_z_context():
         assert torch.allclose(m2(x)["hm"][0], m2.predict_volume(x[0]), atol=1e-5)
     with pytest.raises(InputError, match="z_dilation"):
         registry.create("unet4", z_dilation=0, **TINY)
+
+
+def test_cpu_bf16_recipe_trains_under_bf16_autocast(data, tmp_path, monkeypatch):
+    """``cpu_bf16=True`` trains under bf16 autocast on a CPU with AMX / AVX512-BF16 (fp32 elsewhere), records the
+    switch in the contract, and gives a finite loss; ``cpu_bf16=False`` trains in fp32."""
+    from milotile.nn.device import amp_dtype, cpu_has_bf16
+
+    _, col, gt = data
+    lab = gt[gt.tomogram == "tomo_000"]
+    used = []
+    real = train_mod.autocast
+
+    def spy(device, enabled=True, cpu=False):
+        used.append(amp_dtype(torch.device(device), cpu=cpu) if enabled else None)
+        return real(device, enabled=enabled, cpu=cpu)
+
+    monkeypatch.setattr(train_mod, "autocast", spy)
+    picker = train(col, lab, epochs=1, out=tmp_path / "bf16", cpu_bf16=True, **{**FAST, "contrastive": False})
+    assert used and set(used) == {torch.bfloat16 if cpu_has_bf16() else None}
+    assert picker.contract["cpu_bf16"] is True
+    assert np.isfinite(mt.nn.RunLog(tmp_path / "bf16").records()[0]["loss"])
+    used.clear()
+    train(col, lab, epochs=1, out=tmp_path / "fp32", cpu_bf16=False, **{**FAST, "contrastive": False})
+    assert used and set(used) == {None}

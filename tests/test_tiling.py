@@ -62,3 +62,28 @@ def test_predict_volume_equals_forward(head_slices):
         ref = m(x[None])["hm"][0]
         got = m.predict_volume(x, slices_per_batch=5, head_slices=head_slices)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_on_the_cpu_gives_the_contiguous_result(monkeypatch):
+    """The CPU path runs trunk and head on channels-last activations (faster in oneDNN); outputs are those of the
+    plain contiguous layout, for training's forward and for predict_volume."""
+    from milotile.refine import model as M
+
+    torch.manual_seed(1)
+    m = M.unet4(start_filts=4, stem_ch=4, feat_dim=8, z_dilation=2).eval()
+    x = torch.randn(11, 40, 40)
+    seen = []
+
+    def probe(mod, inp, out):
+        seen.append(inp[0].is_contiguous(memory_format=torch.channels_last))
+
+    hook = m.trunk.down[1].register_forward_hook(probe)
+    with torch.no_grad():
+        fast = m(x[None])["hm"][0], m.predict_volume(x, head_slices=4)
+    hook.remove()
+    assert seen and all(seen)  # the trunk really saw channels-last inputs
+    monkeypatch.setattr(M, "_channels_last", lambda t: t)
+    with torch.no_grad():
+        plain = m(x[None])["hm"][0], m.predict_volume(x, head_slices=4)
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
