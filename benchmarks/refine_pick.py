@@ -252,7 +252,7 @@ def accuracy(picks, true, first: str, match_r: float) -> dict:
 
 # --------------------------------------------------------------------------- pick speed (issue 26)
 #: ``--speed`` variants: ``refine pick`` options (TTA views, bf16 autocast on CPUs with AMX / AVX512-BF16).
-SPEED_VARIANTS = {"checkpoint": [], "tta4_fp32": ["--tta", "4", "--no-cpu-bf16"],
+SPEED_VARIANTS = {"checkpoint": [], "tta4_fp32": ["--tta", "4", "--no-cpu-bf16"], "tta4_bf16": ["--tta", "4", "--cpu-bf16"],
                   "tta1_fp32": ["--tta", "1", "--no-cpu-bf16"], "tta1_bf16": ["--tta", "1", "--cpu-bf16"],
                   "tta2_bf16": ["--tta", "2", "--cpu-bf16"]}
 
@@ -264,13 +264,32 @@ def _cpu(who: int) -> float:
     return r.ru_utime + r.ru_stime
 
 
-def pick_speed(store: str, model: str, variants: list[str], workdir: Path, in_process: bool = True) -> dict:
+def _pick_cli(cmd: list[str], env: dict | None, voxels: int) -> dict:
+    """Run one ``refine pick`` command; wall and CPU seconds (the process tree), voxels/s, the load average."""
+    import resource
+    import subprocess
+
+    load0, c0, t0 = os.getloadavg()[0], _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "mvoxels_per_s": round(voxels / wall / 1e6, 3),
+            "mvoxels_per_cpu_s": round(voxels / cpu / 1e6, 3),
+            "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+
+
+def pick_speed(store: str, model: str, variants: list[str], workdir: Path, in_process: bool = True,
+               baseline_src: str | None = None, baseline_variants: list[str] | None = None, rounds: int = 1) -> dict:
     """Voxels per second of ``milotile refine pick`` as the whole CLI command (a fresh process: start-up,
     cluster, model load, statistics, network, decoding, shape check, writing the picks) and of the library's
     ``pick`` in this process (dask's threads, no cluster), each with its CPU time (user + sys of the process
-    tree) and the load average: the machine may be shared, CPU seconds per voxel are the steadier figure."""
+    tree) and the load average: the machine may be shared, CPU seconds per voxel are the steadier figure.
+
+    ``baseline_src``: a ``src`` folder of earlier code (``git archive REV src | tar -x``); its CLI runs with
+    ``baseline_variants`` at the start of each of ``rounds`` rounds, then this code's variants (paired and
+    interleaved: ``paired`` holds baseline / variant seconds, wall and CPU, per round)."""
     import resource
-    import subprocess
 
     import milotile as mt
     from milotile.refine.picker import Picker
@@ -279,35 +298,48 @@ def pick_speed(store: str, model: str, variants: list[str], workdir: Path, in_pr
     col = mt.open(store)
     voxels = sum(int(np.prod(col[n].shape)) for n in col.names)
     exe = str(Path(sys.executable).with_name("milotile"))
-    out: dict = {"store": store, "model": model, "voxels": voxels, "cli": {}, "in_process": {}}
-    for name in variants:
-        opts = SPEED_VARIANTS[name]
-        cmd = [exe, "refine", "pick", store, "--model", model, "--no-heatmaps", "--out",
-               str(workdir / f"speed_{name}.parquet"), *opts]
-        load0, c0, t0 = os.getloadavg()[0], _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        out["cli"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "mvoxels_per_s": round(voxels / wall / 1e6, 3),
-                            "mvoxels_per_cpu_s": round(voxels / cpu / 1e6, 3), "load_avg_1m": [round(load0, 2),
-                            round(os.getloadavg()[0], 2)], "command": " ".join(cmd)}
-        print("cli", name, out["cli"][name], flush=True)
-        if not in_process:
-            continue
-        picker = Picker.load(model, device="cpu")
-        if "--tta" in opts:
-            picker.contract["tta"] = int(opts[opts.index("--tta") + 1])
-        if "--cpu-bf16" in opts or "--no-cpu-bf16" in opts:
-            picker.contract["cpu_bf16"] = "--cpu-bf16" in opts
-        load0, c0, t0 = os.getloadavg()[0], _cpu(resource.RUSAGE_SELF), time.perf_counter()
-        picks = pick(col, picker, write_heatmaps=False, table=None)
-        wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_SELF) - c0
-        out["in_process"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "picks": int(len(picks)),
-                                   "mvoxels_per_s": round(voxels / wall / 1e6, 3),
-                                   "mvoxels_per_cpu_s": round(voxels / cpu / 1e6, 3),
-                                   "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
-        print("in-process", name, out["in_process"][name], flush=True)
+    out: dict = {"store": store, "model": model, "voxels": voxels, "cli": {}, "in_process": {},
+                 "baseline_src": baseline_src, "rounds": rounds}
+    base_env = None
+    if baseline_src:
+        base_env = {**os.environ, "PYTHONPATH": str(Path(baseline_src).resolve())}
+        out["baseline"], out["paired"] = {}, []
+    for r in range(rounds):
+        base: dict = {}
+        for bname in (baseline_variants or []) if baseline_src else []:
+            bcmd = [sys.executable, "-c", "import sys; from milotile.cli import main; sys.exit(main())", "refine",
+                    "pick", store, "--model", model, "--no-heatmaps", "--out",
+                    str(workdir / f"speed_base_{bname}.parquet"), *SPEED_VARIANTS[bname]]
+            base[bname] = _pick_cli(bcmd, base_env, voxels)
+            out["baseline"].setdefault(bname, []).append(base[bname])
+            print("baseline", bname, base[bname], flush=True)
+        for name in variants:
+            cmd = [exe, "refine", "pick", store, "--model", model, "--no-heatmaps", "--out",
+                   str(workdir / f"speed_{name}.parquet"), *SPEED_VARIANTS[name]]
+            res = {**_pick_cli(cmd, None, voxels), "command": " ".join(cmd)}
+            out["cli"].setdefault(name, []).append(res)
+            print("cli", name, res, flush=True)
+            for bname, bres in base.items():
+                out["paired"].append({"round": r, "variant": name, "baseline": bname,
+                                      "speed_up_wall": round(bres["wall_s"] / res["wall_s"], 3),
+                                      "speed_up_cpu": round(bres["cpu_s"] / res["cpu_s"], 3)})
+                print("paired", out["paired"][-1], flush=True)
+            if not in_process or r:
+                continue
+            opts = SPEED_VARIANTS[name]
+            picker = Picker.load(model, device="cpu")
+            if "--tta" in opts:
+                picker.contract["tta"] = int(opts[opts.index("--tta") + 1])
+            if "--cpu-bf16" in opts or "--no-cpu-bf16" in opts:
+                picker.contract["cpu_bf16"] = "--cpu-bf16" in opts
+            load0, c0, t0 = os.getloadavg()[0], _cpu(resource.RUSAGE_SELF), time.perf_counter()
+            picks = pick(col, picker, write_heatmaps=False, table=None)
+            wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_SELF) - c0
+            out["in_process"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "picks": int(len(picks)),
+                                       "mvoxels_per_s": round(voxels / wall / 1e6, 3),
+                                       "mvoxels_per_cpu_s": round(voxels / cpu / 1e6, 3),
+                                       "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+            print("in-process", name, out["in_process"][name], flush=True)
     return out
 
 
@@ -342,6 +374,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--speed-variants", default="checkpoint,tta4_fp32,tta1_bf16",
                     help=f"subset of {','.join(SPEED_VARIANTS)}")
     ap.add_argument("--no-in-process", action="store_true", help="with --speed: the CLI only")
+    ap.add_argument("--baseline-src", default=None, metavar="DIR",
+                    help="with --speed: also run the CLI of this src folder of earlier code (git archive REV src | tar -x) "
+                         "after each command, paired and interleaved")
+    ap.add_argument("--baseline-variants", default="tta4_fp32", help="with --baseline-src: its variants")
+    ap.add_argument("--rounds", type=int, default=1, help="with --speed: interleaved rounds")
     # child mode (internal)
     ap.add_argument("--child", choices=sorted(CHILDREN), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
@@ -367,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.speed:
         work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="pick_speed_"))
         work.mkdir(parents=True, exist_ok=True)
-        res = pick_speed(a.speed[0], a.speed[1], a.speed_variants.split(","), work, not a.no_in_process)
+        res = pick_speed(a.speed[0], a.speed[1], a.speed_variants.split(","), work, not a.no_in_process,
+                         a.baseline_src, a.baseline_variants.split(","), a.rounds)
         cmd = " ".join(["python benchmarks/refine_pick.py", *(argv if argv is not None else sys.argv[1:])])
         print("results:", write_results(a.json or "refine_pick_speed", {"command": cmd, **res}))
         return 0
