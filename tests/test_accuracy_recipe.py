@@ -177,6 +177,6 @@ def test_prior_is_small_and_scales_with_particles(hard) -> None:
 def test_default_epochs_keep_the_labelled_crop_budget() -> None:
     from milotile.refine.train import LABELLED_CROP_BUDGET, default_epochs
 
-    assert default_epochs(6, 5) == 20 and default_epochs(18, 5) == 7  # the two settings measured
-    assert default_epochs(1, 1) == 20 and default_epochs(10_000, 5) == 6  # clipped to 6-20
+    assert default_epochs(6, 5) == 15 and default_epochs(18, 5) == 7  # the two settings measured
+    assert default_epochs(1, 1) == 15 and default_epochs(10_000, 5) == 6  # clipped to 6-15
     assert default_epochs(12, 5) * 12 * 5 == pytest.approx(LABELLED_CROP_BUDGET, rel=0.1)

@@ -39,7 +39,7 @@ def test_recipe_round_trips_and_resolves() -> None:
     back = PickerRecipe.from_dict(r.to_dict())
     assert back == r and back.changed() == {"bbox": 24.0, "tau": "auto", "crop": [8, 48, 48]}
     res = PickerRecipe(bbox=24).resolved(6)
-    assert res.z_dilation == 4 and res.crop == (20, 64, 64) and res.epochs == default_epochs(6, 5) == 20
+    assert res.z_dilation == 4 and res.crop == (20, 64, 64) and res.epochs == default_epochs(6, 5) == 15
     assert PickerRecipe.from_dict({"bbox": 10, "from_the_future": 1}).bbox == 10.0  # unknown keys: logged, skipped
 
 
@@ -108,7 +108,8 @@ def test_negatives_teach_the_picker_what_not_to_pick(two_species, tmp_path) -> N
     root, col, gt = two_species
     ribo, prot = gt[gt.species == "ribosome"], gt[gt.species == "proteasome"]
     lab, neg = ribo.iloc[:6], prot.iloc[:6]
-    kw = dict(FAST, bbox=16, epochs=8, device="cpu", shape_check=False, repeats=3)
+    # the medians below were checked with fp32 training of these 4-filter networks (bf16 training: test_refine_train)
+    kw = dict(FAST, bbox=16, epochs=8, device="cpu", shape_check=False, repeats=3, cpu_bf16=False)
     plain = train(col, lab, out=tmp_path / "plain", **kw)
     with_neg = train(col, lab, negatives=neg, out=tmp_path / "neg", **kw)  # the default weight, 5
     assert with_neg.contract["train_negatives"][0][0] == "tomo_000" and len(with_neg.contract["train_negatives"]) == 6
@@ -135,3 +136,16 @@ def test_fine_tuning_starts_from_the_checkpoint(two_species, tmp_path) -> None:
         train(col, lab, init_from=tmp_path / "a", out=tmp_path / "c", bbox=20, device="cpu")
     with pytest.raises(InputError, match="no checkpoint"):
         train(col, lab, init_from=tmp_path / "nowhere", out=tmp_path / "d", device="cpu")
+
+
+def test_default_recipe_uses_bf16_and_at_most_15_epochs() -> None:
+    """The defaults chosen on benchmarks/refine_hard.py --curve (refine_curve_bf16train.json): bf16 autocast where
+    the CPU has it, 15 epochs for 6 labels; ``--no-cpu-bf16`` trains and picks in fp32."""
+    from milotile.refine.recipe import MAX_DEFAULT_EPOCHS
+
+    r = PickerRecipe()
+    assert r.cpu_bf16 is True and MAX_DEFAULT_EPOCHS == 15
+    assert r.resolved(6).epochs == 15 and r.resolved(18).epochs == 7 and r.resolved(2).epochs == 15
+    p = argparse.ArgumentParser()
+    add_recipe_options(p, PickerRecipe)
+    assert recipe_from_args(PickerRecipe, p.parse_args(["--no-cpu-bf16"])).cpu_bf16 is False
