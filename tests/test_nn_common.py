@@ -176,4 +176,5 @@ def test_channels_last_cpu_same_outputs_and_checkpoint():
     # other ranks and other devices pass through
     v = torch.randn(3, 5)
     assert channels_last(v, "cpu") is v
+    assert channels_last(torch.randn(1, 3, 4, 8, 8), "cpu").is_contiguous(memory_format=torch.channels_last_3d)
     assert channels_last(x, "meta") is x
