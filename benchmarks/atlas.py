@@ -8,7 +8,7 @@
     same run: k-means (same ``k``) on raw-pixel PCA (16 components) of the same patches.
 (b) scale -- synthetic 128-D embeddings (a Gaussian mixture) of 10^5 and 10^6 rows; the whole CLI
     command ``milotile --workers 2 explore atlas STORE --no-plots --no-colormap3d`` (the defaults:
-    ``--fit-sample 200000``, rows beyond it placed by k-NN on UMAP's index; ``--fit-sample F`` with
+    ``--fit-sample 50000``, rows beyond it placed by k-NN on UMAP's index; ``--fit-sample F`` with
     ``--fit-sample``) is timed with the peak RSS of its process tree (workers included), next to a single
     ``umap.UMAP(n_neighbors=40, min_dist=0.3).fit_transform`` on all rows (sizes in ``--naive``).
     Numba's cache is warmed by a tiny UMAP fit first, so neither pays the compilation alone; each size
@@ -125,9 +125,21 @@ import sys, time, numpy as np, zarr, umap
 arr = zarr.open_group(sys.argv[1], mode="r")["embeddings"]["syn"]
 x = np.asarray(arr[:], np.float32)
 t = time.perf_counter()
-umap.UMAP(n_neighbors=40, min_dist=0.3).fit_transform(x)
-print("fit_s", time.perf_counter() - t)
+xy = umap.UMAP(n_neighbors=40, min_dist=0.3).fit_transform(x)
+fit_s = time.perf_counter() - t
+np.save(sys.argv[2], xy)
+print("fit_s", fit_s)
 """
+
+
+def map_agreement(xy: np.ndarray, centre: np.ndarray, k: int = 10, n_query: int = 20000, seed: int = 0) -> float:
+    """Quality of a 2D map of the Gaussian mixture: the mean fraction of each point's ``k`` nearest map
+    neighbours that come from its own mixture centre (``n_query`` random points; 1.0 = centres intact)."""
+    from scipy.spatial import cKDTree
+
+    q = np.random.default_rng(seed).choice(len(xy), size=min(n_query, len(xy)), replace=False)
+    _, idx = cKDTree(xy).query(xy[q], k=k + 1)
+    return round(float((centre[idx[:, 1:]] == centre[q, None]).mean()), 4)
 
 
 def run_limited(cmd: list[str], env: dict, timeout: float) -> dict:
@@ -183,18 +195,25 @@ def scale(work: Path, a: argparse.Namespace) -> list[dict]:
             load0 = os.getloadavg()
             r = run_limited(cmd, env, a.timeout)
             r.pop("stdout", None)
-            row = {"n": n, "method": method, "fit_sample": a.fit_sample or "default (200000)", "neighbors": a.neighbors,
+            row = {"n": n, "method": method, "fit_sample": a.fit_sample or "default (50000)", "neighbors": a.neighbors,
                    "workers": a.workers, "cli": r, "load_avg_before": [round(v, 2) for v in load0]}
             if "wall_s" in r:
-                row["timings"] = open_collection(store, mode="r").table_params("atlas-syn").get("timings")
+                at = open_collection(store, mode="r")
+                row["timings"] = at.table_params("atlas-syn").get("timings")
+                t = at.read_table("atlas-syn")  # rows in embedding order; the table's columns carried along
+                row["map_10nn_same_centre"] = map_agreement(t[["map_x", "map_y"]].to_numpy(), t["centre"].to_numpy())
             log.info("scale %d %s: %s", n, method, json.dumps(row))
             out.append(row)
         if n in naive:
-            r = run_limited([PY, "-c", NAIVE.replace("40", str(a.neighbors)), str(store)], env, a.timeout)
+            load0 = os.getloadavg()
+            r = run_limited([PY, "-c", NAIVE.replace("40", str(a.neighbors)), str(store), str(work / "naive_xy.npy")],
+                            env, a.timeout)
+            row = {"n": n, "method": f"naive umap.UMAP(n_neighbors={a.neighbors}).fit_transform(all rows), 1 process",
+                   "cli": r, "load_avg_before": [round(v, 2) for v in load0]}
             if "stdout" in r:
                 r["fit_s"] = round(float(r.pop("stdout").split()[-1]), 1)
-            row = {"n": n, "method": f"naive umap.UMAP(n_neighbors={a.neighbors}).fit_transform(all rows), 1 process",
-                   "cli": r, "load_avg_before": [round(v, 2) for v in os.getloadavg()]}
+                centre = open_collection(store, mode="r").read_table("embeddings-syn")["centre"].to_numpy()
+                row["map_10nn_same_centre"] = map_agreement(np.load(work / "naive_xy.npy"), centre)
             log.info("scale %d naive: %s", n, json.dumps(row))
             out.append(row)
             mine = [r for r in out if r.get("n") == n and r.get("method") == "umap" and "wall_s" in r["cli"]]

@@ -7,9 +7,15 @@ stage is imported only when it runs. For each command line this script runs ``mi
 ``--help`` process imported, and records the slowest imports of ``milotile --help`` from
 ``python -X importtime``. Load average is recorded next to the figures (the machine may be shared).
 
+``--stages`` measures instead the start-up of each stage when it runs without a cluster: the wall time
+until the stage's own code starts, i.e. ``python -c "import milotile.cli, <the stage's module>"`` (the
+imports the command makes before its first real step; opening a store and reading its metadata take
+milliseconds more), best of ``--repeats``, with the heavy packages that import pulls in. Target: 1.5 s.
+
 Usage::
 
     python benchmarks/startup.py                 # -> benchmarks/results/startup.json
+    python benchmarks/startup.py --stages        # -> benchmarks/results/startup_stages.json
     python benchmarks/startup.py --repeats 5 --out /tmp/startup.json
 """
 
@@ -94,11 +100,49 @@ def import_profile(top: int = 12) -> list[dict]:
     return sorted(rows, key=lambda r: -r["cumulative_ms"])[:top]
 
 
+#: the module each stage's command imports before its first real step
+STAGE_MODULES = {
+    "preprocess": "milotile.stages.preprocess", "mine": "milotile.stages.mine", "patches": "milotile.stages.patches",
+    "explore train": "milotile.explore.train", "explore embed": "milotile.explore.embed",
+    "explore atlas": "milotile.explore.atlas", "refine train": "milotile.refine.train",
+    "refine pick": "milotile.refine.predict", "export": "milotile.formats", "segments features": "milotile.segments",
+}
+
+
+def time_stages(repeats: int) -> list[dict]:
+    """Best and median wall time of ``import milotile.cli, <module>`` in a fresh interpreter, per stage."""
+    rows = []
+    for name, module in STAGE_MODULES.items():
+        code = f"import milotile.cli, {module}, sys, json; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+        walls = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            walls.append(time.perf_counter() - t0)
+        rows.append({"stage": f"milotile {name}", "module": module, "best_s": round(min(walls), 3),
+                     "median_s": round(statistics.median(walls), 3), "heavy_imports": json.loads(r.stdout),
+                     "load_avg_1m": round(os.getloadavg()[0], 2)})
+        print(f"{rows[-1]['stage']:<28} best {rows[-1]['best_s']:.2f} s  median {rows[-1]['median_s']:.2f} s  "
+              f"(load {rows[-1]['load_avg_1m']:.1f})", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="runs per command (best and median reported)")
-    p.add_argument("--out", default=str(RESULTS / "startup.json"))
+    p.add_argument("--stages", action="store_true", help="time each stage's start-up instead of --help")
+    p.add_argument("--out", default=None, help="default: results/startup.json (startup_stages.json with --stages)")
     a = p.parse_args()
+    if a.stages:
+        before = machine()
+        rows = time_stages(a.repeats)
+        out = Path(a.out or RESULTS / "startup_stages.json")
+        out.write_text(json.dumps({"benchmark": "startup_stages", "target_s": 1.5, "machine_before": before,
+                                   "machine_after": machine(), "python_startup_best_s": time_help_python(a.repeats),
+                                   "stages": rows, "slowest_best_s": max(r["best_s"] for r in rows)}, indent=1))
+        print(f"slowest stage start-up {max(r['best_s'] for r in rows):.2f} s -> {out}")
+        return
+    a.out = a.out or str(RESULTS / "startup.json")
     before = machine()
     rows = []
     for cmd in command_lines():

@@ -147,3 +147,34 @@ def test_runlog_append_resume_plot(tmp_path):
     assert len((tmp_path / "run" / "log.csv").read_text().strip().splitlines()) == 3
     png = rl2.plot(["loss", "std"], tmp_path / "run" / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_channels_last_cpu_same_outputs_and_checkpoint():
+    from milotile.explore.model import SimSiam
+    from milotile.nn.device import channels_last
+
+    torch.manual_seed(0)
+    ref = SimSiam("3d", widths=(8, 16, 32)).eval()
+    cl = SimSiam("3d", widths=(8, 16, 32)).eval()
+    cl.load_state_dict(ref.state_dict())
+    assert channels_last(cl, "cpu") is cl
+    assert cl.state_dict()[next(k for k, v in cl.state_dict().items() if v.ndim == 4)].is_contiguous(
+        memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 24, 24)
+    xc = channels_last(x, "cpu")
+    m = torch.randn(2, 3, 8, 8)  # one channel has the same layout either way: check the order on three
+    assert channels_last(m, "cpu").is_contiguous(memory_format=torch.channels_last)
+    assert not m.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        a, b = ref.features(x, "proj"), cl.features(xc, "proj")
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    # weights saved from the channels-last model load into a default-layout model unchanged
+    fresh = SimSiam("3d", widths=(8, 16, 32)).eval()
+    fresh.load_state_dict(cl.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh.features(x, "proj"), a, atol=1e-4, rtol=1e-4)
+    # other ranks and other devices pass through
+    v = torch.randn(3, 5)
+    assert channels_last(v, "cpu") is v
+    assert channels_last(torch.randn(1, 3, 4, 8, 8), "cpu").is_contiguous(memory_format=torch.channels_last_3d)
+    assert channels_last(x, "meta") is x

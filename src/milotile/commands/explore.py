@@ -88,7 +88,7 @@ def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="k-means + spectral (MiLoPYP) or HDBSCAN on the map (default spectral)")
     a.add_argument("--neighbors", type=int, default=40, help="UMAP n_neighbors / t-SNE perplexity (default 40)")
     a.add_argument("--min-dist", type=float, default=0.3, help="UMAP min_dist (default 0.3)")
-    a.add_argument("--fit-sample", type=int, default=200_000, help="rows the map and clusters are fitted on (default 200000)")
+    a.add_argument("--fit-sample", type=int, default=50_000, help="rows the map and clusters are fitted on (default 50000)")
     a.add_argument("--pca", type=int, default=50, help="PCA dimensions before fitting; 0 keeps all (default 50)")
     a.add_argument("--outlier-z", type=float, default=3.0,
                    help="distance z-score above which a point is unassigned; 0 disables (default 3)")

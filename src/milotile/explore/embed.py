@@ -37,7 +37,7 @@ from milotile.explore.data import (
 from milotile.explore.model import FEATURES, SimSiam
 from milotile.nn import cache
 from milotile.nn.checkpoint import build_model, load_checkpoint
-from milotile.nn.device import autocast, pick_device
+from milotile.nn.device import autocast, channels_last, pick_device
 from milotile.runtime import active_client, gpu_resources
 from milotile.store import as_collection
 from milotile.store.stage_output import file_source
@@ -81,7 +81,7 @@ class Encoder:
         if not str(ck["arch"]).startswith("simsiam-") or "mode" not in ck["contract"]:
             raise InputError(f"checkpoint {os.fspath(path)!r} is a {ck['arch']!r} model, not an exploration model.")
         dev = pick_device(device)
-        model = build_model(ck).to(dev)
+        model = channels_last(build_model(ck).to(dev), dev)
         return cls(model, dict(ck["contract"]), ck["arch"], dict(ck["config"]), Path(path), dev)
 
     @property
@@ -139,7 +139,7 @@ class Encoder:
         out = []
         for i in range(0, x.shape[0], batch_size):
             xb = normalize(x[i : i + batch_size].to(self.device), self.contract["mean"], self.contract["std"])
-            views = dihedral(xb) if tta else [xb]
+            views = [channels_last(v, self.device) for v in (dihedral(xb) if tta else [xb])]
             with autocast(self.device, enabled=self.amp, cpu=True):
                 f = sum(self.model.features(v, feature).float() for v in views) / len(views)
             out.append(f.float().cpu().numpy())

@@ -40,7 +40,7 @@ from milotile.explore.recipe import (
 )
 from milotile.nn import ddp, registry
 from milotile.nn.checkpoint import load_checkpoint, save_checkpoint
-from milotile.nn.device import amp_dtype, autocast, pick_device, seed_everything
+from milotile.nn.device import amp_dtype, autocast, channels_last, pick_device, seed_everything
 from milotile.nn.runlog import RunLog
 from milotile.store import as_collection
 
@@ -351,7 +351,7 @@ def _build(arch: str, config: dict, resume_ckpt: dict | None, weights: Any, dev:
         model.load_state_dict(resume_ckpt["state_dict"])
     elif weights is not None:
         load_weights(model, weights)
-    model.to(dev)
+    channels_last(model.to(dev), dev)
     net = ddp.wrap(model, dev)  # DistributedDataParallel inside a process group
     opt = _optimizer(optimizer, model.parameters(), lr, weight_decay)
     if resume_ckpt is not None and "optimizer" in resume_ckpt:
@@ -374,6 +374,7 @@ def _epoch(model: torch.nn.Module, net: torch.nn.Module, opt: torch.optim.Optimi
         xb = torch.from_numpy(batch).to(dev, non_blocking=True)
         v1, v2 = make_views(xb, g, strong, weak, mean_t, std_t, halves=halves)
         v1, v2 = ddp.shard(v1), ddp.shard(v2)  # this rank's rows of the global batch
+        v1, v2 = channels_last(v1, dev), channels_last(v2, dev)
         with autocast(dev, enabled=amp, cpu=True):
             p1, p2, z1, z2 = net(v1, v2)
             loss = simsiam_loss(p1, p2, z1, z2)
