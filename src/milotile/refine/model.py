@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from milotile.errors import InputError
+from milotile.nn.device import channels_last
 from milotile.nn.registry import register
 
 __all__ = ["UNet2D", "TomoUNet", "TomoResSmall", "unet4", "unet5", "ressmall", "HM_PRIOR_BIAS"]
@@ -38,16 +39,14 @@ TRUNK_BATCH_VOXELS = 2 * 1024 * 1024
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last memory order on the CPU (4-D: ``channels_last``, 5-D: ``channels_last_3d``).
+    """``x`` in channels-last memory order on the CPU (:func:`milotile.nn.device.channels_last`).
 
-    oneDNN's convolutions run fastest on channels-last activations: on this project's 2-core CPU the 2D
-    trunk took 0.18 instead of 0.22 CPU s per 8 slices of 256² in fp32 and 0.08 instead of 0.15 under bf16
-    autocast, a 3D head convolution 0.26 instead of 0.45 s (fp32) and 0.14 instead of 0.30 s (bf16) per 32
-    slices of 128² (``benchmarks/refine_pick.py --speed``, issue 26). Other devices keep their layout.
+    On this project's 2-core CPU the 2D trunk took 0.18 instead of 0.22 CPU s per 8 slices of 256² in fp32 and
+    0.08 instead of 0.15 under bf16 autocast, a 3D head convolution 0.24 instead of 0.33 s (fp32) and 0.15
+    instead of 0.29 s (bf16) per 32 slices of 128² (issue 26). Only activations change order: in-place model
+    conversion would not apply to the 3D head's weights (and training shares the model with validation).
     """
-    if x.device.type != "cpu" or x.ndim not in (4, 5):
-        return x
-    return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+    return channels_last(x, x.device)
 
 
 def _conv_z_windows(conv: nn.Conv3d, x: torch.Tensor, window: int) -> torch.Tensor:
