@@ -140,11 +140,11 @@ def test_fine_tuning_starts_from_the_checkpoint(two_species, tmp_path) -> None:
 
 def test_default_recipe_uses_bf16_and_at_most_15_epochs() -> None:
     """The defaults chosen on benchmarks/refine_hard.py --curve (refine_curve_bf16train.json): bf16 autocast where
-    the CPU has it, 15 epochs for 6 labels; ``--no-cpu-bf16`` trains and picks in fp32."""
+    the CPU has it, 15 epochs for 6 labels, 2 TTA views; ``--no-cpu-bf16`` trains and picks in fp32."""
     from milotile.refine.recipe import MAX_DEFAULT_EPOCHS
 
     r = PickerRecipe()
-    assert r.cpu_bf16 is True and MAX_DEFAULT_EPOCHS == 15
+    assert r.cpu_bf16 is True and MAX_DEFAULT_EPOCHS == 15 and r.tta == 2
     assert r.resolved(6).epochs == 15 and r.resolved(18).epochs == 7 and r.resolved(2).epochs == 15
     p = argparse.ArgumentParser()
     add_recipe_options(p, PickerRecipe)
