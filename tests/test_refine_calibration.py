@@ -11,7 +11,11 @@ import milotile as mt
 from milotile.errors import InputError
 from milotile.refine.calibration import calibration_epoch, holdout_mask
 from milotile.refine.recipe import PickerRecipe
-from milotile.refine.threshold import apply_auto_threshold, calibrated_label_scores, f1_label_threshold
+from milotile.refine.threshold import (
+    apply_auto_threshold,
+    calibrated_label_scores,
+    f1_label_threshold,
+)
 
 
 def test_holdout_mask_per_class_bounds_and_seed() -> None:

@@ -14,6 +14,12 @@ heatmap's own peaks, with the labels as a random sample of the particles (the PU
   stops where the look-alikes begin instead of where the recall starts to fall: on the look-alike
   benchmark (``benchmarks/refine_hard.py --preset lookalike``) the r²/N rule kept a threshold of 0.998
   (F1 0.08) where the best threshold gave 0.43.
+* **calibration** — the training labels score higher than the particles the network has not seen
+  (memorisation), so their recall at a high threshold overstates the particles'. Pickers trained with
+  ``calibration_holdout > 0`` (the default; :mod:`milotile.refine.calibration`) carry a measurement of it:
+  the ranks among the peaks of labels held out of the first half of training, next to the trained labels'.
+  :func:`calibrated_label_scores` turns them into the scores of unseen particles under the final network;
+  older pickers fall back to lowering the label scores by the fixed :data:`LABEL_SHIFT`.
 * **valley** — without labels among the peaks (picking a collection the picker was not trained
   on), Otsu's split of the logit-scores of all peaks above ``floor``.
 
@@ -44,6 +50,7 @@ LABEL_MARGIN = 0.75
 #: seen, so their recall at a high threshold overstates the particles'. Chosen on the tuning data
 #: (look-alike settings 0-2 and the hard preset's seed 0, 8 picker runs): mean gap to the best
 #: threshold's F1 0.028 / 0.023 / 0.029 / 0.036 at shifts 0 / 0.25 / 0.5 / 1.0.
+#: The fallback of pickers without a measured calibration (``contract["calibration"]``).
 LABEL_SHIFT = 0.25
 #: Fewest fraction of the labels a threshold must keep to bound the number of particles.
 MIN_RECALL = 0.5
