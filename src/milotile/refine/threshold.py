@@ -231,7 +231,7 @@ def calibrated_label_scores(label_scores: np.ndarray, peak_scores: np.ndarray, r
 
     * ``"held_out"`` — each held-out label's rank (an unseen particle, two or three of them);
     * ``"rank_shift"`` — each training label's rank under the final network, times the ratio of the held-out
-      to the trained labels' median ranks (the memorisation, as a factor on the rank);
+      to the trained labels' median ranks (the memorisation, as a factor on the rank; at least 1);
     * ``"union"`` (:data:`CALIBRATION_RULE`) — both samples together.
 
     Parameters
@@ -276,6 +276,7 @@ def calibrated_label_scores(label_scores: np.ndarray, peak_scores: np.ndarray, r
         asc = desc[::-1]
         final_rank = np.where(ls > 0, len(desc) - np.searchsorted(asc, ls, side="left"), 0)
         factor = float(np.exp(np.median(np.log(held)) - np.median(np.log(trained)))) if len(held) and len(trained) else 1.0
+        factor = max(factor, 1.0)  # training cannot rank unseen particles above its labels: below 1 is noise
         parts.append(np.where(final_rank > 0, at_rank(np.maximum(final_rank * factor, 1.0)), 0.0))
     return np.concatenate(parts) if parts else np.asarray(label_scores, np.float64)
 
