@@ -240,6 +240,8 @@ def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recip
     else:
         auto = float(thr)
     res = scores(allp, true, r / 2, auto)
+    if thr is None:
+        res.update(threshold_variants(allp, picker.contract, true, r))
     if "score_model" in allp:  # the same peaks without the shape check (paired ablation)
         raw = allp.assign(score=allp["score_model"])
         raw_auto = float(apply_auto_threshold(raw, picker.contract)[1]["particle"]["threshold"]) if thr is None else auto
@@ -247,6 +249,27 @@ def run_learned(col, gt: pd.DataFrame, species: str, labels: pd.DataFrame, recip
     res.update(train_s=round(t_train, 1), s_per_epoch=round(s_epoch, 2), pick_s=round(t_pick, 1),
                n_epochs=len(recs), threshold_source="fixed" if thr is not None else "auto")
     return res
+
+
+def threshold_variants(picks: pd.DataFrame, contract: dict, true: pd.DataFrame, r: float) -> dict:
+    """F1 at the automatic threshold of each label-score calibration rule (issue 23), paired on the same peaks:
+    ``f1_auto_fixed`` is the fixed label shift (``calibration="off"``, the rule of pickers without a
+    calibration), ``f1_auto_<rule>`` each of :data:`milotile.refine.threshold.CALIBRATION_RULES`; plus the
+    calibration's own cost (``calibration_s``) and its held-out / trained label scores."""
+    from milotile.refine.threshold import CALIBRATION_RULES
+
+    cal = contract.get("calibration") or {}
+    out: dict = {}
+    for rule in ("off", *(CALIBRATION_RULES if cal else ())):
+        t = float(apply_auto_threshold(picks, contract, calibration=rule)[1]["particle"]["threshold"])
+        key = "fixed" if rule == "off" else rule
+        out[f"f1_auto_{key}"] = scores(picks, true, r / 2, t)["f1_auto"]
+        out[f"threshold_{key}"] = round(t, 4)
+    if cal:
+        rec = next(iter(cal.get("classes", {}).values()), {})
+        out.update(calibration_s=cal.get("seconds"), calibration_epoch=cal.get("epoch"),
+                   cal_held_out=rec.get("held_out"), cal_trained=rec.get("trained"))
+    return out
 
 
 def run_multi(col, gt: pd.DataFrame, species: list[str], seed: int, run: Path,
@@ -305,7 +328,8 @@ def summarise(records: list[dict]) -> pd.DataFrame:
     if "setting" in df:
         return summarise_lookalike(df)
     keys = ["species", "n_labels", "method"]
-    vals = [c for c in ("f1_auto", "f1_best", "p_auto", "r_auto", "f1_auto_noshape", "f1_best_noshape") if c in df]
+    vals = [c for c in ("f1_auto", "f1_best", "p_auto", "r_auto", "f1_auto_noshape", "f1_best_noshape", "f1_auto_fixed",
+                        "f1_auto_union", "f1_auto_held_out", "f1_auto_rank_shift", "train_s") if c in df]
     g = df.groupby(keys)[vals]
     mean, std = g.mean(), g.std().fillna(0.0)
     out = mean.round(3).astype(str) + " ± " + std.round(3).astype(str)
@@ -317,13 +341,19 @@ def summarise_lookalike(df: pd.DataFrame) -> pd.DataFrame:
     """Per method and settings group (tune / report): mean and worst setting of F1 at the automatic and at
     the best threshold, and of their gap (each setting's value is its mean over seeds)."""
     df = df.assign(gap=df["f1_best"] - df["f1_auto"], group=np.where(df["tune"], "tune", "report"))
-    per = df.groupby(["method", "group", "setting"])[["f1_auto", "f1_best", "gap", "train_s"]].mean()
+    variants = [c for c in df if c.startswith("f1_auto_") and not c.endswith("_noshape") and "margin" not in c]
+    for c in variants:  # the gap of every threshold variant recorded (threshold_variants)
+        df[f"gap_{c[len('f1_auto_'):]}"] = df["f1_best"] - df[c]
+    gaps = [f"gap_{c[len('f1_auto_'):]}" for c in variants]
+    per = df.groupby(["method", "group", "setting"])[["f1_auto", "f1_best", "gap", "train_s", *gaps]].mean()
     rows = []
     for (method, group), g in per.groupby(level=[0, 1]):
         rows.append({"method": method, "settings": group, "n_settings": len(g),
                      "f1_auto_mean": round(g["f1_auto"].mean(), 3), "f1_auto_worst": round(g["f1_auto"].min(), 3),
                      "f1_best_mean": round(g["f1_best"].mean(), 3), "gap_mean": round(g["gap"].mean(), 3),
-                     "gap_worst": round(g["gap"].max(), 3), "train_s_mean": round(g["train_s"].mean(), 1)})
+                     "gap_worst": round(g["gap"].max(), 3), "train_s_mean": round(g["train_s"].mean(), 1),
+                     **{f"{k}_mean": round(g[k].mean(), 3) for k in gaps},
+                     **{f"{k}_worst": round(g[k].max(), 3) for k in gaps}})
     return pd.DataFrame(rows)
 
 
@@ -373,6 +403,7 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
             allp = check_shapes(col, raw[raw["score"] >= AUTO_FLOOR].reset_index(drop=True), contract)
         auto = float(apply_auto_threshold(allp, contract)[1]["particle"]["threshold"])
         res = scores(allp, true, rad / 2, auto)
+        res.update(threshold_variants(allp, contract, true, rad))
         raw_auto = float(apply_auto_threshold(raw, contract)[1]["particle"]["threshold"])
         res.update({f"{k}_noshape": v for k, v in scores(raw, true, rad / 2, raw_auto).items()})
         for m in margins or []:

@@ -14,6 +14,13 @@ heatmap's own peaks, with the labels as a random sample of the particles (the PU
   stops where the look-alikes begin instead of where the recall starts to fall: on the look-alike
   benchmark (``benchmarks/refine_hard.py --preset lookalike``) the r²/N rule kept a threshold of 0.998
   (F1 0.08) where the best threshold gave 0.43.
+* **calibration** — the training labels score higher than the particles the network has not seen
+  (memorisation), so their recall at a high threshold overstates the particles'. Pickers trained with
+  ``calibration_holdout > 0`` (off by default: it lost to the fixed shift on the hard preset, see
+  :class:`~milotile.refine.recipe.PickerRecipe`; :mod:`milotile.refine.calibration`) carry a measurement of it:
+  the ranks among the peaks of labels held out of the first half of training, next to the trained labels'.
+  :func:`calibrated_label_scores` turns them into the scores of unseen particles under the final network;
+  other pickers fall back to lowering the label scores by the fixed :data:`LABEL_SHIFT`.
 * **valley** — without labels among the peaks (picking a collection the picker was not trained
   on), Otsu's split of the logit-scores of all peaks above ``floor``.
 
@@ -44,12 +51,17 @@ LABEL_MARGIN = 0.75
 #: seen, so their recall at a high threshold overstates the particles'. Chosen on the tuning data
 #: (look-alike settings 0-2 and the hard preset's seed 0, 8 picker runs): mean gap to the best
 #: threshold's F1 0.028 / 0.023 / 0.029 / 0.036 at shifts 0 / 0.25 / 0.5 / 1.0.
+#: The fallback of pickers without a measured calibration (``contract["calibration"]``).
 LABEL_SHIFT = 0.25
 #: Fewest fraction of the labels a threshold must keep to bound the number of particles.
 MIN_RECALL = 0.5
+#: How a picker's label-score calibration (``contract["calibration"]``, :mod:`milotile.refine.calibration`)
+#: becomes the recall curve of unseen particles (:func:`calibrated_label_scores`).
+CALIBRATION_RULES = ("union", "held_out", "rank_shift")
+CALIBRATION_RULE = "union"
 
-__all__ = ["apply_auto_threshold", "choose_threshold", "f1_label_threshold", "label_records", "label_scores", "otsu_logit",
-           "pu_label_threshold"]
+__all__ = ["CALIBRATION_RULES", "apply_auto_threshold", "calibrated_label_scores", "choose_threshold",
+           "f1_label_threshold", "label_records", "label_scores", "otsu_logit", "pu_label_threshold"]
 
 
 def otsu_logit(scores: np.ndarray, bins: int = 128) -> float:
@@ -79,6 +91,7 @@ def choose_threshold(
     floor: float = 0.05,
     margin: float | None = None,
     rule: str = "f1",
+    shift: float | None = None,
 ) -> tuple[float, str]:
     """Threshold for the picks of one class.
 
@@ -98,6 +111,9 @@ def choose_threshold(
         ``"f1"`` (default): :func:`f1_label_threshold`, the threshold of the best F1 estimated from the
         labels and the peak counts. ``"pu"``: the previous rule, the larger of Otsu's valley and Lee &
         Liu's ``r² / N`` label score lowered by ``margin`` (kept for comparison).
+    shift : float, optional
+        Rule ``"f1"``: logit units the label scores are lowered by (default :data:`LABEL_SHIFT`; 0 for scores
+        already calibrated by :func:`calibrated_label_scores`).
 
     Returns
     -------
@@ -114,7 +130,7 @@ def choose_threshold(
         lab_peaks = s if labelled_peak_scores is None else np.asarray(labelled_peak_scores, np.float64)
         if rule == "f1":
             if len(lab_peaks[lab_peaks >= floor]):
-                t_f1, info = f1_label_threshold(label_scores, lab_peaks, floor=floor)
+                t_f1, info = f1_label_threshold(label_scores, lab_peaks, floor=floor, shift=shift)
                 if info["recall"] > 0:  # else the labels score below the peaks: keep the valley
                     t, src = t_f1, "labels"
         else:
@@ -204,6 +220,68 @@ def f1_label_threshold(label_scores: np.ndarray, peak_scores: np.ndarray, *, flo
     return max(t, float(floor)), {"n_particles": n_pos, "recall": float(recall[k]), "f1": float(f1[k])}
 
 
+def calibrated_label_scores(label_scores: np.ndarray, peak_scores: np.ndarray, record: dict[str, Any],
+                            rule: str | None = None) -> np.ndarray:
+    """Scores standing for *unseen* particles, from the training labels' scores and the picker's calibration.
+
+    The calibration (:func:`milotile.refine.calibration.measure_calibration`) holds, for labels left out of
+    the first part of training and for the labels trained on, the number of peaks of the labelled tomograms
+    that scored at least as high (their *rank*) with the network of that moment. Ranks, unlike scores, carry
+    over from that network to the final one (whose scores are higher and sharper), so a rank ``n`` stands for
+    the final network's ``n``-th highest peak among ``peak_scores``:
+
+    * ``"held_out"`` — each held-out label's rank (an unseen particle, two or three of them);
+    * ``"rank_shift"`` — each training label's rank under the final network, times the ratio of the held-out
+      to the trained labels' median ranks (the memorisation, as a factor on the rank; at least 1);
+    * ``"union"`` (:data:`CALIBRATION_RULE`) — both samples together.
+
+    Parameters
+    ----------
+    label_scores : ndarray
+        The final network's best peak score near each training label (0 when none).
+    peak_scores : ndarray
+        The final network's peaks in the labelled tomograms.
+    record : dict
+        One class of ``contract["calibration"]["classes"]``.
+    rule : str, optional
+        One of :data:`CALIBRATION_RULES` (default :data:`CALIBRATION_RULE`).
+
+    Returns
+    -------
+    ndarray
+        Scores whose fraction at least ``t`` estimates the recall of unseen particles (0: missed); use them
+        with ``shift=0``.
+    """
+    rule = CALIBRATION_RULE if rule is None else str(rule)
+    if rule not in CALIBRATION_RULES:
+        raise ValueError(f"unknown calibration rule {rule!r}; use one of {', '.join(CALIBRATION_RULES)}")
+    desc = np.sort(np.asarray(peak_scores, np.float64))[::-1]
+
+    def at_rank(rank: np.ndarray) -> np.ndarray:
+        r = np.ceil(np.asarray(rank, np.float64))
+        ok = (r >= 1) & (r <= len(desc))
+        out = np.zeros(len(r))
+        out[ok] = desc[r[ok].astype(np.int64) - 1]
+        return out
+
+    n_ck = int(record.get("n_peaks", 0))
+    held = np.asarray(record.get("held_out_rank") or [], np.float64)
+    held = np.where(held > 0, held, n_ck + 1.0)  # a missed label ranks below every peak
+    parts = []
+    if rule in ("held_out", "union"):
+        parts.append(at_rank(held))
+    if rule in ("rank_shift", "union"):
+        trained = np.asarray(record.get("trained_rank") or [], np.float64)
+        trained = trained[trained > 0]
+        ls = np.asarray(label_scores, np.float64)
+        asc = desc[::-1]
+        final_rank = np.where(ls > 0, len(desc) - np.searchsorted(asc, ls, side="left"), 0)
+        factor = float(np.exp(np.median(np.log(held)) - np.median(np.log(trained)))) if len(held) and len(trained) else 1.0
+        factor = max(factor, 1.0)  # training cannot rank unseen particles above its labels: below 1 is noise
+        parts.append(np.where(final_rank > 0, at_rank(np.maximum(final_rank * factor, 1.0)), 0.0))
+    return np.concatenate(parts) if parts else np.asarray(label_scores, np.float64)
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
@@ -242,24 +320,32 @@ def label_scores(picks: pd.DataFrame, labels: pd.DataFrame, radius: float) -> np
 
 
 def apply_auto_threshold(picks: pd.DataFrame, contract: dict, margin: float | None = None,
-                         rule: str = "f1") -> tuple[pd.DataFrame, dict[str, dict]]:
+                         rule: str = "f1", calibration: str | None = None) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Keep the picks above the threshold chosen per class by :func:`choose_threshold` (``margin``:
     its label margin, default :data:`LABEL_MARGIN`).
 
     ``picks`` must be decoded at :data:`AUTO_FLOOR` or lower; the labels come from the picker's
-    contract (``train_labels``), matched within half the particle radius (``bbox / 4``).
+    contract (``train_labels``), matched within half the particle radius (``bbox / 4``). With a
+    label-score calibration in the contract (pickers trained with ``calibration_holdout > 0``) the labels'
+    scores are first turned into unseen particles' by :func:`calibrated_label_scores` (``calibration``: its
+    rule, default :data:`CALIBRATION_RULE`; ``"off"``: the fixed :data:`LABEL_SHIFT` of older pickers).
     """
     rows = contract.get("train_labels") or []
     labels = pd.DataFrame(rows, columns=["tomogram", "x", "y", "z", "class"])
     radius = float(contract.get("bbox", 16)) / 4.0
+    cal_classes = (contract.get("calibration") or {}).get("classes") or {}
     keep, info = [], {}
     for cls, g in picks.groupby("class", sort=False):
         lab = labels[(labels["class"] == cls) & labels["tomogram"].isin(set(g["tomogram"]))]
         ls = label_scores(g, lab, radius) if len(lab) else None
         lab_peaks = g.loc[g["tomogram"].isin(set(lab["tomogram"])), "score"].to_numpy()
+        record = cal_classes.get(str(cls)) if calibration != "off" else None
+        shift, n_seen = None, 0 if ls is None else int(len(ls))
+        if record and ls is not None and rule == "f1":
+            ls, shift = calibrated_label_scores(ls, lab_peaks[lab_peaks >= AUTO_FLOOR], record, calibration), 0.0
         t, src = choose_threshold(g["score"].to_numpy(), ls, labelled_peak_scores=lab_peaks, floor=AUTO_FLOOR,
-                                  margin=margin, rule=rule)
-        info[str(cls)] = {"threshold": t, "source": src, "n_labels_seen": 0 if ls is None else int(len(ls))}
+                                  margin=margin, rule=rule, shift=shift)
+        info[str(cls)] = {"threshold": t, "source": src, "n_labels_seen": n_seen, "calibrated": shift is not None}
         logger.info("class %s: automatic threshold %.3f (%s)", cls, t, src)
         keep.append(g[g["score"] >= t])
     out = pd.concat(keep, ignore_index=True) if keep else picks.iloc[:0]

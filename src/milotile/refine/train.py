@@ -32,6 +32,7 @@ from milotile.nn import registry
 from milotile.nn.checkpoint import load_checkpoint, save_checkpoint
 from milotile.nn.device import amp_dtype, autocast, pick_device, seed_everything
 from milotile.nn.runlog import RunLog
+from milotile.refine.calibration import calibration_epoch, holdout_mask, measure_calibration
 from milotile.refine.contract import picker_contract
 from milotile.refine.data import CropDataset, VolumeReader
 from milotile.refine.labels import class_index, load_label_table
@@ -168,10 +169,14 @@ def train(
     if recipe.tau == "auto":
         tau, prior_info = estimate_prior(col, df, recipe.bbox, geom, float(recipe.thresh))
         recipe = recipe.replace(tau=float(tau))
-    ds = CropDataset(readers, stats, df, geom, recipe.crop, n_classes=len(class_names), thresh=recipe.thresh,
-                     gauss=recipe.gauss, clip=recipe.clip, compress=recipe.compress, compress_how=recipe.compress_how,
-                     random_fraction=recipe.random_fraction, seed=recipe.seed, repeats=recipe.repeats,
-                     negatives=neg, random_tomograms=sorted(set(df["tomogram"]) | set(neg["tomogram"])))
+    def dataset(rows: pd.DataFrame) -> CropDataset:
+        return CropDataset(readers, stats, rows, geom, recipe.crop, n_classes=len(class_names), thresh=recipe.thresh,
+                           gauss=recipe.gauss, clip=recipe.clip, compress=recipe.compress,
+                           compress_how=recipe.compress_how, random_fraction=recipe.random_fraction, seed=recipe.seed,
+                           repeats=recipe.repeats, negatives=neg,
+                           random_tomograms=sorted(set(df["tomogram"]) | set(neg["tomogram"])))
+
+    ds = dataset(df)
     cfg = recipe.network_config(len(class_names))
     model = registry.create(recipe.arch, **cfg).to(dev)
     if init is not None:
@@ -188,16 +193,30 @@ def train(
     start_epoch, best_f1 = _resume(run_dir, model, opt, contract, runlog, dev, cfg) if resume else (0, -1.0)
     runlog.save_options(options)
     step = _Step(model, opt, dev, recipe)
-    loader = DataLoader(ds, batch_size=int(recipe.batch_size), shuffle=True, drop_last=len(ds) > int(recipe.batch_size),
-                        num_workers=int(num_workers), generator=step.gen, persistent_workers=False)
+    def loader_of(d: CropDataset) -> DataLoader:
+        return DataLoader(d, batch_size=int(recipe.batch_size), shuffle=True, drop_last=len(d) > int(recipe.batch_size),
+                          num_workers=int(num_workers), generator=step.gen, persistent_workers=False)
+
+    loader = loader_of(ds)
     picker = Picker(model, contract, device=dev)
     picker.contract = contract  # shared: validation updates the suggested threshold
     val_radius = float(contract["match_radius"])
     epochs = int(recipe.epochs)
+    # threshold calibration: the first cal_epoch epochs leave the `held` labels out of the loss (user labels only)
+    held, cal_epoch = _calibration_plan(user_df, len(df), recipe, epochs)
+    first = None
+    if cal_epoch > start_epoch:
+        ds_held = dataset(df[~held].reset_index(drop=True))
+        first = (ds_held, loader_of(ds_held))
     t_loop = time.perf_counter()
     for epoch in range(start_epoch + 1, epochs + 1):
-        ds.set_epoch(epoch)
-        rec = step.epoch(loader, epoch)
+        d_ep, l_ep = first if first is not None and epoch <= cal_epoch else (ds, loader)
+        d_ep.set_epoch(epoch)
+        rec = step.epoch(l_ep, epoch)
+        if epoch == cal_epoch:
+            contract["calibration"] = measure_calibration(col, model, contract, user_df, held[:len(user_df)], readers,
+                                                          dev, epoch)
+            rec["calibration_seconds"] = contract["calibration"]["seconds"]
         improved = not regions
         if regions and (epoch % max(int(recipe.val_every), 1) == 0 or epoch == epochs):
             t_val = time.perf_counter()
@@ -214,6 +233,18 @@ def train(
     _plots(runlog, run_dir, bool(regions))
     best = run_dir / "best.pt"
     return Picker.load(best if best.exists() else run_dir / "last.pt", device=dev)
+
+
+def _calibration_plan(user_df: pd.DataFrame, n_train: int, recipe: PickerRecipe, epochs: int) -> tuple[np.ndarray, int]:
+    """The labels (mask over the ``n_train`` training rows, the user's labels first) left out of the loss until
+    the threshold calibration, and the epoch after which it is measured (0: no calibration)."""
+    held = np.r_[holdout_mask(user_df, float(recipe.calibration_holdout), recipe.seed),
+                 np.zeros(n_train - len(user_df), bool)]
+    cal_epoch = calibration_epoch(epochs, float(recipe.calibration_epochs)) if held.any() else 0
+    if cal_epoch:
+        logger.info("threshold calibration: %d of %d labels left out of the loss for %d of %d epochs", int(held.sum()),
+                    len(user_df), cal_epoch, epochs)
+    return held, cal_epoch
 
 
 def _recipe(recipe: PickerRecipe | None, overrides: dict, init: dict | None) -> PickerRecipe:
@@ -438,6 +469,8 @@ def _resume(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, c
         opt.load_state_dict(ck["optimizer"])
     start_epoch = int(ck.get("epoch") or 0)
     contract["suggested_threshold"] = old.get("suggested_threshold")
+    if old.get("calibration"):
+        contract["calibration"] = old["calibration"]
     runlog.truncate(start_epoch)
     logger.info("resuming %s from epoch %d", run_dir, start_epoch)
     return start_epoch, float((ck.get("extra") or {}).get("best_f1", -1.0))
