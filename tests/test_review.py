@@ -19,6 +19,7 @@ from milotile.refine.review import (
     estimate,
     review_order,
     reviewed_threshold,
+    round_labels,
     wilson_interval,
 )
 
@@ -121,6 +122,30 @@ def test_verdict_log_persists_replaces_and_undoes(store):
         log.add("accept", tomogram="nope", x=1, y=2, z=3)
     with pytest.raises(InputError, match="review name"):
         VerdictLog(col, "a/b")
+
+
+def test_round_labels_count_each_place_once_across_rounds():
+    import pandas as pd
+
+    def verdicts(rows):
+        return pd.DataFrame([{"tomogram": t, "x": x, "y": 5.0, "z": 6.0, "verdict": v, "sample": s}
+                             for t, x, v, s in rows])
+
+    first = verdicts([("a", 1.0, "accept", False), ("a", 2.0, "reject", False), ("b", 3.0, "accept", True),
+                      ("b", 4.0, "add", False)])
+    contract = {"classes": ["ribo"], "train_labels": [["a", 9.0, 5.0, 6.0, "ribo"]], "train_negatives": []}
+    lab, neg = round_labels(contract, first)
+    assert sorted(lab["x"]) == [1.0, 4.0, 9.0] and set(lab["class"]) == {"ribo"}  # the sample pick is held out
+    assert neg["x"].tolist() == [2.0]
+    # round 2 under the same review name: the first round's verdicts are in the log and in the contract
+    contract2 = {"classes": ["ribo"], "train_labels": lab.values.tolist(), "train_negatives": neg.values.tolist()}
+    second = pd.concat([first, verdicts([("a", 7.0, "accept", False), ("b", 8.0, "reject", False)])])
+    lab2, neg2 = round_labels(contract2, second)
+    assert sorted(lab2["x"]) == [1.0, 4.0, 7.0, 9.0] and sorted(neg2["x"]) == [2.0, 8.0]
+    # a previous label the reviewer now rejects is a negative only
+    lab3, neg3 = round_labels(contract2, verdicts([("a", 9.0, "reject", False)]))
+    assert 9.0 not in lab3["x"].tolist() and 9.0 in neg3["x"].tolist()
+    assert len(round_labels(contract2, second, train_on_sample=True)[0]) == 5
 
 
 # ------------------------------------------------------------------------------------ server
@@ -234,3 +259,6 @@ def test_retrain_uses_verdicts_and_the_sample(tmp_path):
     assert col.table_params("picks")["threshold"] == pytest.approx(res["threshold"])
     assert (col.read_table("picks")["score"] >= res["threshold"]).all()
     assert len(col.read_table("picks-all")) >= len(col.read_table("picks"))
+    # a second round under the same review name: the first round's verdicts are not counted twice
+    again = retrain(col, res["run"], epochs=1, floor=0.01, table=None, write_heatmaps=False)
+    assert again["n_labels"] == 4 + n_acc and again["n_negatives"] == n_train - n_acc

@@ -49,7 +49,7 @@ from milotile.errors import InputError
 log = logging.getLogger(__name__)
 
 __all__ = ["REASONS", "VerdictLog", "design_weights", "estimate", "load_picks", "retrain", "review_order",
-           "reviewed_threshold", "sample_weights", "wilson_interval"]
+           "reviewed_threshold", "round_labels", "sample_weights", "wilson_interval"]
 
 #: Reasons a rejected pick can be tagged with (keys 1-4 on the review page).
 REASONS = ("other species", "junk", "gold", "duplicate")
@@ -466,6 +466,51 @@ def sample_weights(verdicts: pd.DataFrame) -> np.ndarray:
     return w
 
 
+def round_labels(contract: dict[str, Any], verdicts: pd.DataFrame, *, train_on_sample: bool = False
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labels and negatives of the next round: the previous picker's plus the review's, each place once.
+
+    A second round under the same review name sees the first round's verdicts again, and the previous
+    picker's contract already holds them (it was trained on them): they are kept once, so no verdict
+    weighs double. A pick the reviewer accepted after an earlier rejection (or the reverse) keeps its
+    latest verdict only.
+
+    Parameters
+    ----------
+    contract
+        The previous picker's contract (``classes``, ``train_labels``, ``train_negatives``).
+    verdicts
+        :meth:`VerdictLog.frame` of the review.
+    train_on_sample
+        Also train on the random-sample verdicts (default: held out, see :func:`retrain`).
+
+    Returns
+    -------
+    labels, negatives
+        ``tomogram, x, y, z, class`` and ``tomogram, x, y, z``.
+    """
+    rows = verdicts if train_on_sample else verdicts[~verdicts["sample"].astype(bool)]
+    cls0 = (contract.get("classes") or ["particle"])[0]
+    xyz = ["tomogram", "x", "y", "z"]
+    prev_lab = pd.DataFrame(contract.get("train_labels") or [], columns=[*xyz, "class"])
+    prev_neg = pd.DataFrame(contract.get("train_negatives") or [], columns=xyz)
+    new_lab = rows[rows["verdict"].isin(["accept", "add"])][xyz].assign(**{"class": cls0})
+    new_neg = rows[rows["verdict"] == "reject"][xyz]
+
+    def places(df: pd.DataFrame) -> pd.Series:
+        c = df[["x", "y", "z"]].to_numpy(np.float64).round(3)
+        return pd.Series([f"{t}|{a}|{b}|{d}" for t, (a, b, d) in zip(df["tomogram"].astype(str), c, strict=True)],
+                         index=df.index, dtype=object)
+
+    # a place rejected in this review is no label, a place accepted is no negative (the latest verdict wins
+    # within the review: VerdictLog keeps one verdict per pick)
+    labels = pd.concat([prev_lab[~places(prev_lab).isin(set(places(new_neg)))], new_lab], ignore_index=True)
+    negs = pd.concat([prev_neg[~places(prev_neg).isin(set(places(new_lab)))], new_neg], ignore_index=True)
+    labels = labels[~places(labels).duplicated()].reset_index(drop=True)
+    negs = negs[~places(negs).duplicated()].reset_index(drop=True)
+    return labels, negs
+
+
 def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out: str | os.PathLike[str] | None = None,
             train_on_sample: bool = False, floor: float = 0.05, table: str | None = "picks",
             target_precision: float | None = None, device: str | None = "cpu", write_heatmaps: bool = True,
@@ -514,14 +559,7 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
     old = Picker.load(run, device="cpu")
     contract = old.contract
     verdicts = VerdictLog(col, name).frame()
-    train_rows = verdicts if train_on_sample else verdicts[~verdicts["sample"].astype(bool)]
-    cls0 = (contract.get("classes") or ["particle"])[0]
-    prev_lab = pd.DataFrame(contract.get("train_labels") or [], columns=["tomogram", "x", "y", "z", "class"])
-    new_lab = train_rows[train_rows["verdict"].isin(["accept", "add"])][["tomogram", "x", "y", "z"]].assign(**{"class": cls0})
-    labels = pd.concat([prev_lab, new_lab], ignore_index=True)
-    prev_neg = pd.DataFrame(contract.get("train_negatives") or [], columns=["tomogram", "x", "y", "z"])
-    negs = pd.concat([prev_neg, train_rows[train_rows["verdict"] == "reject"][["tomogram", "x", "y", "z"]]],
-                     ignore_index=True)
+    labels, negs = round_labels(contract, verdicts, train_on_sample=train_on_sample)
     if out is None:
         base = Path(old.path).parent
         k = 1
