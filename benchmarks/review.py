@@ -133,7 +133,12 @@ def label_free_start(args: argparse.Namespace, work: Path, seed: int, data_dir: 
         shutil.rmtree(d)
     shutil.copytree(data_dir, d)
     col = mt.open(d / "store.zarr")
-    invert = args.preset == "lookalike" and json.loads((d / "synth.json").read_text()).get("contrast", 0) > 0
+    if args.preset == "lookalike":
+        from milotile.synth.lookalike import draw_setting
+
+        invert = draw_setting(args.setting).contrast > 0
+    else:
+        invert = False
     with mt.cluster(workers=args.threads, threads_per_worker=1, dashboard_address=None):
         col.preprocess()
         cands = col.mine(border=8, border_z=4, invert=invert)
@@ -151,6 +156,19 @@ def label_free_start(args: argparse.Namespace, work: Path, seed: int, data_dir: 
     info = {**selection_quality(atl.table, centred, target, chosen, "subcluster"), "n_candidates": int(len(atl.table)),
             "explore_epochs": args.explore_epochs, "chain_s": round(time.perf_counter() - t0, 1), "load": load()}
     return col, target, sel[["tomogram", "x", "y", "z"]].reset_index(drop=True), info
+
+
+def first_labels(gt: pd.DataFrame, target: str, n: int, seed: int) -> pd.DataFrame:
+    """``n`` random particles of ``target`` from the fewest first tomograms that hold ``n`` (a look-alike
+    tomogram holds 3 of each species)."""
+    rng = np.random.default_rng(seed)
+    sp = gt[gt["species"] == target]
+    names = sorted(sp["tomogram"].unique())
+    counts = np.cumsum([int((sp["tomogram"] == t).sum()) for t in names])
+    use = names[: int(np.searchsorted(counts, n)) + 1]
+    pool = sp[sp["tomogram"].isin(use)]
+    return pool.iloc[np.sort(rng.choice(len(pool), min(n, len(pool)), replace=False))][["tomogram", "x", "y", "z"]
+                                                                                      ].reset_index(drop=True)
 
 
 def review_round(col: object, cands: pd.DataFrame, thr: float, gt: pd.DataFrame, target: str, name: str,
@@ -190,6 +208,8 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
     records: list[dict] = []
     base_kw = {} if args.base_epochs is None else {"epochs": args.base_epochs}
     ft_kw = json.loads(args.finetune)
+    if args.tta is not None:  # picking time: the flips averaged at prediction (the recipe's default 4)
+        base_kw["tta"] = ft_kw["tta"] = args.tta
     for seed in args.seeds:
         if args.preset == "hard":
             col, gt = make_data(work, seed, None)
@@ -207,8 +227,10 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
                 col, target, labels, start = label_free_start(args, work, seed, data_dir,
                                                               gt, None if args.lf_target == "auto" else args.lf_target)
                 print({"label_free_selection": start}, flush=True)
-            else:
+            elif args.preset == "hard":
                 labels = choose_labels(gt, target, args.labels, seed)
+            else:
+                labels = first_labels(gt, target, args.labels, seed)
             sp = gt[gt["species"] == target]
             r = float(sp["radius"].iloc[0])
             true = sp[["tomogram", "x", "y", "z"]]
@@ -268,6 +290,8 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
                 print(rec, flush=True)
                 save(records)
                 # the same budget as random manual labels
+                if args.random_verdicts is not None and n not in args.random_verdicts:
+                    continue
                 records.append(random_record(col, picker, labels, sp, base, n, seed, r, true, work, tag, data_dir, ft_kw))
                 print(records[-1], flush=True)
                 save(records)
@@ -475,9 +499,42 @@ def run_browser(args: argparse.Namespace, work: Path) -> dict:
             "dwell_ms": args.dwell_ms, **cold, "load": load()}
 
 
+def loop_table(out: dict) -> str:
+    """The loop's F1 at the automatic / reviewed threshold as a markdown table: one row per (setting, start,
+    verdicts), one column per method (``review`` in one and in two rounds)."""
+    lines = ["| setting | start | verdicts | round 0 | rethreshold | review, 1 round | review, 2 rounds | random labels |"
+             " est. − true precision (review) | round s (retrain + pick) |", "|" + "---|" * 10]
+    for key, recs in out.items():
+        if not key.startswith("loop_") or key.endswith("_options"):
+            continue
+        df = pd.DataFrame(recs)
+        r0 = df[df["method"] == "round0"]
+        if not len(r0):
+            continue
+        f0 = f"{r0['f1_auto'].iloc[0]:.2f}"
+        setting = key[len("loop_"):]
+        start = str(r0["start"].iloc[0]) if "start" in r0 else "manual"
+        lines.append(f"| {setting} | {start} | 0 | {f0} | | | | | | |")
+        for n in sorted(set(df["verdicts"]) - {0}):
+            d = df[df["verdicts"] == n]
+
+            def f1(method: str, rounds: int = 1, d: pd.DataFrame = d) -> str:
+                m = d[(d["method"] == method) & (d.get("rounds", 1) == rounds)]
+                return f"{m['f1_auto'].iloc[0]:.2f}" if len(m) and pd.notna(m["f1_auto"].iloc[0]) else ""
+
+            rv = d[d["method"] == "review"]
+            err = ", ".join(f"{e - t:+.2f}" for e, t in zip(rv.get("est_precision", []), rv.get("true_precision", []),
+                                                             strict=True) if e is not None and pd.notna(e))
+            secs = ", ".join(f"{s:.0f}" for s in rv.get("round_s", []) if pd.notna(s))
+            lines.append(f"| {setting} | {start} | {n} | | {f1('rethreshold')} | {f1('review')} | {f1('review', 2)} "
+                         f"| {f1('random_labels')} | {err} | {secs} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", nargs="+", choices=("loop", "browser", "rescore"), default=["browser", "loop"])
+    ap.add_argument("--part", nargs="+", choices=("loop", "browser", "rescore", "table"), default=["browser", "loop"],
+                    help="table: print the loop results of --json as a markdown table")
     ap.add_argument("--runs", nargs="*", default=[], help="rescore: refine_hard look-alike run folders")
     ap.add_argument("--queue-seeds", type=int, default=10, help="rescore: review queues per budget")
     ap.add_argument("--preset", choices=("hard", "lookalike"), default="hard")
@@ -486,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--species", nargs="+", default=["small"])
     ap.add_argument("--labels", type=int, default=6)
     ap.add_argument("--verdicts", type=int, nargs="+", default=[20, 50])
+    ap.add_argument("--random-verdicts", type=int, nargs="*", default=None,
+                    help="loop: budgets that also get the random-manual-labels arm (default: every one)")
     ap.add_argument("--two-rounds", type=int, nargs="*", default=[100],
                     help="loop: total budgets reviewed in two rounds (half, retrain, half on the new picks, retrain)")
     ap.add_argument("--start", choices=("manual", "label_free"), default="manual",
@@ -493,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lf-target", default="auto",
                     help="label-free start: target species (auto: the largest findable, benchmarks/label_free.py)")
     ap.add_argument("--explore-epochs", type=int, default=4, help="label-free start: explore encoder epochs")
+    ap.add_argument("--tta", type=int, default=None,
+                    help="loop: prediction flips of every picker (default: the recipe's; 1 picks 4x faster)")
     ap.add_argument("--reuse-round0", action="store_true",
                     help="loop: reuse a finished round-0 picker and its candidates of the same work folder")
     ap.add_argument("--n-picks", type=float, default=1e4)
@@ -517,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     out["commands"] = sorted(set(out.get("commands", [])) | {" ".join(sys.argv)})
+    if args.part == ["table"]:
+        print(loop_table(json.loads(Path(args.json).read_text())))
+        return 0
     if "browser" in args.part:
         res = run_browser(args, work)
         print(res, flush=True)
@@ -533,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             out[key] = records
             out[key + "_options"] = {"base_epochs": args.base_epochs, "finetune": json.loads(args.finetune),
                                      "verdicts": args.verdicts, "two_rounds": args.two_rounds, "start": args.start,
-                                     "species": args.species, "seeds": args.seeds, "threads": args.threads,
+                                     "species": args.species, "seeds": args.seeds, "threads": args.threads, "tta": args.tta,
                                      "explore_epochs": args.explore_epochs if args.start == "label_free" else None}
             Path(args.json).write_text(json.dumps(out, indent=1, default=float))
 
