@@ -63,6 +63,7 @@ from milotile.refine.review import (  # noqa: E402
     retrain,
     review_order,
     reviewed_threshold,
+    sample_threshold,
     sample_weights,
 )
 from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold  # noqa: E402
@@ -285,7 +286,8 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
                 first[n] = {"res": res, "name": name, "out": out}
                 rec = review_record(common, res, true, r, {"est_precision_round0": est0["precision"],
                                                            "est_precision_round0_ci": est0["precision_ci"],
-                                                           "true_precision_round0": true_precision(cands, true, r, thr0)})
+                                                           "true_precision_round0": true_precision(cands, true, r, thr0)},
+                                    col, name)
                 records.append(rec)
                 print(rec, flush=True)
                 save(records)
@@ -315,15 +317,22 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
                           "n_sample": int(df2["sample"].astype(bool).sum()), "n_accepted": int(acc2.sum())}
                 rec = review_record(common, res2, true, r, {
                     "est_precision_round1": est1["precision"], "est_precision_round1_ci": est1["precision_ci"],
-                    "true_precision_round1": true_precision(res1["candidates"], true, r, res1["threshold"])})
+                    "true_precision_round1": true_precision(res1["candidates"], true, r, res1["threshold"])}, col, prev["name"])
                 records.append(rec)
                 print(rec, flush=True)
                 save(records)
     return records
 
 
-def review_record(common: dict, res: dict, true: pd.DataFrame, r: float, extra: dict) -> dict:
+def review_record(common: dict, res: dict, true: pd.DataFrame, r: float, extra: dict, col: object, name: str) -> dict:
     est = res["estimate"]
+    res["candidates"].to_parquet(Path(res["run"]) / "candidates.parquet")
+    # the threshold the sample's design weights (of the reviewed picks) would choose for the new picks: the before
+    alt = sample_threshold(res["candidates"], VerdictLog(col, name).frame(), r / 2, weighting="design")
+    if alt is not None:
+        extra = {**extra, "threshold_design_weights": alt["threshold"], "est_precision_design_weights": alt["precision"],
+                 "f1_design_weights": f1_at(res["candidates"], true, r, alt["threshold"])["f1_auto"],
+                 "true_precision_design_weights": true_precision(res["candidates"], true, r, alt["threshold"])}
     return {**common, "method": "review", **f1_at(res["candidates"], true, r, res["threshold"]),
             "threshold_source": "sample" if est is not None else "auto", **extra,
             "est_precision": None if est is None else est["precision"],
