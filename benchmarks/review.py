@@ -324,6 +324,56 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
     return records
 
 
+def run_rechoose(args: argparse.Namespace, work: Path) -> list[dict]:
+    """The threshold of finished review rounds chosen again (no training): ``--runs`` are the loop's
+    ``review_<data>_<tag>_v<N>`` (or ``_v<N1>+<N2>``) folders in ``--workdir``; each picker picks again
+    (or its saved ``candidates.parquet`` is read) and the review's sample chooses the threshold with the
+    design weights of the reviewed picks (the first version of ``retrain``) and with the new picker's
+    candidate counts (:func:`milotile.refine.review.rescored_weights`)."""
+    import re
+
+    from refine_hard import make_data, make_lookalike
+
+    from milotile.refine.picker import Picker
+
+    records = []
+    for run in map(Path, args.runs):
+        m = re.match(r"review_(hard_s(\d+)|la_set(\d+)_s(\d+))_(s\d+_(.+)_(manual|label_free))_v(\d+)(?:\+\d+)?$", run.name)
+        if m is None:
+            raise SystemExit(f"{run}: not a review round folder")
+        data, tag, target, n1 = m[1], m[5], m[6], int(m[8])
+        if m[2] is not None:
+            col, gt = make_data(work, int(m[2]), None)
+        else:
+            col, gt, _ = make_lookalike(work, int(m[3]), int(m[4]))
+        sp = gt[gt["species"] == target]
+        r = float(sp["radius"].iloc[0])
+        true = sp[["tomogram", "x", "y", "z"]]
+        cpath = run / "candidates.parquet"
+        if cpath.exists():
+            cands = pd.read_parquet(cpath)
+        else:
+            cands = predict.pick(col, Picker.load(run, device="cpu"), threshold=AUTO_FLOOR, write_heatmaps=False,
+                                 table=None)
+            cands.to_parquet(cpath)
+        verdicts = VerdictLog(col, f"bench-{data}-{tag}-{n1}").frame()
+        if "+" not in run.name:  # a one-round folder: only the verdicts of its own round
+            verdicts = verdicts[verdicts["picks"] == f"picks-{tag}-r0"].reset_index(drop=True)
+        rec = {"run": run.name, "species": target, "f1_best": f1_at(cands, true, r, None).get("f1_best"),
+               "n_sample": int(verdicts["sample"].astype(bool).sum())}
+        for how in ("design", "rescored"):
+            est = sample_threshold(cands, verdicts, r / 2, weighting=how)
+            if est is None:
+                continue
+            rec.update({f"threshold_{how}": round(est["threshold"], 4), f"f1_{how}": f1_at(cands, true, r, est["threshold"])["f1_auto"],
+                        f"est_precision_{how}": round(est["precision"], 4),
+                        f"true_precision_{how}": round(true_precision(cands, true, r, est["threshold"]), 4)})
+        rec["load"] = load()
+        records.append(rec)
+        print(rec, flush=True)
+    return records
+
+
 def review_record(common: dict, res: dict, true: pd.DataFrame, r: float, extra: dict, col: object, name: str) -> dict:
     est = res["estimate"]
     res["candidates"].to_parquet(Path(res["run"]) / "candidates.parquet")
@@ -542,9 +592,10 @@ def loop_table(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", nargs="+", choices=("loop", "browser", "rescore", "table"), default=["browser", "loop"],
+    ap.add_argument("--part", nargs="+", choices=("loop", "browser", "rescore", "table", "rechoose"), default=["browser", "loop"],
                     help="table: print the loop results of --json as a markdown table")
-    ap.add_argument("--runs", nargs="*", default=[], help="rescore: refine_hard look-alike run folders")
+    ap.add_argument("--runs", nargs="*", default=[],
+                    help="rescore: refine_hard look-alike run folders; rechoose: the loop's review round folders")
     ap.add_argument("--queue-seeds", type=int, default=10, help="rescore: review queues per budget")
     ap.add_argument("--preset", choices=("hard", "lookalike"), default="hard")
     ap.add_argument("--setting", type=int, default=0, help="look-alike setting")
@@ -594,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
         res = run_browser(args, work)
         print(res, flush=True)
         out["browser"] = res
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+    if "rechoose" in args.part:
+        out["rechoose"] = run_rechoose(args, work)
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     if "rescore" in args.part:
         out["rescore_lookalike"] = run_rescore(args)
