@@ -282,7 +282,7 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, wei
         k = ok[-1] if ok else int(np.nanargmax([e["precision"] for e in est]))
         rule = "precision"
     chosen = float(cands[k])
-    lower = s[s < chosen]
+    lower = s[(s < chosen) & (s > 0)]  # a pick no candidate holds (score 0) is no lower neighbour
     thr = (1 / (1 + np.exp(-(_logit(np.array([chosen]))[0] + _logit(np.array([lower.max()]))[0]) / 2))
            if len(lower) else chosen * 0.999)
     out = estimate(s, a, float(thr), weights=weights, z=z)
