@@ -368,7 +368,11 @@ def run_rechoose(args: argparse.Namespace, work: Path) -> list[dict]:
             rec.update({f"threshold_{how}": round(est["threshold"], 4), f"f1_{how}": f1_at(cands, true, r, est["threshold"])["f1_auto"],
                         f"est_precision_{how}": round(est["precision"], 4),
                         f"true_precision_{how}": round(true_precision(cands, true, r, est["threshold"]), 4)})
-        rec["load"] = load()
+        picker = Picker.load(run, device="cpu")
+        thr_auto = float(apply_auto_threshold(cands, picker.contract)[1]["particle"]["threshold"])
+        smp = verdicts[verdicts["sample"].astype(bool)]
+        rec.update(threshold_auto=round(thr_auto, 4), f1_auto_threshold=f1_at(cands, true, r, thr_auto)["f1_auto"],
+                   n_sample_accepted=int((smp["verdict"] == "accept").sum()), load=load())
         records.append(rec)
         print(rec, flush=True)
     return records
