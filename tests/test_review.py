@@ -17,8 +17,11 @@ from milotile.refine.review import (
     VerdictLog,
     design_weights,
     estimate,
+    rescored_weights,
     review_order,
     reviewed_threshold,
+    round_labels,
+    sample_threshold,
     wilson_interval,
 )
 
@@ -121,6 +124,56 @@ def test_verdict_log_persists_replaces_and_undoes(store):
         log.add("accept", tomogram="nope", x=1, y=2, z=3)
     with pytest.raises(InputError, match="review name"):
         VerdictLog(col, "a/b")
+
+
+def test_round_labels_count_each_place_once_across_rounds():
+    import pandas as pd
+
+    def verdicts(rows):
+        return pd.DataFrame([{"tomogram": t, "x": x, "y": 5.0, "z": 6.0, "verdict": v, "sample": s}
+                             for t, x, v, s in rows])
+
+    first = verdicts([("a", 1.0, "accept", False), ("a", 2.0, "reject", False), ("b", 3.0, "accept", True),
+                      ("b", 4.0, "add", False)])
+    contract = {"classes": ["ribo"], "train_labels": [["a", 9.0, 5.0, 6.0, "ribo"]], "train_negatives": []}
+    lab, neg = round_labels(contract, first)
+    assert sorted(lab["x"]) == [1.0, 4.0, 9.0] and set(lab["class"]) == {"ribo"}  # the sample pick is held out
+    assert neg["x"].tolist() == [2.0]
+    # round 2 under the same review name: the first round's verdicts are in the log and in the contract
+    contract2 = {"classes": ["ribo"], "train_labels": lab.values.tolist(), "train_negatives": neg.values.tolist()}
+    second = pd.concat([first, verdicts([("a", 7.0, "accept", False), ("b", 8.0, "reject", False)])])
+    lab2, neg2 = round_labels(contract2, second)
+    assert sorted(lab2["x"]) == [1.0, 4.0, 7.0, 9.0] and sorted(neg2["x"]) == [2.0, 8.0]
+    # a previous label the reviewer now rejects is a negative only
+    lab3, neg3 = round_labels(contract2, verdicts([("a", 9.0, "reject", False)]))
+    assert 9.0 not in lab3["x"].tolist() and 9.0 in neg3["x"].tolist()
+    assert len(round_labels(contract2, second, train_on_sample=True)[0]) == 5
+
+
+def test_sample_threshold_of_a_retrained_picker_weighs_by_its_own_candidates():
+    import pandas as pd
+
+    # the new picker: 30 particles scored 0.5-0.9, 200 junk peaks at 0.05-0.2, one junk peak at 0.6
+    rng = np.random.default_rng(0)
+    sc = np.concatenate([np.linspace(0.5, 0.9, 30), rng.uniform(0.05, 0.2, 200), [0.6]])
+    cands = pd.DataFrame({"tomogram": "t", "x": np.arange(len(sc)) * 10.0, "y": 0.0, "z": 0.0, "score": sc})
+    # the reviewed sample of the previous picker: 12 particles from its kept stratum (weight ~1), and from its
+    # low stratum of 3000 candidates 5 junk picks, one of which the new picker now scores 0.6
+    rows = [(10.0 * i, "accept", 1, 14) for i in range(0, 30, 3)] + [(10.0 * 230, "reject", 0, 3000)]
+    rows += [(10.0 * (30 + i), "reject", 0, 3000) for i in range(4)] + [(10.0 * 1, "accept", 1, 14), (20.0, "accept", 1, 14)]
+    ver = pd.DataFrame({"tomogram": "t", "x": [r[0] for r in rows], "y": 0.0, "z": 0.0, "verdict": [r[1] for r in rows],
+                        "sample": True, "stratum": [r[2] for r in rows], "stratum_n": [r[3] for r in rows], "picks": "p"})
+    design = sample_threshold(cands, ver, 1.0, weighting="design")
+    post = sample_threshold(cands, ver, 1.0)
+    # the design weights let the one junk pick stand for 600 junk candidates above 0.6: the threshold jumps over it
+    assert design["threshold"] > 0.6
+    # weighted by the new candidates' counts, the threshold keeps the particles below 0.6 and the junk out
+    assert 0.2 < post["threshold"] <= 0.5 and post["weighting"] == "rescored"
+    true_p = (cands["score"].iloc[:30] >= post["threshold"]).sum() / (cands["score"] >= post["threshold"]).sum()
+    assert abs(post["precision"] - true_p) < 0.1
+    assert sample_threshold(cands, ver.iloc[:5], 1.0) is None  # fewer than MIN_SAMPLE verdicts
+    w = rescored_weights([0.9, 0.8, 0.0], [0.9, 0.85, 0.8, 0.1], min_per_bin=5)
+    assert w.tolist() == [2.0, 2.0, 2.0]  # one bin: 4 candidates for 2 proposed sample picks
 
 
 # ------------------------------------------------------------------------------------ server
@@ -234,3 +287,6 @@ def test_retrain_uses_verdicts_and_the_sample(tmp_path):
     assert col.table_params("picks")["threshold"] == pytest.approx(res["threshold"])
     assert (col.read_table("picks")["score"] >= res["threshold"]).all()
     assert len(col.read_table("picks-all")) >= len(col.read_table("picks"))
+    # a second round under the same review name: the first round's verdicts are not counted twice
+    again = retrain(col, res["run"], epochs=1, floor=0.01, table=None, write_heatmaps=False)
+    assert again["n_labels"] == 4 + n_acc and again["n_negatives"] == n_train - n_acc
