@@ -113,19 +113,31 @@ def manual_labels(gt: pd.DataFrame, target: str, n: int, seed: int) -> pd.DataFr
 
 
 def train_and_pick(col, labels: pd.DataFrame, gt_t: pd.DataFrame, r: float, run: Path, a: argparse.Namespace,
-                   stages: Stages, tag: str) -> dict:
-    """``refine train`` on ``labels`` (the recipe's defaults, box 2r) and ``refine pick`` (automatic threshold)."""
+                   stages: Stages, tag: str, negatives: pd.DataFrame | None = None) -> dict:
+    """``refine train`` on ``labels`` (and ``--negatives``; the recipe's defaults, box 2r) and ``refine pick``
+    (automatic threshold)."""
     import milotile as mt
     from milotile.metrics import evaluate
+    from milotile.refine.recipe import PickerRecipe, default_epochs
 
     shutil.rmtree(run, ignore_errors=True)
     kw = {"epochs": a.refine_epochs} if a.refine_epochs else {}
-    picker = stages.run(f"refine_train_{tag}", lambda: mt.refine.train(col, labels, out=run, seed=a.seed,
-                                                                        device="cpu", bbox=2 * r, **kw))
+    picker = stages.run(f"refine_train_{tag}", lambda: mt.refine.train(
+        col, labels, negatives=negatives, out=run, seed=a.seed, device="cpu", bbox=2 * r, **kw))
     picks = stages.run(f"refine_pick_{tag}", lambda: picker.pick(col, table=None, write_heatmaps=False))
     e = evaluate(picks, gt_t[["tomogram", "x", "y", "z"]], r / 2, by="tomogram").iloc[-1]
-    return {"labels": int(len(labels)), "picks": int(len(picks)), "f1": round(float(e["f1"]), 4),
-            "precision": round(float(e["precision"]), 4), "recall": round(float(e["recall"]), 4)}
+    return {"labels": int(len(labels)), "negatives": 0 if negatives is None else int(len(negatives)),
+            "picks": int(len(picks)), "f1": round(float(e["f1"]), 4),
+            "precision": round(float(e["precision"]), 4), "recall": round(float(e["recall"]), 4),
+            "epochs": int(a.refine_epochs or default_epochs(len(labels), PickerRecipe().repeats))}
+
+
+def other_clusters(table: pd.DataFrame, chosen: list[int], level: str) -> list[int]:
+    """The clusters (coarse level) that hold none of the ``chosen`` clusters / sub-clusters' candidates: the
+    ``--negatives`` of the ``rule_neg`` variant (everything the user did not take, except the clusters the
+    selection came from, which may hold more of the target)."""
+    held = set(table.loc[table[level].isin(chosen), "cluster"].astype(int).tolist())
+    return sorted(int(c) for c in set(table["cluster"].astype(int).unique()) - held - {-1})
 
 
 def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clusters: list[int],
@@ -218,6 +230,8 @@ def run(a: argparse.Namespace) -> dict:
                  "target": target, "radius": r, "n_target": int(len(gt_t)), "centred_recall": centred_recall,
                  "atlas": quality, "reused_explore": reused, "level": lv, f"selections_{other}": other_sel}
     sels = {"rule": rule, "oracle": [oracle] if oracle is not None else []}
+    if "neg" in a.variants.split(","):  # the lever: the rule's selection, the clusters holding none of it as negatives
+        sels["rule_neg"] = rule
     for tag, clusters in sels.items():
         q = selection_quality(table, centred, target, clusters, lv)
         out[f"selection_{tag}"] = q
@@ -229,12 +243,24 @@ def run(a: argparse.Namespace) -> dict:
         if tag == "oracle" and sorted(clusters) == sorted(rule):
             out["picker_oracle"] = {**out["picker_rule"], "same_as_rule": True}
             continue
-        labels = st.run(f"select_{tag}", lambda c=clusters, t=tag: select(
-            col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False))
+        neg = other_clusters(table, clusters, lv) if tag == "rule_neg" else None
+        if neg is not None:
+            negq = selection_quality(table, centred, target, neg, "cluster")
+            out["selection_rule_neg"] = {**q, "negative_clusters": neg, "negatives_n": negq["n"],
+                                         "negatives_on_target": negq["on_target"]}
+            log.info("rule_neg: %d negative clusters, %d candidates, %d of them on the target", len(neg),
+                     negq["n"], negq["on_target"])
+        labels = st.run(f"select_{tag}", lambda c=clusters, t=tag, n=neg: select(
+            col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False, negatives=n))
+        negs = labels.attrs.get("negatives")
         out[f"picker_{tag}"] = train_and_pick(col, labels[["tomogram", "x", "y", "z"]], gt_t, r,
-                                              work / "runs" / f"refine-{tag}", a, st, tag)
+                                              work / "runs" / f"refine-{tag}", a, st, tag,
+                                              None if negs is None else negs[["tomogram", "x", "y", "z"]])
         log.info("%s: selection %s -> picker %s", tag, q, out[f"picker_{tag}"])
         save_partial(a, {**out, "stages": st.rows})
+    out["stages"] = st.rows
+    if a.skip_manual:
+        return out
     man = manual_labels(gt, target, a.manual, a.seed)
     out["picker_manual"] = train_and_pick(col, man, gt_t, r, work / "runs" / "refine-manual", a, st, "manual")
     log.info("manual (%d labels): %s", len(man), out["picker_manual"])
@@ -265,6 +291,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--level", choices=("subcluster", "cluster"), default="subcluster",
                     help="the atlas level the rule and the oracle choose from (the other level's selections are "
                     "reported without a picker)")
+    ap.add_argument("--variants", default="",
+                    help="comma list of extra selections: 'neg' = the rule's selection with the clusters holding none of "
+                    "it as --negatives")
+    ap.add_argument("--skip-manual", action="store_true", help="no 6-manual-label picker (measured in another run)")
     ap.add_argument("--refine-epochs", type=int, default=None, help="default: the picker recipe's")
     ap.add_argument("--manual", type=int, default=6, help="manual labels of the reference picker")
     ap.add_argument("--threads", type=int, default=2)
@@ -297,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prev, indent=2, default=str) + "\n")
     summary = {k: res[k] for k in ("preset", "setting", "seed", "target")}
-    for tag in ("rule", "oracle", "manual"):
+    for tag in ("rule", "rule_neg", "oracle", "manual"):
         p = res.get(f"picker_{tag}")
         summary[f"f1_{tag}"] = None if p is None else p["f1"]
     print(json.dumps(summary))
