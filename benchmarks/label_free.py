@@ -174,11 +174,15 @@ def run(a: argparse.Namespace) -> dict:
     if a.from_explore:  # the store, candidates and slab embeddings of a benchmarks/explore.py work folder
         src = Path(a.from_explore)
         col = mt.open(src / "store.zarr")
-        gt = pd.read_parquet(src / "gt.parquet")
+        # an explore.py folder has gt.parquet and data.json; a label_free.py folder its synth output in data/
+        gt = pd.read_parquet(src / "gt.parquet" if (src / "gt.parquet").exists() else src / "data" / "ground_truth.parquet")
         cands_df = col.read_table("candidates")
         key = next(k[len("embeddings-"):] for k in col.tables() if k.startswith("embeddings-") and "slab" in k)
         target = "big" if a.preset == "hard" else None
-        reused = {"from": str(src), "embeddings": key, "data": json.loads((src / "data.json").read_text())}
+        prev = src / "partial.json"
+        reused = {"from": str(src), "embeddings": key,
+                  "data": json.loads((src / "data.json").read_text()) if (src / "data.json").exists() else None,
+                  "stages": json.loads(prev.read_text()).get("stages") if prev.exists() else None}
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     else:

@@ -203,6 +203,26 @@ def test_plots_and_thumbnails(tmp_path):
     assert Image.open(tmp_path / "imgs" / "299.png").size == (64, 64)
 
 
+def test_cluster_averages_are_the_mean_of_each_clusters_patches(tmp_path):
+    from milotile.explore.plots import _bank, cluster_averages, read_patches
+
+    col, _ = write_embedding_store(tmp_path / "s.zarr", n=300, d=16)
+    a = atlas(col, method="pca", n_clusters=3, overcluster=30, fit_sample=300)
+    t, bank = a.table, _bank(a)
+    for level in ("cluster", "subcluster"):
+        av = cluster_averages(a, level=level)
+        assert sorted(av) == sorted(t[level].unique().tolist())
+        for c, g in t.groupby(level):
+            np.testing.assert_allclose(av[int(c)], read_patches(bank, g["id"].to_numpy()).mean(0), rtol=1e-5, atol=1e-6)
+    big = int(t["cluster"].value_counts().idxmax())
+    few = cluster_averages(a, max_per=3)[big]  # a sample of 3 members: the mean of 3 of them, not of all
+    members = read_patches(bank, t[t["cluster"] == big]["id"].to_numpy())
+    assert not np.allclose(few, members.mean(0))
+    assert few.shape == members.shape[1:]
+    with pytest.raises(InputError, match="no leaf"):
+        cluster_averages(a, level="leaf")
+
+
 def test_colour_map_3d_is_ngff_labels(tmp_path):
     import zarr
     from ome_zarr_models import open_ome_zarr
