@@ -121,7 +121,10 @@ def train_and_pick(col, labels: pd.DataFrame, gt_t: pd.DataFrame, r: float, run:
     from milotile.refine.recipe import PickerRecipe, default_epochs
 
     shutil.rmtree(run, ignore_errors=True)
-    kw = {"epochs": a.refine_epochs} if a.refine_epochs else {}
+    epochs = a.refine_epochs
+    if epochs is None and a.crop_budget:  # a smaller labelled-crop budget than the recipe's, same for every picker
+        epochs = max(1, round(a.crop_budget / (len(labels) * PickerRecipe().repeats)))
+    kw = {"epochs": epochs} if epochs else {}
     picker = stages.run(f"refine_train_{tag}", lambda: mt.refine.train(
         col, labels, negatives=negatives, out=run, seed=a.seed, device="cpu", bbox=2 * r, **kw))
     picks = stages.run(f"refine_pick_{tag}", lambda: picker.pick(col, table=None, write_heatmaps=False))
@@ -129,7 +132,7 @@ def train_and_pick(col, labels: pd.DataFrame, gt_t: pd.DataFrame, r: float, run:
     return {"labels": int(len(labels)), "negatives": 0 if negatives is None else int(len(negatives)),
             "picks": int(len(picks)), "f1": round(float(e["f1"]), 4),
             "precision": round(float(e["precision"]), 4), "recall": round(float(e["recall"]), 4),
-            "epochs": int(a.refine_epochs or default_epochs(len(labels), PickerRecipe().repeats))}
+            "epochs": int(epochs or default_epochs(len(labels), PickerRecipe().repeats))}
 
 
 def other_clusters(table: pd.DataFrame, chosen: list[int], level: str) -> list[int]:
@@ -147,6 +150,22 @@ def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clu
     return {"clusters": clusters, "n": int(sel.sum()), "on_target": int((sel & hit).sum()),
             "precision": round(float((sel & hit).sum() / max(sel.sum(), 1)), 4),
             "recall": round(float((sel & hit).sum() / max(hit.sum(), 1)), 4)}
+
+
+def merge_duplicates(col, labels: pd.DataFrame, distance: float) -> pd.DataFrame:  # noqa: ANN001
+    """The ``dedup`` variant: selected candidates closer than ``distance`` (the particle radius, half the picker's
+    box) in one tomogram are one particle (a large particle holds several DoG peaks); keep the strongest DoG peak
+    of each group (:func:`milotile.ops.peaks.greedy_nms`). The automatic threshold estimates the particle count
+    from the label count, so duplicates inflate it."""
+    from milotile.ops.peaks import greedy_nms
+
+    bank = next(k for k in col.tables() if k.startswith("patches-") and "slab" in k)
+    score = col.read_table(bank)["score"].to_numpy(np.float64)
+    keep = []
+    for _, g in labels.groupby("tomogram"):
+        idx = greedy_nms(g[["x", "y", "z"]].to_numpy(np.float64), score[g["id"].to_numpy()], distance)
+        keep.extend(g.index[idx].tolist())
+    return labels.loc[sorted(keep)]
 
 
 def save_partial(a: argparse.Namespace, res: dict) -> None:
@@ -236,6 +255,8 @@ def run(a: argparse.Namespace) -> dict:
     sels = {"rule": rule, "oracle": [oracle] if oracle is not None else []}
     if "neg" in a.variants.split(","):  # the lever: the rule's selection, the clusters holding none of it as negatives
         sels["rule_neg"] = rule
+    if "dedup" in a.variants.split(","):  # the lever: the rule's selection, one label per particle
+        sels["rule_dedup"] = rule
     for tag, clusters in sels.items():
         q = selection_quality(table, centred, target, clusters, lv)
         out[f"selection_{tag}"] = q
@@ -257,6 +278,14 @@ def run(a: argparse.Namespace) -> dict:
         labels = st.run(f"select_{tag}", lambda c=clusters, t=tag, n=neg: select(
             col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False, negatives=n))
         negs = labels.attrs.get("negatives")
+        if tag == "rule_dedup":
+            before = len(labels)
+            labels = merge_duplicates(col, labels, r)
+            kept = table["id"].isin(labels["id"]).to_numpy()
+            on = int((np.asarray(centred, dtype=object)[kept] == target).sum())
+            dq = {"n": int(kept.sum()), "on_target": on, "precision": round(on / max(int(kept.sum()), 1), 4)}
+            out["selection_rule_dedup"] = {**dq, "before_merge": before}
+            log.info("rule_dedup: %d selected candidates -> %d labels (%s)", before, len(labels), dq)
         out[f"picker_{tag}"] = train_and_pick(col, labels[["tomogram", "x", "y", "z"]], gt_t, r,
                                               work / "runs" / f"refine-{tag}", a, st, tag,
                                               None if negs is None else negs[["tomogram", "x", "y", "z"]])
@@ -297,8 +326,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     "reported without a picker)")
     ap.add_argument("--variants", default="",
                     help="comma list of extra selections: 'neg' = the rule's selection with the clusters holding none of "
-                    "it as --negatives")
+                    "it as --negatives; 'dedup' = the rule's selection with candidates closer than the target's radius "
+                    "merged (one label per particle)")
     ap.add_argument("--skip-manual", action="store_true", help="no 6-manual-label picker (measured in another run)")
+    ap.add_argument("--crop-budget", type=int, default=None,
+                    help="labelled crops per picker (epochs = budget / (labels x repeats), at least 1) instead of the "
+                    "recipe's ~600: the same reduced budget for every picker on a loaded machine")
     ap.add_argument("--refine-epochs", type=int, default=None, help="default: the picker recipe's")
     ap.add_argument("--manual", type=int, default=6, help="manual labels of the reference picker")
     ap.add_argument("--threads", type=int, default=2)
@@ -331,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prev, indent=2, default=str) + "\n")
     summary = {k: res[k] for k in ("preset", "setting", "seed", "target")}
-    for tag in ("rule", "rule_neg", "oracle", "manual"):
+    for tag in ("rule", "rule_neg", "rule_dedup", "oracle", "manual"):
         p = res.get(f"picker_{tag}")
         summary[f"f1_{tag}"] = None if p is None else p["f1"]
     print(json.dumps(summary))
