@@ -262,7 +262,7 @@ def run(a: argparse.Namespace) -> dict:
         out[f"selection_{tag}"] = q
         log.info("%s selection (%ss): %s", tag, lv, q)
         save_partial(a, {**out, "stages": st.rows})
-        if not clusters:
+        if not clusters or tag in a.skip.split(","):
             out[f"picker_{tag}"] = None
             continue
         if tag == "oracle" and sorted(clusters) == sorted(rule):
@@ -328,6 +328,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="comma list of extra selections: 'neg' = the rule's selection with the clusters holding none of "
                     "it as --negatives; 'dedup' = the rule's selection with candidates closer than the target's radius "
                     "merged (one label per particle)")
+    ap.add_argument("--skip", default="", help="comma list of selections (rule, oracle) whose picker is not trained "
+                    "(measured in another run)")
     ap.add_argument("--skip-manual", action="store_true", help="no 6-manual-label picker (measured in another run)")
     ap.add_argument("--crop-budget", type=int, default=None,
                     help="labelled crops per picker (epochs = budget / (labels x repeats), at least 1) instead of the "
