@@ -265,7 +265,7 @@ def run(a: argparse.Namespace) -> dict:
         if not clusters or tag in a.skip.split(","):
             out[f"picker_{tag}"] = None
             continue
-        if tag == "oracle" and sorted(clusters) == sorted(rule):
+        if tag == "oracle" and sorted(clusters) == sorted(rule) and out.get("picker_rule"):
             out["picker_oracle"] = {**out["picker_rule"], "same_as_rule": True}
             continue
         neg = other_clusters(table, clusters, lv) if tag == "rule_neg" else None
