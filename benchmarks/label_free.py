@@ -135,14 +135,6 @@ def train_and_pick(col, labels: pd.DataFrame, gt_t: pd.DataFrame, r: float, run:
             "epochs": int(epochs or default_epochs(len(labels), PickerRecipe().repeats))}
 
 
-def other_clusters(table: pd.DataFrame, chosen: list[int], level: str) -> list[int]:
-    """The clusters (coarse level) that hold none of the ``chosen`` clusters / sub-clusters' candidates: the
-    ``--negatives`` of the ``rule_neg`` variant (everything the user did not take, except the clusters the
-    selection came from, which may hold more of the target)."""
-    held = set(table.loc[table[level].isin(chosen), "cluster"].astype(int).tolist())
-    return sorted(int(c) for c in set(table["cluster"].astype(int).unique()) - held - {-1})
-
-
 def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clusters: list[int],
                       column: str = "cluster") -> dict:
     sel = np.isin(table[column].to_numpy(), clusters)
@@ -186,6 +178,7 @@ def run(a: argparse.Namespace) -> dict:
         purest_cluster,
     )
     from milotile.explore.recipe import ExploreRecipe
+    from milotile.explore.select import clusters_without
 
     work = Path(a.work)
     st = Stages()
@@ -268,15 +261,16 @@ def run(a: argparse.Namespace) -> dict:
         if tag == "oracle" and sorted(clusters) == sorted(rule) and out.get("picker_rule"):
             out["picker_oracle"] = {**out["picker_rule"], "same_as_rule": True}
             continue
-        neg = other_clusters(table, clusters, lv) if tag == "rule_neg" else None
-        if neg is not None:
+        neg = clusters_without(table, table.loc[table[lv].isin(clusters), "id"].to_numpy()) if tag == "rule_neg" else None
+        if neg is not None:  # what select(..., negatives="rest") takes
             negq = selection_quality(table, centred, target, neg, "cluster")
             out["selection_rule_neg"] = {**q, "negative_clusters": neg, "negatives_n": negq["n"],
                                          "negatives_on_target": negq["on_target"]}
             log.info("rule_neg: %d negative clusters, %d candidates, %d of them on the target", len(neg),
                      negq["n"], negq["on_target"])
         labels = st.run(f"select_{tag}", lambda c=clusters, t=tag, n=neg: select(
-            col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False, negatives=n))
+            col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False,
+            negatives=None if n is None else "rest"))
         negs = labels.attrs.get("negatives")
         if tag == "rule_dedup":
             before = len(labels)
