@@ -229,9 +229,10 @@ def run(a: argparse.Namespace) -> dict:
     quality = {**cluster_scores(table["cluster"], on_any),
                "n_candidates": int(len(table)), "n_on_particles": int(sum(v is not None for v in on_any)),
                "n_clusters": int(table["cluster"].max()) + 1,
-               "best_single_cluster": best_cluster_selection(table["cluster"].to_numpy(), on_any)}
-    log.info("atlas: %s", {k: v for k, v in quality.items() if k != "best_single_cluster"})
-    log.info("best single cluster for %s: %s", target, quality["best_single_cluster"].get(target))
+               "best_single_per_species": {lvl: best_cluster_selection(table[lvl].to_numpy(), on_any)
+                                           for lvl in ("cluster", "subcluster")}}
+    log.info("atlas: %s", {k: v for k, v in quality.items() if k != "best_single_per_species"})
+    log.info("best single cluster for %s: %s", target, quality["best_single_per_species"]["cluster"].get(target))
     lv = a.level
     rule = enriched_clusters(table, centred, target, column=lv)
     oracle = purest_cluster(table, centred, target, column=lv)
@@ -240,8 +241,8 @@ def run(a: argparse.Namespace) -> dict:
     other_sel = {t: selection_quality(table, centred, target, c, other) for t, c in (
         ("rule", enriched_clusters(table, centred, target, column=other)),
         ("oracle", [purest_cluster(table, centred, target, column=other)]))}
-    quality[f"best_single_{other}"] = best_cluster_selection(table[other].to_numpy(), on_any).get(target)
-    quality[f"best_single_{lv}"] = best_cluster_selection(table[lv].to_numpy(), on_any).get(target)
+    for lvl in ("cluster", "subcluster"):  # the target's (the per-species dict holds every species')
+        quality[f"best_single_{lvl}_target"] = quality["best_single_per_species"][lvl].get(target)
     out: dict = {"preset": a.preset, "setting": a.setting if a.preset == "lookalike" else None, "seed": a.seed,
                  "target": target, "radius": r, "n_target": int(len(gt_t)), "centred_recall": centred_recall,
                  "atlas": quality, "reused_explore": reused, "level": lv, f"selections_{other}": other_sel}
