@@ -18,6 +18,7 @@ candidates. Variants (all on the atlas's prepared features: row L2 normalisation
   are purer whatever the features, so the fine levels are compared at equal counts.
 
     python benchmarks/atlas_findable.py /tmp/explore_la/*/features_*.npz --out results/atlas_findable.json
+    python benchmarks/atlas_findable.py WORK/la3_s0/features_slab_seed0.npz --figure docs/lookalike-map.png
 """
 
 from __future__ import annotations
@@ -105,12 +106,78 @@ def score(labels: np.ndarray, species: np.ndarray) -> dict:
             "best_f1_mean": round(float(np.mean([v["f1"] for v in best.values()])), 4), "per_species": best}
 
 
+def knn_balanced(x: np.ndarray, species: np.ndarray, min_class: int = 5) -> tuple[float, int]:
+    """Balanced 5-NN accuracy (standardised features, 5-fold CV, 3 repeats; ``benchmarks/explore.py``'s
+    :func:`knn_cv`) on the particle candidates of species with at least ``min_class`` candidates, and that count."""
+    from explore import knn_cv
+
+    sp = np.asarray(species).astype(str)
+    names, counts = np.unique(sp[sp != ""], return_counts=True)
+    keep = np.isin(sp, names[counts >= min_class])
+    return knn_cv(x[keep], sp[keep], "std", scorings=("balanced_accuracy",))["balanced_accuracy"][0], int(keep.sum())
+
+
+def figure(npz: str, out: str, method: str = "umap", seed: int = 0) -> dict:
+    """The look-alike map from the learned embedding next to the map of the raw-pixel PCA, every candidate coloured
+    by the species of the particle it lies on (background grey), the balanced 5-NN accuracy in each title (item 5 of
+    issue 24). Both maps are made the atlas's way (:func:`prepare`, then ``method``: UMAP or PCA to 2D)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = np.load(npz, allow_pickle=True)
+    species = d["species"].astype(str)
+    panels = {"learned embedding (SimSiam, 3d)": d["emb"], "PCA of the raw patch pixels (16 components)": d["pca"]}
+    names = sorted(set(species.tolist()) - {""})
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), dpi=110)
+    info = {"file": npz, "method": method, "n": int(len(species)), "n_on_particles": int((species != "").sum())}
+    for ax, (title, x) in zip(axes, panels.items(), strict=True):
+        f = prepare(np.asarray(x, np.float32))
+        if method == "umap":
+            import umap
+
+            xy = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(f)
+        else:
+            from sklearn.decomposition import PCA
+
+            xy = PCA(2, random_state=seed).fit_transform(f)
+        acc, n_scored = knn_balanced(np.asarray(x, np.float64), species)
+        info[title] = {"knn5_balanced": round(acc, 4), "n_scored": n_scored}
+        bg = species == ""
+        ax.scatter(xy[bg, 0], xy[bg, 1], s=6, c="0.78", lw=0, label=f"background ({int(bg.sum())})")
+        for i, sp in enumerate(names):
+            m = species == sp
+            ax.scatter(xy[m, 0], xy[m, 1], s=22, color=cmap(i % cmap.N), lw=0.3, edgecolor="k",
+                       label=f"{sp} ({int(m.sum())})")
+        ax.set_title(f"{title}\nbalanced 5-NN species accuracy {acc:.2f}", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False, title="true species")
+    fig.suptitle(f"{Path(npz).parent.name}: {info['n']} mined candidates, {info['n_on_particles']} on particles "
+                 f"({method.upper()} map of each feature set)", fontsize=10)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    print(f"figure: {out} {json.dumps(info)}")
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--clusters", default="48,16,96", help="final cluster counts of the spectral variant")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "atlas_findable.json"))
+    ap.add_argument("--figure", default=None, metavar="PNG",
+                    help="only draw the first file's learned map next to its pixel-PCA map, coloured by the true species "
+                    "(docs/lookalike-map.png), and exit")
+    ap.add_argument("--map", default="umap", choices=("umap", "pca"), help="2D projection of --figure")
     a = ap.parse_args(argv)
+    if a.figure:
+        figure(a.files[0], a.figure, a.map)
+        return 0
     clusters = [int(v) for v in a.clusters.split(",")]
     rows = []
     for f in a.files:

@@ -113,19 +113,26 @@ def manual_labels(gt: pd.DataFrame, target: str, n: int, seed: int) -> pd.DataFr
 
 
 def train_and_pick(col, labels: pd.DataFrame, gt_t: pd.DataFrame, r: float, run: Path, a: argparse.Namespace,
-                   stages: Stages, tag: str) -> dict:
-    """``refine train`` on ``labels`` (the recipe's defaults, box 2r) and ``refine pick`` (automatic threshold)."""
+                   stages: Stages, tag: str, negatives: pd.DataFrame | None = None) -> dict:
+    """``refine train`` on ``labels`` (and ``--negatives``; the recipe's defaults, box 2r) and ``refine pick``
+    (automatic threshold)."""
     import milotile as mt
     from milotile.metrics import evaluate
+    from milotile.refine.recipe import PickerRecipe, default_epochs
 
     shutil.rmtree(run, ignore_errors=True)
-    kw = {"epochs": a.refine_epochs} if a.refine_epochs else {}
-    picker = stages.run(f"refine_train_{tag}", lambda: mt.refine.train(col, labels, out=run, seed=a.seed,
-                                                                        device="cpu", bbox=2 * r, **kw))
+    epochs = a.refine_epochs
+    if epochs is None and a.crop_budget:  # a smaller labelled-crop budget than the recipe's, same for every picker
+        epochs = max(1, round(a.crop_budget / (len(labels) * PickerRecipe().repeats)))
+    kw = {"epochs": epochs} if epochs else {}
+    picker = stages.run(f"refine_train_{tag}", lambda: mt.refine.train(
+        col, labels, negatives=negatives, out=run, seed=a.seed, device="cpu", bbox=2 * r, **kw))
     picks = stages.run(f"refine_pick_{tag}", lambda: picker.pick(col, table=None, write_heatmaps=False))
     e = evaluate(picks, gt_t[["tomogram", "x", "y", "z"]], r / 2, by="tomogram").iloc[-1]
-    return {"labels": int(len(labels)), "picks": int(len(picks)), "f1": round(float(e["f1"]), 4),
-            "precision": round(float(e["precision"]), 4), "recall": round(float(e["recall"]), 4)}
+    return {"labels": int(len(labels)), "negatives": 0 if negatives is None else int(len(negatives)),
+            "picks": int(len(picks)), "f1": round(float(e["f1"]), 4),
+            "precision": round(float(e["precision"]), 4), "recall": round(float(e["recall"]), 4),
+            "epochs": int(epochs or default_epochs(len(labels), PickerRecipe().repeats))}
 
 
 def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clusters: list[int],
@@ -135,6 +142,22 @@ def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clu
     return {"clusters": clusters, "n": int(sel.sum()), "on_target": int((sel & hit).sum()),
             "precision": round(float((sel & hit).sum() / max(sel.sum(), 1)), 4),
             "recall": round(float((sel & hit).sum() / max(hit.sum(), 1)), 4)}
+
+
+def merge_duplicates(col, labels: pd.DataFrame, distance: float) -> pd.DataFrame:  # noqa: ANN001
+    """The ``dedup`` variant: selected candidates closer than ``distance`` (the particle radius, half the picker's
+    box) in one tomogram are one particle (a large particle holds several DoG peaks); keep the strongest DoG peak
+    of each group (:func:`milotile.ops.peaks.greedy_nms`). The automatic threshold estimates the particle count
+    from the label count, so duplicates inflate it."""
+    from milotile.ops.peaks import greedy_nms
+
+    bank = next(k for k in col.tables() if k.startswith("patches-") and "slab" in k)
+    score = col.read_table(bank)["score"].to_numpy(np.float64)
+    keep = []
+    for _, g in labels.groupby("tomogram"):
+        idx = greedy_nms(g[["x", "y", "z"]].to_numpy(np.float64), score[g["id"].to_numpy()], distance)
+        keep.extend(g.index[idx].tolist())
+    return labels.loc[sorted(keep)]
 
 
 def save_partial(a: argparse.Namespace, res: dict) -> None:
@@ -155,6 +178,7 @@ def run(a: argparse.Namespace) -> dict:
         purest_cluster,
     )
     from milotile.explore.recipe import ExploreRecipe
+    from milotile.explore.select import clusters_without
 
     work = Path(a.work)
     st = Stages()
@@ -162,11 +186,15 @@ def run(a: argparse.Namespace) -> dict:
     if a.from_explore:  # the store, candidates and slab embeddings of a benchmarks/explore.py work folder
         src = Path(a.from_explore)
         col = mt.open(src / "store.zarr")
-        gt = pd.read_parquet(src / "gt.parquet")
+        # an explore.py folder has gt.parquet and data.json; a label_free.py folder its synth output in data/
+        gt = pd.read_parquet(src / "gt.parquet" if (src / "gt.parquet").exists() else src / "data" / "ground_truth.parquet")
         cands_df = col.read_table("candidates")
         key = next(k[len("embeddings-"):] for k in col.tables() if k.startswith("embeddings-") and "slab" in k)
         target = "big" if a.preset == "hard" else None
-        reused = {"from": str(src), "embeddings": key, "data": json.loads((src / "data.json").read_text())}
+        prev = src / "partial.json"
+        reused = {"from": str(src), "embeddings": key,
+                  "data": json.loads((src / "data.json").read_text()) if (src / "data.json").exists() else None,
+                  "stages": json.loads(prev.read_text()).get("stages") if prev.exists() else None}
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     else:
@@ -201,9 +229,10 @@ def run(a: argparse.Namespace) -> dict:
     quality = {**cluster_scores(table["cluster"], on_any),
                "n_candidates": int(len(table)), "n_on_particles": int(sum(v is not None for v in on_any)),
                "n_clusters": int(table["cluster"].max()) + 1,
-               "best_single_cluster": best_cluster_selection(table["cluster"].to_numpy(), on_any)}
-    log.info("atlas: %s", {k: v for k, v in quality.items() if k != "best_single_cluster"})
-    log.info("best single cluster for %s: %s", target, quality["best_single_cluster"].get(target))
+               "best_single_per_species": {lvl: best_cluster_selection(table[lvl].to_numpy(), on_any)
+                                           for lvl in ("cluster", "subcluster")}}
+    log.info("atlas: %s", {k: v for k, v in quality.items() if k != "best_single_per_species"})
+    log.info("best single cluster for %s: %s", target, quality["best_single_per_species"]["cluster"].get(target))
     lv = a.level
     rule = enriched_clusters(table, centred, target, column=lv)
     oracle = purest_cluster(table, centred, target, column=lv)
@@ -212,29 +241,54 @@ def run(a: argparse.Namespace) -> dict:
     other_sel = {t: selection_quality(table, centred, target, c, other) for t, c in (
         ("rule", enriched_clusters(table, centred, target, column=other)),
         ("oracle", [purest_cluster(table, centred, target, column=other)]))}
-    quality[f"best_single_{other}"] = best_cluster_selection(table[other].to_numpy(), on_any).get(target)
-    quality[f"best_single_{lv}"] = best_cluster_selection(table[lv].to_numpy(), on_any).get(target)
+    for lvl in ("cluster", "subcluster"):  # the target's (the per-species dict holds every species')
+        quality[f"best_single_{lvl}_target"] = quality["best_single_per_species"][lvl].get(target)
     out: dict = {"preset": a.preset, "setting": a.setting if a.preset == "lookalike" else None, "seed": a.seed,
                  "target": target, "radius": r, "n_target": int(len(gt_t)), "centred_recall": centred_recall,
                  "atlas": quality, "reused_explore": reused, "level": lv, f"selections_{other}": other_sel}
     sels = {"rule": rule, "oracle": [oracle] if oracle is not None else []}
+    if "neg" in a.variants.split(","):  # the lever: the rule's selection, the clusters holding none of it as negatives
+        sels["rule_neg"] = rule
+    if "dedup" in a.variants.split(","):  # the lever: the rule's selection, one label per particle
+        sels["rule_dedup"] = rule
     for tag, clusters in sels.items():
         q = selection_quality(table, centred, target, clusters, lv)
         out[f"selection_{tag}"] = q
         log.info("%s selection (%ss): %s", tag, lv, q)
         save_partial(a, {**out, "stages": st.rows})
-        if not clusters:
+        if not clusters or tag in a.skip.split(","):
             out[f"picker_{tag}"] = None
             continue
-        if tag == "oracle" and sorted(clusters) == sorted(rule):
+        if tag == "oracle" and sorted(clusters) == sorted(rule) and out.get("picker_rule"):
             out["picker_oracle"] = {**out["picker_rule"], "same_as_rule": True}
             continue
-        labels = st.run(f"select_{tag}", lambda c=clusters, t=tag: select(
-            col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False))
+        neg = clusters_without(table, table.loc[table[lv].isin(clusters), "id"].to_numpy()) if tag == "rule_neg" else None
+        if neg is not None:  # what select(..., negatives="rest") takes
+            negq = selection_quality(table, centred, target, neg, "cluster")
+            out["selection_rule_neg"] = {**q, "negative_clusters": neg, "negatives_n": negq["n"],
+                                         "negatives_on_target": negq["on_target"]}
+            log.info("rule_neg: %d negative clusters, %d candidates, %d of them on the target", len(neg),
+                     negq["n"], negq["on_target"])
+        labels = st.run(f"select_{tag}", lambda c=clusters, t=tag, n=neg: select(
+            col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False,
+            negatives=None if n is None else "rest"))
+        negs = labels.attrs.get("negatives")
+        if tag == "rule_dedup":
+            before = len(labels)
+            labels = merge_duplicates(col, labels, r)
+            kept = table["id"].isin(labels["id"]).to_numpy()
+            on = int((np.asarray(centred, dtype=object)[kept] == target).sum())
+            dq = {"n": int(kept.sum()), "on_target": on, "precision": round(on / max(int(kept.sum()), 1), 4)}
+            out["selection_rule_dedup"] = {**dq, "before_merge": before}
+            log.info("rule_dedup: %d selected candidates -> %d labels (%s)", before, len(labels), dq)
         out[f"picker_{tag}"] = train_and_pick(col, labels[["tomogram", "x", "y", "z"]], gt_t, r,
-                                              work / "runs" / f"refine-{tag}", a, st, tag)
+                                              work / "runs" / f"refine-{tag}", a, st, tag,
+                                              None if negs is None else negs[["tomogram", "x", "y", "z"]])
         log.info("%s: selection %s -> picker %s", tag, q, out[f"picker_{tag}"])
         save_partial(a, {**out, "stages": st.rows})
+    out["stages"] = st.rows
+    if a.skip_manual:
+        return out
     man = manual_labels(gt, target, a.manual, a.seed)
     out["picker_manual"] = train_and_pick(col, man, gt_t, r, work / "runs" / "refine-manual", a, st, "manual")
     log.info("manual (%d labels): %s", len(man), out["picker_manual"])
@@ -265,6 +319,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--level", choices=("subcluster", "cluster"), default="subcluster",
                     help="the atlas level the rule and the oracle choose from (the other level's selections are "
                     "reported without a picker)")
+    ap.add_argument("--variants", default="",
+                    help="comma list of extra selections: 'neg' = the rule's selection with the clusters holding none of "
+                    "it as --negatives; 'dedup' = the rule's selection with candidates closer than the target's radius "
+                    "merged (one label per particle)")
+    ap.add_argument("--skip", default="", help="comma list of selections (rule, oracle) whose picker is not trained "
+                    "(measured in another run)")
+    ap.add_argument("--skip-manual", action="store_true", help="no 6-manual-label picker (measured in another run)")
+    ap.add_argument("--crop-budget", type=int, default=None,
+                    help="labelled crops per picker (epochs = budget / (labels x repeats), at least 1) instead of the "
+                    "recipe's ~600: the same reduced budget for every picker on a loaded machine")
     ap.add_argument("--refine-epochs", type=int, default=None, help="default: the picker recipe's")
     ap.add_argument("--manual", type=int, default=6, help="manual labels of the reference picker")
     ap.add_argument("--threads", type=int, default=2)
@@ -297,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prev, indent=2, default=str) + "\n")
     summary = {k: res[k] for k in ("preset", "setting", "seed", "target")}
-    for tag in ("rule", "oracle", "manual"):
+    for tag in ("rule", "rule_neg", "rule_dedup", "oracle", "manual"):
         p = res.get(f"picker_{tag}")
         summary[f"f1_{tag}"] = None if p is None else p["f1"]
     print(json.dumps(summary))

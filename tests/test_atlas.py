@@ -185,6 +185,29 @@ def test_select_writes_negatives_from_other_clusters(tmp_path):
     pd.testing.assert_frame_equal(col.read_table("labels-target"), before)  # a refused call changes nothing
 
 
+def test_select_negatives_rest_takes_every_cluster_holding_none_of_the_selection(tmp_path):
+    from milotile.cli import main
+
+    col, _ = write_embedding_store(tmp_path / "s.zarr", n=400, d=16)
+    a = atlas(col, method="pca", n_clusters=4, overcluster=30, fit_sample=400)
+    t = a.table
+    sub = int(t["subcluster"].iloc[0])
+    home = int(t.loc[t["subcluster"] == sub, "cluster"].iloc[0])  # the cluster the sub-cluster lies in
+    labels = select(col, subclusters=[sub], negatives="rest", name="lf", interactive_info=False)
+    neg = labels.attrs["negatives"]
+    known = set(t["cluster"].tolist()) - {-1}
+    assert len(known) == 4
+    assert sorted(neg["id"]) == sorted(t[(t["cluster"] != home) & (t["cluster"] >= 0)]["id"])  # not its own cluster
+    assert col.table_params("negatives-lf")["negative_clusters"] == sorted(known - {home})
+    assert main(["explore", "select", str(tmp_path / "s.zarr"), "--clusters", "0,1", "--negatives", "rest",
+                 "--name", "cli"]) == 0
+    assert sorted(col.read_table("negatives-cli")["id"]) == sorted(t[t["cluster"].isin([2, 3])]["id"])
+    with pytest.raises(InputError, match="no cluster is left"):
+        select(col, clusters=[0, 1, 2, 3], negatives="rest", name="all")
+    with pytest.raises(InputError, match="cluster ids or 'rest'"):
+        select(col, clusters=[0], negatives="others", name="x")
+
+
 def test_plots_and_thumbnails(tmp_path):
     from PIL import Image
 
@@ -201,6 +224,26 @@ def test_plots_and_thumbnails(tmp_path):
     assert 3 <= len(rows) <= 25 and len(set(rows)) == len(rows)
     assert export_thumbnails(a, tmp_path / "imgs", block=64) == 300
     assert Image.open(tmp_path / "imgs" / "299.png").size == (64, 64)
+
+
+def test_cluster_averages_are_the_mean_of_each_clusters_patches(tmp_path):
+    from milotile.explore.plots import _bank, cluster_averages, read_patches
+
+    col, _ = write_embedding_store(tmp_path / "s.zarr", n=300, d=16)
+    a = atlas(col, method="pca", n_clusters=3, overcluster=30, fit_sample=300)
+    t, bank = a.table, _bank(a)
+    for level in ("cluster", "subcluster"):
+        av = cluster_averages(a, level=level)
+        assert sorted(av) == sorted(t[level].unique().tolist())
+        for c, g in t.groupby(level):
+            np.testing.assert_allclose(av[int(c)], read_patches(bank, g["id"].to_numpy()).mean(0), rtol=1e-5, atol=1e-6)
+    big = int(t["cluster"].value_counts().idxmax())
+    few = cluster_averages(a, max_per=3)[big]  # a sample of 3 members: the mean of 3 of them, not of all
+    members = read_patches(bank, t[t["cluster"] == big]["id"].to_numpy())
+    assert not np.allclose(few, members.mean(0))
+    assert few.shape == members.shape[1:]
+    with pytest.raises(InputError, match="no leaf"):
+        cluster_averages(a, level="leaf")
 
 
 def test_colour_map_3d_is_ngff_labels(tmp_path):

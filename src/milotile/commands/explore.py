@@ -138,9 +138,12 @@ def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     c.add_argument("--name", default=None, help="output name (default from the source)")
     c.add_argument("--class-name", default=None, help="class column value (default: the name)")
     c.add_argument("--tsv", default=None, metavar="FILE", help="also copy the MiLoPYP TSV to FILE")
-    c.add_argument("--negatives", type=lambda v: parse_ints(v, what="--negatives"), metavar="IDS",
+    c.add_argument("--negatives", type=lambda v: v if v == "rest" else parse_ints(v, what="--negatives"),
+                   metavar="IDS|rest",
                    help="cluster ids that are NOT the target (other species, membranes, gold): written to "
-                        "tables/negatives-<name>.parquet for `milotile refine train --negatives`")
+                        "tables/negatives-<name>.parquet for `milotile refine train --negatives`; 'rest': every "
+                        "cluster holding none of the selection (the label-free rule: the picker learns what the "
+                        "target is not)")
     c.set_defaults(handler=run, needs_cluster=False)
 
 

@@ -1,4 +1,5 @@
-"""Atlas plots (matplotlib PNG): the map with spaced thumbnails, the cluster map, a cluster gallery.
+"""Atlas plots (matplotlib PNG): the map with spaced thumbnails, the cluster map, a cluster gallery led by each
+cluster's class average.
 
 Thumbnails are cut from the patch bank on demand (only the rows shown are read). Spacing uses a
 grid over the map (one thumbnail per occupied cell, the point nearest the cell centre), which is
@@ -20,7 +21,7 @@ from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["read_patches", "spaced_points", "plot_map", "plot_clusters", "plot_gallery", "plot_all",
+__all__ = ["read_patches", "spaced_points", "plot_map", "plot_clusters", "cluster_averages", "plot_gallery", "plot_all",
            "export_thumbnails", "patch_png"]
 
 
@@ -140,8 +141,46 @@ def plot_clusters(atlas: Any, out: str | os.PathLike) -> Path:
     return _save(fig, out)
 
 
+def cluster_averages(atlas: Any, *, level: str = "cluster", max_per: int = 200, seed: int = 0) -> dict[int, np.ndarray]:
+    """The class average of every cluster (or ``level="subcluster"``): the mean of its patches (the
+    :func:`read_patches` view), over at most ``max_per`` random members. Candidates are centred on their DoG
+    peak, so a cluster of one species averages to that species' projection and a background cluster to noise.
+
+    Parameters
+    ----------
+    atlas : Atlas
+        The atlas (its patch bank must be in the store).
+    level : str
+        ``"cluster"`` or ``"subcluster"``.
+    max_per : int
+        Members averaged per cluster at most (a random sample beyond it).
+    seed : int
+        Seed of that sample.
+
+    Returns
+    -------
+    dict
+        ``{cluster id: (bbox, bbox) float32 average}``, unassigned (``-1``) included when present.
+    """
+    bank = _bank(atlas)
+    if bank is None:
+        raise InputError("class averages need the patch bank behind the embeddings; it is not in the store.")
+    t = atlas.table
+    if level not in t.columns:
+        raise InputError(f"atlas {atlas.key!r} has no {level} column; re-run `milotile explore atlas --overwrite`.")
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c, g in t.groupby(level):
+        ids = g["id"].to_numpy()
+        if len(ids) > max_per:
+            ids = rng.choice(ids, max_per, replace=False)
+        out[int(c)] = read_patches(bank, ids).mean(axis=0)
+    return out
+
+
 def plot_gallery(atlas: Any, out: str | os.PathLike, *, per_cluster: int = 10, seed: int = 0) -> Path:
-    """A grid of ``per_cluster`` random patches for every cluster (rows), unassigned last."""
+    """A grid of ``per_cluster`` random patches for every cluster (rows), unassigned last, each row led by the
+    cluster's class average (:func:`cluster_averages`, column "average")."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -152,25 +191,27 @@ def plot_gallery(atlas: Any, out: str | os.PathLike, *, per_cluster: int = 10, s
     if bank is None:
         raise InputError("the gallery needs the patch bank behind the embeddings; it is not in the store.")
     rng = np.random.default_rng(seed)
+    averages = cluster_averages(atlas, seed=seed)
     clusters = sorted(t["cluster"].unique(), key=lambda c: (c < 0, c))
-    fig, axes = plt.subplots(len(clusters), per_cluster, figsize=(per_cluster * 0.9 + 1, len(clusters) * 0.9 + 0.3),
+    fig, axes = plt.subplots(len(clusters), per_cluster + 1, figsize=(per_cluster * 0.9 + 1.9, len(clusters) * 0.9 + 0.3),
                              squeeze=False, dpi=100)
     for i, c in enumerate(clusters):
         g = t[t["cluster"] == c]
         pick = g["id"].to_numpy()[rng.choice(len(g), size=min(per_cluster, len(g)), replace=False)]
-        patches = read_patches(bank, pick)
-        for j in range(per_cluster):
+        patches = [averages[int(c)], *read_patches(bank, pick)]
+        for j in range(per_cluster + 1):
             ax = axes[i, j]
             ax.set_xticks([])
             ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_edgecolor(g["cluster_color"].iloc[0])
-                s.set_linewidth(2)
+                s.set_linewidth(4 if j == 0 else 2)
             if j < len(patches):
                 ax.imshow(_norm(patches[j]), cmap="gray", vmin=0, vmax=1)
             else:
                 ax.axis("off")
         axes[i, 0].set_ylabel("unassigned" if c < 0 else f"{c} ({len(g)})", rotation=0, ha="right", va="center", fontsize=8)
+    axes[0, 0].set_title("average", fontsize=8)
     fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.12)
     return _save(fig, out)
 

@@ -29,6 +29,7 @@ __all__ = [
     "points_in_polygon",
     "points_in_box",
     "selection_ids",
+    "clusters_without",
     "selection_counts",
     "labels_from_ids",
     "save_selection",
@@ -88,6 +89,14 @@ def selection_ids(
         if box is not None:
             mask &= points_in_box(xy, box)
     return np.sort(table["id"].to_numpy()[mask])
+
+
+def clusters_without(table: pd.DataFrame, ids: np.ndarray) -> list[int]:
+    """The clusters (column ``cluster``, unassigned ``-1`` excluded) that hold none of the candidates ``ids``:
+    everything a user did not take, except the clusters the selection came from (they may hold more of the
+    target). ``select(..., negatives="rest")`` writes them as negatives."""
+    held = set(table.loc[table["id"].isin(np.asarray(ids)), "cluster"].astype(int).tolist())
+    return sorted(int(c) for c in set(table["cluster"].astype(int).unique().tolist()) - held - {-1})
 
 
 def selection_counts(table: pd.DataFrame, ids: np.ndarray) -> dict[str, Any]:
@@ -206,7 +215,7 @@ def select(
     name: str | None = None,
     class_name: str | None = None,
     interactive_info: bool = True,
-    negatives: Sequence[int] | None = None,
+    negatives: Sequence[int] | str | None = None,
 ) -> pd.DataFrame:
     """Labels from chosen clusters, a saved app selection or a nextPYP/Phoenix parquet export.
 
@@ -230,10 +239,11 @@ def select(
         ``class`` column value (default: the name).
     interactive_info : bool
         Also write MiLoPYP's ``interactive_info_parquet.gzip`` for the whole atlas.
-    negatives : sequence of int, optional
+    negatives : sequence of int or ``"rest"``, optional
         Cluster ids whose candidates are *not* the target (another species, membranes, gold): written
         to ``tables/negatives-<name>`` for ``refine train --negatives`` (never overlapping the labels'
-        clusters or ids).
+        clusters or ids). ``"rest"``: every cluster that holds none of the selected candidates
+        (:func:`clusters_without`; the label-free rule, ``benchmarks/label_free.py``).
 
     Returns
     -------
@@ -271,6 +281,12 @@ def select(
         name = name or Path(parquet).name.split(".")[0]
         params = {"source": "parquet", "parquet": os.fspath(parquet)}
     neg_ids = None
+    if isinstance(negatives, str):
+        if negatives != "rest":
+            raise InputError(f"--negatives takes cluster ids or 'rest', got {negatives!r}.")
+        negatives = clusters_without(a.table, ids)
+        if not negatives:
+            raise InputError("--negatives rest: every cluster holds some of the selection; no cluster is left.")
     if negatives is not None:
         neg = [int(c) for c in negatives]
         known = set(a.table["cluster"].unique().tolist())
