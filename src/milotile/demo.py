@@ -204,7 +204,8 @@ def _explore_only_picker(col: Any, atl: Any, cand_species: Any, species: str, gt
     picker = refine_train(col, table_path, bbox=bbox, epochs=epochs, arch="unet4",
                              arch_config={"start_filts": 16}, tau=0.01, repeats=repeats,
                              out=out / "runs" / "refine-explore", seed=cfg.seed)
-    picks = picker.pick(col, out=out / "picks_explore.parquet")  # the validated threshold, as the manual run
+    # the validated threshold, as the manual run; its own table, so `tables/picks` stays the manual run's
+    picks = picker.pick(col, out=out / "picks_explore.parquet", table="picks-explore")
     f1 = evaluate(picks, gt, radius=match, by="tomogram").set_index("group")["f1"].round(3).to_dict()
     on_target = float(np.mean(cand_species[sel["id"].to_numpy()] == species)) if len(sel) else 0.0
     return {"clusters": chosen, "labels": int(len(sel)), "label_precision": round(on_target, 3),
