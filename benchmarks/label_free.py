@@ -125,6 +125,7 @@ def train_and_pick(col, labels: pd.DataFrame, gt_t: pd.DataFrame, r: float, run:
     if epochs is None and a.crop_budget:  # a smaller labelled-crop budget than the recipe's, same for every picker
         epochs = max(1, round(a.crop_budget / (len(labels) * PickerRecipe().repeats)))
     kw = {"epochs": epochs} if epochs else {}
+    kw.update(json.loads(a.train_json) if a.train_json else {})
     picker = stages.run(f"refine_train_{tag}", lambda: mt.refine.train(
         col, labels, negatives=negatives, out=run, seed=a.seed, device="cpu", bbox=2 * r, **kw))
     picks = stages.run(f"refine_pick_{tag}", lambda: picker.pick(col, table=None, write_heatmaps=False))
@@ -330,6 +331,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="labelled crops per picker (epochs = budget / (labels x repeats), at least 1) instead of the "
                     "recipe's ~600: the same reduced budget for every picker on a loaded machine")
     ap.add_argument("--refine-epochs", type=int, default=None, help="default: the picker recipe's")
+    ap.add_argument("--train-json", default=None, metavar="JSON",
+                    help='extra refine.train options of every picker, e.g. \'{"negative_crops": 1}\'')
     ap.add_argument("--manual", type=int, default=6, help="manual labels of the reference picker")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--from-explore", default=None, metavar="DIR",

@@ -81,3 +81,27 @@ def test_augmented_targets_follow_the_particles():
         assert len(kz) > 0
         # output voxel k sits on input voxel 2k: the cube there is bright
         assert np.all(x[kz, 2 * ky, 2 * kx] > 0.8)
+
+
+def test_negative_crops_bound_the_epoch_and_rotate_through_the_negatives(vol):
+    # 2 labels and 30 negatives, 2 repeats: uncapped every negative anchors 2 crops per epoch (64 anchors);
+    # capped at 1x the labelled crops, 4 negative anchors per epoch, drawn anew each epoch
+    rng = np.random.default_rng(1)
+    labels = pd.DataFrame({"tomogram": "t", "x": [10, 25], "y": [12, 28], "z": [8, 10], "cls": 0})
+    neg = pd.DataFrame({"tomogram": "t", "x": rng.integers(0, 36, 30), "y": rng.integers(0, 40, 30),
+                        "z": rng.integers(0, 20, 30)})
+    reader = VolumeReader(da.from_array(vol, chunks=(8, 16, 16)), "t")
+    kw = dict(crop=(8, 32, 32), random_fraction=0.25, seed=3, repeats=2, negatives=neg)
+    full = CropDataset({"t": reader}, {"t": (0.0, 1.0)}, labels, target_geometry(8), **kw)
+    assert len(full.anchors) == 64 and len(full) == 64 + 16
+    capped = CropDataset({"t": reader}, {"t": (0.0, 1.0)}, labels, target_geometry(8), negative_crops=1.0, **kw)
+    assert len(capped.anchors) == 8 and len(capped) == 8 + 2
+    seen = set()
+    for epoch in range(1, 9):
+        capped.set_epoch(epoch)
+        assert len(capped) == 10  # the same length every epoch (the DataLoader's sampler)
+        np.testing.assert_array_equal(capped.anchors[:4, 1:].astype(float), full._pos_anchors[:, 1:].astype(float))
+        seen |= {tuple(a) for a in capped.anchors[4:, 1:].astype(float)}
+    assert len(seen) > 8  # other negatives each epoch
+    # every negative's voxels are still marked in a crop that holds it, anchored or not
+    assert len(capped._neg["t"]) == 30

@@ -174,6 +174,11 @@ class CropDataset(Dataset):
     negatives
         Table ``tomogram, x, y, z`` of labelled negatives: their voxels get the target
         :data:`~milotile.refine.targets.NEGATIVE`, and each is a crop anchor like a label.
+    negative_crops
+        At most this multiple of the labelled crops are negative-anchored crops per epoch, drawn anew each
+        epoch from the ``repeats`` copies of every negative (``0``: all of them, one per negative and
+        repeat). Bounds the epoch when the negatives outnumber the labels (``explore select --negatives
+        rest`` writes hundreds); every negative's voxels are still marked in every crop that holds them.
     """
 
     def __init__(
@@ -196,6 +201,7 @@ class CropDataset(Dataset):
         seed: int = 0,
         repeats: int = 1,
         negatives: pd.DataFrame | None = None,
+        negative_crops: float = 0.0,
     ) -> None:
         self.readers = readers
         self.stats = stats
@@ -221,17 +227,29 @@ class CropDataset(Dataset):
             )
         neg = negatives if negatives is not None else self.labels.iloc[:0]
         self._neg = {str(n): g[["z", "y", "x"]].to_numpy(np.float64) for n, g in neg.groupby("tomogram", sort=True)}
-        anchors = pd.concat([self.labels[["tomogram", "x", "y", "z"]], neg[["tomogram", "x", "y", "z"]]])
-        self.anchors = np.tile(anchors.to_numpy(), (max(int(repeats), 1), 1))
+        reps, cols = max(int(repeats), 1), ["tomogram", "x", "y", "z"]
+        self._pos_anchors = np.tile(self.labels[cols].to_numpy(), (reps, 1))
+        self._neg_anchors = np.tile(neg[cols].to_numpy(), (reps, 1))
+        self._all_anchors = np.tile(pd.concat([self.labels[cols], neg[cols]]).to_numpy(), (reps, 1))
+        n_neg = len(self._neg_anchors)
+        if negative_crops and float(negative_crops) > 0:
+            n_neg = min(n_neg, max(int(np.ceil(float(negative_crops) * len(self._pos_anchors))), 1))
+        self.n_negative_crops = n_neg
         self.random_tomograms = list(random_tomograms or sorted(self._pts))
-        self.n_random = int(round(random_fraction * len(self.anchors)))
+        self.n_random = int(round(random_fraction * (len(self._pos_anchors) + n_neg)))
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         return len(self.anchors) + self.n_random
 
     def set_epoch(self, epoch: int) -> None:
-        """Change the per-epoch random draws (jitter, random crops, augmentation)."""
+        """Change the per-epoch random draws (jitter, random crops, augmentation, which negatives anchor crops)."""
         self.epoch = int(epoch)
+        if self.n_negative_crops == len(self._neg_anchors):  # every negative, in the order labels, negatives
+            self.anchors = self._all_anchors
+            return
+        pick = np.random.default_rng([self.seed, self.epoch, 1 << 30]).permutation(len(self._neg_anchors))
+        self.anchors = np.concatenate([self._pos_anchors, self._neg_anchors[pick[:self.n_negative_crops]]])
 
     def _rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, i])

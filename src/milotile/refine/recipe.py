@@ -93,6 +93,8 @@ class PickerRecipe(Recipe):
     #: chosen on the look-alike tuning settings 0-2 (9 labels + 9 negatives, best-threshold F1 with weights
     #: 0 / 1 / 5: 0.128 / 0.180 / 0.300, 0.393 / 0.400 / 0.423, 0.426 / 0.458 / 0.482)
     negative_weight: float = option(5.0, "weight of the labelled-negative term (--negatives) next to the PU risk")
+    negative_crops: float = option(0.0, "negative-anchored crops per epoch, at most this multiple of the labelled "
+                                        "crops, drawn anew each epoch (0 = one per negative and repeat)")
     temp: float = option(0.07, "InfoNCE temperature")
     cr_weight: float = option(0.1, "contrastive weight")
     unsup_weight: float = option(0.1, "weight of the unlabeled voxels in the contrastive term", cli=False)
@@ -176,7 +178,7 @@ class PickerRecipe(Recipe):
         for name in ("lr", "temp"):
             if not _positive(getattr(self, name)):
                 raise InputError(f"{name} must be a positive number, got {getattr(self, name)!r}.")
-        for name in ("negative_weight", "cr_weight", "unsup_weight", "consistency_weight", "gauss", "random_fraction"):
+        for name in ("negative_weight", "negative_crops", "cr_weight", "unsup_weight", "consistency_weight", "gauss", "random_fraction"):
             v = getattr(self, name)
             if not (_number(v) and float(v) >= 0):
                 raise InputError(f"{name} must be a number >= 0, got {v!r}.")

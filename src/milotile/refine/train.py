@@ -173,7 +173,7 @@ def train(
         return CropDataset(readers, stats, rows, geom, recipe.crop, n_classes=len(class_names), thresh=recipe.thresh,
                            gauss=recipe.gauss, clip=recipe.clip, compress=recipe.compress,
                            compress_how=recipe.compress_how, random_fraction=recipe.random_fraction, seed=recipe.seed,
-                           repeats=recipe.repeats, negatives=neg,
+                           repeats=recipe.repeats, negatives=neg, negative_crops=recipe.negative_crops,
                            random_tomograms=sorted(set(df["tomogram"]) | set(neg["tomogram"])))
 
     ds = dataset(df)
