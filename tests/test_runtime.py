@@ -82,6 +82,43 @@ def test_large_input_would_start_a_cluster(small_store, monkeypatch):
         assert client is None and dask.config.get("scheduler") == "synchronous"
 
 
+def test_cpu_model_stages_run_in_process_whatever_the_input_size(small_store, monkeypatch):
+    # refine pick / explore embed on the CPU: a network threads itself and releases the GIL, so worker
+    # processes only add start-up and transfers; with a GPU (or --local-scheduler cluster) a cluster starts
+    import contextlib
+    import importlib
+
+    import dask
+
+    cmod = importlib.import_module("milotile.cluster")
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_cluster(**kw):
+        seen.append(kw)
+        yield "client"
+
+    monkeypatch.setattr(cmod, "cluster", fake_cluster)
+    monkeypatch.setattr(cmod, "SMALL_JOB_BYTES", 1)  # every input is "large"
+    monkeypatch.setattr(cmod, "cuda_devices", lambda: 0)
+    for argv in (["refine", "pick", str(small_store), "--model", "m.pt"], ["explore", "embed", str(small_store),
+                                                                            "--model", "m.pt"]):
+        args = cli.build_parser().parse_args(argv)
+        with cli.cluster_from_args(args) as client:
+            assert client is None and dask.config.get("scheduler") == "threads"
+    with cli.cluster_from_args(cli.build_parser().parse_args(["preprocess", str(small_store)])) as client:
+        assert client == "client"  # not a model stage: the size rule
+    monkeypatch.setattr(cmod, "cuda_devices", lambda: 1)
+    with cli.cluster_from_args(cli.build_parser().parse_args(["refine", "pick", str(small_store), "--model",
+                                                              "m.pt"])) as client:
+        assert client == "client"  # GPU workers
+    monkeypatch.setattr(cmod, "cuda_devices", lambda: 0)
+    args = cli.build_parser().parse_args(["--local-scheduler", "cluster", "refine", "pick", str(small_store),
+                                          "--model", "m.pt"])
+    with cli.cluster_from_args(args) as client:
+        assert client == "client" and len(seen) == 3
+
+
 def test_auto_batch_size_fits_the_budget():
     from milotile.nn.device import auto_batch_size
 

@@ -35,7 +35,7 @@ from milotile.runtime import (  # noqa: F401  (re-exported)
 log = logging.getLogger(__name__)
 
 
-def _cuda_devices() -> int:
+def cuda_devices() -> int:
     """Number of CUDA devices, without importing torch when it is not loaded yet (it costs ~300 MB)."""
     import shutil
     import subprocess
@@ -155,7 +155,7 @@ def cluster(
         client = connect(scheduler)
     else:
         if owned is None:
-            n_gpu = _cuda_devices()
+            n_gpu = cuda_devices()
             ncores = init_threads()
             n = int(workers) if workers is not None else (n_gpu if n_gpu else min(ncores, 8))
             tpw = int(threads_per_worker) if threads_per_worker is not None else max(1, ncores // n if n_gpu else 1)

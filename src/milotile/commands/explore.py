@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.add_argument("--out-key", default=None, help="output name (default: the bank key)")
     e.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     e.add_argument("--overwrite", action="store_true", help="recompute even if up to date")
-    e.set_defaults(handler=run, needs_cluster=True)
+    e.set_defaults(handler=run, needs_cluster=True, model_stage=True)
     _register_atlas(sub)
 
 

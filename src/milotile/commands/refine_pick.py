@@ -53,7 +53,7 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
     f.add_argument("--spacing", type=float, default=2.0, help="arc-length spacing of the output (voxels)")
     f.add_argument("--max-residual", type=float, default=5.0, help="largest RMS distance to the curve (voxels)")
     f.add_argument("--max-curvature", type=float, default=0.05, help="largest curvature (1/voxel)")
-    p.set_defaults(handler=run, needs_cluster=True)
+    p.set_defaults(handler=run, needs_cluster=True, model_stage=True)
 
 
 def run(args: argparse.Namespace) -> int:
