@@ -42,7 +42,7 @@ if [[ $action == stop ]]; then stop; exit 0; fi
 install
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc obeys OMP_NUM_THREADS (set per stage by milotile)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 user=$(id -un)
 mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$dir/munge"
