@@ -71,8 +71,9 @@ def cpu_has_bf16() -> bool:
 
 def cpu_bf16_supported() -> bool:
     """True when CPU mixed precision is switched on (``MILOTILE_CPU_BF16=1``) and this CPU multiplies
-    bf16 natively (AMX or AVX512-BF16). Opt-in: benchmarks/throughput.py measured 1.45x for embedding,
-    but its effect on embedding quality was not measured."""
+    bf16 natively (AMX or AVX512-BF16). Opt-in for exploration: it trains 1.95x faster, but its embeddings
+    scored 0.011-0.019 lower 5-NN accuracy on every seed of the hard preset with decoys
+    (``benchmarks/results/explore_bf16_hard.json``)."""
     return os.environ.get("MILOTILE_CPU_BF16", "0") == "1" and cpu_has_bf16()
 
 
