@@ -232,7 +232,7 @@ class CropDataset(Dataset):
         self._neg_anchors = np.tile(neg[cols].to_numpy(), (reps, 1))
         self._all_anchors = np.tile(pd.concat([self.labels[cols], neg[cols]]).to_numpy(), (reps, 1))
         n_neg = len(self._neg_anchors)
-        if negative_crops and float(negative_crops) > 0:
+        if float(negative_crops) > 0:
             n_neg = min(n_neg, max(int(np.ceil(float(negative_crops) * len(self._pos_anchors))), 1))
         self.n_negative_crops = n_neg
         self.random_tomograms = list(random_tomograms or sorted(self._pts))
