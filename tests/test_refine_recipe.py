@@ -26,7 +26,9 @@ def test_recipe_validates_once_with_named_fields() -> None:
     assert PickerRecipe().arch == "unet4" and PickerRecipe(arch="unet_5").arch == "unet5"
     for bad, match in (({"bbox": 0}, "bbox"), ({"epochs": 0}, "epochs"), ({"tau": 1.5}, "tau"),
                        ({"crop": (4, 8, 8)}, "crop"), ({"pu_risk": "upu"}, "pu_risk"), ({"tta": 9}, "tta"),
-                       ({"negative_weight": -1}, "negative_weight"), ({"arch": "vgg"}, "architecture")):
+                       ({"negative_weight": -1}, "negative_weight"), ({"arch": "vgg"}, "architecture"),
+                       ({"negative_crops": -1}, r"negative_crops must be a number >= 0, got -1"),
+                       ({"negative_crops": "all"}, "negative_crops")):
         with pytest.raises(InputError, match=match):
             PickerRecipe(**bad)
     with pytest.raises(InputError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
