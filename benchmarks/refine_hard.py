@@ -357,6 +357,28 @@ def summarise_lookalike(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def saved_run(run: Path) -> dict:
+    """What a saved picker run (``run_s<seed>_<species>_<n>_<recipe>`` of the hard preset or
+    ``run_la<setting>_s<seed>_<recipe>`` of the look-alike preset) was trained and is scored on: ``labels``,
+    ``data`` (the collection's folder, beside the run), ``species``, ``true`` (its particles: ``tomogram, x, y,
+    z``), ``radius``, ``seed``, ``setting`` (None on the hard preset) and ``method`` (the recipe's name)."""
+    labels = pd.read_parquet(run / "labels.parquet")
+    if run.name.startswith("run_la"):
+        tag, seed, name = run.name[len("run_"):].split("_", 2)  # la<setting>, s<seed>, recipe
+        setting: int | None = int(tag[2:])
+        data = run.parent / f"la_set{setting}_{seed}"
+        gt = pd.read_parquet(data / "ground_truth.parquet")
+        species = lookalike_labels(gt, int(setting), int(seed[1:]))[0]
+    else:
+        _, seed, species, _, name = run.name.split("_", 4)
+        setting = None
+        data = run.parent / f"hard_{seed}"
+        gt = pd.read_parquet(data / "ground_truth.parquet")
+    sp = gt[gt["species"] == species]
+    return {"labels": labels, "data": data, "species": species, "true": sp[["tomogram", "x", "y", "z"]],
+            "radius": float(sp["radius"].iloc[0]), "seed": int(seed[1:]), "setting": setting, "method": name}
+
+
 def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: list[float] | None = None) -> int:
     """Scores of saved runs (their ``picks_all.parquet``, labels and checkpoint) with the current
     automatic-threshold code; the same numbers :func:`run_learned` prints, without retraining.
@@ -375,19 +397,9 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
     records = []
     for r in runs:
         run = Path(r)
-        labels = pd.read_parquet(run / "labels.parquet")
-        if run.name.startswith("run_la"):  # run_la<setting>_s<seed>_<recipe>
-            tag, seed, name = run.name[len("run_"):].split("_", 2)  # la<setting>, s<seed>, recipe
-            data = run.parent / f"la_set{tag[2:]}_{seed}"
-            gt = pd.read_parquet(data / "ground_truth.parquet")
-            species = lookalike_labels(gt, int(tag[2:]), int(seed[1:]))[0]
-            n = len(labels)
-        else:  # run_s<seed>_<species>_<n>_<recipe>
-            _, seed, species, n, name = run.name.split("_", 4)
-            data = run.parent / f"hard_{seed}"
-            gt = pd.read_parquet(data / "ground_truth.parquet")
-        sp = gt[gt["species"] == species]
-        true, rad = sp[["tomogram", "x", "y", "z"]], float(sp["radius"].iloc[0])
+        saved = saved_run(run)
+        labels, data, species, seed, name = saved["labels"], saved["data"], saved["species"], saved["seed"], saved["method"]
+        true, rad, n = saved["true"], saved["radius"], len(labels)
         contract = load_checkpoint(run / ("best.pt" if (run / "best.pt").exists() else "last.pt"))["contract"]
         allp = pd.read_parquet(run / "picks_all.parquet")
         raw = allp.assign(score=allp["score_model"]) if "score_model" in allp else allp
@@ -413,8 +425,8 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
         res.update(s_per_epoch=round(float(np.median([x["seconds"] for x in recs])), 2), n_epochs=len(recs),
                    train_s=round(float(sum(x["seconds"] for x in recs)), 1),  # the epochs' time (no set-up)
                    rescored_from=str(run), shape_refitted=bool(refit))
-        la = {"setting": int(tag[2:]), "tune": int(tag[2:]) in TUNE_SETTINGS} if run.name.startswith("run_la") else {}
-        records.append({"seed": int(seed[1:]), "species": species, "n_labels": int(n), "method": name, **res, **la})
+        la = {"setting": saved["setting"], "tune": saved["setting"] in TUNE_SETTINGS} if saved["setting"] is not None else {}
+        records.append({"seed": seed, "species": species, "n_labels": int(n), "method": name, **res, **la})
         print(records[-1], flush=True)
     out = {"command": " ".join(["python benchmarks/refine_hard.py --rescore", *runs]), "load_avg": os.getloadavg(),
            "wall_s": 0.0, "recipes": {}, "records": records, "summary": summarise(records).to_dict(orient="records")}
