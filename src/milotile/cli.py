@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--scheduler", metavar="ADDRESS", help="connect to a running Dask scheduler")
-    parser.add_argument("--workers", type=int, metavar="N", help="local Dask workers (default: one per core)")
+    parser.add_argument("--workers", type=int, metavar="N", help="local Dask workers (default: one per core, at most 8)")
     parser.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per local worker (default 1)")
     parser.add_argument("--cluster-config", metavar="YAML", help="cluster description (see config/cluster.yaml)")
     parser.add_argument("--local-scheduler", choices=["auto", "cluster", "threads", "sync"], default="auto",

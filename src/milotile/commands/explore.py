@@ -95,7 +95,7 @@ def _register_atlas(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     a.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     a.add_argument("--transform", choices=["knn", "model"], default="knn",
                    help="place rows outside --fit-sample by k-NN interpolation on the map (default) or with "
-                   "the projection's own transform (~1.4 ms per row on 2 cores)")
+                   "the projection's own transform (~1.4 ms per row on 2 shared cores)")
     a.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     a.add_argument("--no-colormap3d", action="store_true", help="skip the per-tomogram 3D colour map")
     a.add_argument("--slices", type=lambda s: parse_ints(s, what="--slices"), default=None,

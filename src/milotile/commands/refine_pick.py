@@ -38,7 +38,7 @@ def register_pick(refine_sub: argparse._SubParsersAction) -> None:
                    help="context read around each tile (default: the model's full receptive field, which makes "
                    "the tiled heatmap equal a whole-volume pass; smaller is faster)")
     p.add_argument("--tta", type=int, default=None, metavar="N",
-                   help="in-plane symmetries averaged when predicting, 1-8 (default: the checkpoint's, 4 for new pickers)")
+                   help="in-plane symmetries averaged when predicting, 1-8 (default: the checkpoint's, 2 for new pickers)")
     p.add_argument("--cpu-bf16", dest="cpu_bf16", action="store_true", default=None,
                    help="bf16 autocast on a CPU with AMX / AVX512-BF16 (default: the checkpoint's)")
     p.add_argument("--no-cpu-bf16", dest="cpu_bf16", action="store_false", help="predict in fp32")

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace tomograms whose source changed")
     p.add_argument("--quick-check", action="store_true",
                    help="tell unchanged sources by size, mtime and 64 sampled blocks (milliseconds) instead of "
-                   "hashing every byte again (default; an edit that kept size and mtime is always seen)")
+                   "hashing every byte again (default: the whole-file SHA-1, which sees any edit)")
     p.add_argument("--copick-tomo-type", default=None, metavar="TYPE",
                    help="copick projects (a copick_config.json SOURCE): tomogram type to ingest (default: the only "
                    "or first); the project's picks go into the table copick-picks; the project is never written")
