@@ -19,6 +19,9 @@ beside ``N`` busy single-thread processes on ``C`` CPUs the scheduler gives it `
 measured time over that; the target is ≤ 1.3. On a machine shared with other work the load average
 (recorded before each run) adds to ``N``: figures taken at a high load understate the effect of the
 busy processes, so compare before and after of the same condition, measured back to back.
+With ``--busy-kind torch`` each busy process is another model training on 2 threads (two stages started at
+once, the case where OpenMP barriers collapse: :func:`milotile.runtime.adapt_threads`); it counts as 2 CPUs
+in the share, and ``--epochs`` lengthens the trainings so that the thread count can adapt.
 ``cpu_ratio_to_quiet`` (CPU seconds beside the busy processes / quiet) does not depend on the share:
 CPU burnt by OpenMP threads spinning while their partners wait for a core shows up there.
 
@@ -49,7 +52,14 @@ MODES = {"before": {"MILOTILE_THREAD_BUDGET": "off"}, "after": {"MILOTILE_THREAD
 _SPIN = {
     "python": "while True:\n    pass\n",
     "numpy": "import numpy as np\na = np.random.rand(300, 300)\nwhile True:\n    a = np.tanh(a @ a / 300.0)\n",
+    # another model training beside the stage (two stages started at once): 2 torch threads, OpenMP barriers
+    "torch": ("import torch\ntorch.set_num_threads(2)\n"
+              "m = torch.nn.Sequential(*[torch.nn.Conv2d(16, 16, 3, padding=1) for _ in range(6)])\n"
+              "x = torch.randn(8, 16, 64, 64)\nopt = torch.optim.SGD(m.parameters(), 0.01)\n"
+              "while True:\n    m(x).square().mean().backward()\n    opt.step()\n    opt.zero_grad()\n"),
 }
+#: CPUs one busy process of each kind keeps busy on its own
+_BUSY_CPUS = {"python": 1, "numpy": 1, "torch": 2}
 
 
 def _milotile() -> list[str]:
@@ -70,14 +80,15 @@ def _run(args: list[str], env: dict, cwd: Path) -> tuple[float, float]:
     return wall, cpu
 
 
-def stage_commands(stage: str, tag: str) -> list[list[str]]:
-    """The CLI command(s) of ``stage``; ``tag`` keeps each run's outputs apart."""
+def stage_commands(stage: str, tag: str, epochs: int = 1) -> list[list[str]]:
+    """The CLI command(s) of ``stage``; ``tag`` keeps each run's outputs apart; ``epochs`` of the trainings."""
+    e = str(int(epochs))
     return {
         "preprocess": [["preprocess", "s.zarr", "--overwrite"]],
         "mine": [["mine", "s.zarr", "--table", f"cand_{tag}"]],
-        "explore": [["explore", "train", "s.zarr", "--epochs", "1", "--out", f"runs/e_{tag}"],
+        "explore": [["explore", "train", "s.zarr", "--epochs", e, "--out", f"runs/e_{tag}"],
                     ["explore", "embed", "s.zarr", "--model", f"runs/e_{tag}/last.pt", "--out-key", f"emb_{tag}"]],
-        "refine-train": [["refine", "train", "s.zarr", "--labels", "labels.parquet", "--epochs", "1", "--bbox", "12",
+        "refine-train": [["refine", "train", "s.zarr", "--labels", "labels.parquet", "--epochs", e, "--bbox", "12",
                           "--repeats", "2",
                           "--out", f"runs/r_{tag}"]],
         "refine-pick": [["refine", "pick", "s.zarr", "--model", "runs/r_setup/best.pt", "--out", f"picks_{tag}.parquet",
@@ -108,7 +119,8 @@ def setup(work: Path, size: str, env: dict, stages: list[str]) -> None:
 
 
 def busy_processes(n: int, kind: str) -> list[subprocess.Popen]:
-    """``n`` single-thread spin loops (numpy ones limited to one BLAS thread)."""
+    """``n`` busy processes: single-thread spin loops (numpy ones limited to one BLAS thread), or 2-thread torch
+    training loops (``kind="torch"``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return [subprocess.Popen([sys.executable, "-c", _SPIN[kind]], env=env) for _ in range(n)]
 
@@ -121,7 +133,9 @@ def _save(result: dict, out: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--busy", default="0,1,2", help="numbers of busy processes (0 = quiet), comma-separated")
-    p.add_argument("--busy-kind", choices=sorted(_SPIN), default="python")
+    p.add_argument("--busy-kind", choices=sorted(_SPIN), default="python",
+                   help="python / numpy: single-thread spin loops; torch: a 2-thread torch training loop (another stage)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of the explore and refine trainings")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--size", default="32,96,96", help="tomogram shape Z,Y,X of the two synthetic tomograms")
     p.add_argument("--out", default=str(RESULTS / "contention.json"))
@@ -138,7 +152,7 @@ def main() -> None:
                 if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY",
                              "KMP_BLOCKTIME", "GOMP_SPINCOUNT", "MILOTILE_THREADS")}
     base_env["MILOTILE_PROGRESS"] = "0"
-    result: dict = {"benchmark": "contention", "cpus": cpus, "busy_kind": a.busy_kind, "size": a.size,
+    result: dict = {"benchmark": "contention", "cpus": cpus, "busy_kind": a.busy_kind, "size": a.size, "epochs": a.epochs,
                     "machine_before": machine(), "runs": []}
     t_start = time.perf_counter()
     try:
@@ -153,7 +167,7 @@ def main() -> None:
                         env = {**base_env, **extra}
                         load = os.getloadavg()[0]
                         wall = cpu = 0.0
-                        for args in stage_commands(stage, f"{mode}{n}"):
+                        for args in stage_commands(stage, f"{mode}{n}", a.epochs):
                             w, c = _run(args, env, work)
                             wall, cpu = wall + w, cpu + c
                         row = {"stage": stage, "mode": mode, "busy": n, "wall_s": round(wall, 2),
@@ -162,7 +176,7 @@ def main() -> None:
                             quiet[stage, mode] = row
                         q = quiet[stage, mode]
                         u = min(cpus, q["cpu_s"] / max(q["wall_s"], 1e-9))
-                        share = max(1.0, (u + n) / cpus)
+                        share = max(1.0, (u + n * _BUSY_CPUS[a.busy_kind]) / cpus)
                         row.update(quiet_cpus_used=round(u, 2), share_ratio=round(share, 2),
                                    ratio_to_quiet=round(wall / q["wall_s"], 2),
                                    ratio_to_fair=round(wall / (q["wall_s"] * share), 2),

@@ -130,3 +130,43 @@ def test_refine_train_stays_the_function():
     from milotile.refine import train
 
     assert train is mt.refine.train
+
+
+_ADAPT_CHILD = """
+import json, os, subprocess, sys, time
+from milotile import runtime
+import torch
+runtime.init_threads()
+ncpu = len(os.sched_getaffinity(0))
+out = {"start": torch.get_num_threads()}
+out["busy"] = runtime.adapt_threads(0.0, others=ncpu - 1.0)  # other work leaves one CPU
+out["busy_threads"] = torch.get_num_threads()
+out["again"] = runtime.adapt_threads(1.0, others=ncpu - 1.0)  # nothing to change
+out["quiet"] = runtime.adapt_threads(2.0, others=0.0)  # back to the budget, never above it
+out["quiet_threads"] = torch.get_num_threads()
+state = {}
+runtime.others_cpu_use(state, time.monotonic())
+spin = subprocess.Popen([sys.executable, "-c", "import time\\nt = time.time()\\nwhile time.time() - t < 1.5: pass"])
+spin.wait()
+out["measured"] = runtime.others_cpu_use(state, time.monotonic())
+os.environ["MILOTILE_ADAPT_THREADS"] = "0"
+out["off"] = runtime.adapt_threads(10.0, others=ncpu - 1.0)
+print(json.dumps(out))
+"""
+
+
+def test_adapt_threads_shrinks_to_the_free_cpus_and_grows_back():
+    """Two 2-thread OpenMP processes on 2 cores stall at every barrier (14x their time alone, measured); the
+    training and prediction loops call adapt_threads, which fits torch's pool to the CPUs other work leaves."""
+    env = {**os.environ, "MILOTILE_THREADS": "2", "MILOTILE_THREAD_BUDGET": "on"}
+    for var in (*runtime.THREAD_VARS, "MILOTILE_ADAPT_THREADS"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-c", _ADAPT_CHILD], env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["start"] == 2
+    assert got["busy"] == 1 and got["busy_threads"] == 1
+    assert got["again"] is None
+    assert got["quiet"] == 2 and got["quiet_threads"] == 2
+    # a child spinning one CPU for 1.5 s is measured as other work (upper bound: whatever else runs here)
+    assert got["measured"] is not None and got["measured"] >= 0.5
+    assert got["off"] is None

@@ -11,6 +11,12 @@ OpenBLAS environment before torch or numpy load their runtimes, torch's intra- a
 after), and :func:`threads_per_task` divides it among concurrent Dask tasks, so Dask threads ×
 torch threads never exceed the budget. ``MILOTILE_THREAD_BUDGET=off`` restores the library
 defaults (every core, spinning OpenMP waits): the "before" of ``benchmarks/contention.py``.
+
+While a model trains or predicts, :func:`adapt_threads` (called by the training and prediction loops,
+at most every :data:`ADAPT_INTERVAL_S`) shrinks torch's intra-op pool to the CPUs other processes leave
+free and grows it back when they go. Two OpenMP processes whose threads outnumber the cores stall at
+every barrier: two pickers training side by side, 2 threads each on 2 cores, took 14x their time alone
+(7x their fair share; with passive OpenMP waits 25x); with one thread each, 1.75x.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = [
     "cpu_budget",
     "gpu_resources",
     "init_threads",
+    "adapt_threads",
     "set_threads",
     "threads_per_task",
     "wait_policy",
@@ -168,7 +175,7 @@ def cpu_budget() -> CpuBudget:
     return CpuBudget(int(limits[source]), limits, source)
 
 
-_STATE: dict[str, Any] = {"budget": None, "interop": False, "torch": False}
+_STATE: dict[str, Any] = {"budget": None, "interop": False, "torch": False, "target": None, "adapt": None}
 
 
 def init_threads(budget: int | None = None) -> int:
@@ -238,6 +245,7 @@ def wait_policy(budget: int, load: float | None = None, cpus: int | None = None)
 
 
 def _apply_torch(n: int) -> None:
+    _STATE["target"] = int(n)
     torch = sys.modules.get("torch")
     if torch is None:
         return
@@ -249,6 +257,104 @@ def _apply_torch(n: int) -> None:
         except RuntimeError:
             pass
         _STATE["interop"] = True
+
+
+#: Fewest seconds between two looks of :func:`adapt_threads` at the other processes' CPU use.
+ADAPT_INTERVAL_S = 2.0
+
+
+def _cpu_jiffies(cpus: set[int] | None) -> float | None:
+    """Busy time (USER_HZ ticks) of ``cpus`` (all when None) since boot, from ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as fh:
+            lines = [ln.split() for ln in fh if ln.startswith("cpu")]
+    except OSError:
+        return None
+    busy = 0.0
+    for f in lines:
+        name = f[0]
+        if cpus is None:
+            if name != "cpu":
+                continue
+        elif name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        v = [float(x) for x in f[1:]]
+        busy += sum(v[:8]) - v[3] - v[4]  # user nice system (idle iowait) irq softirq steal
+    return busy
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return float(t.user + t.system)
+
+
+def others_cpu_use(state: dict[str, Any], now: float) -> float | None:
+    """CPUs (of this process's affinity set) that other processes kept busy since the last call with ``state``.
+
+    ``state`` carries the previous sample (``t``, ``busy``, ``own``); the first call only samples and returns None.
+    """
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    busy = _cpu_jiffies(cpus)
+    if busy is None:
+        return None
+    own = _own_cpu_s()
+    hz = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+    prev = state.get("sample")
+    state["sample"] = (now, busy, own)
+    if prev is None or now - prev[0] <= 0:
+        return None
+    dt = now - prev[0]
+    return max(0.0, ((busy - prev[1]) / hz - (own - prev[2])) / dt)
+
+
+def adapt_threads(now: float | None = None, *, others: float | None = None) -> int | None:
+    """Fit torch's intra-op threads to the CPUs other processes leave free; call it often from a compute loop.
+
+    At most every :data:`ADAPT_INTERVAL_S` seconds it measures how many CPUs of this process's affinity set
+    other processes kept busy since the last look (``/proc/stat`` minus this process's own CPU time) and sets
+    torch's intra-op pool to ``round(cpus - others)`` threads, at least 1 and at most the count the budget's
+    owner chose (:func:`init_threads`, :func:`set_threads`). Off with ``MILOTILE_THREAD_BUDGET=off`` or
+    ``MILOTILE_ADAPT_THREADS=0``.
+
+    Parameters
+    ----------
+    now : float, optional
+        ``time.monotonic()`` (tests pass their own clock).
+    others : float, optional
+        The other processes' CPU use to act on instead of measuring it (tests).
+
+    Returns
+    -------
+    int or None
+        The thread count set when it changed, else None.
+    """
+    import time
+
+    if not budget_enabled() or os.environ.get("MILOTILE_ADAPT_THREADS", "1") == "0":
+        return None
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    now = time.monotonic() if now is None else float(now)
+    st = _STATE["adapt"]
+    if st is None:
+        st = _STATE["adapt"] = {"last": -math.inf}
+    if others is None and now - st["last"] < ADAPT_INTERVAL_S:
+        return None
+    st["last"] = now
+    if others is None:
+        others = others_cpu_use(st, now)
+        if others is None:
+            return None
+    ceiling = int(_STATE["target"] or init_threads())
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    want = max(1, min(ceiling, int(math.floor(ncpu - others + 0.5))))
+    if want == torch.get_num_threads():
+        return None
+    log.info("%.1f of %d CPUs busy with other work: computing on %d thread%s", others, ncpu, want,
+             "" if want == 1 else "s")
+    torch.set_num_threads(want)
+    return want
 
 
 def set_threads(n: int) -> int:

@@ -38,7 +38,7 @@ from milotile.explore.model import FEATURES, SimSiam
 from milotile.nn import cache
 from milotile.nn.checkpoint import build_model, load_checkpoint
 from milotile.nn.device import autocast, channels_last, pick_device
-from milotile.runtime import active_client, gpu_resources
+from milotile.runtime import active_client, adapt_threads, gpu_resources
 from milotile.store import as_collection
 from milotile.store.stage_output import file_source
 
@@ -138,6 +138,7 @@ class Encoder:
         self.model.eval()
         out = []
         for i in range(0, x.shape[0], batch_size):
+            adapt_threads()
             xb = normalize(x[i : i + batch_size].to(self.device), self.contract["mean"], self.contract["std"])
             views = [channels_last(v, self.device) for v in (dihedral(xb) if tta else [xb])]
             with autocast(self.device, enabled=self.amp, cpu=True):

@@ -42,6 +42,7 @@ from milotile.nn import ddp, registry
 from milotile.nn.checkpoint import load_checkpoint, save_checkpoint
 from milotile.nn.device import amp_dtype, autocast, channels_last, pick_device, seed_everything
 from milotile.nn.runlog import RunLog
+from milotile.runtime import adapt_threads
 from milotile.store import as_collection
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,7 @@ def _epoch(model: torch.nn.Module, net: torch.nn.Module, opt: torch.optim.Optimi
     tot_loss = tot_std = 0.0
     seen = steps = 0
     for batch in loader.epoch(epoch):
+        adapt_threads()
         xb = torch.from_numpy(batch).to(dev, non_blocking=True)
         v1, v2 = make_views(xb, g, strong, weak, mean_t, std_t, halves=halves)
         v1, v2 = ddp.shard(v1), ddp.shard(v2)  # this rank's rows of the global batch

@@ -46,7 +46,7 @@ from milotile.refine.decode import (
 )
 from milotile.refine.shape import SHAPE_COLUMNS, check_shapes
 from milotile.refine.threshold import AUTO_FLOOR, apply_auto_threshold
-from milotile.runtime import gpu_resources
+from milotile.runtime import adapt_threads, gpu_resources
 from milotile.stages.preprocess import tomogram_sources, volume_stats
 from milotile.store import as_collection, write_dask
 from milotile.store.ngff import omero_metadata
@@ -163,6 +163,7 @@ def _region(shape: Sequence[int], region: Sequence[Sequence[int]] | None, stride
 
 
 def _predict_tile(block: np.ndarray, ref: _PickerRef, stats: tuple[float, float], crop: tuple[tuple[int, int], ...]) -> np.ndarray:
+    adapt_threads()
     out = ref.get().predict_block(np.asarray(block, dtype=np.float32), stats)
     sl = (slice(None),) + tuple(slice(a, b) for a, b in crop)
     return np.ascontiguousarray(out[sl], dtype=np.float32)

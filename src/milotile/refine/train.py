@@ -55,6 +55,7 @@ from milotile.refine.shape import fit_shape_references
 from milotile.refine.targets import target_geometry
 from milotile.refine.threshold import AUTO_FLOOR, label_records
 from milotile.refine.validation import regions_from_labels, split_validation, validate
+from milotile.runtime import adapt_threads
 from milotile.stages.preprocess import volume_stats
 from milotile.store import as_collection
 
@@ -517,6 +518,7 @@ class _Step:
         nb = 0
         try:
             for batch in loader:
+                adapt_threads()
                 for k, v in self.batch(batch, epoch).items():
                     sums[k] += v
                 nb += 1
