@@ -139,10 +139,13 @@ import torch
 runtime.init_threads()
 ncpu = len(os.sched_getaffinity(0))
 out = {"start": torch.get_num_threads()}
-out["busy"] = runtime.adapt_threads(0.0, others=ncpu - 1.0)  # other work leaves one CPU
+out["burst"] = runtime.adapt_threads(0.0, others=ncpu - 1.0)  # one look: a burst, ridden out
+out["background"] = runtime.adapt_threads(0.5, others=0.6)  # a quiet machine's background takes no CPU away
+out["busy_first"] = runtime.adapt_threads(1.0, others=ncpu - 1.0)
+out["busy"] = runtime.adapt_threads(2.0, others=ncpu - 1.0)  # two looks agree: other work leaves one CPU
 out["busy_threads"] = torch.get_num_threads()
-out["again"] = runtime.adapt_threads(1.0, others=ncpu - 1.0)  # nothing to change
-out["quiet"] = runtime.adapt_threads(2.0, others=0.0)  # back to the budget, never above it
+out["again"] = runtime.adapt_threads(3.0, others=ncpu - 1.0)  # nothing to change
+out["quiet"] = runtime.adapt_threads(4.0, others=0.0)  # back to the budget at once, never above it
 out["quiet_threads"] = torch.get_num_threads()
 state = {}
 runtime.others_cpu_use(state, time.monotonic())
@@ -164,6 +167,7 @@ def test_adapt_threads_shrinks_to_the_free_cpus_and_grows_back():
     out = subprocess.run([sys.executable, "-c", _ADAPT_CHILD], env=env, capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["start"] == 2
+    assert got["burst"] is None and got["background"] is None and got["busy_first"] is None
     assert got["busy"] == 1 and got["busy_threads"] == 1
     assert got["again"] is None
     assert got["quiet"] == 2 and got["quiet_threads"] == 2

@@ -311,10 +311,12 @@ def adapt_threads(now: float | None = None, *, others: float | None = None) -> i
     """Fit torch's intra-op threads to the CPUs other processes leave free; call it often from a compute loop.
 
     At most every :data:`ADAPT_INTERVAL_S` seconds it measures how many CPUs of this process's affinity set
-    other processes kept busy since the last look (``/proc/stat`` minus this process's own CPU time) and sets
-    torch's intra-op pool to ``round(cpus - others)`` threads, at least 1 and at most the count the budget's
-    owner chose (:func:`init_threads`, :func:`set_threads`). Off with ``MILOTILE_THREAD_BUDGET=off`` or
-    ``MILOTILE_ADAPT_THREADS=0``.
+    other processes kept busy since the last look (``/proc/stat`` minus this process's own CPU time; its own
+    child processes count as others) and sets torch's intra-op pool to ``floor(cpus - others + 0.75)``
+    threads, at least 1 and at most the count the budget's owner chose (:func:`init_threads`,
+    :func:`set_threads`). It shrinks the pool only when two looks in a row ask for it (a burst of other work
+    shorter than that is cheaper to ride out) and grows it back at once. Off with
+    ``MILOTILE_THREAD_BUDGET=off`` or ``MILOTILE_ADAPT_THREADS=0``.
 
     Parameters
     ----------
@@ -348,8 +350,15 @@ def adapt_threads(now: float | None = None, *, others: float | None = None) -> i
             return None
     ceiling = int(_STATE["target"] or init_threads())
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    want = max(1, min(ceiling, int(math.floor(ncpu - others + 0.5))))
-    if want == torch.get_num_threads():
+    # a CPU counts as taken from 0.25 of it busy elsewhere (the background of a quiet machine stays below)
+    want = max(1, min(ceiling, int(math.floor(ncpu - others + 0.75))))
+    current = torch.get_num_threads()
+    if want < current:  # shrink only when two looks in a row agree: a burst of 2 s costs less than a second
+        st["low"] = st.get("low", 0) + 1
+        if st["low"] < 2:
+            return None
+    st["low"] = 0
+    if want == current:
         return None
     log.info("%.1f of %d CPUs busy with other work: computing on %d thread%s", others, ncpu, want,
              "" if want == 1 else "s")
