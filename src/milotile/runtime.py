@@ -260,7 +260,7 @@ def _apply_torch(n: int) -> None:
 
 
 #: Fewest seconds between two looks of :func:`adapt_threads` at the other processes' CPU use.
-ADAPT_INTERVAL_S = 2.0
+ADAPT_INTERVAL_S = 1.0
 
 
 def _cpu_jiffies(cpus: set[int] | None) -> float | None:
