@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,13 @@ __all__ = [
     "CpuBudget",
     "LogProgress",
     "active_client",
+    "adapt_threads",
     "budget_enabled",
     "compute_with_progress",
     "cpu_budget",
     "gpu_resources",
     "init_threads",
-    "adapt_threads",
+    "others_cpu_use",
     "set_threads",
     "threads_per_task",
     "wait_policy",
@@ -291,7 +293,8 @@ def _own_cpu_s() -> float:
 def others_cpu_use(state: dict[str, Any], now: float) -> float | None:
     """CPUs (of this process's affinity set) that other processes kept busy since the last call with ``state``.
 
-    ``state`` carries the previous sample (``t``, ``busy``, ``own``); the first call only samples and returns None.
+    ``state["sample"]`` keeps the previous look (time, busy ticks of the CPUs, this process's CPU seconds); the
+    first call only takes it and returns None.
     """
     cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     busy = _cpu_jiffies(cpus)
@@ -330,8 +333,6 @@ def adapt_threads(now: float | None = None, *, others: float | None = None) -> i
     int or None
         The thread count set when it changed, else None.
     """
-    import time
-
     if not budget_enabled() or os.environ.get("MILOTILE_ADAPT_THREADS", "1") == "0":
         return None
     torch = sys.modules.get("torch")
@@ -349,7 +350,7 @@ def adapt_threads(now: float | None = None, *, others: float | None = None) -> i
         if others is None:
             return None
     ceiling = int(_STATE["target"] or init_threads())
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ncpu = _affinity_cpus()
     # a CPU counts as taken from 0.25 of it busy elsewhere (the background of a quiet machine stays below)
     want = max(1, min(ceiling, int(math.floor(ncpu - others + 0.75))))
     current = torch.get_num_threads()
@@ -432,16 +433,12 @@ class LogProgress:
     """
 
     def __init__(self, total: int, desc: str, interval: float | None = None) -> None:
-        import time
-
         self.total, self.desc, self.done = int(total), desc, 0
         self.interval = float(os.environ.get("MILOTILE_PROGRESS_INTERVAL", 30) if interval is None else interval)
         self._t0 = self._last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
         """Count ``n`` finished tasks; log when ``interval`` seconds passed since the last line."""
-        import time
-
         self.done += n
         now = time.monotonic()
         if now - self._last >= self.interval:
@@ -450,8 +447,6 @@ class LogProgress:
 
     def close(self) -> None:
         """Log the final count (only when the work took longer than one interval)."""
-        import time
-
         now = time.monotonic()
         if now - self._t0 >= self.interval:
             self._log(now)
