@@ -15,8 +15,8 @@ defaults (every core, spinning OpenMP waits): the "before" of ``benchmarks/conte
 While a model trains or predicts, :func:`adapt_threads` (called by the training and prediction loops,
 at most every :data:`ADAPT_INTERVAL_S`) shrinks torch's intra-op pool to the CPUs other processes leave
 free and grows it back when they go. Two OpenMP processes whose threads outnumber the cores stall at
-every barrier: two pickers training side by side, 2 threads each on 2 cores, took 14x their time alone
-(7x their fair share; with passive OpenMP waits 25x); with one thread each, 1.75x.
+every barrier: two pickers training side by side, 2 threads each on 2 cores, took 12x their time alone
+(6x their fair share; 3.8x with the governor, 1.8x with one thread each: ``benchmarks/contention_steps.py``).
 """
 
 from __future__ import annotations
