@@ -322,12 +322,12 @@ def main() -> None:
     if a.auto_batch is None:
         from milotile.explore.recipe import ExploreRecipe
         from milotile.explore.train import _auto_batch
-        from milotile.nn.device import cpu_bf16_supported
+        from milotile.nn.device import amp_dtype
 
         class _Bank:
             mode = "3d"
 
-        amp = dev.type == "cuda" or cpu_bf16_supported()  # as explore.train decides
+        amp = amp_dtype(dev, cpu=True) is not None  # as explore.train decides
         cfg = ExploreRecipe().network_config("cpu")  # the CPU recipe's network
         a.auto_batch = _auto_batch("simsiam-3d", cfg, _Bank(), a.bbox, dev, amp)
     skip = set(a.skip.split(","))

@@ -259,6 +259,28 @@ def test_simsiam_models_and_loss():
         m23.features(torch.randn(2, 1, 16, 16))
 
 
+@pytest.mark.parametrize("pool", ["mean", "centre"])
+def test_mixed_precision_covers_the_trunk_only(pool):
+    """Under bf16 autocast the convolutions run in bf16, the pooling, head and outputs in fp32."""
+    torch.manual_seed(0)
+    m = create("simsiam-3d", pool=pool, **TINY)
+    seen = {}
+    m.trunk.stem[0].register_forward_hook(lambda mod, inp, out: None if seen.setdefault("conv", out.dtype) else None)
+    m.fc.register_forward_hook(lambda mod, inp, out: None if seen.setdefault("fc_in", inp[0].dtype) else None)
+    x = torch.randn(4, 1, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p1, p2, z1, z2 = m(x, x.flip(-1))
+        f = m.features(x, "pred")
+    assert seen == {"conv": torch.bfloat16, "fc_in": torch.float32}
+    assert {t.dtype for t in (p1, p2, z1, z2, f)} == {torch.float32}
+    # the same network in fp32 agrees to bf16's rounding of the trunk, not worse
+    with torch.no_grad():
+        ref = m.project(x)
+    assert torch.nn.functional.cosine_similarity(z1.detach(), ref, dim=1).min() > 0.98
+    simsiam_loss(p1, p2, z1, z2).backward()
+    assert m.fc.weight.grad.dtype == torch.float32
+
+
 def _knn_accuracy(x: np.ndarray, y: np.ndarray, k: int = 5) -> float:
     """Leave-one-out k-NN accuracy on standardised features."""
     x = (x - x.mean(0)) / (x.std(0) + 1e-9)

@@ -135,11 +135,12 @@ def test_auto_batch_size_fits_the_budget():
     assert per >= 8 * 16 * 16 * 4  # at least the ReLU output (float32) is saved per sample
 
 
-def test_cpu_defaults_of_explore_train(tmp_path):
+def test_cpu_defaults_of_explore_train(tmp_path, monkeypatch):
+    monkeypatch.delenv("MILOTILE_CPU_BF16", raising=False)
     from test_explore import write_bank
 
     from milotile.explore import train
-    from milotile.nn.device import amp_dtype, cpu_bf16_supported
+    from milotile.nn.device import amp_dtype, cpu_has_bf16
 
     col, _, _ = write_bank(tmp_path / "s.zarr", n=32)
     enc = train(col, epochs=1, device="cpu", out=tmp_path / "run")
@@ -148,7 +149,11 @@ def test_cpu_defaults_of_explore_train(tmp_path):
     assert opts["batch_size"] == 32  # auto batch (<= 256), clipped to the bank
     assert enc.transform(np.zeros((2, 1, 1, 16, 16), np.float32)).shape == (2, 256)  # centre + ring of 128
     assert amp_dtype(torch.device("cpu")) is None  # CPU autocast only when asked for
-    assert amp_dtype(torch.device("cpu"), cpu=True) == (torch.bfloat16 if cpu_bf16_supported() else None)
+    native = torch.bfloat16 if cpu_has_bf16() else None
+    assert amp_dtype(torch.device("cpu"), cpu=True) == native  # exploration asks: bf16 where the CPU has it
+    assert opts["autocast"] == (None if native is None else "bfloat16")
+    monkeypatch.setenv("MILOTILE_CPU_BF16", "0")
+    assert amp_dtype(torch.device("cpu"), cpu=True) is None  # the switch back to fp32
 
 
 def test_cli_widths_flag(tmp_path):

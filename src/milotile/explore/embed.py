@@ -63,7 +63,8 @@ class Encoder:
     path : pathlib.Path or None
         The checkpoint file (needed to embed on a distributed cluster), as ``Picker.path``.
     amp : bool
-        Mixed precision while embedding (CUDA; the CPU with ``MILOTILE_CPU_BF16=1``); False for fp32.
+        Mixed precision of the trunk while embedding (CUDA; CPUs with native bf16 unless ``MILOTILE_CPU_BF16=0``);
+        False for fp32.
     """
 
     model: SimSiam

@@ -128,23 +128,29 @@ class SimSiam(nn.Module):
 
         # shared backbone: stack channels along the batch, split after pooling, fuse late
         xs = x if self.in_channels == 1 else x.transpose(0, 1).reshape(self.in_channels * n, 1, *x.shape[2:])
-        f = pooled(self.trunk.feature_map(xs))
+        # pooling in fp32 even under bf16 autocast: the ring is a difference of sums, which bf16 rounds away
+        f = pooled(self.trunk.feature_map(xs).float())
         if self.in_channels == 1:
             return f
         return f.view(self.in_channels, n, -1).transpose(0, 1).reshape(n, -1)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Projector output z."""
-        return self.projector(self.fc(self.encode(x, self.pool)))
+        """Projector output z (the head runs in fp32 under autocast; see :meth:`forward`)."""
+        f = self.encode(x, self.pool)
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            return self.projector(self.fc(f))
 
     def forward(
         self, x1: torch.Tensor, x2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Two views → ``(p1, p2, z1.detach(), z2.detach())`` (stop-gradient on z)."""
         # separate passes: BatchNorm statistics per view, as in SimSiam/MiLoPYP
+        # Mixed precision covers the convolutional trunk only (nearly all the FLOPs): the pooled features,
+        # fc, projector, predictor and loss stay fp32, since the cosine loss of SimSiam is sensitive to rounding.
         z1 = self.project(x1)
         z2 = self.project(x2)
-        return self.predictor(z1), self.predictor(z2), z1.detach(), z2.detach()
+        with torch.autocast(device_type=z1.device.type, enabled=False):
+            return self.predictor(z1), self.predictor(z2), z1.detach(), z2.detach()
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, kind: str = "pred") -> torch.Tensor:
@@ -157,11 +163,13 @@ class SimSiam(nn.Module):
             raise InputError(f"unknown embedding feature {kind!r}; use one of {', '.join(FEATURES)}.")
         if kind in ("trunk", "centre"):
             return self.encode(x, pool="mean" if kind == "trunk" else "centre")
-        h = self.fc(self.encode(x, self.pool))
-        if kind == "fc":
-            return h
-        z = self.projector(h)
-        return z if kind == "proj" else self.predictor(z)
+        f = self.encode(x, self.pool)
+        with torch.autocast(device_type=f.device.type, enabled=False):  # the head in fp32, as in training
+            h = self.fc(f)
+            if kind == "fc":
+                return h
+            z = self.projector(h)
+            return z if kind == "proj" else self.predictor(z)
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

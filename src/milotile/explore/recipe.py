@@ -97,8 +97,9 @@ class ExploreRecipe(Recipe):
     strong_aug: dict | None = option(None, _AUG_HELP.format(view="strong"), parse=json_object, metavar="JSON")
     weak_aug: dict | None = option(None, _AUG_HELP.format(view="weak"), parse=json_object, metavar="JSON")
     dim: int = option(128, "embedding width (128 as MiLoPYP)", cli=False)
-    amp: bool = option(True, "mixed precision: bf16/fp16 on CUDA; bf16 on CPUs with native bf16 when "
-                             "MILOTILE_CPU_BF16=1", cli=False)
+    amp: bool = option(True, "mixed precision of the convolutional trunk (head and loss stay fp32): bf16/fp16 on "
+                             "CUDA; bf16 on CPUs with native bf16 (AMX, AVX512-BF16) unless MILOTILE_CPU_BF16=0",
+                       cli=False)
     model_config: dict | None = option(None, "extra builder keywords of the network (blocks, pred_dim)", cli=False)
 
     def validate(self) -> None:

@@ -195,6 +195,7 @@ def train(
         "cosine": r.cosine, "seed": r.seed, "save_every": r.save_every, "device": str(dev),
         "weights": None if weights is None else os.fspath(weights), "arch": arch, "config": config,
         "feature": r.feature, "tta": r.tta, "amp": r.amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
+        "autocast": str(amp_dtype(dev, cpu=True)).removeprefix("torch.") if r.amp and amp_dtype(dev, cpu=True) else None,
         "recipe": r.to_dict(),
     }
     resume_ckpt, start_epoch, mean, std = _start(run_dir, bank, mode, bbox, r.epochs, resume, runlog if main else None)

@@ -16,7 +16,7 @@ from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["pick_device", "autocast", "seed_everything", "amp_dtype", "cpu_bf16_supported", "cpu_has_bf16",
+__all__ = ["pick_device", "autocast", "seed_everything", "amp_dtype", "cpu_has_bf16",
            "auto_batch_size"]
 
 
@@ -69,14 +69,6 @@ def cpu_has_bf16() -> bool:
     return False
 
 
-def cpu_bf16_supported() -> bool:
-    """True when CPU mixed precision is switched on (``MILOTILE_CPU_BF16=1``) and this CPU multiplies
-    bf16 natively (AMX or AVX512-BF16). Opt-in for exploration: it trains 1.95x faster, but its embeddings
-    scored 0.011-0.019 lower 5-NN accuracy on every seed of the hard preset with decoys
-    (``benchmarks/results/explore_bf16_hard.json``)."""
-    return os.environ.get("MILOTILE_CPU_BF16", "0") == "1" and cpu_has_bf16()
-
-
 def channels_last(obj: Any, device: torch.device | str) -> Any:
     """A 2D-convolution model or a 4-D / 5-D batch in channels-last memory order on the CPU (else unchanged).
 
@@ -94,19 +86,18 @@ def channels_last(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-def amp_dtype(device: torch.device, cpu: bool | str = False) -> torch.dtype | None:
+def amp_dtype(device: torch.device, cpu: bool = False) -> torch.dtype | None:
     """The autocast dtype used on ``device`` (bf16 where supported, else fp16), or None.
 
-    On the CPU: with ``cpu=True`` bf16 only when :func:`cpu_bf16_supported` (opted in with
-    ``MILOTILE_CPU_BF16=1``); with ``cpu="native"`` bf16 whenever :func:`cpu_has_bf16`, unless
-    ``MILOTILE_CPU_BF16=0`` turns it off (the picker, whose F1 was measured with it:
-    ``benchmarks/refine_hard.py --curve``); otherwise fp32.
+    On the CPU: with ``cpu=True`` bf16 whenever :func:`cpu_has_bf16`, unless ``MILOTILE_CPU_BF16=0`` turns
+    it off; otherwise fp32. The picker and exploration both use it: the picker's F1 was measured with it
+    (``benchmarks/refine_hard.py --curve``), and exploration, whose head and loss stay fp32
+    (:meth:`milotile.explore.model.SimSiam.forward`), trains 1.6-1.9x faster at the 5-NN accuracy of fp32
+    within the seeds' spread (``benchmarks/results/explore_bf16_hard.json``).
     """
     device = torch.device(device)
     if device.type == "cpu":
-        if cpu == "native":
-            return torch.bfloat16 if os.environ.get("MILOTILE_CPU_BF16") != "0" and cpu_has_bf16() else None
-        return torch.bfloat16 if cpu and cpu_bf16_supported() else None
+        return torch.bfloat16 if cpu and os.environ.get("MILOTILE_CPU_BF16") != "0" and cpu_has_bf16() else None
     if device.type != "cuda":
         return None
     if torch.cuda.is_bf16_supported():
@@ -115,7 +106,7 @@ def amp_dtype(device: torch.device, cpu: bool | str = False) -> torch.dtype | No
 
 
 @contextlib.contextmanager
-def autocast(device: torch.device | str, enabled: bool = True, cpu: bool | str = False) -> Iterator[None]:
+def autocast(device: torch.device | str, enabled: bool = True, cpu: bool = False) -> Iterator[None]:
     """Automatic mixed precision on CUDA (bf16, or fp16 where bf16 is missing); on the CPU only with ``cpu``.
 
     Parameters
@@ -124,9 +115,8 @@ def autocast(device: torch.device | str, enabled: bool = True, cpu: bool | str =
         The device the computation runs on.
     enabled : bool
         Set False to disable mixed precision explicitly.
-    cpu : bool or "native"
-        Also use bf16 autocast on a CPU with native bf16: ``True`` when opted in, ``"native"`` unless
-        opted out (see :func:`amp_dtype`).
+    cpu : bool
+        Also use bf16 autocast on a CPU with native bf16, unless ``MILOTILE_CPU_BF16=0`` (see :func:`amp_dtype`).
     """
     device = torch.device(device)
     dtype = amp_dtype(device, cpu=cpu)

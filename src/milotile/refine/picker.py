@@ -146,7 +146,7 @@ class Picker:
         return bool(self.contract.get("cpu_bf16", False))
 
     def _autocast(self) -> Any:
-        return autocast(self.device, enabled=self.amp, cpu="native" if self.cpu_bf16 else False)
+        return autocast(self.device, enabled=self.amp, cpu=bool(self.cpu_bf16))
 
     @torch.no_grad()
     def _predict_once(self, x: np.ndarray) -> np.ndarray:

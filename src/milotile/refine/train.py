@@ -502,7 +502,7 @@ class _Step:
         self.model, self.opt, self.dev, self.r = model, opt, dev, recipe
         self.contrastive = bool(recipe.contrastive)
         # bf16 autocast on a CPU with AMX / AVX512-BF16 when the recipe asks for it (cpu_bf16)
-        self.cpu_amp: bool | str = "native" if recipe.cpu_bf16 else False
+        self.cpu_amp = bool(recipe.cpu_bf16)
         self.use_amp = bool(recipe.amp) and amp_dtype(dev, cpu=self.cpu_amp) is not None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and amp_dtype(dev, cpu=self.cpu_amp) == torch.float16)
         self.seed = int(recipe.seed)
