@@ -336,3 +336,27 @@ def test_progress_in_a_log_file_is_periodic_lines_not_bars(monkeypatch, caplog, 
     assert lines and lines[-1].startswith("unit: ") and "tasks (100 %)" in lines[-1]
     err = capfd.readouterr().err
     assert "\r" not in err and "[####" not in err
+
+
+def test_cuda_devices_asks_nvidia_smi_once(tmp_path, monkeypatch):
+    """Without torch loaded the GPU count comes from ``nvidia-smi -L``, run once per process."""
+    import importlib
+    import os
+    import sys
+
+    cmod = importlib.import_module("milotile.cluster")  # the package attribute is the function
+
+    calls = tmp_path / "calls"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'GPU 0: A (UUID: a)'\necho 'GPU 1: B (UUID: b)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(cmod, "_SMI_GPUS", [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cmod.cuda_devices() == 2 and cmod.cuda_devices() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert cmod.cuda_devices() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert cmod.cuda_devices() == 0
+    assert calls.read_text().count("x") == 1

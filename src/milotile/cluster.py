@@ -35,6 +35,10 @@ from milotile.runtime import (  # noqa: F401  (re-exported)
 log = logging.getLogger(__name__)
 
 
+#: GPUs ``nvidia-smi -L`` listed (one call per process: a command asks twice, for the scheduler and the cluster)
+_SMI_GPUS: list[int] = []
+
+
 def cuda_devices() -> int:
     """Number of CUDA devices, without importing torch when it is not loaded yet (it costs ~300 MB)."""
     import shutil
@@ -47,13 +51,15 @@ def cuda_devices() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    if not _SMI_GPUS:
+        if shutil.which("nvidia-smi") is None:
+            return 0
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        _SMI_GPUS.append(sum(1 for line in out.splitlines() if line.startswith("GPU ")))
+    n = _SMI_GPUS[0]
     if visible:
         n = min(n, len([v for v in visible.split(",") if v.strip()]))
     return n
