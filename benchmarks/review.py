@@ -129,6 +129,11 @@ def label_free_start(args: argparse.Namespace, work: Path, seed: int, data_dir: 
     from milotile.explore.recipe import ExploreRecipe
 
     d = work / f"{data_dir.name}_lf"
+    saved = d / "selection.json"
+    if args.reuse_round0 and saved.exists() and (d / "store.zarr").exists():  # the chain of an earlier run
+        js = json.loads(saved.read_text())
+        print(f"label-free start: reusing the selection of {saved}", flush=True)
+        return mt.open(d / "store.zarr"), js["target"], pd.DataFrame(js["labels"]), js["info"]
     t0 = time.perf_counter()
     if d.exists():
         shutil.rmtree(d)
@@ -156,7 +161,9 @@ def label_free_start(args: argparse.Namespace, work: Path, seed: int, data_dir: 
     sel = select(col, atl.key, subclusters=chosen, name="lf-rule", interactive_info=False)
     info = {**selection_quality(atl.table, centred, target, chosen, "subcluster"), "n_candidates": int(len(atl.table)),
             "explore_epochs": args.explore_epochs, "chain_s": round(time.perf_counter() - t0, 1), "load": load()}
-    return col, target, sel[["tomogram", "x", "y", "z"]].reset_index(drop=True), info
+    labels = sel[["tomogram", "x", "y", "z"]].reset_index(drop=True)
+    saved.write_text(json.dumps({"target": target, "labels": labels.to_dict(orient="list"), "info": info}, default=float))
+    return col, target, labels, info
 
 
 def first_labels(gt: pd.DataFrame, target: str, n: int, seed: int) -> pd.DataFrame:
@@ -240,7 +247,7 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
             tag = f"s{seed}_{target}_{args.start}"
             run0 = work / f"review_{data_dir.name}_{tag}_r0"
             cpath = run0 / "candidates.parquet"
-            if args.reuse_round0 and cpath.exists() and args.start == "manual":
+            if args.reuse_round0 and cpath.exists():
                 picker, train0 = Picker.load(run0, device="cpu"), None
                 cands = pd.read_parquet(cpath)
             else:
@@ -619,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tta", type=int, default=None,
                     help="loop: prediction flips of every picker (default: the recipe's; 1 picks 4x faster)")
     ap.add_argument("--reuse-round0", action="store_true",
-                    help="loop: reuse a finished round-0 picker and its candidates of the same work folder")
+                    help="loop: reuse a finished round-0 picker and its candidates of the same work folder (and, for "
+                         "the label-free start, its selection)")
     ap.add_argument("--n-picks", type=float, default=1e4)
     ap.add_argument("--dwell-ms", type=int, default=150, help="pause between key presses in the browser part")
     ap.add_argument("--base-epochs", type=int, default=None, help="round-0 epochs (default: the recipe's)")
