@@ -128,7 +128,7 @@ class SimSiam(nn.Module):
 
         # shared backbone: stack channels along the batch, split after pooling, fuse late
         xs = x if self.in_channels == 1 else x.transpose(0, 1).reshape(self.in_channels * n, 1, *x.shape[2:])
-        # pooling in fp32 even under bf16 autocast: the ring is a difference of sums, which bf16 rounds away
+        # pooling in fp32 even under bf16 autocast: the ring is a difference of two sums, which bf16 would round
         f = pooled(self.trunk.feature_map(xs).float())
         if self.in_channels == 1:
             return f
