@@ -189,13 +189,14 @@ def train(
     r = recipe = recipe.resolved(bbox=bbox, batch_size=batch_size, device_type=dev.type)
     runlog = RunLog(run_dir)
     strong, weak = _augment_configs(mode, r.strong_aug, r.weak_aug)
+    cast = amp_dtype(dev, cpu=True) if r.amp else None  # what autocast will use in the training loop
     options = {
         "store": col.url, "key": bank.key, "mode": mode, "bbox": bbox, "epochs": r.epochs,
         "batch_size": batch_size, "lr": r.lr, "optimizer": r.optimizer, "weight_decay": r.weight_decay,
         "cosine": r.cosine, "seed": r.seed, "save_every": r.save_every, "device": str(dev),
         "weights": None if weights is None else os.fspath(weights), "arch": arch, "config": config,
         "feature": r.feature, "tta": r.tta, "amp": r.amp, "strong_aug": strong.to_dict(), "weak_aug": weak.to_dict(),
-        "autocast": str(amp_dtype(dev, cpu=True)).removeprefix("torch.") if r.amp and amp_dtype(dev, cpu=True) else None,
+        "autocast": None if cast is None else str(cast).removeprefix("torch."),
         "recipe": r.to_dict(),
     }
     resume_ckpt, start_epoch, mean, std = _start(run_dir, bank, mode, bbox, r.epochs, resume, runlog if main else None)

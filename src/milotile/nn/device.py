@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -56,8 +57,10 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AMX or AVX512-BF16 in ``/proc/cpuinfo``)."""
+    """True when this CPU multiplies bf16 natively (AMX or AVX512-BF16 in ``/proc/cpuinfo``); read once per
+    process (every autocast asks, once per batch)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
