@@ -300,13 +300,13 @@ def test_cpu_bf16_picker_switch(tmp_path, monkeypatch):
     assert picker.cpu_bf16
     bf = picker.predict_block(vol, stats)
     if cpu_has_bf16():
-        assert amp_dtype(torch.device("cpu"), cpu="native") == torch.bfloat16
+        assert amp_dtype(torch.device("cpu"), cpu=True) == torch.bfloat16
         assert not np.array_equal(bf, fp32)  # really ran in bf16
         np.testing.assert_allclose(bf, fp32, atol=0.05)
     else:
         np.testing.assert_array_equal(bf, fp32)
     monkeypatch.setenv("MILOTILE_CPU_BF16", "0")
-    assert amp_dtype(torch.device("cpu"), cpu="native") is None
+    assert amp_dtype(torch.device("cpu"), cpu=True) is None
     np.testing.assert_array_equal(picker.predict_block(vol, stats), fp32)
     monkeypatch.delenv("MILOTILE_CPU_BF16")
     # the stored heatmap's parameters record the switch: the fp32 heatmap is not reused for bf16
