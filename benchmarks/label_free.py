@@ -131,9 +131,10 @@ def train_and_pick(col, labels: pd.DataFrame, gt_t: pd.DataFrame, r: float, run:
     picks = stages.run(f"refine_pick_{tag}", lambda: picker.pick(col, table=None, write_heatmaps=False))
     e = evaluate(picks, gt_t[["tomogram", "x", "y", "z"]], r / 2, by="tomogram").iloc[-1]
     return {"labels": int(len(labels)), "negatives": 0 if negatives is None else int(len(negatives)),
-            "picks": int(len(picks)), "f1": round(float(e["f1"]), 4),
+            "picks": int(len(picks)), "recentred": picker.contract.get("recentred"), "f1": round(float(e["f1"]), 4),
             "precision": round(float(e["precision"]), 4), "recall": round(float(e["recall"]), 4),
-            "epochs": int(epochs or default_epochs(len(labels), PickerRecipe().repeats))}
+            "epochs": int((picker.contract.get("recipe") or {}).get("epochs")
+                          or epochs or default_epochs(len(labels), PickerRecipe().repeats))}
 
 
 def selection_quality(table: pd.DataFrame, species: np.ndarray, target: str, clusters: list[int],
@@ -282,7 +283,8 @@ def run(a: argparse.Namespace) -> dict:
             dq = {"n": int(kept.sum()), "on_target": on, "precision": round(on / max(int(kept.sum()), 1), 4)}
             out["selection_rule_dedup"] = {**dq, "before_merge": before}
             log.info("rule_dedup: %d selected candidates -> %d labels (%s)", before, len(labels), dq)
-        out[f"picker_{tag}"] = train_and_pick(col, labels[["tomogram", "x", "y", "z"]], gt_t, r,
+        # the selection as `explore select` returns it (its candidate ids tell the picker to recentre it)
+        out[f"picker_{tag}"] = train_and_pick(col, labels[["tomogram", "x", "y", "z", "id", "cluster"]], gt_t, r,
                                               work / "runs" / f"refine-{tag}", a, st, tag,
                                               None if negs is None else negs[["tomogram", "x", "y", "z"]])
         log.info("%s: selection %s -> picker %s", tag, q, out[f"picker_{tag}"])

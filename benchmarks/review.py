@@ -133,7 +133,10 @@ def label_free_start(args: argparse.Namespace, work: Path, seed: int, data_dir: 
     if args.reuse_round0 and saved.exists() and (d / "store.zarr").exists():  # the chain of an earlier run
         js = json.loads(saved.read_text())
         print(f"label-free start: reusing the selection of {saved}", flush=True)
-        return mt.open(d / "store.zarr"), js["target"], pd.DataFrame(js["labels"]), js["info"]
+        col = mt.open(d / "store.zarr")
+        # the selection as `explore select` wrote it (with its candidate ids: the picker recentres atlas selections)
+        labels = col.read_table("labels-lf-rule") if "labels-lf-rule" in col.tables() else pd.DataFrame(js["labels"])
+        return col, js["target"], labels, js["info"]
     t0 = time.perf_counter()
     if d.exists():
         shutil.rmtree(d)
@@ -161,7 +164,7 @@ def label_free_start(args: argparse.Namespace, work: Path, seed: int, data_dir: 
     sel = select(col, atl.key, subclusters=chosen, name="lf-rule", interactive_info=False)
     info = {**selection_quality(atl.table, centred, target, chosen, "subcluster"), "n_candidates": int(len(atl.table)),
             "explore_epochs": args.explore_epochs, "chain_s": round(time.perf_counter() - t0, 1), "load": load()}
-    labels = sel[["tomogram", "x", "y", "z"]].reset_index(drop=True)
+    labels = sel[["tomogram", "x", "y", "z", "id", "cluster"]].reset_index(drop=True)  # as select wrote them
     saved.write_text(json.dumps({"target": target, "labels": labels.to_dict(orient="list"), "info": info}, default=float))
     return col, target, labels, info
 
@@ -258,7 +261,7 @@ def run_loop(args: argparse.Namespace, work: Path, save: Callable[[list[dict]], 
                 train0 = round(time.perf_counter() - t0, 1)
                 cands = predict.pick(col, picker, threshold=AUTO_FLOOR, write_heatmaps=False, table=None)
                 cands.to_parquet(cpath)
-            thr0 = float(apply_auto_threshold(cands, picker.contract)[1]["particle"]["threshold"])
+            thr0 = float(apply_auto_threshold(cands, picker.contract)[1].popitem()[1]["threshold"])  # the one class
             rec0 = {**base, "method": "round0", "rounds": 0, "verdicts": 0, "train_s": train0, "load": load(),
                     **f1_at(cands, true, r, thr0), "true_precision": true_precision(cands, true, r, thr0),
                     **({"selection": start} if start else {})}
@@ -376,7 +379,7 @@ def run_rechoose(args: argparse.Namespace, work: Path) -> list[dict]:
                         f"est_precision_{how}": round(est["precision"], 4),
                         f"true_precision_{how}": round(true_precision(cands, true, r, est["threshold"]), 4)})
         picker = Picker.load(run, device="cpu")
-        thr_auto = float(apply_auto_threshold(cands, picker.contract)[1]["particle"]["threshold"])
+        thr_auto = float(apply_auto_threshold(cands, picker.contract)[1].popitem()[1]["threshold"])  # the one class
         smp = verdicts[verdicts["sample"].astype(bool)]
         rec.update(threshold_auto=round(thr_auto, 4), f1_auto_threshold=f1_at(cands, true, r, thr_auto)["f1_auto"],
                    n_sample_accepted=int((smp["verdict"] == "accept").sum()), load=load())
@@ -420,7 +423,7 @@ def random_record(col: object, picker: object, labels: pd.DataFrame, sp: pd.Data
     t0 = time.perf_counter()
     c2 = predict.pick(col, p2, threshold=AUTO_FLOOR, write_heatmaps=False, table=None)
     pk = time.perf_counter() - t0
-    thr2 = float(apply_auto_threshold(c2, p2.contract)[1]["particle"]["threshold"])
+    thr2 = float(apply_auto_threshold(c2, p2.contract)[1].popitem()[1]["threshold"])  # the one class
     return {**base, "method": "random_labels", "rounds": 1, "verdicts": n, "n_labels": len(more),
             **f1_at(c2, true, r, thr2), "retrain_s": round(tr, 1), "pick_s": round(pk, 1), "load": load()}
 
@@ -450,7 +453,7 @@ def run_rescore(args: argparse.Namespace) -> list[dict]:
         true = sp[["tomogram", "x", "y", "z"]]
         picks = pd.read_parquet(run / "picks_all.parquet").reset_index(drop=True)
         contract = Picker.load(run).contract
-        thr0 = float(apply_auto_threshold(picks, contract)[1]["particle"]["threshold"])
+        thr0 = float(apply_auto_threshold(picks, contract)[1].popitem()[1]["threshold"])  # the one class
         acc_all = answers(picks, gt, target)
         base = {"setting": setting, "seed": seed, "recipe": recipe, "species": target, "n_picks": len(picks)}
         res0 = f1_at(picks, true, r, thr0)

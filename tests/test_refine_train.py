@@ -275,3 +275,27 @@ def test_cpu_bf16_recipe_trains_under_bf16_autocast(data, tmp_path, monkeypatch)
     used.clear()
     train(col, lab, epochs=1, out=tmp_path / "fp32", cpu_bf16=False, **{**FAST, "contrastive": False})
     assert used and set(used) == {None}
+
+
+@pytest.mark.slow
+def test_atlas_selections_are_recentred_and_merged(data):
+    """Candidates off their particles' centres (two per particle, as a DoG pyramid finds on a large particle)
+    become one centred label per particle when they come from the atlas; manual labels are trained as given."""
+    root, col, gt = data
+    lab = gt[gt.tomogram == "tomo_000"].reset_index(drop=True)
+    r = float(lab["radius"].max())
+    off = pd.concat([lab.assign(x=lab["x"] + r / 2), lab.assign(x=lab["x"] - r / 2)], ignore_index=True)
+    sel = off.assign(id=np.arange(len(off)), cluster=0)
+    picker = train(col, sel, epochs=1, out=root / "run_sel", **{**FAST, "bbox": 2 * r})
+    info = picker.contract["recentred"]
+    assert info["why"] == "auto: an atlas selection" and info["n_before"] == len(off)
+    assert len(lab) <= info["n_after"] < len(off) and info["median_shift"] > r / 4
+    rows = pd.DataFrame(picker.contract["train_labels"], columns=["tomogram", "x", "y", "z", "class"])
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(lab[["x", "y", "z"]].to_numpy()).query(rows[["x", "y", "z"]].to_numpy(np.float64))
+    assert np.median(d) < r / 4, d
+    manual = train(col, off, epochs=1, out=root / "run_manual", **{**FAST, "bbox": 2 * r})
+    assert "recentred" not in manual.contract and len(manual.contract["train_labels"]) == len(off)
+    forced = train(col, off, epochs=1, out=root / "run_forced", recentre="on", **{**FAST, "bbox": 2 * r})
+    assert forced.contract["recentred"]["why"] == "on"

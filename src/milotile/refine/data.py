@@ -97,6 +97,14 @@ class VolumeReader:
                     ]
         return out
 
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        """``reader[z0:z1, y0:y1, x0:x1]``: a box inside the volume (unit steps), read through the chunk cache."""
+        if not isinstance(key, tuple) or len(key) != 3 or any(not isinstance(k, slice) or k.step not in (None, 1)
+                                                               for k in key):
+            raise TypeError("a VolumeReader is indexed by three unit-step slices")
+        idx = [k.indices(n) for k, n in zip(key, self.shape, strict=True)]
+        return self.read_inside([i[0] for i in idx], [max(i[1], i[0]) for i in idx])
+
     def read(self, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
         """Read a box that may extend outside the volume; outside voxels repeat the nearest edge voxel
         (the one boundary convention, :data:`milotile.ops.blocks.NUMPY_PAD`).

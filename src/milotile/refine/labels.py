@@ -15,7 +15,7 @@ from milotile.formats import read_labels, validate_labels
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["class_index", "load_label_table"]
+__all__ = ["class_index", "is_atlas_selection", "load_label_table", "recentre_labels"]
 
 
 def load_label_table(labels: pd.DataFrame | str | os.PathLike[str], col: Any, what: str = "labels") -> pd.DataFrame:
@@ -65,3 +65,67 @@ def class_index(df: pd.DataFrame, classes: Sequence[str] | bool | None) -> tuple
         logger.warning("ignoring %d labels of classes not in %s", dropped, names)
     out["cls"] = out["class"].map({c: i for i, c in enumerate(names)}).astype(np.int64)
     return out, names
+
+
+def recentre_labels(col: Any, df: pd.DataFrame, radius: float, *, max_chunks: int = 64) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Labels moved onto their particle's density centre, one per particle (:mod:`milotile.ops.recentre`).
+
+    Each label moves by a mean shift on its level-0 tomogram within ``radius`` (half the picker's box);
+    labels of one tomogram and class that end closer than ``radius / 2`` (the picker's matching radius) are
+    then one particle, kept as their mean. The particle contrast is measured once over all labels.
+
+    Returns
+    -------
+    labels, info
+        The new table (same columns; ``x, y, z`` replaced, merged rows dropped) and ``{"n_before", "n_after",
+        "contrast", "moved", "kept", "median_shift", "max_shift"}`` for the run's record.
+    """
+    from milotile.ops.recentre import contrast_differences, density_centres, merge_close
+    from milotile.refine.data import VolumeReader
+
+    readers = {n: VolumeReader(col[n].data(level=0), n, max_chunks=max_chunks) for n in sorted(set(df["tomogram"]))}
+    diffs = [d for n, g in df.groupby("tomogram") for d in contrast_differences(readers[n], g[["z", "y", "x"]].to_numpy(),
+                                                                                radius)]
+    sign = -1 if (not diffs or float(np.median(diffs)) < 0) else 1
+    out = df.copy()
+    totals = {"moved": 0, "kept": 0}
+    shifts = []
+    for n, g in df.groupby("tomogram"):
+        zyx, info = density_centres(readers[n], g[["z", "y", "x"]].to_numpy(np.float64), radius, contrast=sign)
+        out.loc[g.index, ["z", "y", "x"]] = zyx
+        totals["moved"] += info["moved"]
+        totals["kept"] += info["kept"]
+        shifts.append(np.linalg.norm(zyx - g[["z", "y", "x"]].to_numpy(np.float64), axis=1))
+    groups = out["tomogram"].astype(str) + "\0" + out["class"].astype(str)
+    centres, members = merge_close(out[["z", "y", "x"]].to_numpy(np.float64), radius / 2.0, groups.to_numpy())
+    first = np.unique(members, return_index=True)[1]
+    merged = out.iloc[first].copy()
+    merged[["z", "y", "x"]] = centres
+    merged = merged.reset_index(drop=True)
+    s = np.concatenate(shifts) if shifts else np.zeros(0)
+    info = {"n_before": int(len(df)), "n_after": int(len(merged)), "contrast": "dark" if sign < 0 else "bright",
+            **totals, "median_shift": round(float(np.median(s)), 2) if len(s) else 0.0,
+            "max_shift": round(float(s.max()), 2) if len(s) else 0.0}
+    logger.info("recentred %d labels on their particles' density (median shift %.1f voxels, %d left in place), "
+                "%d after merging those closer than %.1f voxels", info["n_before"], info["median_shift"], info["kept"],
+                info["n_after"], radius / 2.0)
+    return merged, info
+
+
+def is_atlas_selection(labels: pd.DataFrame | str | os.PathLike[str]) -> bool:
+    """Whether ``labels`` are an atlas selection (``explore select`` or the atlas app): a table with the candidate
+    ``id`` and ``cluster`` columns, or a parquet file whose milotile metadata names its atlas."""
+    if isinstance(labels, pd.DataFrame):
+        return {"id", "cluster"} <= set(labels.columns)
+    path = os.fspath(labels)
+    if not path.endswith(".parquet"):
+        return False
+    try:
+        import json
+
+        import pyarrow.parquet as pq
+
+        meta = pq.read_schema(path).metadata or {}
+        return "atlas" in json.loads(meta.get(b"milotile", b"{}"))
+    except (OSError, ValueError):  # not a readable parquet here (remote, or not ours): read_labels says why later
+        return False

@@ -35,7 +35,12 @@ from milotile.nn.runlog import RunLog
 from milotile.refine.calibration import calibration_epoch, holdout_mask, measure_calibration
 from milotile.refine.contract import picker_contract
 from milotile.refine.data import CropDataset, VolumeReader
-from milotile.refine.labels import class_index, load_label_table
+from milotile.refine.labels import (
+    class_index,
+    is_atlas_selection,
+    load_label_table,
+    recentre_labels,
+)
 from milotile.refine.losses import (
     consistency_loss,
     debiased_contrastive_loss,
@@ -95,7 +100,9 @@ def train(
         Collection (or its path).
     labels
         Training labels: DataFrame ``tomogram, x, y, z[, class]`` (level-0 voxels) or any file
-        :func:`milotile.formats.read_labels` understands.
+        :func:`milotile.formats.read_labels` understands. Atlas selections (``explore select``: a table with the
+        candidates' ``id`` and ``cluster``, or its parquet) are first moved onto their particles' density centres
+        and merged, one per particle (the recipe's ``recentre``; :func:`milotile.refine.labels.recentre_labels`).
     recipe
         The hyper-parameters (:class:`milotile.refine.recipe.PickerRecipe`; default: its defaults, the
         recipe chosen on ``benchmarks/refine_hard.py``). Keyword ``overrides`` (any recipe field, e.g.
@@ -149,6 +156,10 @@ def train(
             raise InputError("resume is not supported with self_training; rerun into a new --out folder.")
         return _self_train(col, labels, out, recipe, run, extra_positives)
     df, vdf, regions, class_names = _labels(col, labels, val_labels, classes, recipe.bbox, recipe.val_fraction)
+    recentred = None
+    if recipe.recentre == "on" or (recipe.recentre == "auto" and is_atlas_selection(labels)):
+        df, recentred = recentre_labels(col, df, float(recipe.bbox) / 2.0)
+        recentred["why"] = recipe.recentre if recipe.recentre == "on" else "auto: an atlas selection"
     neg = _negatives(col, negatives)
     recipe = _epochs(recipe, len(df) + len(neg), init is not None)
     if resume and out is not None and (Path(out) / "last.pt").is_file():  # the run's own defaults, not today's
@@ -184,10 +195,12 @@ def train(
         _load_init(model, init, cfg, class_names)
     contract = _contract(col, recipe, model, class_names, geom, stats, names, user_df, neg, readers, prior_info, init)
     contract["n_extra_positives"] = len(df) - len(user_df)
+    if recentred is not None:
+        contract["recentred"] = recentred
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     runlog = RunLog(run_dir)
     options = {**recipe.to_dict(), "classes": class_names, "n_train_labels": len(df), "n_negatives": len(neg),
-               "n_val_labels": len(vdf), "val_regions": regions, "store": str(col.url), "device": str(dev),
+               "n_val_labels": len(vdf), "recentred": recentred, "val_regions": regions, "store": str(col.url), "device": str(dev),
                "init_from": contract.get("init_from"), "resume": bool(resume), "num_workers": int(num_workers),
                "debug_slices": list(debug_slices) if debug_slices else None,
                "started": _dt.datetime.now().isoformat(timespec="seconds")}
@@ -368,6 +381,8 @@ def _self_train(col: Any, labels: Any, out: str | os.PathLike[str] | None, recip
     previous: pd.DataFrame | None = None
     extra = None
     one_round = recipe.replace(self_training=0)
+    if recipe.recentre == "auto":  # decided on the labels as given (the table read above no longer shows where from)
+        one_round = one_round.replace(recentre="on" if is_atlas_selection(labels) else "off")
     for r in range(rounds + 1):
         picker = train(col, table, one_round, out=base / f"round-{r}", extra_positives=extra, **run)
         if r == rounds:

@@ -1,0 +1,225 @@
+"""Moving points onto the centre of their particle's density, and merging points that name one particle.
+
+Picks that come from a detector rarely sit on the particle's centre: a DoG pyramid whose sigmas are
+smaller than a large particle, or a particle with lumps or a low-density core, peaks on a lobe or the
+shell (on the hard preset every mined candidate of the r 12 species lies 5-7 voxels from its centre), and
+a person clicking in one slice misses the centre in z. A picker trained on such labels learns the offset.
+
+:func:`density_centres` runs a mean shift on the smoothed volume: each point moves to the centroid of
+the particle-contrast density under a Gaussian window (sigma ``radius / 2``, cut at ``radius``) around it,
+until it moves less than a quarter voxel. The window is read once per point (``radius + max_shift``
+around it), so memory stays bounded whatever the volume. :func:`merge_close` then joins points closer
+than a distance (one particle's several detector peaks) into their mean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CONTRASTS", "contrast_differences", "contrast_sign", "density_centres", "merge_close"]
+
+#: Accepted particle contrasts: darker or brighter than the solvent, or measured from the points.
+CONTRASTS = ("auto", "dark", "bright")
+
+
+def _window(volume: Any, centre: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """The block of ``volume`` within ``half`` voxels of ``centre`` (clipped at the edges) and its low corner."""
+    shape = np.asarray(volume.shape[-3:])
+    c = np.round(centre).astype(np.int64)
+    lo = np.clip(c - half, 0, shape)
+    hi = np.clip(c + half + 1, 0, shape)
+    block = np.asarray(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], np.float32)
+    return block, lo
+
+
+def _smoothed(block: np.ndarray, sigma: float) -> np.ndarray:
+    return ndi.gaussian_filter(block, sigma, mode="nearest") if sigma > 0 else block
+
+
+def contrast_differences(volume: Any, zyx: np.ndarray, radius: float, *, smooth: float | None = None,
+                         max_points: int = 200, seed: int = 0) -> list[float]:
+    """At up to ``max_points`` of the points: the mean of the smoothed volume within ``radius / 2`` minus the mean
+    of the shell from ``radius`` to ``1.5 radius`` (negative where the particles are darker than their
+    surroundings). Points whose neighbourhood leaves the volume entirely are skipped."""
+    zyx = np.asarray(zyx, np.float64).reshape(-1, 3)
+    sigma = max(1.0, radius / 6.0) if smooth is None else float(smooth)
+    if len(zyx) > max_points:
+        zyx = zyx[np.random.default_rng(seed).choice(len(zyx), max_points, replace=False)]
+    half = int(np.ceil(1.5 * radius + 3 * sigma))
+    diffs = []
+    for p in zyx:
+        block, lo = _window(volume, p, half)
+        if block.size == 0:
+            continue
+        block = _smoothed(block, sigma)
+        grids = np.ogrid[tuple(slice(int(a), int(a) + n) for a, n in zip(lo, block.shape, strict=True))]
+        d2 = sum((g - c) ** 2 for g, c in zip(grids, p, strict=True))
+        inner, shell = d2 <= (radius / 2) ** 2, (d2 >= radius**2) & (d2 <= (1.5 * radius) ** 2)
+        if inner.any() and shell.any():
+            diffs.append(float(block[inner].mean() - block[shell].mean()))
+    return diffs
+
+
+def contrast_sign(volume: Any, zyx: np.ndarray, radius: float, *, smooth: float | None = None,
+                  max_points: int = 200, seed: int = 0) -> int:
+    """``-1`` when the particles at ``zyx`` are darker than their surroundings, ``+1`` when brighter: the sign of
+    the median of :func:`contrast_differences`."""
+    diffs = contrast_differences(volume, zyx, radius, smooth=smooth, max_points=max_points, seed=seed)
+    if not diffs:
+        raise ValueError("no point has a neighbourhood inside the volume")
+    return -1 if float(np.median(diffs)) < 0 else 1
+
+
+def density_centres(
+    volume: Any,
+    zyx: np.ndarray,
+    radius: float,
+    *,
+    contrast: str | int = "auto",
+    smooth: float | None = None,
+    max_shift: float | None = None,
+    max_iter: int = 20,
+    tol: float = 0.25,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Move each point to the centre of its particle's density (a mean shift on the smoothed volume).
+
+    Parameters
+    ----------
+    volume : array-like
+        ``(z, y, x)`` volume supporting slicing (a zarr or numpy array; only windows are read).
+    zyx : ndarray
+        ``(n, 3)`` points in the volume's voxels.
+    radius : float
+        Particle radius in voxels: the mean-shift window (Gaussian sigma ``radius / 2``, cut at ``radius``).
+    contrast : {"auto", "dark", "bright"} or int
+        Particle contrast; ``"auto"`` measures it at the points (:func:`contrast_sign`); ``-1``/``+1`` as well.
+    smooth : float, optional
+        Gaussian sigma of the smoothing before the shift (default ``max(1, radius / 6)``).
+    max_shift : float, optional
+        Farthest a point may move (default ``radius``); a point that would go farther is left where it was
+        (its window held no particle of its own: background, or a neighbour's density).
+    max_iter, tol : int, float
+        Mean-shift steps, and the step length (voxels) below which a point has converged.
+
+    Returns
+    -------
+    zyx, info
+        The new points (``float64``) and ``{"contrast", "moved", "kept", "median_shift", "max_shift"}``:
+        ``kept`` counts the points left in place (no density, or beyond ``max_shift``).
+    """
+    pts = np.asarray(zyx, np.float64).reshape(-1, 3)
+    radius = float(radius)
+    if radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    sigma = max(1.0, radius / 6.0) if smooth is None else float(smooth)
+    cap = radius if max_shift is None else float(max_shift)
+    if isinstance(contrast, str):
+        if contrast not in CONTRASTS:
+            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
+        sign = {"dark": -1, "bright": 1}.get(contrast) or (contrast_sign(volume, pts, radius, smooth=sigma)
+                                                           if len(pts) else -1)
+    else:
+        sign = -1 if int(contrast) < 0 else 1
+    half = int(np.ceil(cap + radius + 3 * sigma))
+    out = pts.copy()
+    shifts = np.zeros(len(pts))
+    kept = 0
+    for i in np.lexsort(pts.T[::-1]):  # z-major order: neighbouring windows share the reader's cached chunks
+        p0 = pts[i]
+        block, lo = _window(volume, p0, half)
+        if block.size == 0:  # outside the volume: nothing to centre on
+            kept += 1
+            continue
+        dens = sign * _smoothed(block, sigma)
+        dens = np.clip(dens - np.median(dens), 0.0, None)
+        axes = [np.arange(int(a), int(a) + n, dtype=np.float64) for a, n in zip(lo, block.shape, strict=True)]
+        p = p0.copy()
+        ok = True
+        r_int = int(np.ceil(radius))
+        for _ in range(int(max_iter)):
+            # a separable Gaussian window around p, cut at the radius, over the sub-block it covers
+            c = np.round(p - lo).astype(np.int64)
+            sl = [slice(max(int(ci) - r_int, 0), max(int(ci) + r_int + 1, 0)) for ci in c]
+            sub = dens[tuple(sl)]
+            ax = [a[s_] for a, s_ in zip(axes, sl, strict=True)]
+            if sub.size == 0:
+                ok = False
+                break
+            d = [(a - ci) ** 2 for a, ci in zip(ax, p, strict=True)]
+            d2 = d[0][:, None, None] + d[1][None, :, None] + d[2][None, None, :]
+            w = sub * np.exp(-d2 / (2 * (radius / 2) ** 2)) * (d2 <= radius * radius)
+            total = float(w.sum())
+            if total <= 0:
+                ok = False
+                break
+            q = np.array([float((w.sum(axis=(1, 2)) * ax[0]).sum()), float((w.sum(axis=(0, 2)) * ax[1]).sum()),
+                          float((w.sum(axis=(0, 1)) * ax[2]).sum())]) / total
+            step = float(np.linalg.norm(q - p))
+            p = q
+            if np.linalg.norm(p - p0) > cap:
+                ok = False
+                break
+            if step < tol:
+                break
+        if ok:
+            out[i] = p
+            shifts[i] = float(np.linalg.norm(p - p0))
+        else:
+            kept += 1
+    moved = shifts[shifts > 0]
+    info = {"contrast": "dark" if sign < 0 else "bright", "moved": int(len(moved)), "kept": int(kept),
+            "median_shift": round(float(np.median(moved)), 2) if len(moved) else 0.0,
+            "max_shift": round(float(moved.max()), 2) if len(moved) else 0.0}
+    return out, info
+
+
+def merge_close(zyx: np.ndarray, distance: float, groups: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Join points closer than ``distance`` (transitively, within one group) into their mean.
+
+    Parameters
+    ----------
+    zyx : ndarray
+        ``(n, 3)`` points.
+    distance : float
+        Points at most this far apart are one (single linkage).
+    groups : sequence, optional
+        Group of each point (tomogram and class); points of different groups are never joined.
+
+    Returns
+    -------
+    centres, members
+        ``(m, 3)`` merged points in order of their first member, and the index (into ``centres``) of each input
+        point.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    pts = np.asarray(zyx, np.float64).reshape(-1, 3)
+    n = len(pts)
+    if n == 0:
+        return pts.copy(), np.zeros(0, np.int64)
+    keys = np.zeros(n, np.int64) if groups is None else np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
+    pairs = cKDTree(pts).query_pairs(float(distance), output_type="ndarray")
+    pairs = pairs[keys[pairs[:, 0]] == keys[pairs[:, 1]]] if len(pairs) else pairs
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) \
+        else coo_matrix((n, n))
+    _, comp = connected_components(graph, directed=False)
+    # number components by their first member, so the output keeps the input order
+    first = np.full(comp.max() + 1, n, np.int64)
+    np.minimum.at(first, comp, np.arange(n))
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    members = rank[comp]
+    centres = np.zeros((len(order), 3))
+    np.add.at(centres, members, pts)
+    centres /= np.bincount(members, minlength=len(order))[:, None]
+    return centres, members
