@@ -409,11 +409,21 @@ def review_record(common: dict, res: dict, true: pd.DataFrame, r: float, extra: 
 def random_record(col: object, picker: object, labels: pd.DataFrame, sp: pd.DataFrame, base: dict, n: int, seed: int,
                   r: float, true: pd.DataFrame, work: Path, tag: str, data_dir: Path, ft_kw: dict) -> dict:
     """Fine-tune the round-0 picker on its labels plus ``n`` random true particles of the target."""
+    from scipy.spatial import cKDTree
+
     rng = np.random.default_rng([seed, n])
-    pool = sp.merge(labels, on=["tomogram", "x", "y", "z"], how="left", indicator=True)
-    pool = pool[pool["_merge"] == "left_only"]
+    # the labels the round-0 picker trained on (an atlas selection: recentred and merged) plus the extra particles,
+    # drawn from the target's particles with no training label within half a radius
+    base_lab = pd.DataFrame(picker.contract.get("train_labels") or [], columns=["tomogram", "x", "y", "z", "class"])
+    free = np.ones(len(sp), bool)
+    for tomo, g in base_lab.groupby("tomogram"):
+        m = (sp["tomogram"] == tomo).to_numpy()
+        if m.any():
+            d, _ = cKDTree(g[["x", "y", "z"]].to_numpy(np.float64)).query(sp.loc[m, ["x", "y", "z"]].to_numpy(np.float64))
+            free[np.flatnonzero(m)[d <= r / 2]] = False
+    pool = sp[free]
     extra = pool.iloc[np.sort(rng.choice(len(pool), min(n, len(pool)), replace=False))]
-    more = pd.concat([labels, extra[["tomogram", "x", "y", "z"]]], ignore_index=True)
+    more = pd.concat([base_lab[["tomogram", "x", "y", "z"]], extra[["tomogram", "x", "y", "z"]]], ignore_index=True)
     out = work / f"random_{data_dir.name}_{tag}_v{n}"
     if out.exists():
         shutil.rmtree(out)

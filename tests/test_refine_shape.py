@@ -206,3 +206,27 @@ def test_trained_picker_carries_the_check_and_pick_applies_it(tmp_path) -> None:
     assert len(merged) == len(checked)
     assert np.allclose(merged["score_model"], merged["score_plain"])
     assert np.isfinite(merged["shape_d2"]).all()  # every peak was compared with the labels
+
+
+def test_labels_off_their_peaks_are_measured_at_the_peaks() -> None:
+    """Labels 2 voxels off their particles' centres (where the network's peaks are) make a reference that
+    penalises the unseen particles' peaks; measured at the peaks nearest the labels it does not."""
+    vol, balls, rods = _rods_and_balls(1)
+    rd = _reader(vol)
+    std = float(vol.std())
+    lab = balls[:6] + np.array([0.0, 2.0, 0.0])
+    far = np.array([[24.0, 5.0, 5.0]])  # a label with no peak within half a radius keeps its own descriptor
+    lab_all = np.concatenate([lab, far])
+    ref = ShapeReference(R_PART, shape_descriptors(rd, lab_all, R_PART, std), [["t", *p] for p in lab_all.tolist()])
+    peaks = np.concatenate([balls, rods])
+    desc = shape_descriptors(rd, peaks, R_PART, std)
+    tom = ["t"] * len(peaks)
+    moved = ref.on_peaks(desc, tom, peaks)
+    assert np.allclose(moved.descriptors[:6], desc[:6]) and np.allclose(moved.descriptors[6], ref.descriptors[6])
+    assert [r[1:] for r in moved.labels[:6]] == balls[:6].tolist() and moved.labels[6] == ref.labels[6]
+    unseen = np.arange(6, len(balls))
+    off = ref.adjustment(*ref.log_ratio(desc, desc, tom, peaks))
+    on = moved.adjustment(*moved.log_ratio(desc, desc, tom, peaks))
+    assert (off[unseen] < -2).all() and np.median(on[unseen]) > -0.5
+    assert (on[len(balls):] < -1).all()  # the rods still lose their score
+    assert ref.on_peaks(desc[:0], [], peaks[:0]) is ref
