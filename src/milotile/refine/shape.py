@@ -30,7 +30,7 @@ radius; :meth:`ShapeReference.on_peaks`), so labels and peaks are measured the s
 voxels off the network's peak has a descriptor unlike every unseen particle's peak, and the check then lowered
 them all to its cap. Re-scored on 31 saved pickers (``results/shape_footing_session13.json``): mean F1 at the
 automatic threshold on the tuning runs (look-alike settings 0-2, hard seed 0) 0.349 → 0.383 (8 better, 3 worse);
-on the report runs hard seeds 1-2 0.568 → 0.612, look-alike settings 3-5 0.379 → 0.379 (1 better, 4 worse), the
+on the report runs hard seeds 1-2 0.568 → 0.612, look-alike settings 3-5 0.383 → 0.383 (1 better, 4 worse), the
 label-free chain on look-alike setting 3 0.299 → 0.451 (its recentred selection: 0.10 → 0.69).
 """
 
