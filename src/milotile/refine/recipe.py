@@ -150,9 +150,9 @@ class PickerRecipe(Recipe):
     #: the r 12 species, every one 5-7 voxels off its particle's centre) recentring took F1 at the automatic / best
     #: threshold from 0.443 / 0.527 to 0.706 / 0.715 and training from 527 to 222 s (200 labels -> 99); on 6 exact
     #: manual labels (seeds 0-2) it tied the best-threshold F1 of the big species (0.857 / 0.896 / 0.671 against
-    #: 0.879 / 0.893 / 0.679), raised the small species' (0.672 / 0.653 against 0.639 / 0.574) and lowered the
-    #: big species' automatic-threshold F1 (0.329 / 0.614 / 0.337 against 0.857 / 0.652 / 0.440;
-    #: results/recentre_session13.json)
+    #: 0.879 / 0.893 / 0.679), raised the small species' on two seeds of three (0.672 / 0.653 / 0.608 against
+    #: 0.639 / 0.574 / 0.629) and lowered the big species' automatic-threshold F1 (0.329 / 0.614 / 0.337 against
+    #: 0.857 / 0.652 / 0.440; results/recentre_session13.json)
     recentre: str = option("auto", "move each label to the centre of its particle's density (a mean shift within "
                                    "bbox/2 on the tomogram) and merge labels closer than bbox/4 before training: on, "
                                    "off, or auto = on for atlas selections (mined candidates sit off-centre on large "
