@@ -107,6 +107,8 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         params = {"preset": a.preset, "setting": a.setting, "data_seed": a.data_seed, "border": a.border,
                   "border_z": a.border_z, "per_species": a.per_species,
                   "n_tomograms": max(2, -(-a.per_species // st.particles_per_species)), "invert": st.contrast > 0}
+    if getattr(a, "recentre", None):  # candidates moved onto their blobs' density centres (mine --recentre)
+        params["recentre"] = float(a.recentre)
     bank_params = {"bbox": a.bbox, "modes": a.modes}
     from milotile.ops.patches import TILT_MODES
     from milotile.stages.patches import DEFAULT_TILT_WINDOW
@@ -155,7 +157,8 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         col = mt.ingest(res.manifest, work / "store.zarr")
         preprocess(col)
         # bright particles (the look-alike's contrast +1) are mined with --invert, as a user who sees them would
-        cands = mine(col, border=a.border, border_z=a.border_z, invert=bool(params.get("invert", False)))
+        cands = mine(col, border=a.border, border_z=a.border_z, invert=bool(params.get("invert", False)),
+                     recentre=params.get("recentre"))
         t2 = time.perf_counter()
         key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128, key=bank_key,
                               **extra)
@@ -373,6 +376,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     "wide and patches at the edge are padded)")
     ap.add_argument("--border-z", type=int, default=None, help="mining exclusion band in z (default 8; lookalike 4)")
     ap.add_argument("--bbox", type=int, default=32)
+    ap.add_argument("--recentre", type=float, default=None, metavar="R",
+                    help="mine --recentre R: candidates moved onto their blobs' density centres (default off)")
     ap.add_argument("--match-radius", type=float, default=4.0, help="candidate-particle match distance (voxels)")
     ap.add_argument("--match-frac", type=float, default=0.5,
                     help="... or this fraction of the particle radius when larger (big species: DoG peaks off-centre)")

@@ -219,3 +219,21 @@ def test_mine_block_shape_does_not_change_candidates(col):
     for chunks in [(8, 24, 24), (-1, 40, 56)]:
         got = mine(col, **MINE, chunks=chunks, table="cand_blocks")
         pd.testing.assert_frame_equal(got, ref)
+
+
+def test_mine_recentre_moves_candidates_onto_particle_centres(col, synth_dir):
+    preprocess(col, gauss=0.8)
+    gt = synth_dir.ground_truth
+    plain = mine(col, **MINE, table="plain")
+    r = float(gt["radius"].max())
+    moved = mine(col, **MINE, recentre=r, table="centred")
+    assert col.table_params("centred")["recentre"] == pytest.approx(r) and col.table_params("plain")["recentre"] is None
+    assert len(moved) <= len(plain) and moved["score"].is_monotonic_decreasing
+
+    def off_centre(c: pd.DataFrame) -> np.ndarray:  # per particle with a candidate on it: the nearest one's distance
+        d, _ = cKDTree(c[["x", "y", "z"]].to_numpy()).query(gt[["x", "y", "z"]].to_numpy())
+        return d[d <= gt["radius"].to_numpy()]
+
+    before, after = off_centre(plain), off_centre(moved)
+    assert len(after) >= 0.9 * len(before)  # particles keep their candidate
+    assert np.median(after) < np.median(before) and np.median(after) < 1.5, (np.median(before), np.median(after))

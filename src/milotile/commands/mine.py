@@ -31,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--border-z", type=int, default=10, help="excluded band in z (default 10)")
     p.add_argument("--invert", action="store_true", help="bright particles instead of dark ones")
     p.add_argument("--top-k", type=int, default=None, help="at most K candidates per tomogram")
+    p.add_argument("--recentre", type=float, default=None, metavar="R",
+                   help="move each candidate onto its blob's density centre (a mean shift of radius R level-0 voxels, "
+                   "about the largest particle's radius), then NMS again (default off: DoG peaks, on the lobes of large "
+                   "particles)")
     p.add_argument("--table", default="candidates", help="output table name (default candidates)")
     p.add_argument("--names", default=None, help="comma-separated tomogram names (default all)")
     p.set_defaults(handler=run, needs_cluster=True)
@@ -45,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
     names = [n for n in args.names.split(",") if n] if args.names else None
     df = mine(col, dog=args.dog, threshold_std=args.threshold_std, nms_distance=args.nms_distance,
               border=args.border, border_z=args.border_z, invert=args.invert, names=names, table=args.table,
-              top_k=args.top_k)
+              top_k=args.top_k, recentre=args.recentre)
     logger.info("mined %d candidates in %d tomograms -> tables/%s.parquet", len(df), df["tomogram"].nunique(), args.table)
     return 0

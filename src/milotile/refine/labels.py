@@ -81,7 +81,7 @@ def recentre_labels(col: Any, df: pd.DataFrame, radius: float, *, max_chunks: in
         "contrast", "moved", "kept", "median_shift", "max_shift"}`` for the run's record.
     """
     from milotile.ops.recentre import contrast_differences, density_centres, merge_close
-    from milotile.refine.data import VolumeReader
+    from milotile.ops.volume_reader import VolumeReader
 
     readers = {n: VolumeReader(col[n].data(level=0), n, max_chunks=max_chunks) for n in sorted(set(df["tomogram"]))}
     diffs = [d for n, g in df.groupby("tomogram") for d in contrast_differences(readers[n], g[["z", "y", "x"]].to_numpy(),

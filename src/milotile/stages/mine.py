@@ -44,6 +44,7 @@ def mine(
     table: str = "candidates",
     top_k: int | None = None,
     chunks: Sequence[int] | None = None,
+    recentre: float | None = None,
 ) -> pd.DataFrame:
     """Mine particle candidates in every tomogram and write ``tables/<table>.parquet``.
 
@@ -76,6 +77,12 @@ def mine(
     chunks : sequence of int, optional
         Processing block shape ``(z, y, x)`` of the DoG/peak tasks (``-1``: whole axis); default
         :data:`milotile.ops.peaks.DOG_BLOCK`. The candidates do not depend on it.
+    recentre : float, optional
+        Radius (level-0 voxels; about the largest particle's) of a mean shift that moves each candidate onto the
+        centre of its blob's density on the level-0 tomogram (:func:`milotile.ops.recentre.density_centres`;
+        particles dark, or bright with ``invert``), after which candidates closer than ``nms_distance`` (in
+        level-0 voxels) are suppressed again, the higher DoG score kept. A DoG pyramid peaks on the lobes and
+        shells of particles larger than its sigmas, off their centres; off by default (MiLoPYP's candidates).
 
     Returns
     -------
@@ -105,6 +112,8 @@ def mine(
         zyx = grid.to_level0(df[["z", "y", "x"]].to_numpy())
         full = np.array(t.shape, dtype=np.float64) - 1
         zyx = np.clip(zyx, 0, full)  # a lone last compressed slice maps back to Z - 1
+        if recentre and len(zyx):
+            zyx, df = _recentred(t, zyx, df, float(recentre), invert, float(nms_distance) * float(grid.scale[2]))
         vs = t.voxel_size
         out = pd.DataFrame({
             "tomogram": name,
@@ -122,8 +131,25 @@ def mine(
         )
     params = {
         "stage": "mine", "dog": [float(v) for v in dog], "threshold_std": float(threshold_std),
+        "recentre": None if not recentre else float(recentre),
         "nms_distance": float(nms_distance), "border": int(border), "border_z": int(border_z),
         "invert": bool(invert), "footprint": [int(v) for v in footprint], "top_k": top_k, "names": names,
     }
     col.write_table(table, result, params=params, sources=sources, written_only=True)
     return result
+
+
+def _recentred(t: Any, zyx: np.ndarray, df: pd.DataFrame, radius: float, invert: bool,
+               distance: float) -> tuple[np.ndarray, pd.DataFrame]:
+    """Candidates of tomogram ``t`` moved onto their blobs' density centres, then suppressed within ``distance``
+    (level-0 voxels) by DoG score; returns the kept positions and rows of ``df``."""
+    from milotile.ops.peaks import greedy_nms
+    from milotile.ops.recentre import density_centres
+    from milotile.ops.volume_reader import VolumeReader
+
+    moved, info = density_centres(VolumeReader(t.data(0), t.name, max_chunks=64), zyx, radius,
+                                  contrast="bright" if invert else "dark")
+    keep = np.sort(greedy_nms(moved, df["score"].to_numpy(np.float64), distance))
+    logger.info("mine %s: %d candidates recentred (median shift %.1f voxels, %d left in place), %d after NMS",
+                t.name, len(zyx), info["median_shift"], info["kept"], len(keep))
+    return moved[keep], df.iloc[keep].reset_index(drop=True)
