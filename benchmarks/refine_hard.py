@@ -390,7 +390,7 @@ def rescore(runs: list[str], out_json: str, refit_shape: bool = False, margins: 
     automatic threshold for each of these label margins (``f1_margin_<m>``; the default is
     :data:`milotile.refine.threshold.LABEL_MARGIN`), and their means."""
     from milotile.nn.checkpoint import load_checkpoint
-    from milotile.refine.data import VolumeReader
+    from milotile.ops.volume_reader import VolumeReader
     from milotile.refine.shape import check_shapes, fit_shape_references
     from milotile.stages.preprocess import volume_stats
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from milotile.errors import InputError
-from milotile.refine.data import VolumeReader
+from milotile.ops.volume_reader import VolumeReader
 from milotile.refine.shape import (
     MIN_LABELS,
     SHAPE_CAP,

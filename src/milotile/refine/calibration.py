@@ -81,7 +81,7 @@ def measure_calibration(col: Any, model: Any, contract: Mapping[str, Any], label
     held
         Boolean mask of the labels left out of the loss so far (:func:`holdout_mask`).
     readers
-        Tomogram name -> :class:`milotile.refine.data.VolumeReader` (for the shape check's profiles).
+        Tomogram name -> :class:`milotile.ops.volume_reader.VolumeReader` (for the shape check's profiles).
     device
         Torch device of ``model``.
     epoch

@@ -133,7 +133,7 @@ def radial_profiles(reader: Any, points_zyx: np.ndarray, radius: float, std: flo
     Parameters
     ----------
     reader : VolumeReader
-        Reader of the level-0 tomogram (:class:`milotile.refine.data.VolumeReader`).
+        Reader of the level-0 tomogram (:class:`milotile.ops.volume_reader.VolumeReader`).
     points_zyx : ndarray, shape (n, 3)
         Level-0 voxel coordinates (rounded to the nearest voxel).
     radius : float
@@ -513,7 +513,7 @@ def check_shapes(col: Any, picks: pd.DataFrame, contract: Mapping[str, Any], foo
     out["shape_d2"] = np.nan
     if not models or not len(out):
         return out
-    from milotile.refine.data import VolumeReader
+    from milotile.ops.volume_reader import VolumeReader
     from milotile.stages.preprocess import volume_stats
 
     readers: dict[str, Any] = {}
