@@ -234,6 +234,9 @@ def test_mine_recentre_moves_candidates_onto_particle_centres(col, synth_dir):
         d, _ = cKDTree(c[["x", "y", "z"]].to_numpy()).query(gt[["x", "y", "z"]].to_numpy())
         return d[d <= gt["radius"].to_numpy()]
 
+    with pytest.raises(InputError, match="recentre"):
+        mine(col, **MINE, recentre=0, table="never")
+    assert not col.has_table("never")
     before, after = off_centre(plain), off_centre(moved)
     assert len(after) >= 0.9 * len(before)  # particles keep their candidate
     assert np.median(after) < np.median(before) and np.median(after) < 1.5, (np.median(before), np.median(after))

@@ -89,6 +89,8 @@ def mine(
     pandas.DataFrame
         The candidate table (also written to the store).
     """
+    if recentre is not None and not (np.isfinite(float(recentre)) and float(recentre) > 0):
+        raise InputError(f"--recentre must be a positive radius in voxels, got {recentre!r}.")
     names = list(names) if names is not None else col.names
     if not names:
         raise missing_input(col.url, "tomograms", "tomograms")
