@@ -207,7 +207,8 @@ def run(a: argparse.Namespace) -> dict:
         with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
             col = st.run("ingest", lambda: mt.ingest(data.manifest, work / "store.zarr"))
             st.run("preprocess", lambda: col.preprocess())
-            cands = st.run("mine", lambda: col.mine(border=a.border, border_z=a.border_z, invert=invert))
+            cands = st.run("mine", lambda: col.mine(border=a.border, border_z=a.border_z, invert=invert,
+                                                    recentre=a.mine_recentre))
             bank = st.run("patches", lambda: cands.patches(bbox=a.bbox, modes=("slab",), shifts=True))
         cands_df = cands.df
     target, centred_recall = findable_target(cands_df, gt) if target is None else (target, None)
@@ -312,6 +313,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--border", type=int, default=8, help="mining exclusion band in y/x (small volumes)")
     ap.add_argument("--border-z", type=int, default=4)
     ap.add_argument("--bbox", type=int, default=32, help="patch bank side")
+    ap.add_argument("--mine-recentre", type=float, default=None, metavar="R",
+                    help="mine --recentre R: candidates on their blobs' density centres (default off)")
     ap.add_argument("--crop", type=int, default=24, help="explore train bbox (centre crop)")
     ap.add_argument("--explore-epochs", type=int, default=8)
     ap.add_argument("--widths", default="16,32,64", help="explore trunk widths (CPU default 32,64,128)")
