@@ -150,7 +150,7 @@ def label_free_start(args: argparse.Namespace, work: Path, seed: int, data_dir: 
         invert = False
     with mt.cluster(workers=args.threads, threads_per_worker=1, dashboard_address=None):
         col.preprocess()
-        cands = col.mine(border=8, border_z=4, invert=invert)
+        cands = col.mine(border=8, border_z=4, invert=invert, recentre=args.mine_recentre)
         bank = cands.patches(bbox=32, modes=("slab",), shifts=True)
     if target is None:
         target, _ = findable_target(cands.df, gt)
@@ -636,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lf-target", default="auto",
                     help="label-free start: target species (auto: the largest findable, benchmarks/label_free.py)")
     ap.add_argument("--explore-epochs", type=int, default=4, help="label-free start: explore encoder epochs")
+    ap.add_argument("--mine-recentre", type=float, default=None, metavar="R",
+                    help="label-free start: mine --recentre R (candidates on their blobs' centres; default off)")
     ap.add_argument("--tta", type=int, default=None,
                     help="loop: prediction flips of every picker (default: the recipe's; 1 picks 4x faster)")
     ap.add_argument("--reuse-round0", action="store_true",
