@@ -299,3 +299,12 @@ def test_atlas_selections_are_recentred_and_merged(data):
     assert "recentred" not in manual.contract and len(manual.contract["train_labels"]) == len(off)
     forced = train(col, off, epochs=1, out=root / "run_forced", recentre="on", **{**FAST, "bbox": 2 * r})
     assert forced.contract["recentred"]["why"] == "on"
+    # the CLI reads --labels into a table first: a selection parquet from the store stays known as one
+    from milotile.refine.labels import is_atlas_selection, load_label_table
+
+    col.write_table("labels-sel", sel[["tomogram", "x", "y", "z", "id", "cluster"]], params={"atlas": "a1"})
+    read = load_label_table(str(col._table_path("labels-sel")), col)
+    assert "id" not in read.columns and read.attrs["atlas_selection"] and is_atlas_selection(read)
+    plain = root / "manual.parquet"
+    off[["tomogram", "x", "y", "z"]].to_parquet(plain)
+    assert not is_atlas_selection(load_label_table(str(plain), col))

@@ -39,7 +39,10 @@ def load_label_table(labels: pd.DataFrame | str | os.PathLike[str], col: Any, wh
     df = validate_labels(df, col)
     df["tomogram"] = df["tomogram"].astype(str)
     df["class"] = df["class"].astype(str)
-    return df.reset_index(drop=True)
+    out = df.reset_index(drop=True)
+    # where the labels came from outlives the columns the reader keeps (`refine train --recentre auto` asks)
+    out.attrs["atlas_selection"] = is_atlas_selection(labels)
+    return out
 
 def class_index(df: pd.DataFrame, classes: Sequence[str] | bool | None) -> tuple[pd.DataFrame, list[str]]:
     """Add the output channel ``cls`` of every label; returns the table and the channel names.
@@ -114,9 +117,10 @@ def recentre_labels(col: Any, df: pd.DataFrame, radius: float, *, max_chunks: in
 
 def is_atlas_selection(labels: pd.DataFrame | str | os.PathLike[str]) -> bool:
     """Whether ``labels`` are an atlas selection (``explore select`` or the atlas app): a table with the candidate
-    ``id`` and ``cluster`` columns, or a parquet file whose milotile metadata names its atlas."""
+    ``id`` and ``cluster`` columns (or one :func:`load_label_table` read from a selection: ``attrs["atlas_selection"]``),
+    or a parquet file whose milotile metadata names its atlas."""
     if isinstance(labels, pd.DataFrame):
-        return {"id", "cluster"} <= set(labels.columns)
+        return bool(labels.attrs.get("atlas_selection")) or {"id", "cluster"} <= set(labels.columns)
     path = os.fspath(labels)
     if not path.endswith(".parquet"):
         return False
