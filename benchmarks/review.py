@@ -366,6 +366,8 @@ def run_rechoose(args: argparse.Namespace, work: Path) -> list[dict]:
             cands = predict.pick(col, Picker.load(run, device="cpu"), threshold=AUTO_FLOOR, write_heatmaps=False,
                                  table=None)
             cands.to_parquet(cpath)
+        if m[7] == "label_free":  # the verdicts live in the store of the label-free chain's copy
+            col = mt.open(work / f"{data}_lf" / "store.zarr")
         verdicts = VerdictLog(col, f"bench-{data}-{tag}-{n1}").frame()
         if "+" not in run.name:  # a one-round folder: only the verdicts of its own round
             verdicts = verdicts[verdicts["picks"] == f"picks-{tag}-r0"].reset_index(drop=True)
@@ -383,6 +385,9 @@ def run_rechoose(args: argparse.Namespace, work: Path) -> list[dict]:
         smp = verdicts[verdicts["sample"].astype(bool)]
         rec.update(threshold_auto=round(thr_auto, 4), f1_auto_threshold=f1_at(cands, true, r, thr_auto)["f1_auto"],
                    n_sample_accepted=int((smp["verdict"] == "accept").sum()), load=load())
+        # what `refine retrain` chooses: the sample's threshold when it has enough accepted picks, else the automatic one
+        rec["threshold_source"] = "sample" if "f1_rescored" in rec else "auto"
+        rec["f1_retrain"] = rec.get("f1_rescored", rec["f1_auto_threshold"])
         records.append(rec)
         print(rec, flush=True)
     return records

@@ -172,6 +172,17 @@ def test_sample_threshold_of_a_retrained_picker_weighs_by_its_own_candidates():
     true_p = (cands["score"].iloc[:30] >= post["threshold"]).sum() / (cands["score"] >= post["threshold"]).sum()
     assert abs(post["precision"] - true_p) < 0.1
     assert sample_threshold(cands, ver.iloc[:5], 1.0) is None  # fewer than MIN_SAMPLE verdicts
+    # a sample of 3 accepted particles and 11 rejected junk peaks: a precision curve from three particles
+    # does not choose the threshold (the caller falls back to the automatic one); with 6 accepted it does
+    def sample(n_acc: int) -> pd.DataFrame:
+        xs = [10.0 * i for i in range(0, 3 * n_acc, 3)] + [10.0 * (30 + 15 * j) for j in range(11)]
+        return pd.DataFrame({"tomogram": "t", "x": xs, "y": 0.0, "z": 0.0, "verdict": ["accept"] * n_acc + ["reject"] * 11,
+                             "sample": True, "stratum": 0, "stratum_n": 100, "picks": "p"})
+
+    assert sample_threshold(cands, sample(3), 1.0) is None
+    assert sample_threshold(cands, sample(6), 1.0) is not None
+    with pytest.raises(InputError, match="5 of them accepted"):
+        reviewed_threshold(np.linspace(0.1, 0.9, 12), np.arange(12) >= 9)
     w = rescored_weights([0.9, 0.8, 0.0], [0.9, 0.85, 0.8, 0.1], min_per_bin=5)
     assert w.tolist() == [2.0, 2.0, 2.0]  # one bin: 4 candidates for 2 proposed sample picks
 

@@ -60,6 +60,11 @@ SAMPLE_EVERY = 3
 ABOVE_SHARE = 0.75
 #: Fewest reviewed sample picks from which :func:`retrain` re-chooses the threshold.
 MIN_SAMPLE = 10
+#: Fewest accepted sample picks from which :func:`reviewed_threshold` chooses a threshold. On saved review
+#: rounds, 3 accepted of 16 chose 0.08 where the automatic threshold chose 0.92 (estimated precision 0.34,
+#: true 0.07; F1 0.13 against 0.43), while 8-19 accepted chose thresholds within 0.06 F1 of the automatic one
+#: (``benchmarks/review.py --part rechoose``).
+MIN_ACCEPTED = 5
 #: Fewest sample picks a threshold chosen by :func:`reviewed_threshold` keeps.
 MIN_ABOVE = 5
 #: Fewest sample picks per score bin when a new picker's scores re-weight the sample (:func:`rescored_weights`).
@@ -229,7 +234,7 @@ def estimate(scores: Sequence[float], accepted: Sequence[bool], threshold: float
 
 def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, weights: Sequence[float] | None = None,
                        target_precision: float | None = None, min_reviews: int = MIN_SAMPLE,
-                       min_above: int = MIN_ABOVE, z: float = 1.96) -> dict[str, Any]:
+                       min_accepted: int = MIN_ACCEPTED, min_above: int = MIN_ABOVE, z: float = 1.96) -> dict[str, Any]:
     """Choose the pick threshold from a reviewed random sample of picks.
 
     Each distinct sample score that keeps at least ``min_above`` sample picks is a candidate
@@ -251,7 +256,11 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, wei
     target_precision
         Optional precision to reach instead of the F1 optimum.
     min_reviews
-        Fewest reviewed picks (and at least one accepted) to decide; fewer raise :class:`InputError`.
+        Fewest reviewed picks to decide; fewer raise :class:`InputError`.
+    min_accepted
+        Fewest accepted reviewed picks to decide (default :data:`MIN_ACCEPTED`, at least 1); fewer raise
+        :class:`InputError`: a precision curve drawn from two or three particles chose thresholds far below
+        the automatic one.
     min_above
         Fewest sample picks a candidate threshold keeps (default :data:`MIN_ABOVE`).
     z
@@ -266,9 +275,10 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, wei
     a = np.asarray(verdicts, bool)
     if len(s) != len(a):
         raise InputError(f"scores and verdicts differ in length ({len(s)} and {len(a)}).")
-    if len(s) < min_reviews or not a.any():
+    need_acc = max(int(min_accepted), 1)
+    if len(s) < min_reviews or a.sum() < need_acc:
         raise InputError(f"{len(s)} reviewed sample picks ({int(a.sum())} accepted): review at least {min_reviews} "
-                         "random-sample picks, one of them accepted, to choose a threshold.")
+                         f"random-sample picks, {need_acc} of them accepted, to choose a threshold from the sample.")
     cands = np.unique(s[s > 0])[::-1] if (s > 0).any() else np.unique(s)[::-1]
     keep = np.array([(s >= c).sum() >= min(min_above, len(s)) for c in cands])
     cands = cands[keep] if keep.any() else cands[-1:]
@@ -579,7 +589,8 @@ def sample_threshold(candidates: pd.DataFrame, verdicts: pd.DataFrame, radius: f
     (:func:`milotile.refine.threshold.label_scores`); the weights are :func:`rescored_weights`
     (``weighting="rescored"``) or the sample's design weights on the reviewed picks
     (``"design"``, :func:`sample_weights`: right for the reviewed picks themselves, not for a new
-    picker's). ``None`` with fewer than :data:`MIN_SAMPLE` sample verdicts or none accepted.
+    picker's). ``None`` with fewer than :data:`MIN_SAMPLE` sample verdicts or fewer than :data:`MIN_ACCEPTED`
+    accepted (the caller falls back to the automatic threshold).
 
     Returns
     -------
@@ -592,7 +603,7 @@ def sample_threshold(candidates: pd.DataFrame, verdicts: pd.DataFrame, radius: f
         raise InputError(f"weighting must be 'rescored' or 'design', got {weighting!r}")
     keep = verdicts["sample"].astype(bool) & verdicts["verdict"].isin(["accept", "reject"])
     samp = verdicts[keep].reset_index(drop=True)
-    if len(samp) < MIN_SAMPLE or not (samp["verdict"] == "accept").any():
+    if len(samp) < MIN_SAMPLE or (samp["verdict"] == "accept").sum() < MIN_ACCEPTED:
         return None
     scores = label_scores(candidates, samp, radius=radius)
     if weighting == "design":
@@ -671,8 +682,10 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
     else:
         from milotile.refine.threshold import apply_auto_threshold
 
-        log.warning("%d reviewed sample picks: threshold chosen automatically (review at least %d for one from the "
-                    "sample)", int(verdicts["sample"].astype(bool).sum()), MIN_SAMPLE)
+        smp = verdicts[verdicts["sample"].astype(bool) & verdicts["verdict"].isin(["accept", "reject"])]
+        log.warning("%d reviewed sample picks, %d accepted: threshold chosen automatically (the sample chooses it "
+                    "from %d reviewed, %d of them accepted)", len(smp), int((smp["verdict"] == "accept").sum()),
+                    MIN_SAMPLE, MIN_ACCEPTED)
         _, info = apply_auto_threshold(cands, picker.contract)
         threshold = float(min(v["threshold"] for v in info.values())) if info else floor
     picks = cands[cands["score"] >= threshold].reset_index(drop=True)
