@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 import milotile as mt
-from milotile.ops.recentre import contrast_sign, density_centres, merge_close
+from milotile.ops.recentre import (
+    contrast_sign,
+    density_centre_tasks,
+    density_centres,
+    gather_centres,
+    merge_close,
+)
 from milotile.refine.labels import recentre_labels
 
 
@@ -50,6 +56,26 @@ def test_a_point_on_empty_background_is_left_in_place():
         density_centres(vol, np.array([[20.0, 20, 20]]), 6, contrast="grey")
     with pytest.raises(ValueError, match="radius"):
         density_centres(vol, np.array([[20.0, 20, 20]]), 0)
+
+
+def test_dask_tasks_give_the_points_of_the_whole_volume_mean_shift():
+    import dask
+    import dask.array as da
+
+    centres = np.array([[24, 24, 24], [24, 24, 64], [40, 56, 40], [6, 80, 84]], float)
+    vol = _blobs((64, 88, 88), centres, 8, -1.0, noise=0.5)
+    rng = np.random.default_rng(2)
+    # points around every particle (several per storage chunk, groups cut at 3) and one outside the volume
+    start = np.concatenate([centres + rng.normal(0, 3, (4, 3)) for _ in range(4)] + [[[70.0, 95, 95]]])
+    ref, rinfo = density_centres(vol, start, 8, contrast="dark")
+    darr = da.from_array(vol, chunks=(32, 40, 40))
+    tasks = density_centre_tasks(darr, start, 8, contrast="dark", group=3)
+    assert len(tasks) > 4 and sorted(np.concatenate([i for i, _ in tasks]).tolist()) == list(range(len(start)))
+    got, ginfo = gather_centres(start, tasks, dask.compute(*[t for _, t in tasks]), "dark")
+    np.testing.assert_allclose(got, ref, atol=1e-9)
+    assert ginfo == rinfo and ginfo["kept"] >= 1  # the outside point stays
+    with pytest.raises(ValueError, match="contrast"):
+        density_centre_tasks(darr, start, 8, contrast="auto")
 
 
 def test_merge_close_joins_within_the_distance_and_the_group_only():

@@ -240,3 +240,10 @@ def test_mine_recentre_moves_candidates_onto_particle_centres(col, synth_dir):
     before, after = off_centre(plain), off_centre(moved)
     assert len(after) >= 0.9 * len(before)  # particles keep their candidate
     assert np.median(after) < np.median(before) and np.median(after) < 1.5, (np.median(before), np.median(after))
+    # auto: 2.4 x the largest sigma in level-0 voxels (the preprocessed grid is unbinned in x/y here)
+    auto = mine(col, **MINE, recentre="auto", table="auto")
+    assert col.table_params("auto")["recentre"] == pytest.approx(2.4 * 4.0)
+    pd.testing.assert_frame_equal(auto, mine(col, **MINE, recentre=9.6, table="nine"))
+    with pytest.raises(InputError, match="'auto' or 'off'"):
+        mine(col, **MINE, recentre="big", table="never")
+    assert mine(col, **MINE, recentre="off", table="off").equals(plain)

@@ -23,7 +23,8 @@ from scipy import ndimage as ndi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONTRASTS", "contrast_differences", "contrast_sign", "density_centres", "merge_close"]
+__all__ = ["CONTRASTS", "contrast_differences", "contrast_sign", "density_centre_tasks", "density_centres",
+           "gather_centres", "merge_close"]
 
 #: Accepted particle contrasts: darker or brighter than the solvent, or measured from the points.
 CONTRASTS = ("auto", "dark", "bright")
@@ -127,15 +128,30 @@ def density_centres(
                                                            if len(pts) else -1)
     else:
         sign = -1 if int(contrast) < 0 else 1
-    half = int(np.ceil(cap + radius + 3 * sigma))
+    out, ok = _shift_points(volume, pts, radius, sign, sigma, cap, int(max_iter), float(tol))
+    return out, _shift_info(pts, out, ok, sign)
+
+
+def _shift_info(pts: np.ndarray, out: np.ndarray, ok: np.ndarray, sign: int) -> dict[str, Any]:
+    shifts = np.where(ok, np.linalg.norm(out - pts, axis=1), 0.0) if len(pts) else np.zeros(0)
+    kept = int((~ok).sum())
+    moved = shifts[shifts > 0]
+    return {"contrast": "dark" if sign < 0 else "bright", "moved": int(len(moved)), "kept": kept,
+            "median_shift": round(float(np.median(moved)), 2) if len(moved) else 0.0,
+            "max_shift": round(float(moved.max()), 2) if len(moved) else 0.0}
+
+
+def _shift_points(volume: Any, pts: np.ndarray, radius: float, sign: int, sigma: float, cap: float, max_iter: int,
+                  tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """The mean shift of :func:`density_centres` with the contrast resolved: new points and which ones moved
+    (``False``: left in place, no density or beyond ``cap``)."""
+    half = _half_window(radius, sigma, cap)
     out = pts.copy()
-    shifts = np.zeros(len(pts))
-    kept = 0
+    moved_ok = np.zeros(len(pts), bool)
     for i in np.lexsort(pts.T[::-1]):  # z-major order: neighbouring windows share the reader's cached chunks
         p0 = pts[i]
         block, lo = _window(volume, p0, half)
         if block.size == 0:  # outside the volume: nothing to centre on
-            kept += 1
             continue
         dens = sign * _smoothed(block, sigma)
         dens = np.clip(dens - np.median(dens), 0.0, None)
@@ -143,7 +159,7 @@ def density_centres(
         p = p0.copy()
         ok = True
         r_int = int(np.ceil(radius))
-        for _ in range(int(max_iter)):
+        for _ in range(max_iter):
             # a separable Gaussian window around p, cut at the radius, over the sub-block it covers
             c = np.round(p - lo).astype(np.int64)
             sl = [slice(max(int(ci) - r_int, 0), max(int(ci) + r_int + 1, 0)) for ci in c]
@@ -170,14 +186,106 @@ def density_centres(
                 break
         if ok:
             out[i] = p
-            shifts[i] = float(np.linalg.norm(p - p0))
-        else:
-            kept += 1
-    moved = shifts[shifts > 0]
-    info = {"contrast": "dark" if sign < 0 else "bright", "moved": int(len(moved)), "kept": int(kept),
-            "median_shift": round(float(np.median(moved)), 2) if len(moved) else 0.0,
-            "max_shift": round(float(moved.max()), 2) if len(moved) else 0.0}
-    return out, info
+            moved_ok[i] = True
+    return out, moved_ok
+
+
+def _half_window(radius: float, sigma: float, cap: float) -> int:
+    return int(np.ceil(cap + radius + 3 * sigma))
+
+
+def density_centre_tasks(
+    darr: Any,
+    zyx: np.ndarray,
+    radius: float,
+    *,
+    contrast: str,
+    smooth: float | None = None,
+    max_shift: float | None = None,
+    max_iter: int = 20,
+    tol: float = 0.25,
+    group: int = 64,
+) -> list[tuple[np.ndarray, Any]]:
+    """:func:`density_centres` as Dask tasks over a dask volume, for many points.
+
+    The points are grouped by the storage chunk they lie in (at most ``group`` per task); each task
+    receives the sub-volume its points' windows cover (read by Dask from the chunks, no nested compute) and
+    runs the same mean shift on it, so the result equals :func:`density_centres` on the whole volume.
+
+    Parameters
+    ----------
+    darr : dask.array.Array
+        ``(z, y, x)`` volume.
+    zyx : ndarray
+        ``(n, 3)`` points in the volume's voxels.
+    radius, smooth, max_shift, max_iter, tol
+        As :func:`density_centres`.
+    contrast : {"dark", "bright"}
+        Particle contrast (given: a task sees only its points, so it cannot be measured there).
+    group : int
+        Most points per task.
+
+    Returns
+    -------
+    list of (indices, delayed)
+        Per task, the indices of its points in ``zyx`` and a :class:`dask.delayed.Delayed` of
+        ``(new points, moved mask)``; :func:`gather_centres` assembles the computed results.
+    """
+    import dask
+
+    if contrast not in ("dark", "bright"):
+        raise ValueError(f"contrast must be 'dark' or 'bright' for tasks, got {contrast!r}")
+    pts = np.asarray(zyx, np.float64).reshape(-1, 3)
+    radius = float(radius)
+    if radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    sigma = max(1.0, radius / 6.0) if smooth is None else float(smooth)
+    cap = radius if max_shift is None else float(max_shift)
+    sign = -1 if contrast == "dark" else 1
+    half = _half_window(radius, sigma, cap)
+    shape = np.asarray(darr.shape, np.int64)
+    chunk = np.asarray(darr.chunksize, np.int64)
+    rounded = np.round(pts).astype(np.int64)
+    key = np.clip(rounded, 0, shape - 1) // chunk
+    order = np.lexsort((key[:, 2], key[:, 1], key[:, 0]))
+    tasks = []
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and stop - start < group and (key[order[stop]] == key[order[start]]).all():
+            stop += 1
+        idx = order[start:stop]
+        lo = np.clip(rounded[idx].min(axis=0) - half, 0, shape)
+        hi = np.clip(rounded[idx].max(axis=0) + half + 1, 0, shape)
+        if (hi <= lo).any():  # every window outside the volume: the points stay
+            lo = hi = np.zeros(3, np.int64)
+        sub = darr[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]
+        task = dask.delayed(_shift_task, pure=True)(sub, pts[idx], lo, radius, sign, sigma, cap, int(max_iter),
+                                                    float(tol))
+        tasks.append((idx, task))
+        start = stop
+    return tasks
+
+
+def _shift_task(sub: np.ndarray, pts: np.ndarray, origin: np.ndarray, radius: float, sign: int, sigma: float,
+                cap: float, max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_shift_points` on a sub-volume starting at ``origin``, in the whole volume's coordinates."""
+    if np.asarray(sub).size == 0:
+        return pts.copy(), np.zeros(len(pts), bool)
+    out, ok = _shift_points(np.asarray(sub, np.float32), pts - origin, radius, sign, sigma, cap, max_iter, tol)
+    return out + origin, ok
+
+
+def gather_centres(zyx: np.ndarray, tasks: Sequence[tuple[np.ndarray, Any]], results: Sequence[Any],
+                   contrast: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The points and info of :func:`density_centres` from the computed :func:`density_centre_tasks`."""
+    pts = np.asarray(zyx, np.float64).reshape(-1, 3)
+    out = pts.copy()
+    ok = np.zeros(len(pts), bool)
+    for (idx, _), (new, moved) in zip(tasks, results, strict=True):
+        out[idx] = new
+        ok[idx] = moved
+    return out, _shift_info(pts, out, ok, -1 if contrast == "dark" else 1)
 
 
 def merge_close(zyx: np.ndarray, distance: float, groups: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
