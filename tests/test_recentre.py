@@ -58,7 +58,7 @@ def test_a_point_on_empty_background_is_left_in_place():
         density_centres(vol, np.array([[20.0, 20, 20]]), 0)
 
 
-def test_dask_tasks_give_the_points_of_the_whole_volume_mean_shift():
+def test_dask_tasks_give_the_points_of_the_reader_mean_shift():
     import dask
     import dask.array as da
 
@@ -72,8 +72,8 @@ def test_dask_tasks_give_the_points_of_the_whole_volume_mean_shift():
     tasks = density_centre_tasks(darr, start, 8, contrast="dark", group=3)
     assert len(tasks) > 4 and sorted(np.concatenate([i for i, _ in tasks]).tolist()) == list(range(len(start)))
     got, ginfo = gather_centres(start, tasks, dask.compute(*[t for _, t in tasks]), "dark")
-    np.testing.assert_allclose(got, ref, atol=1e-9)
-    assert ginfo == rinfo and ginfo["kept"] >= 1  # the outside point stays
+    np.testing.assert_allclose(got, ref, atol=0.1)  # the sub-volume is smoothed as a whole, not window by window
+    assert ginfo["kept"] == rinfo["kept"] >= 1 and ginfo["moved"] == rinfo["moved"]  # the outside point stays
     with pytest.raises(ValueError, match="contrast"):
         density_centre_tasks(darr, start, 8, contrast="auto")
 
