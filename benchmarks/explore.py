@@ -107,8 +107,7 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         params = {"preset": a.preset, "setting": a.setting, "data_seed": a.data_seed, "border": a.border,
                   "border_z": a.border_z, "per_species": a.per_species,
                   "n_tomograms": max(2, -(-a.per_species // st.particles_per_species)), "invert": st.contrast > 0}
-    if getattr(a, "recentre", None):  # candidates moved onto their blobs' density centres (mine --recentre)
-        params["recentre"] = float(a.recentre)
+    params["recentre"] = getattr(a, "recentre", "auto")  # candidates on their blobs' density centres (mine --recentre)
     bank_params = {"bbox": a.bbox, "modes": a.modes}
     from milotile.ops.patches import TILT_MODES
     from milotile.stages.patches import DEFAULT_TILT_WINDOW
@@ -376,8 +375,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     "wide and patches at the edge are padded)")
     ap.add_argument("--border-z", type=int, default=None, help="mining exclusion band in z (default 8; lookalike 4)")
     ap.add_argument("--bbox", type=int, default=32)
-    ap.add_argument("--recentre", type=float, default=None, metavar="R",
-                    help="mine --recentre R: candidates moved onto their blobs' density centres (default off)")
+    ap.add_argument("--recentre", default="auto", metavar="R|auto|off",
+                    help="mine --recentre: candidates moved onto their blobs' density centres (default auto, as the CLI)")
     ap.add_argument("--match-radius", type=float, default=4.0, help="candidate-particle match distance (voxels)")
     ap.add_argument("--match-frac", type=float, default=0.5,
                     help="... or this fraction of the particle radius when larger (big species: DoG peaks off-centre)")

@@ -641,8 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lf-target", default="auto",
                     help="label-free start: target species (auto: the largest findable, benchmarks/label_free.py)")
     ap.add_argument("--explore-epochs", type=int, default=4, help="label-free start: explore encoder epochs")
-    ap.add_argument("--mine-recentre", type=float, default=None, metavar="R",
-                    help="label-free start: mine --recentre R (candidates on their blobs' centres; default off)")
+    ap.add_argument("--mine-recentre", default="auto", metavar="R|auto|off",
+                    help="label-free start: mine --recentre (candidates on their blobs' centres; default auto, as the "
+                    "CLI)")
     ap.add_argument("--tta", type=int, default=None,
                     help="loop: prediction flips of every picker (default: the recipe's; 1 picks 4x faster)")
     ap.add_argument("--reuse-round0", action="store_true",

@@ -73,7 +73,7 @@ def test_compress_and_bin_grid(col):
 
 def test_mine_recall_and_table(col, synth_dir):
     preprocess(col, gauss=0.8)
-    cands = mine(col, **MINE)
+    cands = mine(col, **MINE, recentre="off")  # MiLoPYP's DoG peaks (the default recentres them, tested below)
     assert list(cands.columns) == ["tomogram", "x", "y", "z", "x_A", "y_A", "z_A", "score", "level"]
     assert col.has_table("candidates") and len(col.read_table("candidates")) == len(cands)
     params = col.table_params("candidates")  # the mining parameters travel with the table
@@ -224,7 +224,7 @@ def test_mine_block_shape_does_not_change_candidates(col):
 def test_mine_recentre_moves_candidates_onto_particle_centres(col, synth_dir):
     preprocess(col, gauss=0.8)
     gt = synth_dir.ground_truth
-    plain = mine(col, **MINE, table="plain")
+    plain = mine(col, **MINE, recentre="off", table="plain")
     r = float(gt["radius"].max())
     moved = mine(col, **MINE, recentre=r, table="centred")
     assert col.table_params("centred")["recentre"] == pytest.approx(r) and col.table_params("plain")["recentre"] is None
@@ -241,7 +241,7 @@ def test_mine_recentre_moves_candidates_onto_particle_centres(col, synth_dir):
     assert len(after) >= 0.9 * len(before)  # particles keep their candidate
     assert np.median(after) < np.median(before) and np.median(after) < 1.5, (np.median(before), np.median(after))
     # auto: 2.4 x the largest sigma in level-0 voxels (the preprocessed grid is unbinned in x/y here)
-    auto = mine(col, **MINE, recentre="auto", table="auto")
+    auto = mine(col, **MINE, table="auto")  # the default
     assert col.table_params("auto")["recentre"] == pytest.approx(2.4 * 4.0)
     pd.testing.assert_frame_equal(auto, mine(col, **MINE, recentre=9.6, table="nine"))
     with pytest.raises(InputError, match="'auto' or 'off'"):

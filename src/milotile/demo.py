@@ -288,12 +288,11 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         _, s = _timed(lambda: col.preprocess(gauss=0.8))
         report.add("preprocess", s, gauss=0.8)
         report.add("writer_lock", 0.0, **_second_writer_refused(col))
-        # candidates moved onto their blobs' centres (`mine --recentre R`, R about the largest particle's radius, what a
-        # user reads off a slice): the setting docs/label_free.md recommends for the label-free loop below
-        r_max = float(truth["radius"].max())
-        cands, s = _timed(lambda: col.mine(dog=(3, 5), threshold_std=0.5, nms_distance=7, border=8, recentre=r_max))
+        # mine's default moves the candidates onto their blobs' centres (`--recentre auto`: a mean shift of radius
+        # 2.4 x the largest DoG sigma, 12 voxels here), which the label-free loop below needs
+        cands, s = _timed(lambda: col.mine(dog=(3, 5), threshold_std=0.5, nms_distance=7, border=8))
         recall = candidate_recall(cands.df, truth)
-        report.add("mine", s, candidates=len(cands), recentre=r_max, recall_per_species=recall,
+        report.add("mine", s, candidates=len(cands), recentre=cands.params.get("recentre"), recall_per_species=recall,
                    mean_recall=float(np.mean(list(recall.values()))))
 
         # 4. patch banks -----------------------------------------------------------------------

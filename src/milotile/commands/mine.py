@@ -31,10 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--border-z", type=int, default=10, help="excluded band in z (default 10)")
     p.add_argument("--invert", action="store_true", help="bright particles instead of dark ones")
     p.add_argument("--top-k", type=int, default=None, help="at most K candidates per tomogram")
-    p.add_argument("--recentre", default=None, metavar="R|auto|off",
+    p.add_argument("--recentre", default="auto", metavar="R|auto|off",
                    help="move each candidate onto its blob's density centre (a mean shift of radius R level-0 voxels, "
-                   "about the largest particle's radius; auto: 2.4 x the largest --dog sigma, 12 at the default), then "
-                   "NMS again (default off: DoG peaks, on the lobes of large particles)")
+                   "about the largest particle's radius), then NMS again; auto (default): 2.4 x the largest --dog "
+                   "sigma, 12 at the default; off: MiLoPYP's DoG peaks, which sit on the lobes of large particles")
     p.add_argument("--table", default="candidates", help="output table name (default candidates)")
     p.add_argument("--names", default=None, help="comma-separated tomogram names (default all)")
     p.set_defaults(handler=run, needs_cluster=True)

@@ -4,7 +4,8 @@ Reads ``derived/preprocessed/<name>`` when it exists (else the raw level-0 tomog
 warning: the DoG and the relative threshold do not depend on an affine intensity change, but the
 contrast clip is skipped), runs :func:`milotile.ops.peaks.dog_peaks` chunk by chunk in the processed
 grid (``border`` and ``nms_distance`` are in voxels of that grid, as in MiLoPYP), converts the peaks
-to full-resolution voxels and Å, and writes ``tables/<table>.parquet`` with the columns
+to full-resolution voxels and Å, moves each candidate onto its blob's density centre (``recentre``,
+on by default; ``"off"`` keeps MiLoPYP's peaks) and writes ``tables/<table>.parquet`` with the columns
 ``tomogram, x, y, z, x_A, y_A, z_A, score, level``.
 """
 
@@ -44,7 +45,7 @@ def mine(
     table: str = "candidates",
     top_k: int | None = None,
     chunks: Sequence[int] | None = None,
-    recentre: float | str | None = None,
+    recentre: float | str | None = "auto",
 ) -> pd.DataFrame:
     """Mine particle candidates in every tomogram and write ``tables/<table>.parquet``.
 
@@ -82,9 +83,10 @@ def mine(
         centre of its blob's density on the level-0 tomogram (:func:`milotile.ops.recentre.density_centres`;
         particles dark, or bright with ``invert``), after which candidates closer than ``nms_distance`` (in
         level-0 voxels) are suppressed again, the higher DoG score kept. A DoG pyramid peaks on the lobes and
-        shells of particles larger than its sigmas, off their centres. ``"auto"``: :func:`auto_recentre_radius`
-        of the largest sigma. ``None`` (or ``"off"``): MiLoPYP's candidates. The mean shift runs as Dask tasks
-        (a few dozen candidates each, with the sub-volume their windows cover).
+        shells of particles larger than its sigmas, off their centres. ``"auto"`` (default):
+        :func:`auto_recentre_radius` of the largest sigma. ``None`` (or ``"off"``): MiLoPYP's candidates. The
+        mean shift runs as Dask tasks (the candidates of one storage chunk each, with the sub-volume their
+        windows cover).
 
     Returns
     -------
