@@ -109,6 +109,11 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
                   "n_tomograms": max(2, -(-a.per_species // st.particles_per_species)), "invert": st.contrast > 0}
     params["recentre"] = getattr(a, "recentre", "auto")  # candidates on their blobs' density centres (mine --recentre)
     bank_params = {"bbox": a.bbox, "modes": a.modes}
+    normalize = getattr(a, "normalize", "minmax")
+    extra_norm = {}
+    if normalize != "minmax":  # the preprocessed volume's values (z-scored per tomogram, clipped to [0, 1])
+        bank_params["normalize"] = normalize
+        extra_norm["normalize"] = None
     from milotile.ops.patches import TILT_MODES
     from milotile.stages.patches import DEFAULT_TILT_WINDOW
 
@@ -124,6 +129,8 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
         bank_params["tilt_window"] = list(extra["tilt_window"])
         if extra["tilt_window"] != DEFAULT_TILT_WINDOW:
             suffix += f"-w{a.tilt_window.replace(',', '_')}"
+    if extra_norm:
+        suffix += "-raw"
     bank_key = None if suffix == "-shifts" else "candidates-" + a.modes.replace(",", "+") + f"-b{a.bbox}{suffix}"
     stamp = work / "data.json"
     if stamp.exists() and json.loads(stamp.read_text())["params"] == params:
@@ -135,7 +142,7 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
             t0 = time.perf_counter()
             with mt.cluster(workers=a.threads, threads_per_worker=1, dashboard_address=None):
                 key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128,
-                                      key=bank_key, **extra)
+                                      key=bank_key, **extra, **extra_norm)
             banks[bkey] = {"key": key, "patches_s": time.perf_counter() - t0}
             stamp.write_text(json.dumps(state))
         info = {**state["info"], **banks[bkey]}
@@ -160,7 +167,7 @@ def build_store(work: Path, a: argparse.Namespace) -> tuple[object, str, object,
                      recentre=params.get("recentre"))
         t2 = time.perf_counter()
         key = extract_patches(col, bbox=a.bbox, modes=tuple(a.modes.split(",")), shifts=shifts, chunk_n=128, key=bank_key,
-                              **extra)
+                              **extra, **extra_norm)
     res.ground_truth.to_parquet(work / "gt.parquet")
     info = {"synth_s": t1 - t0, "pipeline_s": t2 - t1, "n_candidates": len(cands)}
     bank = {"key": key, "patches_s": time.perf_counter() - t2}
@@ -367,6 +374,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="species with fewer matched candidates are left out of the scores (5-fold CV)")
     ap.add_argument("--dump", action="store_true",
                     help="write each run's embeddings and candidate truth to <work>/.../features_*.npz")
+    ap.add_argument("--normalize", choices=("minmax", "tomogram"), default="minmax",
+                    help="patch values: per-patch min-max (MiLoPYP, the default) or the preprocessed volume's own "
+                    "(z-scored over the tomogram and clipped: contrast kept between patches)")
     ap.add_argument("--modes", default=None,
                     help="patch modes: slab (3d) or tilthalves,slice / tiltsum,slice (2d3d); several runs separated "
                     "by ';' (default slab; hard 'slab;tilthalves,slice')")

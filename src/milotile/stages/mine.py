@@ -154,7 +154,8 @@ def mine(
 
 #: ``recentre="auto"``: the mean-shift radius in units of the largest DoG sigma (12 level-0 voxels at the
 #: default sigmas 3, 5 and an unbinned grid). Chosen on the hard preset (largest radius 12) and look-alike
-#: setting 3 (radii 5-8, where 12 beat 8: label-free F1 0.97 against 0.88); reported on other settings.
+#: setting 3 (radii 5-8, where 12 beat 8: label-free F1 0.97 against 0.88); reported on look-alike settings
+#: 0, 2, 4 and 5 (``benchmarks/label_free.py``, results/label_free_recentre_report_session14.json).
 RECENTRE_PER_SIGMA = 2.4
 
 
@@ -188,17 +189,16 @@ def _recentre_option(value: float | str | None) -> float | str | None:
 def _recentred(found: list, radii: dict[str, float], invert: bool, nms_distance: float) -> list:
     """Every tomogram's candidates moved onto their blobs' density centres (one Dask compute over all of them),
     then suppressed within ``nms_distance`` (processed-grid voxels, converted to level-0) by DoG score."""
-    import dask
-
     from milotile.ops.peaks import greedy_nms
     from milotile.ops.recentre import density_centre_tasks, gather_centres
+    from milotile.runtime import compute_with_progress
 
     contrast = "bright" if invert else "dark"
     plans = [density_centre_tasks(t.data(0), zyx, radii[t.name], contrast=contrast) if len(zyx) else []
              for t, zyx, _, _ in found]
     n = sum(len(zyx) for _, zyx, _, _ in found)
     logger.info("mine: recentring %d candidates in %d tasks", n, sum(len(p) for p in plans))
-    results = dask.compute(*[task for plan in plans for _, task in plan])
+    results = compute_with_progress([task for plan in plans for _, task in plan], desc="mine: recentre")
     out, k = [], 0
     for (t, zyx, df, grid), plan in zip(found, plans, strict=True):
         if not len(zyx):
