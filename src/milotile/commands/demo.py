@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-epochs", type=int, default=8)
     p.add_argument("--segments-epochs", type=int, default=3,
                    help="point-cloud AE epochs of the segment-clustering stage (0: hand-crafted features only)")
-    p.add_argument("--hard-epochs", type=int, default=4, help="epochs of the picker on the hard preset (default 4)")
+    p.add_argument("--hard-epochs", type=int, default=12, help="epochs of the picker on the hard preset (default 12)")
     p.add_argument("--no-hard", dest="hard", action="store_false", help="skip the hard-preset picking stage")
     p.set_defaults(handler=run, needs_cluster=False)
 
