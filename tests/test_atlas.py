@@ -148,6 +148,7 @@ def test_select_clusters_writes_labels_refine_reads(tmp_path):
     np.testing.assert_allclose(back[["x", "y", "z"]].to_numpy(), want[["x", "y", "z"]].to_numpy())
     assert set(back["class"]) == {"clusters-0-2"}
     assert col.table_params("labels-clusters-0-2")["clusters"] == [0, 2]
+    assert col.table_params("labels-clusters-0-2")["candidates_recentred"] is None  # no mined candidates here
     tsv = read_coordinate_tsv(tmp_path / "s.zarr" / "runs" / "atlas-k" / "selections" / "clusters-0-2.tsv")
     np.testing.assert_allclose(tsv["x"], np.round(want["x"]))
     info = pd.read_parquet(tmp_path / "s.zarr" / "runs" / "atlas-k" / "interactive_info_parquet.gzip")

@@ -39,6 +39,8 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert report["explore_pick"]["labels"] > 0 and "f1_manual" in report["explore_pick"]
     # the atlas selection is recentred by `refine train` (never more labels than candidates selected)
     assert 0 < report["explore_pick"]["labels_after_recentring"] <= report["explore_pick"]["labels"]
+    # ... unless `mine` (by default) already moved the candidates onto their centres: recentred once, not twice
+    assert "recentred when mined (radius 12.0)" in report["explore_pick"]["label_recentring"]
     assert (out / "project.zarr" / "tables" / f"labels-explore-{report['refine']['species']}.parquet").exists()
     hard = report["pick_hard"]
     assert 0.0 <= hard["f1_all"] <= 1.0 and 0.0 <= hard["f1_dog_told_count"] <= 1.0 and hard["labelled"] >= 3

@@ -308,3 +308,14 @@ def test_atlas_selections_are_recentred_and_merged(data):
     plain = root / "manual.parquet"
     off[["tomogram", "x", "y", "z"]].to_parquet(plain)
     assert not is_atlas_selection(load_label_table(str(plain), col))
+    # recentre once: a selection of candidates `mine` already recentred is trained as it is (from a table that
+    # says so, or from the selection parquet through the CLI's reader)
+    mined = sel.copy()
+    mined.attrs["candidates_recentred"] = 12.0
+    once = train(col, mined, epochs=1, out=root / "run_once", **{**FAST, "bbox": 2 * r})
+    assert once.contract["recentred"]["skipped"] and "radius 12.0" in once.contract["recentred"]["why"]
+    assert len(once.contract["train_labels"]) == len(off)
+    col.write_table("labels-once", sel[["tomogram", "x", "y", "z", "id", "cluster"]],
+                    params={"atlas": "a1", "candidates_recentred": 12.0})
+    read = load_label_table(str(col._table_path("labels-once")), col)
+    assert read.attrs["atlas_selection"] and read.attrs["candidates_recentred"] == 12.0

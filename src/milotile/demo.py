@@ -210,9 +210,10 @@ def _explore_only_picker(col: Any, atl: Any, cand_species: Any, species: str, gt
     picks = picker.pick(col, out=out / "picks_explore.parquet", table="picks-explore")
     f1 = evaluate(picks, gt, radius=match, by="tomogram").set_index("group")["f1"].round(3).to_dict()
     on_target = float(np.mean(cand_species[sel["id"].to_numpy()] == species)) if len(sel) else 0.0
-    merged = (picker.contract.get("recentred") or {}).get("n_after")  # `refine train` recentres atlas selections
+    # `refine train` recentres atlas selections, unless `mine` recentred their candidates (the default)
+    rec = picker.contract.get("recentred") or {}
     return {"clusters": chosen, "labels": int(len(sel)), "label_precision": round(on_target, 3),
-            "labels_after_recentring": merged, "repeats": repeats, "epochs": epochs, "picks": int(len(picks)), "f1_per_tomogram": f1, "f1_all": float(f1["all"])}
+            "labels_after_recentring": rec.get("n_after"), "label_recentring": rec.get("why"), "repeats": repeats, "epochs": epochs, "picks": int(len(picks)), "f1_per_tomogram": f1, "f1_all": float(f1["all"])}
 
 
 def _hard_setting(cfg: DemoConfig, out: Path, report: DemoReport) -> None:

@@ -142,8 +142,10 @@ def save_selection(atlas: Any, ids: np.ndarray, name: str, params: dict[str, Any
 
     name = check_name(name)
     labels = labels_from_ids(atlas.table, ids, class_name or name)
+    recentred = candidates_recentred(atlas)
     full = {"atlas": atlas.key, "atlas_params": atlas.params.get("params", {}), "n": int(len(labels)),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **params}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "candidates_recentred": recentred,
+            **params}
     col = atlas.collection
     col.write_table(f"labels-{name}", labels, params=full,
                     sources={f"tables/{atlas.table_name}": col.source_token(f"tables/{atlas.table_name}")})
@@ -151,7 +153,22 @@ def save_selection(atlas: Any, ids: np.ndarray, name: str, params: dict[str, Any
     write_coordinate_tsv(labels, tsv)
     log.info("selection %s: %d labels -> tables/labels-%s.parquet and %s", name, len(labels), name, tsv)
     labels.attrs["name"] = name
+    labels.attrs["candidates_recentred"] = recentred
     return labels
+
+
+def candidates_recentred(atlas: Any) -> float | list[float] | None:
+    """The ``mine --recentre`` radius of the candidates under ``atlas`` (``None``: DoG peaks as mined, or not
+    known): atlas -> its patch bank -> the bank's candidate table's parameters."""
+    from milotile.explore.data import open_bank
+
+    try:
+        bank = open_bank(atlas.collection, atlas.bank_key)
+        source = bank.params.get("source_table")
+        return atlas.collection.table_params(source).get("recentre") if source else None
+    except (InputError, KeyError, OSError, ValueError) as exc:
+        log.debug("selection: candidate recentring of atlas %s not known (%s)", atlas.key, exc)
+        return None
 
 
 def save_negatives(atlas: Any, ids: np.ndarray, name: str, params: dict[str, Any]) -> pd.DataFrame:

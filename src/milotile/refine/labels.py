@@ -15,7 +15,7 @@ from milotile.formats import read_labels, validate_labels
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["class_index", "is_atlas_selection", "load_label_table", "recentre_labels"]
+__all__ = ["class_index", "is_atlas_selection", "load_label_table", "recentre_labels", "selection_recentred"]
 
 
 def load_label_table(labels: pd.DataFrame | str | os.PathLike[str], col: Any, what: str = "labels") -> pd.DataFrame:
@@ -42,6 +42,7 @@ def load_label_table(labels: pd.DataFrame | str | os.PathLike[str], col: Any, wh
     out = df.reset_index(drop=True)
     # where the labels came from outlives the columns the reader keeps (`refine train --recentre auto` asks)
     out.attrs["atlas_selection"] = is_atlas_selection(labels)
+    out.attrs["candidates_recentred"] = selection_recentred(labels)
     return out
 
 def class_index(df: pd.DataFrame, classes: Sequence[str] | bool | None) -> tuple[pd.DataFrame, list[str]]:
@@ -115,21 +116,35 @@ def recentre_labels(col: Any, df: pd.DataFrame, radius: float, *, max_chunks: in
     return merged, info
 
 
-def is_atlas_selection(labels: pd.DataFrame | str | os.PathLike[str]) -> bool:
-    """Whether ``labels`` are an atlas selection (``explore select`` or the atlas app): a table with the candidate
-    ``id`` and ``cluster`` columns (or one :func:`load_label_table` read from a selection: ``attrs["atlas_selection"]``),
-    or a parquet file whose milotile metadata names its atlas."""
-    if isinstance(labels, pd.DataFrame):
-        return bool(labels.attrs.get("atlas_selection")) or {"id", "cluster"} <= set(labels.columns)
-    path = os.fspath(labels)
+def _selection_params(path: str) -> dict:
+    """The milotile parameters a selection parquet carries in its metadata (``{}`` when none)."""
     if not path.endswith(".parquet"):
-        return False
+        return {}
     try:
         import json
 
         import pyarrow.parquet as pq
 
         meta = pq.read_schema(path).metadata or {}
-        return "atlas" in json.loads(meta.get(b"milotile", b"{}"))
+        return json.loads(meta.get(b"milotile", b"{}"))
     except (OSError, ValueError):  # not a readable parquet here (remote, or not ours): read_labels says why later
-        return False
+        return {}
+
+
+def selection_recentred(labels: pd.DataFrame | str | os.PathLike[str]) -> float | list[float] | None:
+    """The ``mine --recentre`` radius of the candidates an atlas selection was made of (``None``: DoG peaks as
+    mined, not a selection, or not known): ``attrs["candidates_recentred"]`` of a table
+    :func:`milotile.explore.select.save_selection` returned (or :func:`load_label_table` read), or the
+    parameters of its parquet."""
+    if isinstance(labels, pd.DataFrame):
+        return labels.attrs.get("candidates_recentred")
+    return _selection_params(os.fspath(labels)).get("candidates_recentred")
+
+
+def is_atlas_selection(labels: pd.DataFrame | str | os.PathLike[str]) -> bool:
+    """Whether ``labels`` are an atlas selection (``explore select`` or the atlas app): a table with the candidate
+    ``id`` and ``cluster`` columns (or one :func:`load_label_table` read from a selection: ``attrs["atlas_selection"]``),
+    or a parquet file whose milotile metadata names its atlas."""
+    if isinstance(labels, pd.DataFrame):
+        return bool(labels.attrs.get("atlas_selection")) or {"id", "cluster"} <= set(labels.columns)
+    return "atlas" in _selection_params(os.fspath(labels))

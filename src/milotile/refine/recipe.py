@@ -152,11 +152,15 @@ class PickerRecipe(Recipe):
     #: manual labels (seeds 0-2) it tied the best-threshold F1 of the big species (0.857 / 0.896 / 0.671 against
     #: 0.879 / 0.893 / 0.679), raised the small species' on two seeds of three (0.672 / 0.653 / 0.608 against
     #: 0.639 / 0.574 / 0.629) and lowered the big species' automatic-threshold F1 (0.329 / 0.614 / 0.337 against
-    #: 0.857 / 0.652 / 0.440; results/recentre_session13.json)
+    #: 0.857 / 0.652 / 0.440; results/recentre_session13.json). Once `mine` recentred the candidates (its default
+    #: since session 14) auto leaves their selection as it is: on look-alike setting 1 a second mean shift, in the
+    #: smaller bbox/2 window, moved labels 0.5-3 voxels from their centres to 4-6 (onto lobes) and the picker learned
+    #: the offset (F1 0.0 at every threshold).
     recentre: str = option("auto", "move each label to the centre of its particle's density (a mean shift within "
                                    "bbox/2 on the tomogram) and merge labels closer than bbox/4 before training: on, "
-                                   "off, or auto = on for atlas selections (mined candidates sit off-centre on large "
-                                   "particles), off for other labels", choices=RECENTRE)
+                                   "off, or auto = on for atlas selections of candidates mined without --recentre "
+                                   "(DoG peaks sit off-centre on large particles), off for other labels",
+                           choices=RECENTRE)
     shape_check: bool = option(True, "fit the shape check (radial profiles of the labels; `refine pick` lowers the "
                                      "scores of peaks unlike them)")
 

@@ -40,6 +40,7 @@ from milotile.refine.labels import (
     is_atlas_selection,
     load_label_table,
     recentre_labels,
+    selection_recentred,
 )
 from milotile.refine.losses import (
     consistency_loss,
@@ -157,9 +158,13 @@ def train(
         return _self_train(col, labels, out, recipe, run, extra_positives)
     df, vdf, regions, class_names = _labels(col, labels, val_labels, classes, recipe.bbox, recipe.val_fraction)
     recentred = None
-    if recipe.recentre == "on" or (recipe.recentre == "auto" and is_atlas_selection(labels)):
+    mined = selection_recentred(labels) if recipe.recentre == "auto" and is_atlas_selection(labels) else None
+    if recipe.recentre == "on" or (recipe.recentre == "auto" and is_atlas_selection(labels) and mined is None):
         df, recentred = recentre_labels(col, df, float(recipe.bbox) / 2.0)
         recentred["why"] = recipe.recentre if recipe.recentre == "on" else "auto: an atlas selection"
+    elif mined is not None:  # recentre once: a second, smaller window moved centred labels onto lobes
+        recentred = {"why": f"auto: an atlas selection of candidates recentred when mined (radius {mined})",
+                     "skipped": True, "n_before": int(len(df)), "n_after": int(len(df))}
     neg = _negatives(col, negatives)
     recipe = _epochs(recipe, len(df) + len(neg), init is not None)
     if resume and out is not None and (Path(out) / "last.pt").is_file():  # the run's own defaults, not today's
@@ -382,7 +387,8 @@ def _self_train(col: Any, labels: Any, out: str | os.PathLike[str] | None, recip
     extra = None
     one_round = recipe.replace(self_training=0)
     if recipe.recentre == "auto":  # decided on the labels as given (the table read above no longer shows where from)
-        one_round = one_round.replace(recentre="on" if is_atlas_selection(labels) else "off")
+        fresh = is_atlas_selection(labels) and selection_recentred(labels) is None
+        one_round = one_round.replace(recentre="on" if fresh else "off")
     for r in range(rounds + 1):
         picker = train(col, table, one_round, out=base / f"round-{r}", extra_positives=extra, **run)
         if r == rounds:
