@@ -14,11 +14,11 @@ automatic threshold, as ``refine pick`` writes it). The cluster choice:
   (default the atlas's sub-clusters, its k-means over-clusters; ``cluster``: the merged clusters): every one whose
   candidates are mostly (>= 50 %) on the centres of target particles, what a user does by choosing the
   gallery rows that show the target; the truth stands in for the user's eye;
-* **oracle** -- the single cluster purest in the target (:func:`~milotile.explore.evaluate.purest_cluster`)
-  among those holding at least ``--manual`` (6) target candidates (or as many as the richest cluster holds),
-  an upper bound on a single-cluster choice that trains on as many labels as the manual reference. (Until
-  session 14 any cluster with one target candidate counted: at the sub-cluster level the oracle then chose
-  a sub-cluster of 1-3 candidates, precision 1.0, and its picker scored 0.0-0.3);
+* **oracle** -- the single atlas cluster (of ``--n-clusters``, whatever ``--level``) purest in the target
+  (:func:`~milotile.explore.evaluate.purest_cluster`) among those holding at least ``--manual`` (6) target
+  candidates (or as many as the richest cluster holds): an upper bound on a single-cluster choice that
+  trains on as many labels as the manual reference. (Until session 14 it chose at ``--level`` among clusters
+  with one target candidate: a sub-cluster of 1-3 candidates, precision 1.0, whose picker scored 0.0-0.3);
 * **manual** -- the same picker (same recipe) trained from 6 manual labels of the target in the first
   tomogram (the issue's reference).
 
@@ -250,13 +250,16 @@ def run(a: argparse.Namespace) -> dict:
     log.info("best single cluster for %s: %s", target, quality["best_single_per_species"]["cluster"].get(target))
     lv = a.level
     rule = enriched_clusters(table, centred, target, column=lv)
-    oracle = purest_cluster(table, centred, target, column=lv, min_hits=oracle_hits(table, centred, target, lv, a.manual))
+    # the oracle takes one of the atlas's clusters (a single sub-cluster holds 1-3 target candidates)
+    oracle = purest_cluster(table, centred, target, column="cluster",
+                            min_hits=oracle_hits(table, centred, target, "cluster", a.manual))
     # the other level's selections, for the record (no picker trained on them)
     other = "cluster" if lv == "subcluster" else "subcluster"
     other_sel = {t: selection_quality(table, centred, target, c, other) for t, c in (
         ("rule", enriched_clusters(table, centred, target, column=other)),
         ("oracle", [purest_cluster(table, centred, target, column=other,
                                    min_hits=oracle_hits(table, centred, target, other, a.manual))]))}
+    levels = {"oracle": "cluster"}
     for lvl in ("cluster", "subcluster"):  # the target's (the per-species dict holds every species')
         quality[f"best_single_{lvl}_target"] = quality["best_single_per_species"][lvl].get(target)
     out: dict = {"preset": a.preset, "setting": a.setting if a.preset == "lookalike" else None, "seed": a.seed,
@@ -268,14 +271,15 @@ def run(a: argparse.Namespace) -> dict:
     if "dedup" in a.variants.split(","):  # the lever: the rule's selection, one label per particle
         sels["rule_dedup"] = rule
     for tag, clusters in sels.items():
-        q = selection_quality(table, centred, target, clusters, lv)
-        out[f"selection_{tag}"] = q
-        log.info("%s selection (%ss): %s", tag, lv, q)
+        tlv = levels.get(tag, lv)
+        q = selection_quality(table, centred, target, clusters, tlv)
+        out[f"selection_{tag}"] = {**q, "level": tlv}
+        log.info("%s selection (%ss): %s", tag, tlv, q)
         save_partial(a, {**out, "stages": st.rows})
         if not clusters or tag in a.skip.split(","):
             out[f"picker_{tag}"] = None
             continue
-        if tag == "oracle" and sorted(clusters) == sorted(rule) and out.get("picker_rule"):
+        if tag == "oracle" and tlv == lv and sorted(clusters) == sorted(rule) and out.get("picker_rule"):
             out["picker_oracle"] = {**out["picker_rule"], "same_as_rule": True}
             continue
         neg = clusters_without(table, table.loc[table[lv].isin(clusters), "id"].to_numpy()) if tag == "rule_neg" else None
@@ -286,7 +290,7 @@ def run(a: argparse.Namespace) -> dict:
             log.info("rule_neg: %d negative clusters, %d candidates, %d of them on the target", len(neg),
                      negq["n"], negq["on_target"])
         labels = st.run(f"select_{tag}", lambda c=clusters, t=tag, n=neg: select(
-            col, atl.key, **{f"{lv}s": c}, name=f"lf-{t}", interactive_info=False,
+            col, atl.key, **{f"{levels.get(t, lv)}s": c}, name=f"lf-{t}", interactive_info=False,
             negatives=None if n is None else "rest"))
         negs = labels.attrs.get("negatives")
         if tag == "rule_dedup":
