@@ -8,8 +8,9 @@ a person clicking in one slice misses the centre in z. A picker trained on such 
 :func:`density_centres` runs a mean shift on the smoothed volume: each point moves to the centroid of
 the particle-contrast density under a Gaussian window (sigma ``radius / 2``, cut at ``radius``) around it,
 until it moves less than a quarter voxel. The window is read once per point (``radius + max_shift``
-around it), so memory stays bounded whatever the volume. :func:`merge_close` then joins points closer
-than a distance (one particle's several detector peaks) into their mean.
+around it), so memory stays bounded whatever the volume. :func:`density_centre_tasks` runs the same
+shift as Dask tasks, one per storage chunk's points (``mine``'s candidates). :func:`merge_close` then
+joins points closer than a distance (one particle's several detector peaks) into their mean.
 """
 
 from __future__ import annotations
