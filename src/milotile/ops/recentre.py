@@ -29,6 +29,8 @@ __all__ = ["CONTRASTS", "contrast_differences", "contrast_sign", "density_centre
 
 #: Accepted particle contrasts: darker or brighter than the solvent, or measured from the points.
 CONTRASTS = ("auto", "dark", "bright")
+#: The sign that makes each given contrast's particles positive density.
+_SIGN = {"dark": -1, "bright": 1}
 
 
 def _window(volume: Any, centre: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +53,7 @@ def contrast_differences(volume: Any, zyx: np.ndarray, radius: float, *, smooth:
     of the shell from ``radius`` to ``1.5 radius`` (negative where the particles are darker than their
     surroundings). Points whose neighbourhood leaves the volume entirely are skipped."""
     zyx = np.asarray(zyx, np.float64).reshape(-1, 3)
-    sigma = max(1.0, radius / 6.0) if smooth is None else float(smooth)
+    sigma = _sigma(radius, smooth)
     if len(zyx) > max_points:
         zyx = zyx[np.random.default_rng(seed).choice(len(zyx), max_points, replace=False)]
     half = int(np.ceil(1.5 * radius + 3 * sigma))
@@ -116,21 +118,30 @@ def density_centres(
         The new points (``float64``) and ``{"contrast", "moved", "kept", "median_shift", "max_shift"}``:
         ``kept`` counts the points left in place (no density, or beyond ``max_shift``).
     """
-    pts = np.asarray(zyx, np.float64).reshape(-1, 3)
-    radius = float(radius)
-    if radius <= 0:
-        raise ValueError(f"radius must be positive, got {radius}")
-    sigma = max(1.0, radius / 6.0) if smooth is None else float(smooth)
-    cap = radius if max_shift is None else float(max_shift)
+    pts, radius, sigma, cap = _shift_setup(zyx, radius, smooth, max_shift)
     if isinstance(contrast, str):
         if contrast not in CONTRASTS:
             raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
-        sign = {"dark": -1, "bright": 1}.get(contrast) or (contrast_sign(volume, pts, radius, smooth=sigma)
-                                                           if len(pts) else -1)
+        sign = _SIGN.get(contrast) or (contrast_sign(volume, pts, radius, smooth=sigma) if len(pts) else -1)
     else:
         sign = -1 if int(contrast) < 0 else 1
     out, ok = _shift_points(volume, pts, radius, sign, sigma, cap, int(max_iter), float(tol))
     return out, _shift_info(pts, out, ok, sign)
+
+
+def _sigma(radius: float, smooth: float | None) -> float:
+    """The smoothing sigma before a mean shift of ``radius``: ``smooth``, or ``max(1, radius / 6)``."""
+    return max(1.0, float(radius) / 6.0) if smooth is None else float(smooth)
+
+
+def _shift_setup(zyx: np.ndarray, radius: float, smooth: float | None,
+                 max_shift: float | None) -> tuple[np.ndarray, float, float, float]:
+    """Points as ``(n, 3)`` float64, the checked radius, the smoothing sigma and the shift cap."""
+    pts = np.asarray(zyx, np.float64).reshape(-1, 3)
+    radius = float(radius)
+    if radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    return pts, radius, _sigma(radius, smooth), radius if max_shift is None else float(max_shift)
 
 
 def _shift_info(pts: np.ndarray, out: np.ndarray, ok: np.ndarray, sign: int) -> dict[str, Any]:
@@ -243,15 +254,10 @@ def density_centre_tasks(
     """
     import dask
 
-    if contrast not in ("dark", "bright"):
+    if contrast not in _SIGN:
         raise ValueError(f"contrast must be 'dark' or 'bright' for tasks, got {contrast!r}")
-    pts = np.asarray(zyx, np.float64).reshape(-1, 3)
-    radius = float(radius)
-    if radius <= 0:
-        raise ValueError(f"radius must be positive, got {radius}")
-    sigma = max(1.0, radius / 6.0) if smooth is None else float(smooth)
-    cap = radius if max_shift is None else float(max_shift)
-    sign = -1 if contrast == "dark" else 1
+    pts, radius, sigma, cap = _shift_setup(zyx, radius, smooth, max_shift)
+    sign = _SIGN[contrast]
     half = _half_window(radius, sigma, cap)
     shape = np.asarray(darr.shape, np.int64)
     cell = np.asarray(darr.chunksize, np.int64) if cell is None else np.minimum(darr.chunksize, int(cell))
@@ -270,7 +276,7 @@ def density_centre_tasks(
         if (hi <= lo).any():  # every window outside the volume: the points stay
             lo = hi = np.zeros(3, np.int64)
         sub = darr[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]
-        task = dask.delayed(_shift_task, pure=True)(sub, pts[idx], lo, radius, sign, sigma, cap, int(max_iter),
+        task = dask.delayed(_shift_task, pure=True)(sub, pts[idx], lo, radius, sign, sigma, cap, half, int(max_iter),
                                                     float(tol))
         tasks.append((idx, task))
         start = stop
@@ -278,13 +284,12 @@ def density_centre_tasks(
 
 
 def _shift_task(sub: np.ndarray, pts: np.ndarray, origin: np.ndarray, radius: float, sign: int, sigma: float,
-                cap: float, max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+                cap: float, half: int, max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_shift_points` on a sub-volume starting at ``origin``, in the whole volume's coordinates; the
     sub-volume is smoothed once when it holds fewer voxels than the points' windows together."""
     sub = np.asarray(sub, np.float32)
     if sub.size == 0:
         return pts.copy(), np.zeros(len(pts), bool)
-    half = _half_window(radius, sigma, cap)
     if sub.size < len(pts) * (2 * half + 1) ** 3:
         out, ok = _shift_points(_smoothed(sub, sigma), pts - origin, radius, sign, 0.0, cap, max_iter, tol, half=half)
     else:
@@ -301,7 +306,7 @@ def gather_centres(zyx: np.ndarray, tasks: Sequence[tuple[np.ndarray, Any]], res
     for (idx, _), (new, moved) in zip(tasks, results, strict=True):
         out[idx] = new
         ok[idx] = moved
-    return out, _shift_info(pts, out, ok, -1 if contrast == "dark" else 1)
+    return out, _shift_info(pts, out, ok, _SIGN[contrast])
 
 
 def merge_close(zyx: np.ndarray, distance: float, groups: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -158,8 +158,9 @@ def train(
         return _self_train(col, labels, out, recipe, run, extra_positives)
     df, vdf, regions, class_names = _labels(col, labels, val_labels, classes, recipe.bbox, recipe.val_fraction)
     recentred = None
-    mined = selection_recentred(labels) if recipe.recentre == "auto" and is_atlas_selection(labels) else None
-    if recipe.recentre == "on" or (recipe.recentre == "auto" and is_atlas_selection(labels) and mined is None):
+    # only an atlas selection records `mined` (the radius `mine` recentred its candidates with)
+    mined = selection_recentred(labels) if recipe.recentre == "auto" else None
+    if recipe.recentre == "on" or (recipe.recentre == "auto" and mined is None and is_atlas_selection(labels)):
         df, recentred = recentre_labels(col, df, float(recipe.bbox) / 2.0)
         recentred["why"] = recipe.recentre if recipe.recentre == "on" else "auto: an atlas selection"
     elif mined is not None:  # recentre once: a second, smaller window moved centred labels onto lobes
@@ -387,7 +388,7 @@ def _self_train(col: Any, labels: Any, out: str | os.PathLike[str] | None, recip
     extra = None
     one_round = recipe.replace(self_training=0)
     if recipe.recentre == "auto":  # decided on the labels as given (the table read above no longer shows where from)
-        fresh = is_atlas_selection(labels) and selection_recentred(labels) is None
+        fresh = selection_recentred(labels) is None and is_atlas_selection(labels)
         one_round = one_round.replace(recentre="on" if fresh else "off")
     for r in range(rounds + 1):
         picker = train(col, table, one_round, out=base / f"round-{r}", extra_positives=extra, **run)
