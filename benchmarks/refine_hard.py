@@ -361,7 +361,9 @@ def saved_run(run: Path) -> dict:
     """What a saved picker run (``run_s<seed>_<species>_<n>_<recipe>`` of the hard preset or
     ``run_la<setting>_s<seed>_<recipe>`` of the look-alike preset) was trained and is scored on: ``labels``,
     ``data`` (the collection's folder, beside the run), ``species``, ``true`` (its particles: ``tomogram, x, y,
-    z``), ``radius``, ``seed``, ``setting`` (None on the hard preset) and ``method`` (the recipe's name)."""
+    z``), ``radius``, ``seed``, ``setting`` (None on the hard preset) and ``method`` (the recipe's name). A
+    ``target.txt`` in the run names its species instead (runs trained for another target, such as the pickers of
+    ``benchmarks/label_free.py``)."""
     labels = pd.read_parquet(run / "labels.parquet")
     if run.name.startswith("run_la"):
         tag, seed, name = run.name[len("run_"):].split("_", 2)  # la<setting>, s<seed>, recipe
@@ -374,6 +376,8 @@ def saved_run(run: Path) -> dict:
         setting = None
         data = run.parent / f"hard_{seed}"
         gt = pd.read_parquet(data / "ground_truth.parquet")
+    if (run / "target.txt").exists():  # a picker trained for another target (e.g. the label-free chain's)
+        species = (run / "target.txt").read_text().strip()
     sp = gt[gt["species"] == species]
     return {"labels": labels, "data": data, "species": species, "true": sp[["tomogram", "x", "y", "z"]],
             "radius": float(sp["radius"].iloc[0]), "seed": int(seed[1:]), "setting": setting, "method": name}

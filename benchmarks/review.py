@@ -60,6 +60,7 @@ from milotile.refine.review import (  # noqa: E402
     VerdictLog,
     design_weights,
     estimate,
+    rethreshold,
     retrain,
     review_order,
     reviewed_threshold,
@@ -388,9 +389,31 @@ def run_rechoose(args: argparse.Namespace, work: Path) -> list[dict]:
         # what `refine retrain` chooses: the sample's threshold when it has enough accepted picks, else the automatic one
         rec["threshold_source"] = "sample" if "f1_rescored" in rec else "auto"
         rec["f1_retrain"] = rec.get("f1_rescored", rec["f1_auto_threshold"])
+        # keeping the round the sample estimates better (measured, not adopted): the reviewed picks re-thresholded by
+        # their own verdicts against the retrained picker, by estimated F1, with a margin of 0 and 0.1
+        new = sample_threshold(cands, verdicts, r / 2)
+        prev = rethreshold(col, verdicts)
+        if prev is not None:
+            rec.update(previous_table=prev["table"], threshold_previous=round(prev["threshold"], 4),
+                       est_f1_previous=round(prev["f1"], 4),
+                       f1_previous=f1_at(prev["candidates"], true, r, prev["threshold"])["f1_auto"])
+        if new is not None:
+            rec["est_f1_retrain"] = round(new["f1"], 4)
+        for margin in (0.0, 0.1):
+            better = prev is not None and new is not None and prev["f1"] > new["f1"] + margin
+            rec[f"f1_keep_better_{margin:g}"] = rec["f1_previous"] if better else rec["f1_retrain"]
         records.append(rec)
         print(rec, flush=True)
     return records
+
+
+def estimates_record(res: dict) -> dict:
+    """The estimated F1 of both rounds ``retrain`` reports: the retrained picker at its sample threshold and the
+    reviewed picks re-thresholded by their verdicts (whose true F1 is the ``rethreshold`` record's)."""
+    est, prev = res.get("estimate"), res.get("previous")
+    return {"est_f1": None if est is None else round(float(est["f1"]), 4),
+            "est_f1_previous": None if prev is None else round(float(prev["estimate"]["f1"]), 4),
+            "threshold_previous": None if prev is None else round(prev["threshold"], 4)}
 
 
 def review_record(common: dict, res: dict, true: pd.DataFrame, r: float, extra: dict, col: object, name: str) -> dict:
@@ -407,6 +430,7 @@ def review_record(common: dict, res: dict, true: pd.DataFrame, r: float, extra: 
             "est_precision": None if est is None else est["precision"],
             "est_precision_ci": None if est is None else est["precision_ci"],
             "true_precision": true_precision(res["candidates"], true, r, res["threshold"]),
+            **estimates_record(res),
             "retrain_s": res["train_s"], "pick_s": res["pick_s"], "round_s": round(res["train_s"] + res["pick_s"], 1),
             "n_train_labels": res["n_labels"], "n_negatives": res["n_negatives"], "load": load()}
 
@@ -444,28 +468,20 @@ def random_record(col: object, picker: object, labels: pd.DataFrame, sp: pd.Data
 
 
 def run_rescore(args: argparse.Namespace) -> list[dict]:
-    """The review's sample on saved picks (no training): ``--runs`` are run folders of
-    ``benchmarks/refine_hard.py --preset lookalike`` (``picks_all.parquet``, ``best.pt``, data at
-    ``<run>/../la_set<K>_s<seed>``). For each budget N and ``--queue-seeds`` queues, the simulated reviewer
+    """The review's sample on saved picks (no training): ``--runs`` are saved run folders of
+    ``benchmarks/refine_hard.py`` (``picks_all.parquet``, ``best.pt``, the data beside them; see its ``saved_run``). For each budget N and ``--queue-seeds`` queues, the simulated reviewer
     answers the first N queue items; reported: the sample's estimated precision at the automatic threshold
     against the true one, and F1 at the threshold the sample chooses (the picks themselves unchanged)."""
-    import re
-
-    from refine_hard import lookalike_labels
+    from refine_hard import saved_run
 
     from milotile.refine.picker import Picker
 
     records = []
     for run in map(Path, args.runs):
-        m = re.match(r"run_la(\d+)_s(\d+)_(.+)", run.name)
-        if m is None:
-            raise SystemExit(f"{run}: not a look-alike run folder")
-        setting, seed, recipe = int(m[1]), int(m[2]), m[3]
-        gt = pd.read_parquet(run.parent / f"la_set{setting}_s{seed}" / "ground_truth.parquet")
-        target = lookalike_labels(gt, setting, seed)[0]
-        sp = gt[gt["species"] == target]
-        r = float(sp["radius"].iloc[0])
-        true = sp[["tomogram", "x", "y", "z"]]
+        saved = saved_run(run)
+        setting, seed, recipe, target = saved["setting"], saved["seed"], saved["method"], saved["species"]
+        gt = pd.read_parquet(saved["data"] / "ground_truth.parquet")
+        r, true = saved["radius"], saved["true"]
         picks = pd.read_parquet(run / "picks_all.parquet").reset_index(drop=True)
         contract = Picker.load(run).contract
         thr0 = float(apply_auto_threshold(picks, contract)[1].popitem()[1]["threshold"])  # the one class

@@ -15,9 +15,11 @@ from review_data import review_store
 from milotile.errors import InputError
 from milotile.refine.review import (
     VerdictLog,
+    apply_rethreshold,
     design_weights,
     estimate,
     rescored_weights,
+    rethreshold,
     review_order,
     reviewed_threshold,
     round_labels,
@@ -104,6 +106,67 @@ def test_reviewed_threshold():
         reviewed_threshold(bad, np.zeros(30, bool))  # nothing accepted
 
 
+def _review_all(col, picks, n_true, name, upto, start=0, run="fake-run"):
+    """The simulated reviewer judges queue positions ``start..upto-1`` of ``tables/picks`` (threshold 0.4)."""
+    log = VerdictLog(col, name, who="sim")
+    sc = picks["score"].to_numpy()
+    order, sample = review_order(sc, 0.4, seed=1)
+    n_strata = [int((sc < 0.4).sum()), int((sc >= 0.4).sum())]
+    for pos in range(start, upto):
+        i = int(order[pos])
+        st = int(sc[i] >= 0.4)
+        log.add("accept" if i < n_true else "reject", tomogram=picks.tomogram[i], x=picks.x[i], y=picks.y[i],
+                z=picks.z[i], pick=i, picks="picks", run=run, score=sc[i], sample=bool(sample[pos]), stratum=st,
+                stratum_n=n_strata[st])
+    return log
+
+
+def test_rethreshold_writes_the_reviewed_picks_its_verdicts_choose(tmp_path):
+    """The round without training: the reviewed table at the threshold its own verdicts choose, written to another
+    table; refused with too few verdicts, over the reviewed table, or when the table is not the one reviewed."""
+    col, picks, n_true = review_store(tmp_path)
+    sc = picks["score"].to_numpy()
+    log = _review_all(col, picks, n_true, "rt", 9)
+    assert rethreshold(col, log.frame()) is None  # too few sample verdicts
+    with pytest.raises(InputError, match="review at least"):
+        apply_rethreshold(col, "rt")
+    log = _review_all(col, picks, n_true, "rt", len(picks), start=9)
+    res = apply_rethreshold(col, "rt")
+    assert res["table"] == "picks" and res["run"] == "fake-run" and len(res["candidates"]) == len(picks)
+    out = col.read_table("picks-reviewed")
+    assert len(out) == int((sc >= res["threshold"]).sum()) and (out["score"] >= res["threshold"]).all()
+    params = col.table_params("picks-reviewed")
+    assert params["source"] == "picks" and params["threshold"] == pytest.approx(res["threshold"])
+    # every pick judged: the estimate is the truth of the kept rows, and the threshold the F1 optimum
+    true_kept = len(out[["x", "y", "z"]].merge(picks.iloc[:n_true][["x", "y", "z"]]))
+    assert res["precision"] == pytest.approx(true_kept / len(out))
+    f1 = [2 * ((sc >= t) & (np.arange(len(sc)) < n_true)).sum() / ((sc >= t).sum() + n_true) for t in np.unique(sc)]
+    assert res["f1"] == pytest.approx(max(f1))
+    before = col.read_table("picks")
+    with pytest.raises(InputError, match="reviewed table"):
+        apply_rethreshold(col, "rt", table="picks")
+    assert col.read_table("picks").equals(before)  # nothing written
+    # the reviewed table written again by another run: its old verdicts are not its verdicts
+    col.write_table("picks", picks.iloc[::-1].reset_index(drop=True), params={"threshold": 0.4, "run": "other-run"})
+    assert rethreshold(col, log.frame()) is None
+    # ... and by the same run with other rows: refused, not re-thresholded on the wrong picks
+    col.write_table("picks", picks.iloc[::-1].reset_index(drop=True), params={"threshold": 0.4, "run": "fake-run"})
+    with pytest.raises(InputError, match="not the ones reviewed"):
+        rethreshold(col, log.frame())
+
+
+def test_a_verdict_replaces_only_the_same_pick_of_the_same_run(store):
+    """``refine retrain`` writes ``picks`` again: a verdict on row 3 of the new table keeps the one on row 3 of the
+    old table."""
+    col, _, _ = store
+    log = VerdictLog(col, "runs", who="me")
+    log.add("accept", tomogram="tomo_000", x=1, y=2, z=3, pick=3, picks="picks", run="r0")
+    log.add("reject", tomogram="tomo_001", x=9, y=9, z=9, pick=3, picks="picks", run="r0-r1")
+    assert VerdictLog(col, "runs").frame()["run"].tolist() == ["r0", "r0-r1"]
+    log.add("reject", tomogram="tomo_000", x=1, y=2, z=3, pick=3, picks="picks", run="r0")  # changed mind
+    assert sorted(VerdictLog(col, "runs").frame()["verdict"]) == ["reject", "reject"]
+
+
 # ------------------------------------------------------------------------------------ verdicts
 def test_verdict_log_persists_replaces_and_undoes(store):
     col, picks, _ = store
@@ -111,7 +174,7 @@ def test_verdict_log_persists_replaces_and_undoes(store):
     a = log.add("accept", tomogram="tomo_000", x=1, y=2, z=3, pick=0, picks="picks", run="r0", score=0.9, sample=True)
     log.add("reject", tomogram="tomo_001", x=4, y=5, z=6, reason="gold", pick=1, picks="picks", run="r0")
     assert len(col.read_table("labels-unit")) == 1 and col.read_table("negatives-unit")["reason"].tolist() == ["gold"]
-    log.add("reject", tomogram="tomo_000", x=1, y=2, z=3, reason="junk", pick=0, picks="picks")  # changed mind
+    log.add("reject", tomogram="tomo_000", x=1, y=2, z=3, reason="junk", pick=0, picks="picks", run="r0")  # changed mind
     assert len(col.read_table("labels-unit")) == 0 and len(col.read_table("negatives-unit")) == 2
     again = VerdictLog(col, "unit")
     assert again.frame()["verdict"].tolist() == ["reject", "reject"] and set(again.frame()["who"]) == {"me"}
@@ -302,6 +365,9 @@ def test_retrain_uses_verdicts_and_the_sample(tmp_path):
     assert col.table_params("picks")["threshold"] == pytest.approx(res["threshold"])
     assert (col.read_table("picks")["score"] >= res["threshold"]).all()
     assert len(col.read_table("picks-all")) >= len(col.read_table("picks"))
+    # the reviewed picks without training, for comparison (the table was read before retrain wrote it again)
+    assert res["previous"]["table"] == "picks" and 0 < res["previous"]["threshold"] < 1
+    assert set(res["previous"]["estimate"]) >= {"precision", "recall", "f1"}
     # a second round under the same review name: the first round's verdicts are not counted twice
     again = retrain(col, res["run"], epochs=1, floor=0.01, table=None, write_heatmaps=False)
     assert again["n_labels"] == n_lab and again["n_negatives"] == n_train - n_acc

@@ -56,6 +56,8 @@ def register_review(refine_sub: argparse._SubParsersAction) -> None:  # type: ig
         description="Fine-tunes the picker of RUN (its weights and recipe, a third of the epochs) on its labels plus "
         "the accepted and added particles, its negatives plus the rejected picks; the random-sample verdicts are "
         "held out (unless --train-on-sample) and choose the new threshold (estimated F1 optimum, Wilson intervals). "
+        "Prints the estimates of both rounds: the new picks and the reviewed ones re-thresholded without training "
+        "(`refine rethreshold` writes those). "
         "Writes the new run, tables/picks (at the threshold) and tables/picks-all (every candidate down to --floor, "
         "for the next review).",
     )
@@ -72,6 +74,23 @@ def register_review(refine_sub: argparse._SubParsersAction) -> None:  # type: ig
     r.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default a third of a fresh run's)")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     r.set_defaults(handler=run_retrain, needs_cluster=False)
+
+    t = refine_sub.add_parser(
+        "rethreshold",
+        help="the round without training: the reviewed picks at the threshold their verdicts choose",
+        description="Chooses the threshold of the reviewed picks table from its verdicts (estimated F1 optimum of the "
+        "informative and random-sample verdicts, or --target-precision) and writes the picks kept at it to --table. "
+        "Seconds instead of a retraining; the threshold can only move within the reviewed table (review picks-all, "
+        "the candidates down to the floor, to let it move down).",
+    )
+    t.add_argument("store", metavar="STORE")
+    t.add_argument("--name", default="review", help="review name (tables labels-NAME, negatives-NAME)")
+    t.add_argument("--picks", default=None, metavar="TABLE",
+                   help="the reviewed picks table (default: the table of the latest verdict)")
+    t.add_argument("--table", default="picks-reviewed", help="table to write (default picks-reviewed)")
+    t.add_argument("--target-precision", type=float, default=None,
+                   help="lowest threshold reaching this estimated precision (default: best estimated F1)")
+    t.set_defaults(handler=run_rethreshold, needs_cluster=False)
 
 
 def run_review(args: argparse.Namespace) -> int:
@@ -98,8 +117,27 @@ def run_retrain(args: argparse.Namespace) -> int:
     line = (f"{len(res['picks'])} picks at threshold {res['threshold']:.3f} (run {res['run']}; "
             f"{res['n_labels']} labels, {res['n_negatives']} negatives; train {res['train_s']} s, pick {res['pick_s']} s)")
     if est is not None:
-        line += (f"; estimated precision {est['precision']:.2f} [{est['precision_ci'][0]:.2f}-{est['precision_ci'][1]:.2f}], "
-                 f"recall {est['recall']:.2f} [{est['recall_ci'][0]:.2f}-{est['recall_ci'][1]:.2f}] "
-                 f"from {est['n_sample']} sample verdicts")
+        line += f"; {_estimate_text(est)} from {est['n_sample']} sample verdicts"
     print(line)
+    prev = res["previous"]
+    if prev is not None:
+        print(f"without training (`milotile refine rethreshold`): {prev['table']} at {prev['threshold']:.3f}, "
+              f"{_estimate_text(prev['estimate'])} (estimates from 16-25 sample verdicts err by 0.1-0.2)")
+    return 0
+
+
+def _estimate_text(est: dict) -> str:
+    return (f"estimated precision {est['precision']:.2f} [{est['precision_ci'][0]:.2f}-{est['precision_ci'][1]:.2f}], "
+            f"recall {est['recall']:.2f} [{est['recall_ci'][0]:.2f}-{est['recall_ci'][1]:.2f}], F1 {est['f1']:.2f}")
+
+
+def run_rethreshold(args: argparse.Namespace) -> int:
+    """Handler of ``milotile refine rethreshold``."""
+    from milotile.refine.review import apply_rethreshold
+    from milotile.store import open_collection
+
+    col = open_collection(args.store)
+    res = apply_rethreshold(col, args.name, table=args.table, source=args.picks, target_precision=args.target_precision)
+    print(f"{len(res['picks'])} of {len(res['candidates'])} picks of {res['table']} at threshold {res['threshold']:.3f} "
+          f"-> tables/{args.table}; {_estimate_text(res)} from {res['n_sample']} reviewed picks")
     return 0

@@ -24,7 +24,13 @@ Three parts, each usable without the others:
 
 :func:`retrain` is the next round: fine-tune from the previous picker (:func:`milotile.refine.train.train`
 with ``init_from``) on its labels plus the accepted picks, its negatives plus the rejections; pick again;
-re-score the reviewed sample with the new picker and choose the threshold from it.
+re-score the reviewed sample with the new picker and choose the threshold from it. :func:`apply_rethreshold`
+is the round without training: the reviewed picks at the threshold their own verdicts choose.
+
+Keeping whichever of the two rounds the sample estimates better was measured and lost: the estimated F1s
+err by 0.1-0.2 (16-25 sample verdicts), and on 11 saved rounds the rule kept the worse round as often as the
+better (look-alike 3: 1.000 instead of 0.897; look-alike 5: 0.769 instead of 0.951;
+``benchmarks/results/review_keep_session15.json``). :func:`retrain` reports both estimates instead.
 """
 
 from __future__ import annotations
@@ -48,9 +54,9 @@ from milotile.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REASONS", "VerdictLog", "design_weights", "estimate", "load_picks", "retrain", "review_order",
-           "rescored_weights", "reviewed_threshold", "round_labels", "sample_threshold", "sample_weights",
-           "wilson_interval"]
+__all__ = ["REASONS", "VerdictLog", "apply_rethreshold", "design_weights", "estimate", "load_picks", "rescored_weights",
+           "rethreshold", "retrain", "review_order", "reviewed_threshold", "round_labels", "sample_threshold",
+           "sample_weights", "table_verdicts", "wilson_interval"]
 
 #: Reasons a rejected pick can be tagged with (keys 1-4 on the review page).
 REASONS = ("other species", "junk", "gold", "duplicate")
@@ -415,8 +421,9 @@ class VerdictLog:
         ``sample``, ``stratum``, ``stratum_n``: the pick came from the queue's random sample, from
         stratum 1 (kept at the threshold) or 0, which held ``stratum_n`` picks.
 
-        A new verdict on a pick already judged (same ``picks`` table and ``pick`` row) replaces the
-        old one.
+        A new verdict on a pick already judged (same ``picks`` table, ``pick`` row and picker ``run``) replaces
+        the old one; a table of the same name written again by another run (``refine retrain`` writes ``picks``)
+        holds other picks, and its verdicts are new ones.
         """
         if verdict not in _VERDICTS:
             raise InputError(f"verdict must be one of {_VERDICTS}, got {verdict!r}")
@@ -430,7 +437,8 @@ class VerdictLog:
                "run": "" if run is None else str(run), "who": self.who,
                "when": datetime.now(UTC).isoformat(timespec="seconds")}
         with self._lock:
-            old = [r for r in self.rows if pick >= 0 and int(r["pick"]) == pick and r["picks"] == picks]
+            old = [r for r in self.rows if pick >= 0 and int(r["pick"]) == pick and r["picks"] == picks
+                   and str(r["run"]) == row["run"]]  # the same row of the same table written by the same run
             self.rows = [r for r in self.rows if not any(r is o for o in old)] + [row]
             self._write({_kind(row["verdict"])} | {_kind(o["verdict"]) for o in old})
         return row
@@ -615,6 +623,114 @@ def sample_threshold(candidates: pd.DataFrame, verdicts: pd.DataFrame, radius: f
     return est
 
 
+def table_verdicts(verdicts: pd.DataFrame, table: str, run: str | None) -> pd.DataFrame:
+    """The accept / reject verdicts on the picks table ``table`` as it is now: made on a table of that name by the
+    same picker run (``run``, the table's ``run`` parameter; verdicts on an earlier table of the same name, which a
+    later round replaced, are not its verdicts)."""
+    rows = verdicts[verdicts["verdict"].isin(["accept", "reject"]) & (verdicts["picks"].astype(str) == str(table))]
+    if run not in (None, "", "None"):
+        rows = rows[rows["run"].astype(str) == str(run)]
+    return rows.reset_index(drop=True)
+
+
+def rethreshold(col: Any, verdicts: pd.DataFrame, *, table: str | None = None,
+                target_precision: float | None = None) -> dict[str, Any] | None:
+    """The reviewed picks at the threshold their own verdicts choose (the round without training).
+
+    Parameters
+    ----------
+    col
+        The collection.
+    verdicts
+        :meth:`VerdictLog.frame` of the review.
+    table
+        The reviewed picks table of the store (default: the table of the latest accept / reject verdict).
+        Its verdicts (:func:`table_verdicts`; all of them, weighted by the sample's design,
+        :func:`sample_weights`) choose the threshold (:func:`reviewed_threshold`).
+    target_precision
+        Passed to :func:`reviewed_threshold`.
+
+    Returns
+    -------
+    dict or None
+        :func:`reviewed_threshold`'s result plus ``table``, ``run`` (the table's picker run), ``candidates`` (the
+        whole table) and ``picks`` (its rows at the threshold); ``None`` when there are too few verdicts.
+
+    Raises
+    ------
+    InputError
+        When the table is not in the store, or its rows no longer are the ones reviewed.
+    """
+    judged = verdicts[verdicts["verdict"].isin(["accept", "reject"]) & (verdicts["picks"].astype(str) != "")]
+    if table is None:
+        if not len(judged):
+            raise InputError("no reviewed pick: accept or reject picks on the review page first.")
+        table = str(judged["picks"].iloc[-1])
+    if not col.has_table(table):
+        raise InputError(f"the reviewed picks {table!r} are not a table of {col.url} (a file was reviewed): "
+                         "import it as a table to re-threshold it.")
+    run = col.table_params(table).get("run")
+    rows = table_verdicts(judged, table, run)
+    cands = col.read_table(table)
+    idx = rows["pick"].to_numpy(np.int64)
+    same = len(idx) == 0 or (idx.max() < len(cands) and np.allclose(
+        cands[["x", "y", "z"]].to_numpy(np.float64)[idx], rows[["x", "y", "z"]].to_numpy(np.float64), atol=1e-3))
+    if not same:
+        raise InputError(f"the rows of {table!r} are not the ones reviewed (the table was written again since): "
+                         "review it again.")
+    try:
+        est = reviewed_threshold(rows["score"].to_numpy(np.float64), (rows["verdict"] == "accept").to_numpy(),
+                                 weights=sample_weights(rows), target_precision=target_precision)
+    except InputError as exc:
+        log.info("the reviewed table %s is not re-thresholded: %s", table, exc)
+        return None
+    est.update(table=table, run=run, candidates=cands,
+               picks=cands[cands["score"] >= est["threshold"]].reset_index(drop=True))
+    return est
+
+
+def apply_rethreshold(col: Any, name: str = "review", *, table: str = "picks-reviewed", source: str | None = None,
+                      target_precision: float | None = None) -> dict[str, Any]:
+    """Write the reviewed picks at the threshold their verdicts choose (:func:`rethreshold`) to ``table``.
+
+    Parameters
+    ----------
+    col
+        The collection.
+    name
+        Review name (its verdict tables).
+    table
+        Store table to write (not the reviewed table itself: its rows are what the verdicts point at).
+    source
+        The reviewed picks table (default: the table of the latest verdict).
+    target_precision
+        Passed to :func:`reviewed_threshold`.
+
+    Returns
+    -------
+    dict
+        :func:`rethreshold`'s result.
+    """
+    verdicts = VerdictLog(col, name).frame()
+    res = rethreshold(col, verdicts, table=source, target_precision=target_precision)
+    if res is None:
+        smp = verdicts[verdicts["sample"].astype(bool) & verdicts["verdict"].isin(["accept", "reject"])]
+        raise InputError(f"{len(smp)} reviewed random-sample picks, {int((smp['verdict'] == 'accept').sum())} accepted: "
+                         f"review at least {MIN_SAMPLE}, {MIN_ACCEPTED} of them accepted, to choose a threshold.")
+    if table == res["table"]:
+        raise InputError(f"{table!r} is the reviewed table (its verdicts point at its rows): write to another table.")
+    src = col.table_params(res["table"])
+    params = {"threshold": float(res["threshold"]), "run": res["run"], "checkpoint": src.get("checkpoint"),
+              "review": name, "source": res["table"], "estimate": _plain(res)}
+    col.write_table(table, res["picks"], params=params, written_only=True)
+    return res
+
+
+def _plain(est: dict[str, Any]) -> dict[str, Any]:
+    """An estimate without its tables (``candidates``, ``picks``)."""
+    return {k: v for k, v in est.items() if k not in ("candidates", "picks")}
+
+
 def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out: str | os.PathLike[str] | None = None,
             train_on_sample: bool = False, floor: float = 0.05, table: str | None = "picks",
             target_precision: float | None = None, device: str | None = "cpu", write_heatmaps: bool = True,
@@ -652,8 +768,9 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
     -------
     dict
         ``run`` (new run folder), ``picks`` (DataFrame at the threshold), ``candidates``, ``threshold``,
-        ``estimate`` (of the new picks, or ``None`` with too few sample verdicts), ``n_labels``,
-        ``n_negatives``, ``train_s``, ``pick_s``.
+        ``estimate`` (of the new picks, or ``None`` with too few sample verdicts), ``previous`` (the reviewed
+        picks without training, :func:`rethreshold`: ``table``, ``threshold`` and ``estimate``; ``None`` with
+        too few verdicts or a reviewed file), ``n_labels``, ``n_negatives``, ``train_s``, ``pick_s``.
     """
     from milotile.refine.picker import Picker
     from milotile.refine.predict import pick
@@ -662,6 +779,11 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
     old = Picker.load(run, device="cpu")
     contract = old.contract
     verdicts = VerdictLog(col, name).frame()
+    try:  # the round without training, for comparison; read before the new picks may replace the reviewed table
+        prev = rethreshold(col, verdicts, target_precision=target_precision)
+    except InputError as exc:
+        log.info("no re-threshold of the reviewed picks to compare with: %s", exc)
+        prev = None
     labels, negs = round_labels(contract, verdicts, train_on_sample=train_on_sample)
     if out is None:
         base = Path(old.path).parent
@@ -689,6 +811,8 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
         _, info = apply_auto_threshold(cands, picker.contract)
         threshold = float(min(v["threshold"] for v in info.values())) if info else floor
     picks = cands[cands["score"] >= threshold].reset_index(drop=True)
+    previous = None if prev is None else {"table": prev["table"], "threshold": float(prev["threshold"]),
+                                          "estimate": _plain(prev)}
     run_id = Path(picker.path).parent.name
     if table:
         params = {"threshold": threshold, "checkpoint": str(picker.path), "run": run_id, "review": name,
@@ -696,5 +820,5 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
         col.write_table(table, picks, params=params, written_only=True)
         col.write_table(f"{table}-all", cands, params={**params, "floor": float(floor)}, written_only=True)
     return {"run": str(Path(picker.path).parent), "picks": picks, "candidates": cands, "threshold": threshold,
-            "estimate": est, "n_labels": int(len(labels)), "n_negatives": int(len(negs)),
+            "estimate": est, "previous": previous, "n_labels": int(len(labels)), "n_negatives": int(len(negs)),
             "train_s": round(train_s, 1), "pick_s": round(pick_s, 1)}

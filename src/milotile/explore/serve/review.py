@@ -44,6 +44,7 @@ from milotile.refine.review import (
     review_order,
     reviewed_threshold,
     sample_weights,
+    table_verdicts,
 )
 
 log = logging.getLogger(__name__)
@@ -213,15 +214,15 @@ class ReviewApp:
     def verdicts(self) -> list[dict[str, Any]]:
         """Verdicts on this picks table, and every added particle."""
         df = self.log.frame()
-        df = df[(df["picks"] == self.info["table"]) | (df["verdict"] == "add")]
+        df = pd.concat([table_verdicts(df, self.info["table"], self.info["run"]), df[df["verdict"] == "add"]],
+                       ignore_index=True)
         cols = ["vid", "pick", "verdict", "reason", "sample", "tomogram", "x", "y", "z"]
         return [{**r, "pick": int(r["pick"]), "sample": bool(r["sample"])} for r in df[cols].to_dict("records")]
 
     def estimate(self) -> dict[str, Any]:
         """Precision and recall of the picks at the threshold from the reviewed random sample, and the
         threshold the sample would choose (when it can)."""
-        df = self.log.frame(["accept", "reject"])
-        df = df[df["picks"] == self.info["table"]].reset_index(drop=True)
+        df = table_verdicts(self.log.frame(["accept", "reject"]), self.info["table"], self.info["run"])
         w = sample_weights(df)
         rows = df["pick"].to_numpy(np.int64)
         scores = self.picks["score"].to_numpy(np.float64)[rows]
