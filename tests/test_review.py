@@ -121,7 +121,7 @@ def _review_all(col, picks, n_true, name, upto, start=0, run="fake-run"):
     return log
 
 
-def test_rethreshold_writes_the_reviewed_picks_its_verdicts_choose(tmp_path):
+def test_rethreshold_writes_the_reviewed_picks_its_verdicts_choose(tmp_path, capsys):
     """The round without training: the reviewed table at the threshold its own verdicts choose, written to another
     table; refused with too few verdicts, over the reviewed table, or when the table is not the one reviewed."""
     col, picks, n_true = review_store(tmp_path)
@@ -142,6 +142,11 @@ def test_rethreshold_writes_the_reviewed_picks_its_verdicts_choose(tmp_path):
     assert res["precision"] == pytest.approx(true_kept / len(out))
     f1 = [2 * ((sc >= t) & (np.arange(len(sc)) < n_true)).sum() / ((sc >= t).sum() + n_true) for t in np.unique(sc)]
     assert res["f1"] == pytest.approx(max(f1))
+    from milotile.cli import main
+
+    assert main(["refine", "rethreshold", str(col.path), "--name", "rt", "--table", "picks-cli"]) == 0
+    assert "picks of picks at threshold" in capsys.readouterr().out
+    assert col.read_table("picks-cli").equals(out)
     before = col.read_table("picks")
     with pytest.raises(InputError, match="reviewed table"):
         apply_rethreshold(col, "rt", table="picks")
