@@ -76,7 +76,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-from milotile.explore.recipe import FEATURES, OPTIMIZERS, ExploreRecipe  # noqa: E402
+from milotile.explore.recipe import FEATURES, OBJECTIVES, OPTIMIZERS, ExploreRecipe  # noqa: E402
 
 #: the pipeline's recipe; the options below that it covers default to it
 DEFAULT = ExploreRecipe()
@@ -394,6 +394,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=DEFAULT.lr)
     ap.add_argument("--optimizer", default=DEFAULT.optimizer, choices=OPTIMIZERS)
+    ap.add_argument("--objective", default=DEFAULT.objective, choices=OBJECTIVES)
+    ap.add_argument("--temperature", type=float, default=DEFAULT.temperature, help="of the ntxent objective")
     ap.add_argument("--widths", default="32,64,128", help="trunk widths (default 32,64,128, the pipeline's CPU default; 16,32,64 saves time; MiLoPYP: 64,128,256)")
     ap.add_argument("--shifts", default=None, metavar="JSON",
                     help="positive-pair offsets [[dx,dy,dz],...] of the patch bank (default MiLoPYP's four)")
@@ -441,6 +443,7 @@ def recipe_of(a: argparse.Namespace) -> ExploreRecipe:
     """The exploration recipe of a benchmark run: :class:`ExploreRecipe`'s defaults with this script's options."""
     return ExploreRecipe().replace(
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, bbox=a.crop, feature=a.feature,
+        objective=a.objective, temperature=a.temperature,
         tta=a.tta, widths=tuple(int(w) for w in a.widths.split(",")), save_every=a.epochs,
         strong_aug=json.loads(a.strong_aug) if a.strong_aug else None,
         weak_aug=json.loads(a.weak_aug) if a.weak_aug else None)

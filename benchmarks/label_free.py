@@ -230,7 +230,8 @@ def run(a: argparse.Namespace) -> dict:
     match = r / 2 + 1.0  # the demo's: a candidate is the target's when on its centre (what the gallery shows)
     if reused is None:
         recipe = ExploreRecipe().replace(bbox=a.crop, epochs=a.explore_epochs, seed=a.seed,
-                                         widths=tuple(int(w) for w in a.widths.split(",")))
+                                         widths=tuple(int(w) for w in a.widths.split(",")),
+                                         **({"objective": a.explore_objective} if a.explore_objective else {}))
         enc = st.run("explore_train", lambda: explore_train(col, bank, recipe=recipe, out=work / "runs" / "explore",
                                                             device="cpu"))
         emb_key = st.run("explore_embed", lambda: enc.embed(col, bank)).key
@@ -334,6 +335,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="mine --recentre: candidates on their blobs' density centres (default auto, as the CLI)")
     ap.add_argument("--crop", type=int, default=24, help="explore train bbox (centre crop)")
     ap.add_argument("--explore-epochs", type=int, default=8)
+    ap.add_argument("--explore-objective", default=None, help="explore train objective (default: the recipe's)")
     ap.add_argument("--widths", default="16,32,64", help="explore trunk widths (CPU default 32,64,128)")
     ap.add_argument("--atlas-method", default="pca", help="map projection (the clusters do not depend on it)")
     ap.add_argument("--n-clusters", type=int, default=48)

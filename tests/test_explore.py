@@ -21,7 +21,9 @@ from milotile.explore import (
     embed,
     load_weights,
     make_views,
+    ntxent_loss,
     open_bank,
+    pair_loss,
     simsiam_loss,
     train,
 )
@@ -259,6 +261,30 @@ def test_simsiam_models_and_loss():
         m23.features(torch.randn(2, 1, 16, 16))
 
 
+def test_ntxent_loss_is_simclr_cross_entropy():
+    """Each view's positive is its partner; the other 2N-2 views are negatives (checked against a direct sum)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8)
+    t = 0.3
+    loss = ntxent_loss(a, b, t)
+    z = torch.nn.functional.normalize(torch.cat([a, b]), dim=1)
+    total = 0.0
+    for i in range(10):
+        j = (i + 5) % 10
+        logits = torch.stack([z[i] @ z[k] / t for k in range(10) if k != i])
+        pos = z[i] @ z[j] / t
+        total += -(pos - torch.logsumexp(logits, 0))
+    assert loss.item() == pytest.approx(total.item() / 10, rel=1e-5)
+    loss.backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    # orthogonal patches, views equal: near zero; views of other patches: about log(2N - 1)
+    e = torch.eye(5, 8)
+    assert ntxent_loss(e, e, 0.05).item() < 1e-6
+    assert pair_loss("ntxent", e, e.roll(1, 0), e, e, 0.05).item() > 10
+    with pytest.raises(InputError, match="objective"):
+        pair_loss("byol", e, e, e, e)
+
+
 @pytest.mark.parametrize("pool", ["mean", "centre"])
 def test_mixed_precision_covers_the_trunk_only(pool):
     """Under bf16 autocast the convolutions run in bf16, the pooling, head and outputs in fp32."""
@@ -291,11 +317,13 @@ def _knn_accuracy(x: np.ndarray, y: np.ndarray, k: int = 5) -> float:
 
 
 @pytest.mark.slow
-def test_simsiam_learns_on_generated_patches(tmp_path):
-    """Fixed seed: the SimSiam loss falls over 4 epochs and 5-NN on the embedding beats chance (0.5)."""
+@pytest.mark.parametrize("objective", ["simsiam", "ntxent"])
+def test_simsiam_learns_on_generated_patches(tmp_path, objective):
+    """Fixed seed: the loss falls over 4 epochs and 5-NN on the embedding beats chance (0.5), with either objective."""
     col, data, kinds = write_bank(tmp_path / "s.zarr", n=128, chunk=32, seed=1)
     enc = train(col, out=tmp_path / "run", epochs=4, batch_size=32, lr=0.05, device="cpu", model_config=TINY,
-                seed=3)
+                seed=3, objective=objective)
+    assert enc.contract["recipe"]["objective"] == objective
     losses = [r["loss"] for r in mt_runlog(tmp_path / "run")]
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < losses[0] - 0.02, losses
     acc = _knn_accuracy(enc.embed(col).values(), kinds)

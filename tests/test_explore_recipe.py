@@ -67,6 +67,7 @@ def test_recipe_validates_once_with_named_fields() -> None:
                        ({"optimizer": "lbfgs"}, "optimizer"), ({"feature": "pool"}, "feature"),
                        ({"widths": (8, 16)}, "widths"), ({"save_every": 0}, "save_every"), ({"tta": 1}, "tta"),
                        ({"strong_aug": "noise"}, "strong_aug"), ({"seed": 1.5}, "seed"),
+                       ({"objective": "byol"}, "objective"), ({"temperature": 0}, "temperature"),
                        ({"widths": (8, 16, 32), "model_config": {"widths": [4, 8, 16]}}, "disagree")):
         with pytest.raises(InputError, match=match):
             ExploreRecipe(**bad)

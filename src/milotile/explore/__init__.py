@@ -22,7 +22,14 @@ if TYPE_CHECKING:
     from milotile.explore.augment import AugmentConfig, augment, default_config, make_views
     from milotile.explore.data import PatchBank, PatchLoader, channel_stats, open_bank
     from milotile.explore.embed import Embeddings, Encoder, embed, load_encoder
-    from milotile.explore.model import SimSiam, load_weights, output_std, simsiam_loss
+    from milotile.explore.model import (
+        SimSiam,
+        load_weights,
+        ntxent_loss,
+        output_std,
+        pair_loss,
+        simsiam_loss,
+    )
     from milotile.explore.recipe import ExploreRecipe
     from milotile.explore.select import select
     from milotile.explore.train import train
@@ -34,7 +41,8 @@ _LAZY = {
     **dict.fromkeys(("AugmentConfig", "augment", "default_config", "make_views"), "milotile.explore.augment"),
     **dict.fromkeys(("PatchBank", "PatchLoader", "channel_stats", "open_bank"), "milotile.explore.data"),
     **dict.fromkeys(("Embeddings", "Encoder", "embed", "load_encoder"), "milotile.explore.embed"),
-    **dict.fromkeys(("SimSiam", "load_weights", "output_std", "simsiam_loss"), "milotile.explore.model"),
+    **dict.fromkeys(("SimSiam", "load_weights", "ntxent_loss", "output_std", "pair_loss", "simsiam_loss"),
+                    "milotile.explore.model"),
     "ExploreRecipe": "milotile.explore.recipe",
     "select": "milotile.explore.select",
     "train": "milotile.explore.train",
@@ -43,7 +51,7 @@ _LAZY = {
 __all__ = [
     "Atlas", "AugmentConfig", "Embeddings", "Encoder", "ExploreRecipe", "PatchBank", "PatchLoader", "SimSiam",
     "atlas", "augment", "channel_stats", "default_config", "embed", "load_atlas", "load_encoder", "load_weights",
-    "make_views", "open_bank", "output_std", "select", "simsiam_loss", "train",
+    "make_views", "ntxent_loss", "open_bank", "output_std", "pair_loss", "select", "simsiam_loss", "train",
 ]
 
 

@@ -11,13 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from milotile.errors import InputError
-from milotile.explore.recipe import FEATURES  # what :meth:`SimSiam.features` can return
+from milotile.explore.recipe import (  # SimSiam.features' outputs; pair_loss' objectives
+    FEATURES,
+    OBJECTIVES,
+)
 from milotile.nn.registry import register
 from milotile.nn.resnet import ResNetTrunk
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SimSiam", "simsiam_loss", "output_std", "load_weights", "FEATURES"]
+__all__ = ["FEATURES", "OBJECTIVES", "SimSiam", "load_weights", "ntxent_loss", "output_std", "pair_loss",
+           "simsiam_loss"]
 
 #: how the trunk's last map is pooled before the fc head (training)
 POOLS = ("mean", "centre")
@@ -178,6 +182,33 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
         F.cosine_similarity(p1.float(), z2.float(), dim=1).mean()
         + F.cosine_similarity(p2.float(), z1.float(), dim=1).mean()
     )
+
+
+def ntxent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """SimCLR's contrastive loss (normalised temperature-scaled cross entropy) over two views of a batch.
+
+    Each row of ``a`` has its positive in the same row of ``b`` (and the reverse); the other ``2N - 2``
+    views of the batch are its negatives, so the loss pushes different patches apart as well as pulling
+    two views of one patch together (SimSiam only pulls).
+    """
+    z = F.normalize(torch.cat([a, b]).float(), dim=1)
+    n = a.shape[0]
+    sim = (z @ z.T) / float(temperature)
+    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def pair_loss(objective: str, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
+              temperature: float = 0.2) -> torch.Tensor:
+    """The training loss of :meth:`SimSiam.forward`'s outputs: ``simsiam`` (:func:`simsiam_loss`) or ``ntxent``
+    (:func:`ntxent_loss` of the predictor outputs ``p1``, ``p2``, which keep their gradient)."""
+    if objective == "simsiam":
+        return simsiam_loss(p1, p2, z1, z2)
+    if objective == "ntxent":
+        return ntxent_loss(p1, p2, temperature)
+    raise InputError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}.")
 
 
 @torch.no_grad()

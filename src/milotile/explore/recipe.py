@@ -22,10 +22,14 @@ from typing import Any
 from milotile.errors import InputError
 from milotile.recipe import Recipe, option
 
-__all__ = ["CPU_WIDTHS", "FEATURES", "FIXED_ON_RESUME", "GPU_WIDTHS", "OPTIMIZERS", "ExploreRecipe", "json_object"]
+__all__ = ["CPU_WIDTHS", "FEATURES", "FIXED_ON_RESUME", "GPU_WIDTHS", "OBJECTIVES", "OPTIMIZERS", "ExploreRecipe",
+           "json_object"]
 
 #: Optimisers of :func:`milotile.explore.train` (``sgd``: momentum 0.9 + weight decay; ``sgd-plain``: MiLoPYP's).
 OPTIMIZERS = ("sgd", "sgd-plain", "adamw")
+#: Training objectives (:func:`milotile.explore.model.pair_loss`): ``simsiam`` (MiLoPYP's: two views pulled together,
+#: stop-gradient) or ``ntxent`` (SimCLR's: the other patches of the batch are negatives).
+OBJECTIVES = ("simsiam", "ntxent")
 #: Outputs :meth:`milotile.explore.Encoder.embed` can return (see :class:`milotile.explore.model.SimSiam`).
 FEATURES = ("pred", "proj", "fc", "trunk", "centre")
 #: Trunk widths when training on the CPU: a quarter of the FLOPs of MiLoPYP's (64, 128, 256), with the same
@@ -36,7 +40,7 @@ GPU_WIDTHS = (64, 128, 256)
 #: Fields a resumed run takes from its checkpoint (network, data order, optimiser and schedule); the others
 #: (epochs, save_every, feature, tta, amp) may change when resuming.
 FIXED_ON_RESUME = ("bbox", "batch_size", "widths", "dim", "model_config", "optimizer", "lr", "weight_decay",
-                   "cosine", "seed", "strong_aug", "weak_aug")
+                   "cosine", "seed", "strong_aug", "weak_aug", "objective", "temperature")
 
 
 def json_object(text: str) -> dict:
@@ -86,6 +90,10 @@ class ExploreRecipe(Recipe):
                             choices=OPTIMIZERS)
     weight_decay: float = option(1e-4, "weight decay")
     cosine: bool = option(True, "cosine decay of the learning rate to lr*1e-3; --no-cosine: constant learning rate")
+    objective: str = option("simsiam", "simsiam: two views of a patch pulled together (MiLoPYP); ntxent: SimCLR's "
+                                       "contrastive loss, the batch's other patches as negatives",
+                            choices=OBJECTIVES)
+    temperature: float = option(0.2, "temperature of the ntxent objective")
     save_every: int = option(10, "keep a checkpoint every N epochs")
     seed: int = option(317, "random seed (initialisation, data order, augmentation)")
     feature: str = option("centre", "default embedding output stored with the model (default centre: the "
@@ -119,6 +127,10 @@ class ExploreRecipe(Recipe):
                 self._set(name, int(getattr(self, name)))
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}.")
+        if not (_number(self.temperature) and float(self.temperature) > 0):
+            raise InputError(f"temperature must be a positive number, got {self.temperature!r}.")
         if self.feature not in FEATURES:
             raise InputError(f"unknown embedding feature {self.feature!r}; use one of {', '.join(FEATURES)}.")
         if not (_number(self.lr) and float(self.lr) > 0):

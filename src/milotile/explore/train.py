@@ -30,7 +30,7 @@ from milotile.explore.data import (
     open_bank,
 )
 from milotile.explore.embed import Encoder
-from milotile.explore.model import load_weights, output_std, simsiam_loss
+from milotile.explore.model import load_weights, output_std, pair_loss
 from milotile.explore.recipe import (
     CPU_WIDTHS,
     FIXED_ON_RESUME,
@@ -94,7 +94,7 @@ def _auto_batch(arch: str, config: dict[str, Any], bank: Any, bbox: int, dev: to
         x = torch.zeros(n, c, bbox, bbox)
         with autocast(dev, enabled=amp, cpu=True):
             p1, p2, z1, z2 = probe_model(x, x)
-            return simsiam_loss(p1, p2, z1, z2)
+            return pair_loss("simsiam", p1, p2, z1, z2)  # the objectives' activations are the same
 
     bs, per_sample = auto_batch_size(step, 256, budget)
     log.info("batch size %d (activations %.1f MiB per patch, budget %.0f MiB; MILOTILE_TRAIN_MEMORY_MB)",
@@ -227,7 +227,7 @@ def train(
     for epoch in range(start_epoch, epochs):
         cur_lr = cosine_lr(r.lr, epoch, epochs, r.cosine)
         _set_lr(opt, cur_lr)
-        rec = _epoch(model, net, opt, scaler, loader, views, epoch, r.seed, dev, r.amp, r.lr)
+        rec = _epoch(model, net, opt, scaler, loader, views, epoch, r.seed, dev, r.amp, r.lr, (r.objective, r.temperature))
         rec.update(epoch=epoch + 1, lr=cur_lr)
         if not main:
             continue
@@ -364,8 +364,9 @@ def _build(arch: str, config: dict, resume_ckpt: dict | None, weights: Any, dev:
 
 def _epoch(model: torch.nn.Module, net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any,
            loader: PatchLoader, views: tuple, epoch: int, seed: int, dev: torch.device, amp: bool,
-           lr: float) -> dict[str, Any]:
-    """One epoch of SimSiam (two augmented views per patch); returns its record."""
+           lr: float, objective: tuple[str, float] = ("simsiam", 0.2)) -> dict[str, Any]:
+    """One epoch (two augmented views per patch, ``objective`` = the recipe's objective and temperature); returns
+    its record."""
     strong, weak, mean_t, std_t, halves = views
     model.train()
     g = torch.Generator(device=dev)
@@ -381,7 +382,7 @@ def _epoch(model: torch.nn.Module, net: torch.nn.Module, opt: torch.optim.Optimi
         v1, v2 = channels_last(v1, dev), channels_last(v2, dev)
         with autocast(dev, enabled=amp, cpu=True):
             p1, p2, z1, z2 = net(v1, v2)
-            loss = simsiam_loss(p1, p2, z1, z2)
+            loss = pair_loss(objective[0], p1, p2, z1, z2, objective[1])
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower the learning rate {lr}.")
         opt.zero_grad(set_to_none=True)
