@@ -392,7 +392,11 @@ def run_rechoose(args: argparse.Namespace, work: Path) -> list[dict]:
         # keeping the round the sample estimates better (measured, not adopted): the reviewed picks re-thresholded by
         # their own verdicts against the retrained picker, by estimated F1, with a margin of 0 and 0.1
         new = sample_threshold(cands, verdicts, r / 2)
-        prev = rethreshold(col, verdicts)
+        try:
+            prev = rethreshold(col, verdicts)
+        except InputError as exc:  # e.g. the reviewed table was written again by a later run of the benchmark
+            prev = None
+            rec["previous_note"] = str(exc)
         if prev is not None:
             rec.update(previous_table=prev["table"], threshold_previous=round(prev["threshold"], 4),
                        est_f1_previous=round(prev["f1"], 4),
