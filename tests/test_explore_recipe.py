@@ -83,9 +83,7 @@ def test_recipe_round_trips_and_resolves() -> None:
     assert back == r and back.changed() == {"widths": [8, 16, 32], "model_config": {"blocks": [1, 1, 1]},
                                              "strong_aug": {"crop_scale": [0.8, 1]}, "lr": 0.1}
     res = ExploreRecipe().resolved(bbox=16, batch_size=32, device_type="cpu")
-    assert (res.bbox, res.batch_size, res.widths, res.objective) == (16, 32, CPU_WIDTHS, "ntxent")
-    assert ExploreRecipe().resolved(bbox=16, batch_size=32, device_type="cpu", mode="2d3d").objective == "simsiam"
-    assert ExploreRecipe(objective="simsiam").resolved(bbox=16, batch_size=32, device_type="cpu").objective == "simsiam"
+    assert (res.bbox, res.batch_size, res.widths) == (16, 32, CPU_WIDTHS)
     assert ExploreRecipe().network_config("cuda") == {"dim": 128, "widths": [64, 128, 256]}
     assert set(FIXED_ON_RESUME) < set(ExploreRecipe.field_names())
 
@@ -107,11 +105,7 @@ def test_overrides_and_checkpoint_round_trip(tmp_path) -> None:
         train(col, None, {"epochs": 1}, out=tmp_path / "r2", device="cpu")
     # a checkpoint from before recipes (no contract recipe): rebuilt from its stored options
     old = {**ck, "contract": {k: v for k, v in ck["contract"].items() if k != "recipe"}}
-    assert checkpoint_recipe(old) == stored.replace(strong_aug=opts["strong_aug"], weak_aug=opts["weak_aug"],
-                                                    objective="simsiam")  # before objectives, every run was SimSiam
-    assert stored.objective == "ntxent"  # the 3d default
-    no_objective = {k: v for k, v in ck["contract"]["recipe"].items() if k != "objective"}
-    assert checkpoint_recipe({**ck, "contract": {**ck["contract"], "recipe": no_objective}}).objective == "simsiam"
+    assert checkpoint_recipe(old) == stored.replace(strong_aug=opts["strong_aug"], weak_aug=opts["weak_aug"])
 
 
 def test_resume_keeps_the_stored_recipe_and_refuses_changed_fixed_fields(tmp_path) -> None:

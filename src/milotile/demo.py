@@ -1,7 +1,7 @@
 """``milotile demo``: the whole pipeline, end to end, on a generated collection.
 
 synthetic data -> ingest -> preprocess -> mine (recall per species) -> patch banks (3d and 2d3d)
--> exploration (SimSiam network: train + embed) -> PU refinement training (30 % of one species labelled)
+-> SimSiam exploration (train + embed) -> PU refinement training (30 % of one species labelled)
 -> tiled picking on every tomogram (F1 against the ground truth) -> fiber tracing -> exports.
 
 Everything goes through the public Python API, exactly as a user would chain it. A JSON report
@@ -305,7 +305,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         bank2d3d, s = _timed(lambda: cands.patches(bbox=bbox, modes=("tilthalves", "slice"), shifts=True))
         report.add("patches2d3d", s, key=bank2d3d.key, mode="tilthalves+slice")
 
-        # 5. exploration (the SimSiam network; the 3d default objective, SimCLR's contrastive loss) ----------
+        # 5. exploration: SimSiam ----------------------------------------------------------------
         recipe = ExploreRecipe().replace(epochs=cfg.explore_epochs, batch_size=128, seed=cfg.seed)
         encoder, s = _timed(lambda: explore_train(col, bank3d, recipe=recipe, out=out / "runs" / "explore3d"))
         report.add("explore", s, epochs=cfg.explore_epochs, objective=encoder.contract["recipe"]["objective"],

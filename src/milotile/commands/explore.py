@@ -30,8 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     t = sub.add_parser(
         "train",
         help="train on the store's patch bank",
-        description="Train the exploration model (SimSiam network; SimCLR's contrastive loss in 3d mode, SimSiam's in "
-        "2d3d) on patches/<key> of STORE; writes a run folder with "
+        description="Train a SimSiam model on patches/<key> of STORE; writes a run folder with "
         "options.json, log.csv/log.jsonl, loss.png, last.pt and checkpoints/epoch-N.pt.",
     )
     t.add_argument("store", help="collection store (path or URL)")

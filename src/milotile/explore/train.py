@@ -1,8 +1,6 @@
-"""Training of the exploration model (MiLoPYP's SimSiam network) on a patch bank (MiLoPYP §2.3–2.5, fixed).
+"""SimSiam training of the exploration model on a patch bank (MiLoPYP §2.3–2.5, fixed).
 
-The objective is the recipe's: SimSiam's (MiLoPYP's) or SimCLR's contrastive loss with the batch's other patches
-as negatives, the default in ``3d`` mode where it separated look-alike species better
-(:data:`milotile.explore.recipe.MODE_OBJECTIVE`). Fixes relative to MiLoPYP: augmentation runs in torch on whole batches (CPU or GPU) instead of
+Fixes relative to MiLoPYP: augmentation runs in torch on whole batches (CPU or GPU) instead of
 a per-sample PIL loop; patches stream from zarr instead of Python lists; normalisation
 statistics are computed once on the training bank and stored in the checkpoint; weights start
 random (or from a local file), nothing is downloaded; ``resume`` really resumes (epoch,
@@ -122,7 +120,7 @@ def train(
     weights: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> Encoder:
-    """Train the exploration model (SimSiam network, the recipe's objective) on a patch bank of the store.
+    """Train a SimSiam exploration model on a patch bank of the store.
 
     Parameters
     ----------
@@ -188,7 +186,7 @@ def train(
     arch = f"simsiam-{mode}"
     config: dict[str, Any] = recipe.network_config(dev.type)
     batch_size = _batch_size(recipe.batch_size, arch, config, bank, bbox, dev, recipe.amp)
-    r = recipe = recipe.resolved(bbox=bbox, batch_size=batch_size, device_type=dev.type, mode=mode)
+    r = recipe = recipe.resolved(bbox=bbox, batch_size=batch_size, device_type=dev.type)
     runlog = RunLog(run_dir)
     strong, weak = _augment_configs(mode, r.strong_aug, r.weak_aug)
     cast = amp_dtype(dev, cpu=True) if r.amp else None  # what autocast will use in the training loop
@@ -263,15 +261,14 @@ def checkpoint_recipe(ckpt: dict[str, Any]) -> ExploreRecipe:
     Checkpoints written before recipes existed are read from their stored options.
     """
     contract = ckpt.get("contract") or {}
-    if contract.get("recipe"):  # a recipe stored before objectives existed trained SimSiam
-        return ExploreRecipe.from_dict({"objective": "simsiam", **contract["recipe"]})
+    if contract.get("recipe"):
+        return ExploreRecipe.from_dict(contract["recipe"])
     opts = dict((ckpt.get("extra") or {}).get("options") or {})
     cfg = dict(opts.pop("config", None) or ckpt.get("config") or {})
     known = {k: v for k, v in opts.items() if k in ExploreRecipe.field_names() and v is not None}
     known["dim"] = int(cfg.pop("dim", known.get("dim", 128)))
     known["model_config"] = cfg or None
     known.setdefault("bbox", contract.get("bbox"))
-    known.setdefault("objective", "simsiam")
     return ExploreRecipe.from_dict(known)
 
 
