@@ -128,7 +128,8 @@ def run_retrain(args: argparse.Namespace) -> int:
 
 def _estimate_text(est: dict) -> str:
     return (f"estimated precision {est['precision']:.2f} [{est['precision_ci'][0]:.2f}-{est['precision_ci'][1]:.2f}], "
-            f"recall {est['recall']:.2f} [{est['recall_ci'][0]:.2f}-{est['recall_ci'][1]:.2f}], F1 {est['f1']:.2f}")
+            f"recall {est['recall']:.2f} [{est['recall_ci'][0]:.2f}-{est['recall_ci'][1]:.2f}] (of the particles among the "
+            f"reviewed picks; missed ones the picker never proposed do not count), F1 {est['f1']:.2f}")
 
 
 def run_rethreshold(args: argparse.Namespace) -> int:
