@@ -214,8 +214,8 @@ class ReviewApp:
     def verdicts(self) -> list[dict[str, Any]]:
         """Verdicts on this picks table, and every added particle."""
         df = self.log.frame()
-        df = pd.concat([table_verdicts(df, self.info["table"], self.info["run"]), df[df["verdict"] == "add"]],
-                       ignore_index=True)
+        mine = set(table_verdicts(df, self.info["table"], self.info["run"])["vid"])
+        df = df[df["vid"].isin(mine) | (df["verdict"] == "add")]  # in the order they were made
         cols = ["vid", "pick", "verdict", "reason", "sample", "tomogram", "x", "y", "z"]
         return [{**r, "pick": int(r["pick"]), "sample": bool(r["sample"])} for r in df[cols].to_dict("records")]
 
