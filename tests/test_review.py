@@ -127,9 +127,12 @@ def test_rethreshold_writes_the_reviewed_picks_its_verdicts_choose(tmp_path, cap
     col, picks, n_true = review_store(tmp_path)
     sc = picks["score"].to_numpy()
     log = _review_all(col, picks, n_true, "rt", 9)
-    assert rethreshold(col, log.frame()) is None  # too few sample verdicts
+    with pytest.raises(InputError, match=r"'picks' is not re-thresholded: 9 reviewed picks \(\d+ accepted\): review "
+                                         "at least 10 picks"):
+        rethreshold(col, log.frame())
     with pytest.raises(InputError, match="review at least"):
         apply_rethreshold(col, "rt")
+    assert not col.has_table("picks-reviewed")
     log = _review_all(col, picks, n_true, "rt", len(picks), start=9)
     res = apply_rethreshold(col, "rt")
     assert res["table"] == "picks" and res["run"] == "fake-run" and len(res["candidates"]) == len(picks)
@@ -153,7 +156,8 @@ def test_rethreshold_writes_the_reviewed_picks_its_verdicts_choose(tmp_path, cap
     assert col.read_table("picks").equals(before)  # nothing written
     # the reviewed table written again by another run: its old verdicts are not its verdicts
     col.write_table("picks", picks.iloc[::-1].reset_index(drop=True), params={"threshold": 0.4, "run": "other-run"})
-    assert rethreshold(col, log.frame()) is None
+    with pytest.raises(InputError, match=rf"\({len(picks)} more were made on an earlier table of that name\): 0 reviewed"):
+        rethreshold(col, log.frame())
     # ... and by the same run with other rows: refused, not re-thresholded on the wrong picks
     col.write_table("picks", picks.iloc[::-1].reset_index(drop=True), params={"threshold": 0.4, "run": "fake-run"})
     with pytest.raises(InputError, match="not the ones reviewed"):

@@ -284,8 +284,8 @@ def reviewed_threshold(scores: Sequence[float], verdicts: Sequence[bool], *, wei
         raise InputError(f"scores and verdicts differ in length ({len(s)} and {len(a)}).")
     need_acc = max(int(min_accepted), 1)
     if len(s) < min_reviews or a.sum() < need_acc:
-        raise InputError(f"{len(s)} reviewed sample picks ({int(a.sum())} accepted): review at least {min_reviews} "
-                         f"random-sample picks, {need_acc} of them accepted, to choose a threshold from the sample.")
+        raise InputError(f"{len(s)} reviewed picks ({int(a.sum())} accepted): review at least {min_reviews} picks, "
+                         f"{need_acc} of them accepted, to choose a threshold from them.")
     cands = np.unique(s[s > 0])[::-1] if (s > 0).any() else np.unique(s)[::-1]
     keep = np.array([(s >= c).sum() >= min(min_above, len(s)) for c in cands])
     cands = cands[keep] if keep.any() else cands[-1:]
@@ -635,7 +635,7 @@ def table_verdicts(verdicts: pd.DataFrame, table: str, run: str | None) -> pd.Da
 
 
 def rethreshold(col: Any, verdicts: pd.DataFrame, *, table: str | None = None,
-                target_precision: float | None = None) -> dict[str, Any] | None:
+                target_precision: float | None = None) -> dict[str, Any]:
     """The reviewed picks at the threshold their own verdicts choose (the round without training).
 
     Parameters
@@ -653,14 +653,15 @@ def rethreshold(col: Any, verdicts: pd.DataFrame, *, table: str | None = None,
 
     Returns
     -------
-    dict or None
+    dict
         :func:`reviewed_threshold`'s result plus ``table``, ``run`` (the table's picker run), ``candidates`` (the
-        whole table) and ``picks`` (its rows at the threshold); ``None`` when there are too few verdicts.
+        whole table) and ``picks`` (its rows at the threshold).
 
     Raises
     ------
     InputError
-        When the table is not in the store, or its rows no longer are the ones reviewed.
+        When the table is not in the store, its rows no longer are the ones reviewed, or it has too few verdicts
+        (the message says how many it has and how many it needs).
     """
     judged = verdicts[verdicts["verdict"].isin(["accept", "reject"]) & (verdicts["picks"].astype(str) != "")]
     if table is None:
@@ -671,7 +672,7 @@ def rethreshold(col: Any, verdicts: pd.DataFrame, *, table: str | None = None,
         raise InputError(f"the reviewed picks {table!r} are not a table of {col.url} (a file was reviewed): "
                          "import it as a table to re-threshold it.")
     run = col.table_params(table).get("run")
-    rows = table_verdicts(judged, table, run)
+    rows = table_verdicts(verdicts, table, run)
     cands = col.read_table(table)
     idx = rows["pick"].to_numpy(np.int64)
     same = len(idx) == 0 or (idx.max() < len(cands) and np.allclose(
@@ -683,8 +684,9 @@ def rethreshold(col: Any, verdicts: pd.DataFrame, *, table: str | None = None,
         est = reviewed_threshold(rows["score"].to_numpy(np.float64), (rows["verdict"] == "accept").to_numpy(),
                                  weights=sample_weights(rows), target_precision=target_precision)
     except InputError as exc:
-        log.info("the reviewed table %s is not re-thresholded: %s", table, exc)
-        return None
+        earlier = len(table_verdicts(verdicts, table, None)) - len(rows)
+        why = f" ({earlier} more were made on an earlier table of that name)" if earlier else ""
+        raise InputError(f"{table!r} is not re-thresholded{why}: {exc}") from None
     est.update(table=table, run=run, candidates=cands,
                picks=cands[cands["score"] >= est["threshold"]].reset_index(drop=True))
     return est
@@ -712,12 +714,7 @@ def apply_rethreshold(col: Any, name: str = "review", *, table: str = "picks-rev
     dict
         :func:`rethreshold`'s result.
     """
-    verdicts = VerdictLog(col, name).frame()
-    res = rethreshold(col, verdicts, table=source, target_precision=target_precision)
-    if res is None:
-        smp = verdicts[verdicts["sample"].astype(bool) & verdicts["verdict"].isin(["accept", "reject"])]
-        raise InputError(f"{len(smp)} reviewed random-sample picks, {int((smp['verdict'] == 'accept').sum())} accepted: "
-                         f"review at least {MIN_SAMPLE}, {MIN_ACCEPTED} of them accepted, to choose a threshold.")
+    res = rethreshold(col, VerdictLog(col, name).frame(), table=source, target_precision=target_precision)
     if table == res["table"]:
         raise InputError(f"{table!r} is the reviewed table (its verdicts point at its rows): write to another table.")
     src = col.table_params(res["table"])
@@ -770,8 +767,8 @@ def retrain(col: Any, run: str | os.PathLike[str], *, name: str = "review", out:
     dict
         ``run`` (new run folder), ``picks`` (DataFrame at the threshold), ``candidates``, ``threshold``,
         ``estimate`` (of the new picks, or ``None`` with too few sample verdicts), ``previous`` (the reviewed
-        picks without training, :func:`rethreshold`: ``table``, ``threshold`` and ``estimate``; ``None`` with
-        too few verdicts or a reviewed file), ``n_labels``, ``n_negatives``, ``train_s``, ``pick_s``.
+        picks without training, :func:`rethreshold`: ``table``, ``threshold`` and ``estimate``; ``None`` where it
+        raised: too few verdicts, a reviewed file, a table written again since), ``n_labels``, ``n_negatives``, ``train_s``, ``pick_s``.
     """
     from milotile.refine.picker import Picker
     from milotile.refine.predict import pick
